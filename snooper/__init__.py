@@ -1,0 +1,1 @@
+"""The snooper: capture on the mirror port, dedupe, batch into MongoDB."""

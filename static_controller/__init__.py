@@ -1,0 +1,1 @@
+"""The static controller: pushes mirror, rate-limit and enforcement flows."""

@@ -1,0 +1,97 @@
+"""The config file: typed, immutable, validated on load, one-line refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from appliance import config
+from tests.conftest import REPO, pisnoop
+
+BAD = sorted((Path(__file__).parent / "configs" / "bad").glob("*.yaml"))
+EXAMPLE = REPO / "appliance" / "pisnoop.example.yaml"
+# files that cannot carry an "# expect:" comment
+SPECIAL = {"32_not_utf8.yaml": "UTF-8"}
+
+
+def expected_key(path: Path) -> str:
+    if path.name in SPECIAL:
+        return SPECIAL[path.name]
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: "), f"{path.name} lacks its '# expect:' line"
+    return first[len("# expect: "):]
+
+
+def test_corpus_is_large_enough():
+    assert len(BAD) >= 20
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_bad_config_exits_2_with_one_line_naming_the_key(path):
+    res = pisnoop("check-config", str(path))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert str(path) in lines[0]
+    assert expected_key(path) in lines[0]
+    assert "expected" in lines[0]
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_bad_config_raises_config_error_in_process(path):
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    assert expected_key(path) in str(info.value)
+
+
+def test_missing_file_is_exit_2(tmp_path):
+    res = pisnoop("check-config", str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2
+    assert "nope.yaml" in res.stderr and "existing config file" in res.stderr
+
+
+def test_example_config_is_valid_and_equals_the_defaults():
+    res = pisnoop("check-config", str(EXAMPLE))
+    assert res.returncode == 0, res.stderr
+    assert config.load(EXAMPLE) == config.Config()
+
+
+def test_empty_file_means_defaults(tmp_path):
+    f = tmp_path / "empty.yaml"
+    f.write_text("")
+    assert config.load(f) == config.Config()
+
+
+def test_values_are_typed_and_immutable(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("switch:\n  datapath_id: '0xbeef'\n  target: zodiacfx\n  ports: {management: 4}\n"
+                 "snooper:\n  dedupe_window: 0\n")
+    cfg = config.load(f)
+    assert cfg.switch.datapath_id == 0xBEEF
+    assert cfg.switch.target == "zodiacfx"
+    assert isinstance(cfg.snooper.dedupe_window, float) and cfg.snooper.dedupe_window == 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.switch.target = "ovs"  # type: ignore[misc]
+
+
+def test_env_var_and_option_choose_the_file(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("xmpp: {threshold_ppm: 42}\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("xmpp: {threshold_ppm: -1}\n")
+    assert pisnoop("check-config", env={"PISNOOP_CONFIG": str(good)}).returncode == 0
+    res = pisnoop("check-config", env={"PISNOOP_CONFIG": str(bad)})
+    assert res.returncode == 2 and "xmpp.threshold_ppm" in res.stderr
+    # --config wins over the environment
+    res = pisnoop("--config", str(good), "check-config", env={"PISNOOP_CONFIG": str(bad)})
+    assert res.returncode == 0, res.stderr
+    res = pisnoop("check-config", "--print", str(good))
+    assert "threshold_ppm: 42" in res.stdout
+
+
+def test_round_trip_through_yaml():
+    cfg = config.Config()
+    assert config.from_dict(config.to_dict(cfg)) == cfg
