@@ -251,7 +251,13 @@ def _run(va: VirtualAppliance, opts: Options, tick: Callable[[str], None]) -> Re
         timeline["stop"] = time.time()
         for name, proc in clients.items():
             if name != "sink":
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in clients.items():  # each writes its final report on SIGTERM
+            if name != "sink":
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    errors.append(f"client {name} did not stop on SIGTERM")
         time.sleep(1.5)  # let the sink count what was already on the way
         sent = {}
         for name in ["mallory", *benign_users]:
@@ -261,7 +267,7 @@ def _run(va: VirtualAppliance, opts: Options, tick: Callable[[str], None]) -> Re
         counters = snooper_counters(db)
         flag = db[store.FLAGS].find_one({"client_ip": ABUSER_IP}, sort=[("flagged_at", -1)])
         flagged_ips = sorted({f["client_ip"] for f in db[store.FLAGS].find({}, {"client_ip": 1})})
-        files = _evidence(va, out, errors)
+        files = _evidence(va, out, timeline["start"], errors)
         abuser_frames = _count_frames_from(db, ABUSER_IP)
         return Result(blocked=blocked, flag=_plain(flag), sent=sent, received=received,
                       abuser_jid=f"mallory@{server.domain}", benign_jids=[f"{u}@{server.domain}" for u in benign_users],
@@ -317,13 +323,13 @@ def _count_frames_from(db, ip: str) -> int:
     return n
 
 
-def _evidence(va, out: Path, errors: list[str]) -> dict[str, str]:
+def _evidence(va, out: Path, since: float, errors: list[str]) -> dict[str, str]:
     files = {}
     env = dict(os.environ)
     cwd = str(Path(__file__).resolve().parent.parent)
     base = [sys.executable, "-m", "appliance.cli", "--config", str(va.config_path)]
     pcap = out / "attack.pcap"
-    res = subprocess.run(base + ["export-pcap", "--host", ABUSER_IP, "-o", str(pcap)], capture_output=True, text=True,
+    res = subprocess.run(base + ["export-pcap", "--since", f"{since - 1:.3f}", "--host", ABUSER_IP, "-o", str(pcap)], capture_output=True, text=True,
                          env=env, cwd=cwd, timeout=120)
     if res.returncode == 0:
         files["pcap"] = str(pcap)

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -81,11 +82,17 @@ async def _main(args) -> int:
 
         loop.create_connection = create_connection
     client = Client(args)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop cleanly: the final report must be exact
+        loop.add_signal_handler(sig, stop.set)
     client.connect(args.server, args.port)
     report = Path(args.report) if args.report else None
     end = time.monotonic() + args.duration
-    while time.monotonic() < end:
-        await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
+    while time.monotonic() < end and not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=min(1.0, max(0.0, end - time.monotonic())))
+        except asyncio.TimeoutError:
+            pass
         if report:
             tmp = report.with_suffix(".tmp")
             tmp.write_text(json.dumps(client.report()))
