@@ -218,7 +218,7 @@ def _run(va: VirtualAppliance, opts: Options, tick: Callable[[str], None]) -> Re
         clients["sink"] = va.popen("upstream", xmpplab.client_command(
             "sink", sink_jid, up.ip, cfg.xmpp.server_port, duration=total + 10, report=reports / "sink.json"),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
+        xmpplab.wait_online(reports / "sink.json")
         for user, ip in zip(benign_users, benign_ips):
             clients[user] = va.popen("inside", xmpplab.client_command(
                 "chat", f"{user}@{server.domain}", up.ip, cfg.xmpp.server_port, source_ip=ip, to=sink_jid,

@@ -128,3 +128,12 @@ def read_report(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def wait_online(report: Path, timeout: float = 30.0) -> None:
+    """Wait until a client's report says its session is up (messages to an offline sink are lost)."""
+    deadline = time.monotonic() + timeout
+    while not read_report(report).get("online"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"XMPP client with report {report} did not come online within {timeout:.0f} s")
+        time.sleep(0.1)

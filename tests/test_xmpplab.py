@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import time
 
 from appliance import xmpplab
 from tests.netutil import Listener
@@ -19,15 +21,19 @@ def test_messages_cross_the_bridge_and_are_counted_at_the_server(va):
     try:
         sink_report = va.run_dir / "sink.json"
         sink = va.popen("upstream", xmpplab.client_command("sink", f"sink@{xmpplab.DOMAIN}", up.ip, 5222,
-                                                           duration=10, report=sink_report))
+                                                           duration=60, report=sink_report))
+        xmpplab.wait_online(sink_report)
         clients = [
             va.popen("inside", xmpplab.client_command("chat", f"{name}@{xmpplab.DOMAIN}", up.ip, 5222, source_ip=src,
                                                       to=f"sink@{xmpplab.DOMAIN}", rate=rate, duration=5,
                                                       report=va.run_dir / f"{name}.json"))
             for name, src, rate in (("alice", "10.0.0.10", 2), ("bob", "10.0.0.11", 10))
         ]
-        for p in clients + [sink]:
+        for p in clients:
             assert p.wait(timeout=60) == 0
+        time.sleep(2)  # what was sent is on its way to the sink
+        sink.send_signal(signal.SIGTERM)  # the sink writes its exact final report and stops
+        assert sink.wait(timeout=30) == 0
         got = xmpplab.read_report(sink_report)["received"]
         sent = {n: xmpplab.read_report(va.run_dir / f"{n}.json")["sent"] for n in ("alice", "bob")}
         assert sent["alice"] > 0 and sent["bob"] > sent["alice"]
