@@ -446,3 +446,59 @@ def test_a_broken_custom_classifier_file_is_refused(env, tmp_path):
     _cfg, path = make(analyser={"policy_file": str(policy)})
     r = pisnoop("--config", str(path), "analyse", "--pcap", "/dev/null")
     assert r.returncode == 2 and "broken.py" in r.stderr and "SyntaxError" in r.stderr
+
+
+def test_bandwidth_hog_flags_the_client_over_its_byte_rate(env, tmp_path):
+    make, db = env
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"xmpp_abuse": {"enabled": False},
+                                      "bandwidth_hog": {"enabled": True, "bytes_per_second": 5000, "window_seconds": 5}}))
+    cfg, _ = make(analyser={"policy_file": str(policy)})
+    hog, fine = Conn(FAST, 40000, sport=443), Conn(SLOW, 40001, sport=443)
+    frames = hog.handshake(T0) + fine.handshake(T0)
+    for k in range(40):  # 4 s: the hog downloads 1,200 B every 100 ms (~12 kB/s), the other 100 B
+        frames += hog.data(T0 + S + k * 100_000_000, b"d" * 1200, to_server=False)
+        frames += fine.data(T0 + S + k * 100_000_000, b"d" * 100, to_server=False)
+    store_frames(db, frames)
+    run_once(cfg, db)
+    flags = flags_of(db)
+    assert [(f["client_ip"], f["client_port"], f["classifier"], f["server_port"]) for f in flags] == [(FAST, None, "bandwidth_hog", 443)]
+    assert flags[0]["evidence"]["count"] > 25000 and flags[0]["evidence"]["bytes_per_second"] > 5000
+
+
+def test_one_shot_range_prints_the_report_and_stores_nothing(env):
+    make, db = env
+    cfg, path = make()
+    store_frames(db, two_clients())
+    since = dt.datetime.fromtimestamp(T0 / 1e9, dt.timezone.utc).isoformat()
+    until = dt.datetime.fromtimestamp((T0 + 5 * S) / 1e9, dt.timezone.utc).isoformat()
+    r = pisnoop("--config", str(path), "analyser", "--once", "--since", since, "--until", until)
+    assert r.returncode == 0, r.stderr
+    assert "Flagged clients (0)" in r.stdout and FAST in r.stdout  # 5 s of 600/min: 50 packets, no flag
+    r = pisnoop("--config", str(path), "analyser", "--once", "--since", since)
+    assert r.returncode == 0 and "Flagged clients (1)" in r.stdout and f"{FAST}:40000" in r.stdout
+    assert db[store.FLAGS].count_documents({}) == 0 and db[store.FLOWS].count_documents({}) == 0
+    assert db[store.STATE].count_documents({}) == 0
+    r = pisnoop("--config", str(path), "analyser", "--since", since)
+    assert r.returncode == 2 and "--once" in r.stderr
+
+
+def test_the_service_rides_out_a_store_that_goes_away(env, embedded):
+    make, db = env
+    cfg, path = make(mongodb={"timeout_ms": 300})
+    c = Conn(SLOW, 40001)
+    store_frames(db, c.handshake(T0), run="a")
+    proc = start_service(path)
+    try:
+        wait_for(lambda: db[store.FLOWS].count_documents({}) == 1, what="first flow")
+        embedded.stop()
+        time.sleep(3)                           # well past the store timeout
+        assert proc.poll() is None, "the analyser must not exit when the store goes away"
+        embedded.start()
+        db.client.admin.command("ping")
+        store_frames(db, c.data(T0 + S), run="b")
+        wait_for(lambda: (db[store.FLOWS].find_one() or {}).get("packets") == {"c2s": 3, "s2c": 1}, what="the new frame")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0 and "store unavailable" in err and "Traceback" not in err, err

@@ -10,6 +10,8 @@ import re
 import sys
 from pathlib import Path
 
+import pymongo.errors
+
 from .. import config as config_mod
 from .. import service, store
 from ..cli import UsageError, load_config
@@ -29,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--since", help="with --once: analyse this capture-time range only, store nothing (ISO time or 30m/2h/1d ago)")
     a.add_argument("--until", help="end of the --since range (default: now)")
     a.add_argument("-o", "--output", metavar="DIR", help="with --since: also write the rate plot here")
-    a.set_defaults(func=cmd_analyser)
+    a.set_defaults(func=_store_errors(cmd_analyser))
 
     p = sub.add_parser("analyse", help="run the classifiers over a pcap, no store; print the report and the flags")
     p.add_argument("--pcap", required=True, metavar="FILE")
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--until", help="end of the range (default: now)")
     r.add_argument("-o", "--output", metavar="DIR", help="where the PNG goes (default: analyser.report_dir)")
     r.add_argument("--top", type=int, default=10)
-    r.set_defaults(func=cmd_report)
+    r.set_defaults(func=_store_errors(cmd_report))
 
     f = sub.add_parser("flags", help="list or release flagged clients")
     fsub = f.add_subparsers(dest="action", metavar="ACTION")
@@ -51,10 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     fl = fsub.add_parser("list", help="the active flags (--all: every flag)")
     fl.add_argument("--all", action="store_true")
     fl.add_argument("--json", action="store_true")
-    fl.set_defaults(func=cmd_flags_list)
+    fl.set_defaults(func=_store_errors(cmd_flags_list))
     fr = fsub.add_parser("release", help="release the active flags of a client (IP or IP:PORT)")
     fr.add_argument("client")
-    fr.set_defaults(func=cmd_flags_release)
+    fr.set_defaults(func=_store_errors(cmd_flags_release))
 
 
 def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
@@ -80,11 +82,21 @@ def _config_or_defaults(args) -> config_mod.Config:
 
 def _db(cfg):
     db = store.database(cfg.mongodb, "pisnoop-analyser")
-    try:
-        store.ping(db)
-    except store.StoreUnavailable as exc:
-        raise UsageError(str(exc)) from None
+    store.ping(db)
     return db
+
+
+def _store_errors(func):
+    """A store that cannot be reached (or goes away) ends the command with one line and exit 1."""
+    def run(args) -> int:
+        try:
+            return func(args)
+        except store.StoreUnavailable as exc:
+            print(f"pisnoop: {exc}", file=sys.stderr)
+        except pymongo.errors.PyMongoError as exc:
+            print(f"pisnoop: the store failed: {exc.__class__.__name__}: {str(exc)[:200]}", file=sys.stderr)
+        return 1
+    return run
 
 
 class Offline:
@@ -119,9 +131,6 @@ def cmd_analyser(args) -> int:
     from .live import serve
     try:
         return serve(cfg, args.log_level, once=args.once)
-    except store.StoreUnavailable as exc:
-        print(f"pisnoop: {exc}", file=sys.stderr)
-        return 1
     except OSError as exc:  # the metrics port
         print(f"pisnoop: {exc}", file=sys.stderr)
         return 1

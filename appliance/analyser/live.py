@@ -27,10 +27,10 @@ log = logging.getLogger("pisnoop.analyser")
 
 
 class Analyser:
-    def __init__(self, cfg, db):
+    def __init__(self, cfg, db, policy=None):
         self.cfg = cfg
         self.db = db
-        self.policy = policy_mod.load(cfg.analyser.policy_file)
+        self.policy = policy or policy_mod.load(cfg.analyser.policy_file)
         self.follower = Follower(db, cfg.snooper.sensor)
         self.flows = FlowTable(MongoFlows(db, cfg.mongodb.retention.flows_hours), cfg.snooper.sensor, self.follower.step)
         self.book = flags_mod.FlagBook(cfg, flags_mod.MongoFlags(db), cfg.snooper.sensor)
@@ -109,10 +109,11 @@ class Analyser:
 
 
 def serve(cfg, log_level: str = "INFO", once: bool = False) -> int:
+    policy = policy_mod.load(cfg.analyser.policy_file)  # a bad policy is refused before anything else
     service.setup_logging("analyser", log_level)
     db = store.database(cfg.mongodb, "pisnoop-analyser")
     store.ping(db)
-    analyser = Analyser(cfg, db)
+    analyser = Analyser(cfg, db, policy)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: analyser.stop.set())
     if not once:
