@@ -19,6 +19,7 @@ from ..cli import UsageError
 from .classifiers import Verdict
 
 ACTIVE = "flagged"
+SLACK = dt.timedelta(seconds=1)
 
 
 def now_utc() -> dt.datetime:
@@ -83,11 +84,13 @@ class MongoFlags:
     def offences_since(self, ip: str, since: dt.datetime) -> int:
         return self.coll.count_documents({"client_ip": ip, "flagged_at": {"$gte": since}})
 
+    # Date bounds a second wider, then exact in Python: nx-27017 compares dates at whole seconds.
     def active(self, now: dt.datetime) -> list[dict]:
-        return list(self.coll.find({"status": ACTIVE, "expires_at": {"$gt": now}}))
+        docs = self.coll.find({"status": ACTIVE, "expires_at": {"$gte": now - SLACK}})
+        return [d for d in docs if d["expires_at"] > now]
 
     def expire(self, now: dt.datetime) -> int:
-        due = self.coll.find({"status": ACTIVE, "expires_at": {"$lte": now}})
+        due = [d for d in self.coll.find({"status": ACTIVE, "expires_at": {"$lt": now + SLACK}}) if d["expires_at"] <= now]
         return sum(self._change(d, status="expired", updated_at=now) for d in due)
 
     def _change(self, doc: dict, **changes) -> int:
@@ -100,8 +103,8 @@ class MongoFlags:
         new = {**doc, **changes}
         return self.coll.replace_one({"_id": doc["_id"], "status": doc["status"]}, new).modified_count
     def all(self, since: Optional[dt.datetime] = None) -> list[dict]:
-        query = {"flagged_at": {"$gte": since}} if since else {}
-        return list(self.coll.find(query).sort("flagged_at", 1))
+        query = {"flagged_at": {"$gte": since - SLACK}} if since else {}
+        return [d for d in self.coll.find(query).sort("flagged_at", 1) if since is None or d["flagged_at"] >= since]
 
     def release(self, ip: str, port: Optional[int], now: dt.datetime) -> int:
         query = {"status": ACTIVE, "client_ip": ip}

@@ -70,6 +70,7 @@ class Analyser:
         log.info("analysing sensor %s with %s (%s)", self.cfg.snooper.sensor, self.policy.source,
                  ", ".join(c.name for c in self.engine.classifiers) or "no classifiers")
         failing = False
+        self.follower.rescan()
         while not self.stop.is_set():
             wd.kick()
             try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import dpkt
 
@@ -111,6 +111,3 @@ def _slow(ts_ns: int, wire_len: int, data: bytes):
 def payload(pkt: Packet) -> bytes:
     return pkt.data[pkt.poff:pkt.poff + pkt.plen]
 
-
-def flag_names(flags: int) -> Optional[str]:
-    return "".join(n for bit, n in ((SYN, "S"), (ACK, "A"), (FIN, "F"), (RST, "R"), (PSH, "P"), (URG, "U")) if flags & bit) or None

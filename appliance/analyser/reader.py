@@ -3,19 +3,28 @@
 Following is by ``ins`` (when a batch reached the store). Writers set ``ins``
 themselves, so a batch can become visible with an ``ins`` a little older than
 one already read (two writers, a replayed spool, clock steps). The reader
-therefore asks for ``ins >= resume - GRACE`` and skips the batch ids it has
-already read inside that grace window; the resume point, those ids and the
-step number are one document in ``state``, written after each step.
+therefore reads ``ins >= resume - GRACE`` (every WINDOW_SCAN_EVERY seconds,
+and in between only the newest few batches, which is what is cheap on
+nx-27017) and skips the batch ids it has already read inside that grace
+window; the resume point, those ids and the step number are one document in
+``state``, written after each step.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Iterator, Optional
 
 from .. import store
 
 GRACE = dt.timedelta(seconds=30)
+# nx-27017's find() compares dates at whole seconds (floor): a ``$gte`` returns
+# up to a second more, a ``$gt``/``$lt`` loses documents in the bound's second.
+# Ids read are kept this much longer than GRACE so such extras are known.
+SLACK = dt.timedelta(seconds=2)
+WINDOW_SCAN_EVERY = 10.0  # seconds between full reads of the grace window (late batches)
+_HEAD = {"_id": 1, "ins": 1}
 
 
 class Follower:
@@ -34,19 +43,52 @@ class Follower:
         self.seen: dict[str, dt.datetime] = {i: t for i, t in doc.get("seen", [])}
         self.step: int = doc.get("step", 0)
         self.late = 0
-        self.last_ins: Optional[dt.datetime] = self.resume
+        self._next_window_scan = 0.0
+
+    def rescan(self) -> None:
+        """Make the next read scan the whole grace window (late batches included)."""
+        self._next_window_scan = 0.0
 
     def next_batches(self) -> list[dict]:
         """The next batches not read yet, oldest ``ins`` first (at most ``limit``)."""
-        query: dict = {"sensor": self.sensor}
-        if self.resume is not None:
-            query["ins"] = {"$gte": self.resume - GRACE}
-        heads = self.frames.find(query, {"_id": 1, "ins": 1}).sort([("ins", 1), ("_id", 1)]).limit(len(self.seen) + self.limit)
+        if self.resume is None:
+            heads = list(self.frames.find({"sensor": self.sensor}, _HEAD).sort([("ins", 1), ("_id", 1)]).limit(self.limit))
+        else:
+            now = time.monotonic()
+            if now >= self._next_window_scan:
+                self._next_window_scan = now + WINDOW_SCAN_EVERY
+                heads = self._window()
+            else:
+                heads = self._newest()
         new = [h for h in heads if h["_id"] not in self.seen][: self.limit]
         if not new:
             return []
         docs = {d["_id"]: d for d in self.frames.find({"_id": {"$in": [h["_id"] for h in new]}})}
         return [docs[h["_id"]] for h in new if h["_id"] in docs]  # a batch may have expired meanwhile
+
+    def _window(self) -> list[dict]:
+        """Every batch from the grace edge on (oldest first): finds late batches too."""
+        edge = self.resume - GRACE
+        heads = self.frames.find({"sensor": self.sensor, "ins": {"$gte": edge}}, _HEAD).sort([("ins", 1), ("_id", 1)])
+        return [h for h in heads.limit(len(self.seen) + self.limit) if h["ins"] >= edge]
+
+    def _newest(self) -> list[dict]:
+        """The batches newer than the newest one already read, by a short descending read.
+
+        nx-27017 decodes every whole document a query returns, so the cheap
+        poll asks for only as many as are likely new, and more while all are new.
+        """
+        edge = self.resume - GRACE
+        k = 8
+        while True:
+            heads = list(self.frames.find({"sensor": self.sensor}, _HEAD).sort([("ins", -1), ("_id", -1)]).limit(k))
+            if len(heads) < k or heads[-1]["_id"] in self.seen or heads[-1]["ins"] < edge:
+                break
+            if k > self.limit:
+                return self._window()  # a backlog: page forward from the edge
+            k *= 4
+        heads.reverse()
+        return [h for h in heads if h["ins"] >= edge]
 
     def commit(self, docs: list[dict], step: int) -> None:
         """Record ``docs`` as read by ``step`` (after their flows were written)."""
@@ -57,8 +99,7 @@ class Follower:
         newest = max(d["ins"] for d in docs)
         if self.resume is None or newest > self.resume:
             self.resume = newest
-        self.last_ins = newest
-        edge = self.resume - GRACE
+        edge = self.resume - GRACE - SLACK
         self.seen = {i: t for i, t in self.seen.items() if t >= edge}
         self.step = step
         self.state.replace_one({"_id": self.id}, {
@@ -77,7 +118,7 @@ def time_range(db, sensor: str, since: dt.datetime, until: Optional[dt.datetime]
     """Lists of ``(batch_id, 0, frames)`` covering capture times in [since, until), oldest first."""
     query: dict = {"sensor": sensor, "t1": {"$gte": since}}
     if until is not None:
-        query["t0"] = {"$lt": until}
+        query["t0"] = {"$lt": until + SLACK}  # a second wider (nx-27017); frames are filtered exactly below
     lo = int(since.timestamp() * 1e9)
     hi = int(until.timestamp() * 1e9) if until is not None else None
     out = []
