@@ -501,3 +501,31 @@ def test_the_service_rides_out_a_store_that_goes_away(env, embedded):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
     assert proc.returncode == 0 and "store unavailable" in err and "Traceback" not in err, err
+
+
+def test_the_service_tells_systemd_ready_and_stopping(env, tmp_path):
+    import socket as socket_mod
+    make, db = env
+    _cfg, path = make()
+    sock_path = tmp_path / "notify.sock"
+    listener = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_DGRAM)
+    listener.bind(str(sock_path))
+    listener.settimeout(30)
+    env_vars = dict(os.environ, PYTHONPATH=str(REPO), NOTIFY_SOCKET=str(sock_path))
+    env_vars.pop("WATCHDOG_USEC", None)
+    proc = subprocess.Popen([*PISNOOP, "--config", str(path), "analyser"], cwd=str(REPO), env=env_vars,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        messages = []
+        while "READY=1" not in messages:
+            messages += listener.recv(4096).decode().splitlines()
+        assert db[store.STATE].count_documents({}) == 0  # ready before any frame: nothing to read yet
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in messages:
+            messages += listener.recv(4096).decode().splitlines()
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        listener.close()
