@@ -119,7 +119,8 @@ class Offline:
         return report.Report(title, report.talkers(self.flow_docs.all(), self.series.port), self.book.backend.all(),
                              self.series, policy_mod.threshold_ppm(self.policy, self.cfg),
                              policy_mod.window_seconds(self.policy, self.cfg),
-                             {k: c[k] for k in ("frames", "malformed", "not_ip", "corrupt_batches") if c.get(k)})
+                             {k: c[k] for k in ("frames", "malformed", "not_ip", "corrupt_batches") if c.get(k)},
+                             policy_mod.ip_threshold_ppm(self.policy, self.cfg))
 
 
 def cmd_analyser(args) -> int:
@@ -200,7 +201,8 @@ def cmd_report(args) -> int:
                 if p.__class__ is Packet:
                     series(p)
     r = report.Report(f"report for sensor {cfg.snooper.sensor} since {since:%Y-%m-%d %H:%M:%S} UTC", talkers, flags,
-                      series, policy_mod.threshold_ppm(policy, cfg), policy_mod.window_seconds(policy, cfg))
+                      series, policy_mod.threshold_ppm(policy, cfg), policy_mod.window_seconds(policy, cfg),
+                      ip_threshold_ppm=policy_mod.ip_threshold_ppm(policy, cfg))
     out = Path(args.output or cfg.analyser.report_dir)
     try:
         print(report.write(r, out, "report"), end="")

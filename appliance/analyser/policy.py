@@ -98,6 +98,10 @@ def from_dict(data, src: str = "<dict>", base: Path = Path(".")) -> Policy:
         if key not in known:
             raise ConfigError(src, str(key), data[key], "no such key; known keys here: " + ", ".join(known))
     top = _build(Policy, {k: v for k, v in data.items() if k in ("xmpp_abuse", "bandwidth_hog", "custom_dir", "custom_action")}, "", src)
+    x = top.xmpp_abuse
+    if x.threshold_ppm and x.per_ip_threshold_ppm and x.per_ip_threshold_ppm < x.threshold_ppm:
+        raise ConfigError(src, "xmpp_abuse.per_ip_threshold_ppm", x.per_ip_threshold_ppm,
+                          f"at least xmpp_abuse.threshold_ppm ({x.threshold_ppm})")
     rules = _payload_rules(data.get("payload_match"), src)
     loaded = _custom(top.custom_dir, src, base) if top.custom_dir else ()
     return dataclasses.replace(top, payload_match=rules, custom=loaded, source=src)
@@ -142,14 +146,12 @@ def _custom(directory: str, src: str, base: Path) -> tuple:
 def build(policy: Policy, cfg: config_mod.Config) -> list:
     """The classifier objects the policy asks for, thresholds filled in from the config."""
     out = []
-    x, xc = policy.xmpp_abuse, cfg.xmpp
+    x = policy.xmpp_abuse
     if x.enabled:
-        thr = x.threshold_ppm or xc.threshold_ppm
-        ip_thr = x.per_ip_threshold_ppm or max(xc.per_ip_threshold_ppm, thr)
+        thr, ip_thr = threshold_ppm(policy, cfg), ip_threshold_ppm(policy, cfg)
         if ip_thr < thr:
             raise ConfigError(policy.source, "xmpp_abuse.per_ip_threshold_ppm", ip_thr, f"at least the per-connection threshold ({thr})")
-        out.append(builtin.XmppAbuse(x.server_port or xc.server_port, thr, ip_thr,
-                                     x.window_seconds or xc.window_seconds, x.action))
+        out.append(builtin.XmppAbuse(server_port(policy, cfg), thr, ip_thr, window_seconds(policy, cfg), x.action))
     b = policy.bandwidth_hog
     if b.enabled:
         out.append(builtin.BandwidthHog(b.bytes_per_second, b.window_seconds, b.scope, b.server_port, b.action))
@@ -168,6 +170,10 @@ def build(policy: Policy, cfg: config_mod.Config) -> list:
 def threshold_ppm(policy: Policy, cfg: config_mod.Config) -> int:
     """The per-connection XMPP threshold in force (for the report's threshold line)."""
     return policy.xmpp_abuse.threshold_ppm or cfg.xmpp.threshold_ppm
+
+
+def ip_threshold_ppm(policy: Policy, cfg: config_mod.Config) -> int:
+    return policy.xmpp_abuse.per_ip_threshold_ppm or max(cfg.xmpp.per_ip_threshold_ppm, threshold_ppm(policy, cfg))
 
 
 def server_port(policy: Policy, cfg: config_mod.Config) -> int:

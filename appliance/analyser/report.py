@@ -56,6 +56,7 @@ class Report:
     threshold_ppm: int
     window_seconds: float
     counters: dict = field(default_factory=dict)
+    ip_threshold_ppm: Optional[int] = None
 
 
 def talkers(flow_docs, server_port: int, top: int = 10) -> list[dict]:
@@ -111,6 +112,7 @@ def render_png(r: Report, path: Path) -> Optional[Path]:
     flagged_ips = {f["client_ip"] for f in r.flags}
     order = sorted(rates, key=lambda ip: (ip not in flagged_ips, -max(rates[ip][1]), ip))[:MAX_CLIENTS_PLOTTED]
     fig, ax = plt.subplots(figsize=(10, 5))
+    marked = False
     for ip in order:
         times, values = rates[ip]
         line, = ax.plot(times, values, label=ip, linewidth=1.2)
@@ -118,8 +120,13 @@ def render_png(r: Report, path: Path) -> Optional[Path]:
             when = f.get("evidence", {}).get("last_packet")
             if f["client_ip"] == ip and when is not None:
                 ax.axvline(when, color=line.get_color(), linestyle=":", linewidth=1)
-                ax.plot([when], [max(values)], marker="v", color=line.get_color())
-    ax.axhline(r.threshold_ppm, color="red", linestyle="--", linewidth=1, label=f"threshold {r.threshold_ppm}/min")
+                ax.plot([when], [r.threshold_ppm], marker="v", markersize=9, color=line.get_color(), linestyle="none",
+                        label=None if marked else "flag raised")
+                marked = True
+    ax.axhline(r.threshold_ppm, color="red", linestyle="--", linewidth=1, label=f"threshold per connection {r.threshold_ppm}/min")
+    if r.ip_threshold_ppm:
+        ax.axhline(r.ip_threshold_ppm, color="darkred", linestyle="-.", linewidth=1,
+                   label=f"threshold per client IP {r.ip_threshold_ppm}/min")
     ax.set_title(f"packets per minute toward the XMPP port ({r.window_seconds:g} s sliding window)")
     ax.set_xlabel("frame time (UTC)")
     ax.set_ylabel("packets/min")
