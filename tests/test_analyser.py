@@ -260,8 +260,10 @@ def test_killed_mid_stream_and_restarted_gives_the_counts_of_an_uninterrupted_ru
             seq = store_frames(db, ch, batch_size=20, first_seq=seq)
         proc = start_service(path)
         total = len(frames)
+        newest = db[store.FRAMES].find_one({}, {"ins": 1}, sort=[("ins", -1)])["ins"]
         wait_for(lambda: sum(f["packets"]["c2s"] + f["packets"]["s2c"] for f in db[store.FLOWS].find()) >= total
-                 and len((db[store.STATE].find_one() or {}).get("seen", [])) >= seq, what="all frames analysed")
+                 and (db[store.STATE].find_one() or {}).get("resume", newest - dt.timedelta(1)) >= newest,
+                 what="all frames analysed")
         status = wait_for(lambda: (lambda d: d if d and d["counters"].get("frames", 0) > 0 else None)(
             db[store.STATUS].find_one({"_id": "analyser:pisnoop"})), what="status document")
         import urllib.request
