@@ -17,6 +17,7 @@ from . import config as config_mod
 COMMAND_MODULES = (
     "appliance.commands",
     "appliance.demo",
+    "appliance.analyser.commands",
 )
 
 
@@ -58,4 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: command modules raise
+    # appliance.cli.UsageError, which must be the class main() catches.
+    from appliance.cli import main as _main
+    sys.exit(_main())

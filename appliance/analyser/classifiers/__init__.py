@@ -1,0 +1,101 @@
+"""Classifiers: they see every packet with its flow and may return a ``Verdict``.
+
+Built-ins live in ``builtin``; custom ones are Python files in the directory
+the policy names (``custom``). Every classifier is evaluated per packet on the
+frames' own timestamps, so a flag is raised the moment a window crosses its
+threshold, and a pcap gives the same verdicts as the live path.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+SAMPLES = 5  # frame ids kept as evidence
+
+
+@dataclass
+class Verdict:
+    """What a classifier found. ``client_port`` None means the whole client IP."""
+    reason: str
+    client_ip: Optional[str] = None
+    client_port: Optional[int] = None
+    server_port: Optional[int] = None
+    evidence: dict = field(default_factory=dict)
+    action: Optional[str] = None
+    classifier: Optional[str] = None
+
+
+class Window:
+    """A sliding window over frame time: the sum of weights of the last ``span_ns``."""
+
+    __slots__ = ("span_ns", "times", "weights", "total", "refs", "cap")
+
+    def __init__(self, span_ns: int, cap: int = 0):
+        self.span_ns = span_ns
+        self.times: deque = deque()
+        self.weights: deque = deque()
+        self.total = 0
+        self.refs: deque = deque(maxlen=SAMPLES)
+        self.cap = cap  # keep at most this many entries (the count then stays a lower bound)
+
+    def add(self, ts_ns: int, weight: int, ref) -> int:
+        times, weights = self.times, self.weights
+        times.append(ts_ns)
+        weights.append(weight)
+        self.total += weight
+        self.refs.append(ref)
+        edge = ts_ns - self.span_ns
+        while times[0] <= edge or (self.cap and len(times) > self.cap):
+            times.popleft()
+            self.total -= weights.popleft()
+        return self.total
+
+    def stale(self, now_ns: int) -> bool:
+        return not self.times or self.times[-1] <= now_ns - self.span_ns
+
+    def evidence(self, threshold, unit: str) -> dict:
+        """What a person needs to check the verdict: window, count, rate, threshold, times, sample frames."""
+        first, last = self.times[0], self.times[-1]
+        window_s = self.span_ns / 1e9
+        span_s = (last - first) / 1e9
+        per_min = self.total * 60.0 / window_s
+        if span_s >= 1.0 and len(self.times) > 1:  # the rate the packets themselves show
+            per_min = (self.total - self.weights[0]) * 60.0 / span_s
+        return {
+            "window_seconds": window_s, "count": self.total, "rate": round(per_min, 1), "rate_unit": f"{unit}/min",
+            "threshold": threshold, "first_packet_ns": first, "last_packet_ns": last,
+            "samples": [ref if isinstance(ref, str) else f"{ref[0]}#{ref[1]}" for ref in self.refs],
+        }
+
+
+class Windows(dict):
+    """Windows by key, created on first use and dropped when stale (bounded memory)."""
+
+    def __init__(self, span_ns: int, cap: int = 0):
+        super().__init__()
+        self.span_ns, self.cap = span_ns, cap
+
+    def get_window(self, key) -> Window:
+        w = self.get(key)
+        if w is None:
+            w = self[key] = Window(self.span_ns, self.cap)
+        return w
+
+    def prune(self, now_ns: int) -> None:
+        for k in [k for k, w in self.items() if w.stale(now_ns)]:
+            del self[k]
+
+
+class Classifier:
+    """Base of every classifier: ``packet`` sees each packet, ``prune`` bounds memory."""
+
+    name = "classifier"
+    action: Optional[str] = None
+
+    def packet(self, p, flow, direction: int, ref) -> Optional[Verdict]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def prune(self, now_ns: int) -> None:
+        pass

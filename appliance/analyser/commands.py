@@ -1,0 +1,241 @@
+"""``pisnoop analyser | analyse --pcap | report | flags list/release``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pymongo.errors
+
+from .. import config as config_mod
+from .. import service, store
+from ..cli import UsageError, load_config
+from . import flags as flags_mod
+from . import pcap as pcap_mod
+from . import policy as policy_mod
+from . import reader, report
+from .engine import Engine
+from .flows import FlowTable, MemoryFlows
+
+PCAP_CHUNK = 1000
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    a = sub.add_parser("analyser", help="the analyser service: stored frames -> flows, flags (or one pass with --once)")
+    a.add_argument("--once", action="store_true", help="read what is new since the resume point, then exit")
+    a.add_argument("--since", help="with --once: analyse this capture-time range only, store nothing (ISO time or 30m/2h/1d ago)")
+    a.add_argument("--until", help="end of the --since range (default: now)")
+    a.add_argument("-o", "--output", metavar="DIR", help="with --since: also write the rate plot here")
+    a.set_defaults(func=_store_errors(cmd_analyser))
+
+    p = sub.add_parser("analyse", help="run the classifiers over a pcap, no store; print the report and the flags")
+    p.add_argument("--pcap", required=True, metavar="FILE")
+    p.add_argument("--policy", metavar="FILE", help="policy file (default: analyser.policy_file of the config)")
+    p.add_argument("-o", "--output", metavar="DIR", help="write the rate plot here")
+    p.add_argument("--json", action="store_true", help="print the flags it would raise as JSON lines instead")
+    p.set_defaults(func=cmd_analyse)
+
+    r = sub.add_parser("report", help="top talkers, flagged clients and an XMPP rate plot from the store")
+    r.add_argument("--since", default="1h", help="ISO time or 30m/2h/1d ago (default 1h)")
+    r.add_argument("--until", help="end of the range (default: now)")
+    r.add_argument("-o", "--output", metavar="DIR", help="where the PNG goes (default: analyser.report_dir)")
+    r.add_argument("--top", type=int, default=10)
+    r.set_defaults(func=_store_errors(cmd_report))
+
+    f = sub.add_parser("flags", help="list or release flagged clients")
+    fsub = f.add_subparsers(dest="action", metavar="ACTION")
+    fsub.required = True
+    fl = fsub.add_parser("list", help="the active flags (--all: every flag)")
+    fl.add_argument("--all", action="store_true")
+    fl.add_argument("--json", action="store_true")
+    fl.set_defaults(func=_store_errors(cmd_flags_list))
+    fr = fsub.add_parser("release", help="release the active flags of a client (IP or IP:PORT)")
+    fr.add_argument("client")
+    fr.set_defaults(func=_store_errors(cmd_flags_release))
+
+
+def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """``2026-11-21T07:00:00[Z]`` or a span back from now: ``90s``, ``30m``, ``2h``, ``1d``."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return now - dt.timedelta(seconds=float(m.group(1)) * unit)
+    try:
+        t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"time {text!r}: expected an ISO time (2026-11-21T07:00:00Z) or 90s/30m/2h/1d") from None
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def _config_or_defaults(args) -> config_mod.Config:
+    """Commands that need no store still honour a config when there is one."""
+    if args.config or os.environ.get(config_mod.ENV_VAR) or config_mod.DEFAULT_PATH.exists():
+        return load_config(args)
+    return config_mod.Config()
+
+
+def _db(cfg):
+    db = store.database(cfg.mongodb, "pisnoop-analyser")
+    store.ping(db)
+    return db
+
+
+def _store_errors(func):
+    """A store that cannot be reached (or goes away) ends the command with one line and exit 1."""
+    def run(args) -> int:
+        try:
+            return func(args)
+        except store.StoreUnavailable as exc:
+            print(f"pisnoop: {exc}", file=sys.stderr)
+        except pymongo.errors.PyMongoError as exc:
+            print(f"pisnoop: the store failed: {exc.__class__.__name__}: {str(exc)[:200]}", file=sys.stderr)
+        return 1
+    return run
+
+
+class Offline:
+    """The analysis pipeline in memory: same classifiers and flag rules, nothing stored."""
+
+    def __init__(self, cfg, policy):
+        self.cfg, self.policy = cfg, policy
+        self.flow_docs = MemoryFlows()
+        self.series = report.XmppSeries(policy_mod.server_port(policy, cfg))
+        self.book = flags_mod.FlagBook(cfg, flags_mod.MemoryFlags())
+        self.engine = Engine(cfg, policy, FlowTable(self.flow_docs, cfg.snooper.sensor), self.book, [self.series])
+        self.step = 0
+
+    def run(self, batches) -> None:
+        self.step += 1
+        self.engine.run_step(batches, self.step, persistent=False)
+
+    def report(self, title: str) -> report.Report:
+        c = self.engine.counters
+        return report.Report(title, report.talkers(self.flow_docs.all(), self.series.port), self.book.backend.all(),
+                             self.series, policy_mod.threshold_ppm(self.policy, self.cfg),
+                             policy_mod.window_seconds(self.policy, self.cfg),
+                             {k: c[k] for k in ("frames", "malformed", "not_ip", "corrupt_batches") if c.get(k)},
+                             policy_mod.ip_threshold_ppm(self.policy, self.cfg))
+
+
+def cmd_analyser(args) -> int:
+    cfg = load_config(args)
+    if args.since or args.until:
+        if not args.once:
+            raise UsageError("--since/--until need --once (a one-shot pass over a time range)")
+        return _one_shot(cfg, args)
+    from .live import serve
+    try:
+        return serve(cfg, args.log_level, once=args.once)
+    except OSError as exc:  # the metrics port
+        print(f"pisnoop: {exc}", file=sys.stderr)
+        return 1
+
+
+def _one_shot(cfg, args) -> int:
+    since = parse_time(args.since) if args.since else dt.datetime.fromtimestamp(0, dt.timezone.utc)
+    until = parse_time(args.until) if args.until else None
+    off = Offline(cfg, policy_mod.load(cfg.analyser.policy_file))
+    service.setup_logging("analyser", args.log_level)
+    db = _db(cfg)
+    for batches in reader.time_range(db, cfg.snooper.sensor, since, until):
+        off.run(batches)
+    title = f"analysis of sensor {cfg.snooper.sensor} from {since:%Y-%m-%d %H:%M:%S} to " + (f"{until:%Y-%m-%d %H:%M:%S}" if until else "now") + " (nothing stored)"
+    print(report.write(off.report(title), Path(args.output) if args.output else None, "range"), end="")
+    return 0
+
+
+def cmd_analyse(args) -> int:
+    cfg = _config_or_defaults(args)
+    policy = policy_mod.load(args.policy or cfg.analyser.policy_file)
+    service.setup_logging("analyser", args.log_level)
+    off = Offline(cfg, policy)
+    name = Path(args.pcap).name
+    try:
+        chunk, index, start = [], 0, 0
+        for fr in pcap_mod.read(args.pcap):
+            chunk.append(fr)
+            index += 1
+            if len(chunk) >= PCAP_CHUNK:
+                off.run([(name, start, chunk)])
+                chunk, start = [], index
+        if chunk:
+            off.run([(name, start, chunk)])
+    except OSError as exc:
+        raise UsageError(f"{args.pcap}: {exc.strerror}") from None
+    except pcap_mod.PcapError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        for f in off.book.backend.all():
+            print(json.dumps(f, default=str, sort_keys=True))
+        return 0
+    print(report.write(off.report(f"analysis of {args.pcap} (nothing stored)"), Path(args.output) if args.output else None, "pcap"), end="")
+    return 0
+
+
+def cmd_report(args) -> int:
+    cfg = load_config(args)
+    since = parse_time(args.since)
+    until = parse_time(args.until) if args.until else None
+    policy = policy_mod.load(cfg.analyser.policy_file)
+    db = _db(cfg)
+    port = policy_mod.server_port(policy, cfg)
+    fq: dict = {"last_seen": {"$gte": since}}
+    if until:
+        fq["first_seen"] = {"$lt": until}
+    talkers = report.talkers(db[store.FLOWS].find(fq), port, args.top)
+    flags = flags_mod.MongoFlags(db).all(since)
+    if until:
+        flags = [f for f in flags if f["flagged_at"] < until]
+    series = report.XmppSeries(port)
+    from .parse import Packet, parse
+    for batches in reader.time_range(db, cfg.snooper.sensor, since, until):
+        for _bid, _start, frames in batches:
+            for ts, wl, data in frames:
+                p = parse(ts, wl, data) if data else None
+                if p.__class__ is Packet:
+                    series(p)
+    r = report.Report(f"report for sensor {cfg.snooper.sensor} since {since:%Y-%m-%d %H:%M:%S} UTC", talkers, flags,
+                      series, policy_mod.threshold_ppm(policy, cfg), policy_mod.window_seconds(policy, cfg),
+                      ip_threshold_ppm=policy_mod.ip_threshold_ppm(policy, cfg))
+    out = Path(args.output or cfg.analyser.report_dir)
+    try:
+        print(report.write(r, out, "report"), end="")
+    except OSError as exc:
+        raise UsageError(f"{out}: cannot write the plot ({exc.strerror})") from None
+    return 0
+
+
+def cmd_flags_list(args) -> int:
+    cfg = load_config(args)
+    book = flags_mod.MongoFlags(_db(cfg))
+    now = flags_mod.now_utc()
+    docs = book.all() if args.all else book.active(now)
+    if args.json:
+        for d in docs:
+            print(json.dumps({k: v for k, v in d.items() if k != "_id"}, default=str, sort_keys=True))
+        return 0
+    if not docs:
+        print("no flags" if args.all else "no active flags")
+        return 0
+    print(f"{'client':<24} {'classifier':<14} {'action':<6} {'off':>3} {'ban s':>6} {'status':<8} {'expires (UTC)':<19} reason")
+    for d in docs:
+        print(f"{flags_mod.client_text(d['client_ip'], d['client_port']):<24} {d['classifier']:<14} {d['action']:<6} "
+              f"{d['offence']:>3} {d['ban_seconds']:>6} {d['status']:<8} {d['expires_at']:%Y-%m-%d %H:%M:%S} {d['reason']}")
+    return 0
+
+
+def cmd_flags_release(args) -> int:
+    ip, port = flags_mod.parse_client(args.client)
+    cfg = load_config(args)
+    n = flags_mod.MongoFlags(_db(cfg)).release(ip, port, flags_mod.now_utc())
+    if not n:
+        print(f"pisnoop: no active flag for {args.client}", file=sys.stderr)
+        return 1
+    print(f"released {n} flag(s) of {args.client}")
+    return 0

@@ -1,0 +1,184 @@
+"""The classifier policy: which classifiers run, with which thresholds.
+
+A YAML file (``analyser.policy_file``) validated exactly like the config — the
+same dataclass schema machinery and the same one-line ``ConfigError`` naming
+the file, the key, the value and what was expected — so a bad policy stops
+the analyser at start with exit code 2. Without a policy file the built-in
+policy runs ``xmpp_abuse`` with the thresholds of the config's ``xmpp``
+section. Thresholds left null in the policy also come from the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from .. import config as config_mod
+from ..config import ConfigError, _build, _port, _rng
+from .classifiers import builtin, custom
+
+Action = Optional[Literal["drop", "limit"]]
+_PPM = _rng(1, 10_000_000, "a count per minute from 1 to 10000000")
+_WINDOW = _rng(1, 3600, "seconds from 1 to 3600")
+
+
+@dataclass(frozen=True)
+class XmppAbusePolicy:
+    enabled: bool = True
+    server_port: Optional[int] = field(default=None, metadata=_port())
+    threshold_ppm: Optional[int] = field(default=None, metadata=_PPM)
+    per_ip_threshold_ppm: Optional[int] = field(default=None, metadata=_PPM)
+    window_seconds: Optional[float] = field(default=None, metadata=_WINDOW)
+    action: Action = None
+
+
+@dataclass(frozen=True)
+class BandwidthHogPolicy:
+    enabled: bool = False
+    bytes_per_second: int = field(default=1_000_000, metadata=_rng(1, 10**11, "bytes per second from 1 to 10^11"))
+    window_seconds: float = field(default=10.0, metadata=_WINDOW)
+    scope: Literal["ip", "connection"] = "ip"
+    server_port: Optional[int] = field(default=None, metadata=_port())
+    action: Action = None
+
+
+@dataclass(frozen=True)
+class PayloadRule:
+    name: str = field(default="", metadata={"check": "name"})
+    pattern: str = ""
+    threshold_per_minute: int = field(default=60, metadata=_PPM)
+    window_seconds: float = field(default=60.0, metadata=_WINDOW)
+    server_port: Optional[int] = field(default=None, metadata=_port())
+    direction: Literal["c2s", "s2c", "both"] = "c2s"
+    scope: Literal["connection", "ip"] = "connection"
+    action: Action = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    xmpp_abuse: XmppAbusePolicy = field(default_factory=XmppAbusePolicy)
+    bandwidth_hog: BandwidthHogPolicy = field(default_factory=BandwidthHogPolicy)
+    payload_match: tuple = ()
+    custom_dir: Optional[str] = None
+    custom_action: Action = None
+    custom: tuple = ()  # (name, class) loaded from custom_dir
+    source: str = "<built-in policy>"
+
+
+def load(path: Optional[str]) -> Policy:
+    """The policy in ``path`` (None: the built-in one); ``ConfigError`` when it cannot be used."""
+    if path is None:
+        return Policy()
+    src = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(src, "", None, "an existing policy file (none at that path)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(src, "", "<unreadable>", f"a readable UTF-8 YAML file ({exc.__class__.__name__})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "somewhere"
+        raise ConfigError(src, "", f"invalid YAML at {where}", "valid YAML") from None
+    return from_dict(data, src, Path(path).parent)
+
+
+def from_dict(data, src: str = "<dict>", base: Path = Path(".")) -> Policy:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(src, "(top level)", data, "a mapping of keys to values")
+    known = ("xmpp_abuse", "bandwidth_hog", "payload_match", "custom_dir", "custom_action")
+    for key in data:
+        if key not in known:
+            raise ConfigError(src, str(key), data[key], "no such key; known keys here: " + ", ".join(known))
+    top = _build(Policy, {k: v for k, v in data.items() if k in ("xmpp_abuse", "bandwidth_hog", "custom_dir", "custom_action")}, "", src)
+    x = top.xmpp_abuse
+    if x.threshold_ppm and x.per_ip_threshold_ppm and x.per_ip_threshold_ppm < x.threshold_ppm:
+        raise ConfigError(src, "xmpp_abuse.per_ip_threshold_ppm", x.per_ip_threshold_ppm,
+                          f"at least xmpp_abuse.threshold_ppm ({x.threshold_ppm})")
+    rules = _payload_rules(data.get("payload_match"), src)
+    loaded = _custom(top.custom_dir, src, base) if top.custom_dir else ()
+    return dataclasses.replace(top, payload_match=rules, custom=loaded, source=src)
+
+
+def _payload_rules(items, src: str) -> tuple:
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise ConfigError(src, "payload_match", items, "a list of rules (mappings with name and pattern)")
+    rules, names = [], set()
+    for i, item in enumerate(items):
+        where = f"payload_match[{i}]"
+        rule = _build(PayloadRule, item, where, src)
+        for key in ("name", "pattern"):
+            if not getattr(rule, key):
+                raise ConfigError(src, f"{where}.{key}", item.get(key), "a non-empty string (required)")
+        try:
+            re.compile(rule.pattern.encode())
+        except re.error as exc:
+            raise ConfigError(src, f"{where}.pattern", rule.pattern, f"a valid regular expression ({exc})") from None
+        if rule.name in names or rule.name in ("xmpp_abuse", "bandwidth_hog"):
+            raise ConfigError(src, f"{where}.name", rule.name, "a name no other classifier has")
+        names.add(rule.name)
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _custom(directory: str, src: str, base: Path) -> tuple:
+    path = Path(directory)
+    if not path.is_absolute():
+        path = base / path
+    if not path.is_dir():
+        raise ConfigError(src, "custom_dir", directory, "an existing directory of classifier files")
+    try:
+        return tuple(custom.load_dir(path))
+    except custom.LoadError as exc:
+        file, expected = exc.args
+        raise ConfigError(src, "custom_dir", file, expected) from None
+
+
+def build(policy: Policy, cfg: config_mod.Config) -> list:
+    """The classifier objects the policy asks for, thresholds filled in from the config."""
+    out = []
+    x = policy.xmpp_abuse
+    if x.enabled:
+        thr, ip_thr = threshold_ppm(policy, cfg), ip_threshold_ppm(policy, cfg)
+        if ip_thr < thr:
+            raise ConfigError(policy.source, "xmpp_abuse.per_ip_threshold_ppm", ip_thr, f"at least the per-connection threshold ({thr})")
+        out.append(builtin.XmppAbuse(server_port(policy, cfg), thr, ip_thr, window_seconds(policy, cfg), x.action))
+    b = policy.bandwidth_hog
+    if b.enabled:
+        out.append(builtin.BandwidthHog(b.bytes_per_second, b.window_seconds, b.scope, b.server_port, b.action))
+    for r in policy.payload_match:
+        out.append(builtin.PayloadMatch(r.name, r.pattern, r.threshold_per_minute, r.window_seconds,
+                                        r.server_port, r.direction, r.scope, r.action))
+    for name, cls in policy.custom:
+        try:
+            instance = cls()
+        except Exception as exc:
+            raise ConfigError(policy.source, "custom_dir", name, f"a class that can be created without arguments ({exc.__class__.__name__}: {exc})") from None
+        out.append(custom.CustomClassifier(instance, name, policy.custom_action))
+    return out
+
+
+def threshold_ppm(policy: Policy, cfg: config_mod.Config) -> int:
+    """The per-connection XMPP threshold in force (for the report's threshold line)."""
+    return policy.xmpp_abuse.threshold_ppm or cfg.xmpp.threshold_ppm
+
+
+def ip_threshold_ppm(policy: Policy, cfg: config_mod.Config) -> int:
+    return policy.xmpp_abuse.per_ip_threshold_ppm or max(cfg.xmpp.per_ip_threshold_ppm, threshold_ppm(policy, cfg))
+
+
+def server_port(policy: Policy, cfg: config_mod.Config) -> int:
+    return policy.xmpp_abuse.server_port or cfg.xmpp.server_port
+
+
+def window_seconds(policy: Policy, cfg: config_mod.Config) -> float:
+    return policy.xmpp_abuse.window_seconds or cfg.xmpp.window_seconds

@@ -1,0 +1,140 @@
+"""Reading stored frames: follow new batches with a resume point, or one time range.
+
+Following is by ``ins`` (when a batch reached the store). Writers set ``ins``
+themselves, so a batch can become visible with an ``ins`` a little older than
+one already read (two writers, a replayed spool, clock steps). The reader
+therefore reads ``ins >= resume - GRACE`` (every WINDOW_SCAN_EVERY seconds,
+and in between only the newest few batches, which is what is cheap on
+nx-27017) and skips the batch ids it has already read inside that grace
+window; the resume point, those ids and the step number are one document in
+``state``, written after each step.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Iterator, Optional
+
+from .. import store
+
+GRACE = dt.timedelta(seconds=30)
+# nx-27017's find() compares dates at whole seconds (floor): a ``$gte`` returns
+# up to a second more, a ``$gt``/``$lt`` loses documents in the bound's second.
+# Ids read are kept this much longer than GRACE so such extras are known.
+SLACK = dt.timedelta(seconds=2)
+WINDOW_SCAN_EVERY = 10.0  # seconds between full reads of the grace window (late batches)
+_HEAD = {"_id": 1, "ins": 1}
+
+
+class Follower:
+    """The persisted position of the analyser of one sensor in ``frames``."""
+
+    def __init__(self, db, sensor: str, limit: int = 64):
+        self.frames = db[store.FRAMES]
+        self.state = db[store.STATE]
+        self.sensor = sensor
+        self.limit = limit
+        self.id = f"analyser:{sensor}"
+        self.frames.create_index([("sensor", 1), ("ins", 1)])
+        self.frames.create_index("ins")
+        doc = self.state.find_one({"_id": self.id}) or {}
+        self.resume: Optional[dt.datetime] = doc.get("resume")
+        self.seen: dict[str, dt.datetime] = {i: t for i, t in doc.get("seen", [])}
+        self.step: int = doc.get("step", 0)
+        self.late = 0
+        self._next_window_scan = 0.0
+
+    def rescan(self) -> None:
+        """Make the next read scan the whole grace window (late batches included)."""
+        self._next_window_scan = 0.0
+
+    def next_batches(self) -> list[dict]:
+        """The next batches not read yet, oldest ``ins`` first (at most ``limit``)."""
+        if self.resume is None:
+            heads = list(self.frames.find({"sensor": self.sensor}, _HEAD).sort([("ins", 1), ("_id", 1)]).limit(self.limit))
+        else:
+            now = time.monotonic()
+            if now >= self._next_window_scan:
+                self._next_window_scan = now + WINDOW_SCAN_EVERY
+                heads = self._window()
+            else:
+                heads = self._newest()
+        new = [h for h in heads if h["_id"] not in self.seen][: self.limit]
+        if not new:
+            return []
+        docs = {d["_id"]: d for d in self.frames.find({"_id": {"$in": [h["_id"] for h in new]}})}
+        return [docs[h["_id"]] for h in new if h["_id"] in docs]  # a batch may have expired meanwhile
+
+    def _window(self) -> list[dict]:
+        """Every batch from the grace edge on (oldest first): finds late batches too."""
+        edge = self.resume - GRACE
+        heads = self.frames.find({"sensor": self.sensor, "ins": {"$gte": edge}}, _HEAD).sort([("ins", 1), ("_id", 1)])
+        return [h for h in heads.limit(len(self.seen) + self.limit) if h["ins"] >= edge]
+
+    def _newest(self) -> list[dict]:
+        """The batches newer than the newest one already read, by a short descending read.
+
+        nx-27017 decodes every whole document a query returns, so the cheap
+        poll asks for only as many as are likely new, and more while all are new.
+        """
+        edge = self.resume - GRACE
+        k = 8
+        while True:
+            heads = list(self.frames.find({"sensor": self.sensor}, _HEAD).sort([("ins", -1), ("_id", -1)]).limit(k))
+            if len(heads) < k or heads[-1]["_id"] in self.seen or heads[-1]["ins"] < edge:
+                break
+            if k > self.limit:
+                return self._window()  # a backlog: page forward from the edge
+            k *= 4
+        heads.reverse()
+        return [h for h in heads if h["ins"] >= edge]
+
+    def commit(self, docs: list[dict], step: int) -> None:
+        """Record ``docs`` as read by ``step`` (after their flows were written)."""
+        for d in docs:
+            if self.resume is not None and d["ins"] < self.resume:
+                self.late += 1
+            self.seen[d["_id"]] = d["ins"]
+        newest = max(d["ins"] for d in docs)
+        if self.resume is None or newest > self.resume:
+            self.resume = newest
+        edge = self.resume - GRACE - SLACK
+        self.seen = {i: t for i, t in self.seen.items() if t >= edge}
+        self.step = step
+        self.state.replace_one({"_id": self.id}, {
+            "_id": self.id, "resume": self.resume, "seen": [[i, t] for i, t in self.seen.items()],
+            "step": step, "updated_at": dt.datetime.now(dt.timezone.utc)}, upsert=True)
+
+    def lag_seconds(self) -> float:
+        """How far the newest stored batch is ahead of what has been read (0 when caught up)."""
+        newest = self.frames.find_one({"sensor": self.sensor}, {"ins": 1}, sort=[("ins", -1)])
+        if newest is None or self.resume is None:
+            return 0.0 if newest is None else (dt.datetime.now(dt.timezone.utc) - newest["ins"]).total_seconds()
+        return max(0.0, (newest["ins"] - self.resume).total_seconds())
+
+
+def time_range(db, sensor: str, since: dt.datetime, until: Optional[dt.datetime], chunk: int = 64) -> Iterator[list]:
+    """Lists of ``(batch_id, 0, frames)`` covering capture times in [since, until), oldest first."""
+    query: dict = {"sensor": sensor, "t1": {"$gte": since}}
+    if until is not None:
+        query["t0"] = {"$lt": until + SLACK}  # a second wider (nx-27017); frames are filtered exactly below
+    lo = int(since.timestamp() * 1e9)
+    hi = int(until.timestamp() * 1e9) if until is not None else None
+    out = []
+    for doc in db[store.FRAMES].find(query).sort([("t0", 1), ("_id", 1)]):
+        out.append((doc["_id"], 0, _between(store.batch_frames(doc), lo, hi)))
+        if len(out) >= chunk:
+            yield out
+            out = []
+    if out:
+        yield out
+
+
+def _between(frames, lo: int, hi: Optional[int]):
+    """The frames of a batch inside the range; the others become empty, so frame indexes stay those of the batch."""
+    for f in frames:
+        yield f if lo <= f[0] and (hi is None or f[0] < hi) else _OUTSIDE
+
+
+_OUTSIDE = (0, 0, b"")

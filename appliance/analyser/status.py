@@ -1,0 +1,74 @@
+"""Health of the analyser: frames/s, lag, skipped counters — on the log, in
+the status document ``analyser:<sensor>`` and on the Prometheus endpoint."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+
+from .. import service, store
+
+log = logging.getLogger("pisnoop.analyser")
+_METRICS = None
+
+
+def _metrics():
+    """The Prometheus series, created once per process (the registry is global)."""
+    global _METRICS
+    if _METRICS is None:
+        from prometheus_client import Counter, Gauge
+        _METRICS = {
+            "frames": Counter("pisnoop_analyser_frames", "stored frames read by the analyser"),
+            "skipped": Counter("pisnoop_analyser_skipped_frames", "frames not analysed, by reason", ["reason"]),
+            "flags": Counter("pisnoop_analyser_flags", "flags raised"),
+            "fps": Gauge("pisnoop_analyser_frames_per_second", "frames analysed per second (last interval)"),
+            "lag": Gauge("pisnoop_analyser_lag_seconds", "newest stored batch minus the last one read"),
+        }
+    return _METRICS
+
+
+SKIP_REASONS = ("malformed", "not_ip", "corrupt_batches", "replayed")
+
+
+class Status:
+    def __init__(self, db, cfg, follower, engine):
+        self.coll = db[store.STATUS]
+        self.sensor = cfg.snooper.sensor
+        self.id = f"analyser:{self.sensor}"
+        self.follower, self.engine = follower, engine
+        self.metrics = _metrics() if cfg.metrics.enabled else None
+        self.last_t = time.monotonic()
+        self.last = dict(engine.counters)
+        self.fps = 0.0
+
+    def report(self) -> dict:
+        """Write the status document, update the metrics, log one line; return the document."""
+        now_m = time.monotonic()
+        c = dict(self.engine.counters)
+        c["late_batches"] = self.follower.late
+        dt_s = max(now_m - self.last_t, 1e-6)
+        self.fps = (c.get("frames", 0) - self.last.get("frames", 0)) / dt_s
+        lag = self.follower.lag_seconds()
+        if self.metrics:
+            m = self.metrics
+            m["frames"].inc(c.get("frames", 0) - self.last.get("frames", 0))
+            m["flags"].inc(c.get("flags", 0) - self.last.get("flags", 0))
+            for r in SKIP_REASONS:
+                m["skipped"].labels(r).inc(c.get(r, 0) - self.last.get(r, 0))
+            m["fps"].set(self.fps)
+            m["lag"].set(lag)
+        self.last, self.last_t = c, now_m
+        doc = {
+            "_id": self.id, "component": "analyser", "sensor": self.sensor,
+            "updated_at": dt.datetime.now(dt.timezone.utc),
+            "counters": {k: int(v) for k, v in c.items()},
+            "frames_per_second": round(self.fps, 1), "lag_seconds": round(lag, 3),
+            "resume": self.follower.resume, "step": self.follower.step,
+            "policy": self.engine.policy.source, "classifiers": [cl.name for cl in self.engine.classifiers],
+            "health": service.health(),
+        }
+        self.coll.replace_one({"_id": self.id}, doc, upsert=True)
+        log.info("%d frames (%.0f/s), lag %.1f s, skipped %s, flags %d", c.get("frames", 0), self.fps, lag,
+                 {r: c.get(r, 0) for r in SKIP_REASONS if c.get(r)} or 0, c.get("flags", 0))
+        return doc

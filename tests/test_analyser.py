@@ -1,0 +1,533 @@
+"""The analyser against the real embedded store, with crafted frames (tests/analyser_frames.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.analyser_frames import S, T0, Conn, frame, steady, store_frames
+from appliance import config, framebatch, store
+from appliance.analyser import pcap as pcap_mod
+from appliance.analyser.commands import Offline
+from appliance.analyser import policy as policy_mod
+from appliance.analyser.live import Analyser
+from appliance.analyser.parse import parse
+from tests.conftest import PISNOOP, REPO, pisnoop
+
+FAST, SLOW = "10.0.0.10", "10.0.0.11"
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    es = store.EmbeddedStore(tmp_path_factory.mktemp("analyser") / "store").start()
+    yield es
+    es.stop()
+
+
+@pytest.fixture
+def env(embedded, tmp_path):
+    """A fresh database on the shared embedded store and a config factory for it."""
+    name = "t" + uuid.uuid4().hex[:10]
+
+    def make(**sections) -> tuple[config.Config, Path]:
+        data = {"mongodb": {"uri": embedded.uri, "database": name},
+                "analyser": {"poll_interval": 0.05, "status_interval": 0.2, "report_dir": str(tmp_path / "reports")},
+                "metrics": {"enabled": False}}
+        for k, v in sections.items():
+            data.setdefault(k, {}).update(v)
+        path = tmp_path / f"pisnoop-{uuid.uuid4().hex[:6]}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return config.load(path), path
+
+    db = store.client(config.from_dict({"mongodb": {"uri": embedded.uri}}).mongodb)[name]
+    yield make, db
+    db.client.drop_database(name)
+    db.client.close()
+
+
+def run_once(cfg, db) -> Analyser:
+    a = Analyser(cfg, db)
+    a.run(once=True)
+    return a
+
+
+def two_clients(seconds=60):
+    return steady(Conn(FAST, 40000), T0, 600, seconds) + steady(Conn(SLOW, 40001), T0, 30, seconds)
+
+
+def frame_src(db, ref: str) -> tuple[str, int]:
+    bid, idx = ref.rsplit("#", 1)
+    f = list(store.batch_frames(db[store.FRAMES].find_one({"_id": bid})))[int(idx)]
+    p = parse(*f)
+    return p.src, p.dport
+
+
+def flags_of(db, **query):
+    return list(db[store.FLAGS].find(query).sort("flagged_at", 1))
+
+
+def test_only_the_fast_client_is_flagged_with_its_evidence(env):
+    make, db = env
+    cfg, _ = make()
+    frames = two_clients()
+    store_frames(db, frames)
+    run_once(cfg, db)
+    flags = flags_of(db)
+    assert [(f["client_ip"], f["client_port"], f["classifier"]) for f in flags] == [(FAST, 40000, "xmpp_abuse")]
+    f = flags[0]
+    ev = f["evidence"]
+    assert ev["threshold"] == 100 and ev["window_seconds"] == 60 and ev["count"] == 101
+    assert 540 <= ev["rate"] <= 680, ev  # the client sends 600/min
+    fast_times = [t for t, _, d in frames if parse(t, len(d), d).src == FAST]
+    # flagged on the 101st packet toward the server, not later: the window is evaluated per packet
+    assert ev["first_packet_ns"] == fast_times[0] and ev["last_packet_ns"] == fast_times[100]
+    assert ev["last_packet"] == dt.datetime.fromtimestamp(fast_times[100] / 1e9, dt.timezone.utc).replace(microsecond=ev["last_packet"].microsecond)
+    assert 1 <= len(ev["samples"]) <= 5 and all(frame_src(db, r) == (FAST, 5222) for r in ev["samples"])
+    assert f["status"] == "flagged" and f["offence"] == 1 and f["ban_seconds"] == 300 and f["action"] == "drop"
+    assert f["server_port"] == 5222
+    assert f["expires_at"] - f["flagged_at"] == dt.timedelta(seconds=300)
+    assert f["updated_at"] == f["flagged_at"]
+    # one flag only while it is active, although the client goes on for the rest of the minute
+    run_once(cfg, db)
+    assert len(flags_of(db)) == 1
+
+
+def test_flag_expires_after_the_ban_and_a_repeat_offence_is_banned_longer(env):
+    make, db = env
+    cfg, _ = make(enforce={"ban_seconds": 1, "escalation": {"factor": 3.0, "max_seconds": 100}})
+    conn = Conn(FAST, 40000)
+    store_frames(db, steady(conn, T0, 600, 30), run="a")
+    a = Analyser(cfg, db)
+    a.run(once=True)
+    first = flags_of(db)
+    assert len(first) == 1 and first[0]["ban_seconds"] == 1 and first[0]["offence"] == 1
+    time.sleep(max(0.0, (first[0]["expires_at"] - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 0.2)
+    a.run(once=True)
+    expired = flags_of(db)[0]
+    assert expired["status"] == "expired" and expired["updated_at"] >= expired["expires_at"] > expired["flagged_at"]
+    # the client goes on abusing: a second offence, three times as long
+    store_frames(db, steady(conn, T0 + 30 * S, 600, 30, handshake=False), run="b")
+    a.run(once=True)
+    flags = flags_of(db)
+    assert [(f["offence"], f["ban_seconds"], f["status"]) for f in flags] == [(1, 1, "expired"), (2, 3, "flagged")]
+
+
+def short_connections(client, count, first_port, start_ns, spacing_ns):
+    """``count`` connections of exactly 10 packets toward the server each."""
+    out = []
+    for i in range(count):
+        c = Conn(client, first_port + i)
+        t = start_ns + i * spacing_ns
+        out += c.handshake(t)                      # SYN, ACK toward the server (+ SYN-ACK back)
+        for k in range(6):
+            out += c.data(t + (k + 1) * 50_000_000)
+        out += c.fin(t + 400_000_000)              # FIN, ACK toward the server (+ FIN back)
+    return out
+
+
+def test_reconnect_spam_is_caught_by_the_per_ip_rule(env):
+    make, db = env
+    cfg, _ = make(xmpp={"per_ip_threshold_ppm": 150})
+    spam = short_connections(FAST, 20, 41000, T0, 2 * S)        # 200 packets in 40 s
+    calm = short_connections(SLOW, 5, 42000, T0, 10 * S)        # 50 packets
+    assert sum(1 for f in spam if parse(*f).dport == 5222) == 200
+    store_frames(db, spam + calm)
+    run_once(cfg, db)
+    flags = flags_of(db)
+    assert [(f["client_ip"], f["client_port"]) for f in flags] == [(FAST, None)]
+    assert flags[0]["evidence"]["count"] == 151 and flags[0]["evidence"]["threshold"] == 150
+    assert "all connections" in flags[0]["reason"]
+    flows = list(db[store.FLOWS].find({"client_ip": FAST}))
+    assert len(flows) == 20 and all(f["packets"]["c2s"] == 10 for f in flows)
+
+
+def test_direction_verified_from_the_handshake_unverified_mid_stream(env):
+    make, db = env
+    cfg, _ = make()
+    from_syn = Conn(FAST, 40000)
+    from_synack = Conn(SLOW, 40001)
+    mid = Conn("10.0.0.12", 40002)
+    mid_server_first = Conn("10.0.0.13", 40003)
+    frames = from_syn.handshake(T0) + from_syn.data(T0 + S)
+    frames += from_synack.handshake(T0)[1:] + from_synack.data(T0 + S)       # the SYN was not captured
+    frames += mid.data(T0 + S) + mid.data(T0 + 2 * S, b"<iq/>", to_server=False)
+    frames += mid_server_first.data(T0 + S, b"<iq/>", to_server=False) + mid_server_first.data(T0 + 2 * S)
+    store_frames(db, frames)
+    run_once(cfg, db)
+    got = {f["client_ip"]: f for f in db[store.FLOWS].find()}
+    assert {ip: (f["direction"], f["client_port"], f["server_ip"], f["server_port"]) for ip, f in got.items()} == {
+        FAST: ("verified", 40000, "10.0.0.1", 5222),
+        SLOW: ("verified", 40001, "10.0.0.1", 5222),
+        "10.0.0.12": ("unverified", 40002, "10.0.0.1", 5222),
+        "10.0.0.13": ("unverified", 40003, "10.0.0.1", 5222),
+    }
+    syn = got[FAST]
+    assert syn["packets"] == {"c2s": 3, "s2c": 1} and syn["tcp_flags"]["SYN"] == 2 and syn["tcp_flags"]["PSH"] == 1
+    assert syn["iat_max_ns"]["c2s"] == S - 2_000_000 and syn["iat_min_ns"]["c2s"] == 2_000_000
+    assert syn["max_size"] == max(len(f[2]) for f in frames[:4])
+    assert syn["first_ns"] == T0 and syn["last_ns"] == T0 + S
+
+
+def many_connections(n_clients=30, seconds=30):
+    frames = []
+    for i in range(n_clients):
+        c = Conn(f"10.0.1.{i + 1}", 43000 + i)
+        frames += steady(c, T0 + i * 100_000_000, 60 + 10 * i, seconds)
+        frames += c.data(T0 + seconds * S, b"<iq/>", to_server=False)
+    return sorted(frames)
+
+
+def flow_counts(db) -> dict:
+    return {f["_id"]: (f["packets"]["c2s"], f["packets"]["s2c"], f["bytes"]["c2s"], f["bytes"]["s2c"], f["direction"],
+                       f["iat_min_ns"]["c2s"], f["iat_max_ns"]["c2s"], tuple(sorted(f["tcp_flags"].items())))
+            for f in db[store.FLOWS].find()}
+
+
+def test_a_step_written_but_not_committed_is_not_counted_twice(env, monkeypatch):
+    make, db = env
+    cfg, _ = make()
+    frames = many_connections()
+    store_frames(db, frames, batch_size=50)
+    from appliance.analyser import reader
+    a = Analyser(cfg, db)
+    a.follower.limit = 7
+    a.step()                                    # a committed step
+    real_commit = reader.Follower.commit
+
+    def crash(self, docs, step):                # flows of the next step written, resume point not
+        raise KeyboardInterrupt("killed between the flow writes and the resume point")
+    monkeypatch.setattr(reader.Follower, "commit", crash)
+    with pytest.raises(KeyboardInterrupt):
+        a.step()
+    monkeypatch.setattr(reader.Follower, "commit", real_commit)
+    b = Analyser(cfg, db)                       # a restart
+    b.follower.limit = 5                        # and steps of another size
+    b.run(once=True)
+    ref = Offline(cfg, policy_mod.load(None))
+    ref.run([("x", 0, frames)])
+    expected = {d["_id"]: d for d in ref.flow_docs.all()}
+    assert flow_counts(db) == {k: flow_counts_doc(d) for k, d in expected.items()}
+    assert b.engine.counters["replayed"] > 0
+
+
+def flow_counts_doc(f):
+    return (f["packets"]["c2s"], f["packets"]["s2c"], f["bytes"]["c2s"], f["bytes"]["s2c"], f["direction"],
+            f["iat_min_ns"]["c2s"], f["iat_max_ns"]["c2s"], tuple(sorted(f["tcp_flags"].items())))
+
+
+def wait_for(cond, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_service(cfg_path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([*PISNOOP, "--config", str(cfg_path), "analyser"], cwd=str(REPO), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_mid_stream_and_restarted_gives_the_counts_of_an_uninterrupted_run(env):
+    make, db = env
+    metrics_port = store.free_port()
+    cfg, path = make(metrics={"enabled": True, "analyser_port": metrics_port,
+                              "controller_port": store.free_port(), "snooper_port": store.free_port()})
+    frames = many_connections(40, 40)
+    chunks = [frames[i:i + len(frames) // 6] for i in range(0, len(frames), len(frames) // 6)]
+    seq = store_frames(db, chunks[0], batch_size=20)
+    proc = start_service(path)
+    try:
+        wait_for(lambda: (db[store.STATE].find_one() or {}).get("step", 0) >= 1, what="a first step")
+        for ch in chunks[1:3]:
+            seq = store_frames(db, ch, batch_size=20, first_seq=seq)
+        wait_for(lambda: db[store.FLOWS].count_documents({}) > 0, what="flows")
+        os.kill(proc.pid, signal.SIGKILL)       # mid-stream: more frames are still to come
+        proc.wait(10)
+        for ch in chunks[3:]:
+            seq = store_frames(db, ch, batch_size=20, first_seq=seq)
+        proc = start_service(path)
+        total = len(frames)
+        newest = db[store.FRAMES].find_one({}, {"ins": 1}, sort=[("ins", -1)])["ins"]
+        wait_for(lambda: sum(f["packets"]["c2s"] + f["packets"]["s2c"] for f in db[store.FLOWS].find()) >= total
+                 and (db[store.STATE].find_one() or {}).get("resume", newest - dt.timedelta(1)) >= newest,
+                 what="all frames analysed")
+        status = wait_for(lambda: (lambda d: d if d and d["counters"].get("frames", 0) > 0 else None)(
+            db[store.STATUS].find_one({"_id": "analyser:pisnoop"})), what="status document")
+        import urllib.request
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert "pisnoop_analyser_frames_total" in text and "pisnoop_analyser_lag_seconds" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert status["component"] == "analyser" and "lag_seconds" in status and "health" in status
+    ref = Offline(cfg, policy_mod.load(None))
+    ref.run([("x", 0, frames)])
+    assert flow_counts(db) == {d["_id"]: flow_counts_doc(d) for d in ref.flow_docs.all()}
+
+
+def test_analyse_pcap_gives_the_flags_of_the_live_path(env, tmp_path):
+    make, db = env
+    cfg, path = make(xmpp={"per_ip_threshold_ppm": 150})
+    frames = sorted(two_clients() + short_connections("10.0.0.20", 20, 41000, T0, 2 * S))
+    store_frames(db, frames)
+    cap = tmp_path / "x.pcap"
+    pcap_mod.write(cap, frames)
+    r = pisnoop("--config", str(path), "analyser", "--once")
+    assert r.returncode == 0, r.stderr
+    live = flags_of(db)
+    r = pisnoop("--config", str(path), "analyse", "--pcap", str(cap), "--json")
+    assert r.returncode == 0, r.stderr
+    offline = [json.loads(line) for line in r.stdout.splitlines()]
+
+    def essence(f, ns=lambda v: v):
+        ev = f["evidence"]
+        return (f["client_ip"], f["client_port"], f["classifier"], f["reason"], f["offence"], f["ban_seconds"],
+                ev["count"], ev["rate"], ev["first_packet_ns"], ev["last_packet_ns"], len(ev["samples"]))
+    assert len(live) == 2
+    assert sorted(map(essence, live), key=str) == sorted(map(essence, offline), key=str)
+    # and the human report names the same clients
+    r = pisnoop("--config", str(path), "analyse", "--pcap", str(cap), "-o", str(tmp_path / "out"))
+    assert r.returncode == 0 and f"{FAST}:40000" in r.stdout and "10.0.0.20 " in r.stdout
+    assert list((tmp_path / "out").glob("pcap-*.png"))
+
+
+CUSTOM = '''
+class BigPackets:
+    """Flags a client that sends a packet over 1000 bytes to the server."""
+    name = "big_packets"
+
+    def classify(self, ctx):
+        if ctx.to_server and ctx.size > 1000:
+            return {"reason": f"packet of {ctx.size} bytes", "evidence": {"size": ctx.size}}
+        return None
+'''
+
+
+def test_custom_classifier_from_the_policy_directory_becomes_a_flag(env, tmp_path):
+    make, db = env
+    (tmp_path / "custom").mkdir()
+    (tmp_path / "custom" / "big.py").write_text(CUSTOM)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("custom_dir: custom\ncustom_action: limit\n")
+    cfg, path = make(analyser={"policy_file": str(policy)})
+    c = Conn(SLOW, 40001)
+    store_frames(db, c.handshake(T0) + c.data(T0 + S, b"x" * 1200) + c.data(T0 + 2 * S, b"y" * 1200))
+    r = pisnoop("--config", str(path), "analyser", "--once")
+    assert r.returncode == 0, r.stderr
+    flags = flags_of(db)
+    assert [(f["client_ip"], f["client_port"], f["classifier"], f["action"]) for f in flags] == [(SLOW, 40001, "big_packets", "limit")]
+    assert flags[0]["evidence"]["size"] == 1200 + 54 and flags[0]["reason"] == "packet of 1254 bytes"
+    assert frame_src(db, flags[0]["evidence"]["samples"][0]) == (SLOW, 5222)
+
+
+def test_payload_match_counts_message_stanzas(env, tmp_path):
+    make, db = env
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"xmpp_abuse": {"enabled": False}, "payload_match": [
+        {"name": "xmpp_messages", "pattern": "<message[ >]", "threshold_per_minute": 20, "server_port": 5222}]}))
+    cfg, _ = make(analyser={"policy_file": str(policy)})
+    chatty, quiet = Conn(FAST, 40000), Conn(SLOW, 40001)
+    frames = chatty.handshake(T0) + quiet.handshake(T0)
+    for k in range(15):  # two stanzas per segment for the chatty client, presence only for the other
+        frames += chatty.data(T0 + (k + 1) * S, b"<message to='a'>hi</message><message to='b'>yo</message>")
+        frames += quiet.data(T0 + (k + 1) * S, b"<presence/><messages-are-not-stanzas/>")
+    store_frames(db, frames)
+    run_once(cfg, db)
+    flags = flags_of(db)
+    assert [(f["client_ip"], f["classifier"]) for f in flags] == [(FAST, "xmpp_messages")]
+    assert flags[0]["evidence"]["count"] == 22
+
+
+def test_malformed_frames_and_corrupt_batches_are_counted_and_skipped(env):
+    make, db = env
+    cfg, _ = make()
+    good = Conn(SLOW, 40001).handshake(T0)
+    truncated_tcp = frame(SLOW, 40001, "10.0.0.1", 5222, 0x18, b"abc")[:40]
+    bad_ihl = bytearray(good[0][2])
+    bad_ihl[14] = 0x41
+    arp = b"\xff" * 6 + b"\x02" * 6 + b"\x08\x06" + b"\x00" * 28
+    frames = good + [(T0 + S, 40, truncated_tcp), (T0 + S, 60, bytes(bad_ihl)), (T0 + S, 8, b"\x00" * 8),
+                     (T0 + S, 42, arp)]
+    store_frames(db, frames)
+    corrupt = store.batch_document("pisnoop", "r9", 0, Conn(FAST, 40000).handshake(T0)[:2])
+    corrupt["data"] = corrupt["data"] + framebatch.HEADER.pack(T0, 500, 500) + b"short"  # the 3rd record is cut
+    corrupt["ins"] = dt.datetime.now(dt.timezone.utc)
+    db[store.FRAMES].insert_one(corrupt)
+    a = run_once(cfg, db)
+    c = a.engine.counters
+    assert c["malformed"] == 3 and c["not_ip"] == 1 and c["corrupt_batches"] == 1
+    assert c["packets"] == 3 + 2  # the good handshake, and the frames of the corrupt batch before the damage
+    st = db[store.STATUS].find_one({"_id": "analyser:pisnoop"})
+    assert st["counters"]["malformed"] == 3 and st["counters"]["corrupt_batches"] == 1
+
+
+def test_a_batch_stored_late_with_an_older_ins_is_still_read(env):
+    make, db = env
+    cfg, _ = make()
+    c = Conn(SLOW, 40001)
+    store_frames(db, c.handshake(T0), run="a")
+    a = Analyser(cfg, db)
+    a.run(once=True)
+    late = store.batch_document("pisnoop", "b", 0, c.data(T0 + S))
+    late["ins"] = a.follower.resume - dt.timedelta(seconds=5)   # a writer whose clock is behind
+    db[store.FRAMES].insert_one(late)
+    a.run(once=True)
+    flow = db[store.FLOWS].find_one()
+    assert flow["packets"] == {"c2s": 3, "s2c": 1} and a.follower.late == 1
+    a.run(once=True)
+    assert db[store.FLOWS].find_one()["packets"] == {"c2s": 3, "s2c": 1}
+
+
+def test_flags_list_release_and_report_commands(env, tmp_path):
+    make, db = env
+    cfg, path = make()
+    store_frames(db, two_clients())
+    assert pisnoop("--config", str(path), "analyser", "--once").returncode == 0
+    r = pisnoop("--config", str(path), "flags", "list")
+    assert r.returncode == 0 and f"{FAST}:40000" in r.stdout and SLOW not in r.stdout
+    r = pisnoop("--config", str(path), "report", "--since", "3h", "-o", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    assert "Top talkers" in r.stdout and f"{FAST}:40000" in r.stdout and SLOW in r.stdout
+    pngs = list((tmp_path / "rep").glob("report-*.png"))
+    assert pngs and pngs[0].read_bytes()[:4] == b"\x89PNG"
+    before = flags_of(db)[0]
+    r = pisnoop("--config", str(path), "flags", "release", FAST)
+    assert r.returncode == 0, r.stderr
+    after = flags_of(db)[0]
+    assert after["status"] == "released" and after["updated_at"] > before["updated_at"]
+    assert pisnoop("--config", str(path), "flags", "release", FAST).returncode == 1
+    r = pisnoop("--config", str(path), "flags", "list")
+    assert "no active flags" in r.stdout
+
+
+@pytest.mark.parametrize("text,key,expected", [
+    ("xmpp_abuse: {threshold_ppm: 0}\n", "xmpp_abuse.threshold_ppm", "from 1 to"),
+    ("bogus: 1\n", "bogus", "no such key"),
+    ("payload_match:\n  - {name: m, pattern: '(unclosed'}\n", "payload_match[0].pattern", "regular expression"),
+    ("payload_match:\n  - {pattern: x}\n", "payload_match[0].name", "required"),
+    ("custom_dir: nowhere\n", "custom_dir", "existing directory"),
+    ("xmpp_abuse: {threshold_ppm: 500, per_ip_threshold_ppm: 200}\n", "per_ip_threshold_ppm", "at least"),
+])
+def test_a_bad_policy_is_refused_at_start(env, tmp_path, text, key, expected):
+    make, _db = env
+    policy = tmp_path / "bad.yaml"
+    policy.write_text(text)
+    _cfg, path = make(analyser={"policy_file": str(policy)})
+    r = pisnoop("--config", str(path), "analyser", "--once")
+    assert r.returncode == 2
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1 and str(policy) in line and key in line and expected in line, line
+
+
+def test_a_broken_custom_classifier_file_is_refused(env, tmp_path):
+    make, _db = env
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "broken.py").write_text("class X:\n    def classify(self, ctx)\n")
+    policy = tmp_path / "p.yaml"
+    policy.write_text("custom_dir: c\n")
+    _cfg, path = make(analyser={"policy_file": str(policy)})
+    r = pisnoop("--config", str(path), "analyse", "--pcap", "/dev/null")
+    assert r.returncode == 2 and "broken.py" in r.stderr and "SyntaxError" in r.stderr
+
+
+def test_bandwidth_hog_flags_the_client_over_its_byte_rate(env, tmp_path):
+    make, db = env
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"xmpp_abuse": {"enabled": False},
+                                      "bandwidth_hog": {"enabled": True, "bytes_per_second": 5000, "window_seconds": 5}}))
+    cfg, _ = make(analyser={"policy_file": str(policy)})
+    hog, fine = Conn(FAST, 40000, sport=443), Conn(SLOW, 40001, sport=443)
+    frames = hog.handshake(T0) + fine.handshake(T0)
+    for k in range(40):  # 4 s: the hog downloads 1,200 B every 100 ms (~12 kB/s), the other 100 B
+        frames += hog.data(T0 + S + k * 100_000_000, b"d" * 1200, to_server=False)
+        frames += fine.data(T0 + S + k * 100_000_000, b"d" * 100, to_server=False)
+    store_frames(db, frames)
+    run_once(cfg, db)
+    flags = flags_of(db)
+    assert [(f["client_ip"], f["client_port"], f["classifier"], f["server_port"]) for f in flags] == [(FAST, None, "bandwidth_hog", 443)]
+    assert flags[0]["evidence"]["count"] > 25000 and flags[0]["evidence"]["bytes_per_second"] > 5000
+
+
+def test_one_shot_range_prints_the_report_and_stores_nothing(env):
+    make, db = env
+    cfg, path = make()
+    store_frames(db, two_clients())
+    since = dt.datetime.fromtimestamp(T0 / 1e9, dt.timezone.utc).isoformat()
+    until = dt.datetime.fromtimestamp((T0 + 5 * S) / 1e9, dt.timezone.utc).isoformat()
+    r = pisnoop("--config", str(path), "analyser", "--once", "--since", since, "--until", until)
+    assert r.returncode == 0, r.stderr
+    assert "Flagged clients (0)" in r.stdout and FAST in r.stdout  # 5 s of 600/min: 50 packets, no flag
+    r = pisnoop("--config", str(path), "analyser", "--once", "--since", since)
+    assert r.returncode == 0 and "Flagged clients (1)" in r.stdout and f"{FAST}:40000" in r.stdout
+    assert db[store.FLAGS].count_documents({}) == 0 and db[store.FLOWS].count_documents({}) == 0
+    assert db[store.STATE].count_documents({}) == 0
+    r = pisnoop("--config", str(path), "analyser", "--since", since)
+    assert r.returncode == 2 and "--once" in r.stderr
+
+
+def test_the_service_rides_out_a_store_that_goes_away(env, embedded):
+    make, db = env
+    cfg, path = make(mongodb={"timeout_ms": 300})
+    c = Conn(SLOW, 40001)
+    store_frames(db, c.handshake(T0), run="a")
+    proc = start_service(path)
+    try:
+        wait_for(lambda: db[store.FLOWS].count_documents({}) == 1, what="first flow")
+        embedded.stop()
+        time.sleep(3)                           # well past the store timeout
+        assert proc.poll() is None, "the analyser must not exit when the store goes away"
+        embedded.start()
+        db.client.admin.command("ping")
+        store_frames(db, c.data(T0 + S), run="b")
+        wait_for(lambda: (db[store.FLOWS].find_one() or {}).get("packets") == {"c2s": 3, "s2c": 1}, what="the new frame")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0 and "store unavailable" in err and "Traceback" not in err, err
+
+
+def test_the_service_tells_systemd_ready_and_stopping(env, tmp_path):
+    import socket as socket_mod
+    make, db = env
+    _cfg, path = make()
+    sock_path = tmp_path / "notify.sock"
+    listener = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_DGRAM)
+    listener.bind(str(sock_path))
+    listener.settimeout(30)
+    env_vars = dict(os.environ, PYTHONPATH=str(REPO), NOTIFY_SOCKET=str(sock_path))
+    env_vars.pop("WATCHDOG_USEC", None)
+    proc = subprocess.Popen([*PISNOOP, "--config", str(path), "analyser"], cwd=str(REPO), env=env_vars,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        messages = []
+        while "READY=1" not in messages:
+            messages += listener.recv(4096).decode().splitlines()
+        assert db[store.STATE].count_documents({}) == 0  # ready before any frame: nothing to read yet
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in messages:
+            messages += listener.recv(4096).decode().splitlines()
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        listener.close()
