@@ -79,7 +79,9 @@ def verdict(result: scenario.Result) -> list[str]:
     for jid in result.benign_jids:
         if result.received.get(jid, 0) != result.sent.get(jid, 0) or not result.sent.get(jid):
             bad.append(f"{jid}: sent {result.sent.get(jid, 0)}, server got {result.received.get(jid, 0)}")
-    if result.unaccounted not in (0, None):
+    if result.unaccounted is None:
+        bad.append("the snooper published no accounting")
+    elif result.unaccounted != 0:
         bad.append(f"snooper: {result.unaccounted} frames unaccounted")
     if result.abuser_frames_stored == 0:
         bad.append("no frame of the abusive client was stored")

@@ -174,8 +174,13 @@ def drop_packets(va: VirtualAppliance, ip: str) -> int:
 
 
 def snooper_counters(db) -> dict:
+    """The snooper's last status document: its counters plus the frames it cannot account for."""
     doc = db[store.STATUS].find_one({"component": "snooper"}) or {}
-    return dict(doc.get("counters") or {})
+    out = dict(doc.get("counters") or {})
+    for key in ("unaccounted", "spool_frames", "pending_frames"):
+        if key in doc:
+            out[key] = doc[key]
+    return out
 
 
 def run(opts: Options = Options(), on_tick: Callable[[str], None] | None = None,
