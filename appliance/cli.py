@@ -17,6 +17,7 @@ from . import config as config_mod
 COMMAND_MODULES = (
     "appliance.commands",
     "appliance.demo",
+    "static_controller.command",
 )
 
 
