@@ -112,21 +112,26 @@ class Core:
         self.counters["disconnects"] += 1
 
     def _push(self, existing: dict, now: float) -> list:
-        msgs = [msg for m in self.modules for msg in m.start(now)]
-        out: list = []
-        for x in msgs:
-            if isinstance(x, Meter):
+        """The whole set: meters (ADD, MODIFY, or nothing when already right), flows by ADD, a barrier."""
+        meters: list = []
+        rest: list = []
+        for m in self.modules:
+            msgs = m.start(now)
+            for x in msgs:
+                if not isinstance(x, Meter):
+                    continue
+                if x.meter_id not in m.flowspace.meters_owned:
+                    self._refuse(m.name, "outside", x, f"meter {x.meter_id} is not declared as owned")
+                    continue
                 self.meters[x.meter_id] = x
                 have = existing.get(x.meter_id)
-                if have is not None and x.same_config(*have):
-                    continue
-                out.append(Meter(x.meter_id, x.unit, x.bands, "modify" if have is not None else "add"))
-        out += self.vet([x for x in msgs if not isinstance(x, Meter)], now)
+                if have is None or not x.same_config(*have):
+                    meters.append(Meter(x.meter_id, x.unit, x.bands, "modify" if have is not None else "add"))
+            rest += self.vet([x for x in msgs if not isinstance(x, Meter)], now, emitter=m)
         xid = self.next_xid()
         self.owners[xid] = "core:push"
-        out.append(Barrier(xid))
         self.counters["pushes"] += 1
-        return out
+        return meters + rest + [Barrier(xid)]
 
     # --- events from the switch and the clock ------------------------------------
 
@@ -220,25 +225,33 @@ class Core:
     # --- dispatch and the flowspace check -------------------------------------------
 
     def _broadcast(self, topic: str, event, now: float, send: bool = True) -> list:
+        """Fold the event through the subscribed modules; each module's additions are vetted as its own."""
         pending: list = []
         for m in self.modules:
             if topic in m.subscriptions:
-                pending = m.handle(event, pending)
-        return self.vet(pending, now) if send else []
+                before = {id(x) for x in pending}
+                result = m.handle(event, list(pending))
+                added = [x for x in result if id(x) not in before]
+                kept = {id(x) for x in (self.vet(added, now, emitter=m) if send else added)}
+                pending = [x for x in result if id(x) in before or id(x) in kept]
+        return pending if send else []
 
     def _dispatch(self, owner, event, now: float) -> list:
         topic = {PacketIn: "packet_in", FlowRemoved: "flow_removed", FlowStats: "flow_stats", Error: "error"}[type(event)]
         if owner is None or topic not in owner.subscriptions:
             self.counters[f"unrouted_{topic}"] += 1
             return []
-        return self.vet(owner.handle(event, []), now)
+        return self.vet(owner.handle(event, []), now, emitter=owner)
 
     def _refuse(self, module: str, kind: str, f, why: str) -> None:
         self.refused[(module, kind)] += 1
         log.warning("refused %s flow (%s): %s", module, why, f.describe() if isinstance(f, Flow) else f)
 
-    def vet(self, msgs: Iterable, now: float) -> list:
-        """Keep the messages that pass the checks; record flows as installed."""
+    def vet(self, msgs: Iterable, now: float, emitter: Optional[Module] = None) -> list:
+        """Keep the messages that pass the checks; record flows as installed.
+
+        ``emitter`` is the module that produced them (None: the connect push,
+        where each module's start() output is attributed by cookie)."""
         out = []
         for x in msgs:
             if isinstance(x, FlowStatsRequest):
@@ -249,13 +262,17 @@ class Core:
                     self._refuse("?", "target", x, "packet-out to the management port")
                     continue
             elif isinstance(x, Flow):
-                if not self._flow_ok(x, now):
+                if not self._flow_ok(x, now, emitter):
                     continue
             out.append(x)
         return out
 
-    def _flow_ok(self, f: Flow, now: float) -> bool:
+    def _flow_ok(self, f: Flow, now: float, emitter: Optional[Module]) -> bool:
         owner = self.owner_of_cookie(f.cookie)
+        if emitter is not None and owner is not emitter:
+            self._refuse(emitter.name, "outside", f, f"cookie {f.cookie:#x} is not {emitter.flowspace.cookie:#x}"
+                         f"/{emitter.flowspace.cookie_mask:#x}")
+            return False
         if owner is None:
             self._refuse("?", "cookie", f, "no module owns this cookie")
             return False
@@ -275,7 +292,7 @@ class Core:
             self._refuse(owner.name, "target", f, why)
             return False
         for key, (other_mod, other, _exp) in self.installed.items():
-            if other_mod is owner or key == f.key and other_mod is owner:
+            if other_mod is owner:
                 continue
             why = conflict(f, other)
             if why:
