@@ -101,5 +101,6 @@ class FlagWatcher(threading.Thread):
             self._next_status = time.monotonic() + self.cfg.snooper.status_interval
             doc = dict(self.status_doc)
             doc["counters"] = {**doc.get("counters", {}), "store_outages": self.outages, "flag_polls": self.polls}
-            doc.update(updated_at=utcnow(), health=service.health())
+            # _id in the document too: nx-27017's upsert does not take it from the filter
+            doc.update(_id=self.status_id, updated_at=utcnow(), health=service.health())
             db[store.STATUS].replace_one({"_id": self.status_id}, doc, upsert=True)
