@@ -182,8 +182,7 @@ def test_kill_keeps_forwarding_restart_leaves_an_identical_table():
         ctl = ControllerProcess(va).start()
         try:
             ctl.wait_pushed()
-            ctl.wait_log("removing", timeout=3) if "removing" in ctl.log else None
-            time.sleep(1.0)                          # let the first read-back pass
+            time.sleep(1.0)                          # let the first read-back (stale-flow removal) pass
             before = table_snapshot(va)
             pinger = va.popen("inside", ["ping", "-n", "-q", "-c", "25", "-i", "0.2", UP])
             time.sleep(1.0)

@@ -272,3 +272,19 @@ def test_l2switch_floods_without_the_mirror_port_then_learns():
     learned = flows_of(out)
     assert learned and dict(learned[0].match) == {"in_port": 3, "eth_dst": "02:00:00:00:00:0a"}
     assert learned[0].actions == (("output", 1),) and out[-1].actions == (("output", 1),)
+
+
+def test_flowstats_ids_counts_packets_in_a_sliding_minute():
+    core = Core(cfg(flowstats_ids={"enabled": True, "threshold_ppm": 100, "poll_interval": 1}))
+    pushed = flows_of(connected(core))
+    ids_cookie = [f for f in pushed if f.priority == 150][0].cookie
+    allow = flows_of(core.handle(PacketIn(ids_cookie, 1, 1, tcp_frame(sport=40001)), NOW))[0]
+    t = NOW
+    for age, packets in ((1.0, 8), (30.0, 90), (90.0, 180), (150.0, 270)):   # ~90 packets a minute: never over
+        t = NOW + age + 1
+        req = [m for m in core.handle(Tick(t), t) if isinstance(m, FlowStatsRequest)][0]
+        assert flows_of(core.handle(FlowStats(req.xid, (FlowStat(1, 160, allow.match, allow.cookie, packets, 0, age),)), t)) == []
+    t += 2
+    req = [m for m in core.handle(Tick(t), t) if isinstance(m, FlowStatsRequest)][0]
+    burst = FlowStat(1, 160, allow.match, allow.cookie, 270 + 101, 0, 152.0)      # 191 since the 90 s sample
+    assert len(flows_of(core.handle(FlowStats(req.xid, (burst,)), t))) == 1

@@ -4,12 +4,14 @@ Client-to-server XMPP goes to the controller at priority 150; on each
 packet-in the module installs a per-client allow flow (idle/hard timeouts,
 through the XMPP meter) and sends the packet on. Every ``poll_interval`` it
 asks for the flow stats of its own cookie; a client whose allow flow counted
-more than ``threshold_ppm`` packets per minute since the last poll gets a
-drop flow for ``drop_seconds``. Off by default.
+more than ``threshold_ppm`` packets within the last minute (a sliding window
+over the polled counters) gets a drop flow for ``drop_seconds``. Off by
+default.
 """
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
 
@@ -23,6 +25,7 @@ from .ratelimit import XMPP_METER
 log = logging.getLogger("pisnoop.controller.flowstats_ids")
 
 P_TO_CONTROLLER, P_ALLOW, P_DROP = 150, 160, 190
+WINDOW = 60.0
 KIND_SHIFT = 48            # cookie bits 48..55: 1 = allow flow, 2 = drop flow
 KIND_ALLOW, KIND_DROP = 1, 2
 
@@ -35,7 +38,7 @@ class FlowstatsIds(Module):
     def __init__(self, view):
         super().__init__(view)
         self.xid_source = None          # set by the core: allocates request xids
-        self.allowed: dict[tuple, tuple] = {}    # (ip, port) -> (packets, time) at the last poll
+        self.allowed: dict[tuple, collections.deque] = {}    # (ip, port) -> (flow age s, packets) samples
         self.dropped: set[tuple] = set()
         self.next_poll = 0.0
         self.stats = {"clients_seen": 0, "clients_dropped": 0, "polls": 0}
@@ -100,7 +103,7 @@ class FlowstatsIds(Module):
         out = []
         if key not in self.allowed:
             ids = self.cfg.flowstats_ids
-            self.allowed[key] = (0, None)
+            self.allowed[key] = collections.deque()
             self.stats["clients_seen"] += 1
             out.append(flow(T_POLICY, P_ALLOW, self._client_match(*key), self._cookie(KIND_ALLOW, *key),
                             meter=XMPP_METER, goto=T_FORWARD, idle_timeout=ids.idle_timeout,
@@ -117,17 +120,17 @@ class FlowstatsIds(Module):
             key = self._key(e.match)
             if key is None or key in self.dropped:
                 continue
-            prev_packets, prev_time = self.allowed.get(key, (0, None))
-            span = e.duration - prev_time if prev_time is not None else e.duration
-            self.allowed[key] = (e.packets, e.duration)
-            grown = e.packets - prev_packets
-            if span <= 0 or grown <= 0:
-                continue
-            ppm = grown * 60.0 / max(span, 1.0)
+            samples = self.allowed.setdefault(key, collections.deque())
+            samples.append((e.duration, e.packets))
+            # baseline: the newest sample at least a minute old (0 packets when the flow is younger)
+            while len(samples) > 1 and samples[1][0] <= e.duration - WINDOW:
+                samples.popleft()
+            base = samples[0][1] if samples[0][0] <= e.duration - WINDOW else 0
+            ppm = e.packets - base
             if ppm > limit:
                 self.dropped.add(key)
                 self.stats["clients_dropped"] += 1
-                log.warning("client %s:%d sent %.0f packets/min (> %d): dropped for %d s", *key, ppm, limit,
+                log.warning("client %s:%d sent %d packets in a minute (> %d): dropped for %d s", *key, ppm, limit,
                             self.cfg.flowstats_ids.drop_seconds)
                 out.append(flow(T_POLICY, P_DROP, self._client_match(*key), self._cookie(KIND_DROP, *key),
                                 hard_timeout=self.cfg.flowstats_ids.drop_seconds, send_flow_removed=True))
