@@ -77,8 +77,9 @@ def tcp_client(va, src: str, port: int, n: int = 1, gap: float = 0.0, sport: int
 class ControllerProcess:
     """``python -m appliance.cli --config va.config_path controller`` as a subprocess."""
 
-    def __init__(self, va, config_path=None):
+    def __init__(self, va, config_path=None, env: dict | None = None):
         self.va = va
+        self.extra_env = env or {}
         self.config_path = str(config_path or va.config_path)
         self.log_path = va.run_dir / f"controller-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen | None = None
@@ -87,6 +88,7 @@ class ControllerProcess:
         env = dict(os.environ)
         env.pop("PISNOOP_CONFIG", None)
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.update(self.extra_env)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", self.config_path,
                                       "controller"], cwd=str(REPO), stdin=subprocess.DEVNULL, stdout=log,

@@ -265,3 +265,42 @@ def test_l2switch_learns_and_still_mirrors_each_frame_once():
         learned = flows_matching(va, "table=2", "priority=100", "dl_dst=")
         assert len(learned) >= 2, va.ofctl("dump-flows")
         assert all("idle_timeout=60" in f for f in learned)
+
+
+def test_systemd_ready_watchdog_stopping_and_foreign_datapath_ignored(tmp_path):
+    import socket
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(0.5)
+    got: list[str] = []
+
+    def read_until(text, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and text not in got:
+            try:
+                got.extend(sock.recv(4096).decode().split("\n"))
+            except socket.timeout:
+                pass
+        return text in got
+
+    try:
+        with appliance() as va:
+            data = config_mod.to_dict(va.config)
+            data["switch"]["datapath_id"] = 2                  # the bridge is datapath 1
+            other = tmp_path / "other-dpid.yaml"
+            other.write_text(config_mod.dump(config_mod.from_dict(data)))
+            ctl = ControllerProcess(va, config_path=other,
+                                    env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000"}).start()
+            try:
+                assert read_until("READY=1")
+                assert read_until("WATCHDOG=1")
+                ctl.wait_log("ignoring datapath 0000000000000001", timeout=30)
+                assert not flows_matching(va, "cookie=0x1")     # the bridge (dpid 1) is not ours: nothing pushed
+                ctl.proc.send_signal(15)
+                assert ctl.proc.wait(10) == 0
+                assert read_until("STOPPING=1")
+            finally:
+                ctl.kill(hard=False)
+    finally:
+        sock.close()
