@@ -222,8 +222,15 @@ def test_store_outage_logged_once_and_connect_still_pushes():
             ms = ctl2.wait_pushed()
             assert ms < va.config.mongodb.timeout_ms, "the push waited for the store"
             assert len(table_snapshot(va)[0]) == 6
+            ctl2.wait_log("store unreachable", timeout=20)
             va.store.start()
             ctl2.wait_log("store reachable again", timeout=30)
+            db = store.database(va.config.mongodb)
+            try:
+                db[store.FLAGS].insert_one(flag_doc(IN))
+            finally:
+                db.client.close()
+            assert wait_for(lambda: flows_matching(va, f"nw_src={IN}", "actions=drop"), 10), "no ban after the outage"
         finally:
             ctl2.kill(hard=False)
 

@@ -288,3 +288,12 @@ def test_flowstats_ids_counts_packets_in_a_sliding_minute():
     req = [m for m in core.handle(Tick(t), t) if isinstance(m, FlowStatsRequest)][0]
     burst = FlowStat(1, 160, allow.match, allow.cookie, 270 + 101, 0, 152.0)      # 191 since the 90 s sample
     assert len(flows_of(core.handle(FlowStats(req.xid, (burst,)), t))) == 1
+
+
+def test_zodiacfx_refuses_flows_past_480_and_counts_them():
+    core = Core(cfg(**ZODIAC))
+    static = len(flows_of(connected(core)))
+    docs = tuple(flag(f"f{i}", f"10.0.{i // 250}.{1 + i % 250}") for i in range(480))
+    out = core.handle(Flags(docs, True, NOW), NOW)
+    assert len(flows_of(out)) == 480 - static
+    assert core.refused[("enforce", "capacity")] == static and len(core.installed) == 480
