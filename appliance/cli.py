@@ -59,4 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m appliance.cli`: run the imported module's main, so that the
+    # UsageError a subcommand raises (appliance.cli.UsageError) is the one caught
+    from appliance.cli import main as _main
+    sys.exit(_main())

@@ -296,3 +296,18 @@ def test_zodiacfx_refuses_flows_past_480_and_counts_them():
     out = core.handle(Flags(docs, True, NOW), NOW)
     assert len(flows_of(out)) == 480 - static
     assert core.refused[("enforce", "capacity")] == static and len(core.installed) == 480
+
+
+def test_cli_busy_listen_port_is_one_line_and_exit_2(tmp_path):
+    import socket
+
+    from tests.conftest import pisnoop
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        path = tmp_path / "busy.yaml"
+        path.write_text(f"switch: {{controller: {{listen_port: {port}}}}}\nmetrics: {{enabled: false}}\n")
+        res = pisnoop("--config", str(path), "controller", timeout=60)
+    assert res.returncode == 2
+    assert res.stderr == f"pisnoop: cannot listen on 127.0.0.1:{port} (switch.controller): Address already in use\n"
