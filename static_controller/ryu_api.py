@@ -13,7 +13,7 @@ import os
 
 _PKG = "os_ken"      # "ryu" for Ryu
 
-os.environ.setdefault("OSKEN_HUB_TYPE", "native")
+os.environ["OSKEN_HUB_TYPE"] = "native"
 
 app_manager = importlib.import_module(f"{_PKG}.base.app_manager")
 cfg = importlib.import_module(f"{_PKG}.cfg")

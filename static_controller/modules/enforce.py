@@ -11,6 +11,7 @@ expired flag removes the flow at once.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import logging
@@ -87,8 +88,7 @@ class Enforce(Module):
     def __init__(self, view):
         super().__init__(view)
         self.flags: dict[str, Active] = {}
-        self.installed: dict[tuple, Flow] = {}
-        self._ends_at: dict[tuple, float] = {}     # flow key -> when its ban ends
+        self.installed: dict[tuple, tuple[Flow, Active]] = {}    # ban key -> (its flow, the flag behind it)
         self.bad: set[str] = set()
         self.snapshot_seen = False
         self.stats = {"flags_active": 0, "flags_bad": 0, "bans_installed": 0, "bans_removed": 0}
@@ -98,6 +98,7 @@ class Enforce(Module):
                          meters_used=frozenset({PENALTY_METER}))
 
     def ready(self) -> bool:
+        """After the first full snapshot; the incremental poll keeps the cache right across reconnects."""
         return self.snapshot_seen
 
     def counters(self) -> dict:
@@ -130,32 +131,26 @@ class Enforce(Module):
         want = self._desired(now)
         msgs = []
         for key, a in want.items():
-            f = self._flow(a, now)
             old = self.installed.get(key)
             # re-push when the action changed or the ban was extended (hard timeouts only count down)
-            if old is None or old.actions != f.actions or old.meter != f.meter or abs(self._ends(old) - a.expires_at) > 1:
+            if old is None or old[1].action != a.action or abs(old[1].expires_at - a.expires_at) > 1:
+                f = self._flow(a, now)
                 msgs.append(f)
-                self.installed[key] = f
-                self._ends_at[f.key] = a.expires_at
+                self.installed[key] = (f, a)
                 self.stats["bans_installed"] += 1
                 log.info("ban %s:%s -> %s for %d s", a.ip, a.port or "*", a.action, f.hard_timeout)
         for key in [k for k in self.installed if k not in want]:
-            old = self.installed.pop(key)
-            if self._ends_at.pop(old.key, 0) > now:       # released early: remove it now
-                msgs.append(Flow(**{**old.__dict__, "command": "delete_strict"}))
+            f, a = self.installed.pop(key)
+            if a.expires_at > now:            # released early: remove it now (else the switch already did)
+                msgs.append(dataclasses.replace(f, command="delete_strict"))
                 self.stats["bans_removed"] += 1
-                log.info("ban %s lifted", dict(old.match).get("ipv4_src"))
+                log.info("ban %s:%s lifted", a.ip, a.port or "*")
         return msgs
-
-    def _ends(self, f: Flow) -> float:
-        return self._ends_at.get(f.key, 0.0)
 
     # --- the module API ---------------------------------------------------------
 
     def start(self, now: float) -> list:
         self.installed = {}
-        self._ends_at = {}
-        self.snapshot_seen = False
         return self._sync(now)
 
     def handle(self, event, pending: list) -> list:
@@ -167,10 +162,9 @@ class Enforce(Module):
                 del self.flags[fid]
             return self._sync(event.now) + pending
         if isinstance(event, FlowRemoved):
-            for key, f in list(self.installed.items()):
+            for key, (f, _a) in list(self.installed.items()):
                 if f.cookie == event.cookie and f.match == event.match:
                     del self.installed[key]
-                    self._ends_at.pop(f.key, None)
         return pending
 
     def _take(self, ev: Flags) -> None:
