@@ -311,3 +311,24 @@ def test_systemd_ready_watchdog_stopping_and_foreign_datapath_ignored(tmp_path):
                 ctl.kill(hard=False)
     finally:
         sock.close()
+
+
+def test_a_ban_released_while_the_controller_was_down_is_removed_on_restart():
+    with appliance() as va:
+        db = store.database(va.config.mongodb)
+        ctl = ControllerProcess(va).start()
+        try:
+            ctl.wait_pushed()
+            fid = db[store.FLAGS].insert_one(flag_doc(IN, port=45000)).inserted_id
+            assert wait_for(lambda: flows_matching(va, f"nw_src={IN}", "tp_src=45000"), 5)
+            ctl.kill(hard=True)
+            db[store.FLAGS].update_one({"_id": fid}, {"$set": {"status": "released",
+                                                                "updated_at": dt.datetime.now(dt.timezone.utc)}})
+            assert flows_matching(va, f"nw_src={IN}", "tp_src=45000"), "the switch keeps the ban while no controller runs"
+            ctl = ControllerProcess(va).start()
+            ctl.wait_pushed()
+            assert wait_for(lambda: not flows_matching(va, f"nw_src={IN}"), 10), "stale ban survived the restart"
+            assert len(table_snapshot(va)[0]) == 6
+        finally:
+            ctl.kill(hard=False)
+            db.client.close()
