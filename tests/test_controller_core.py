@@ -311,3 +311,13 @@ def test_cli_busy_listen_port_is_one_line_and_exit_2(tmp_path):
         res = pisnoop("--config", str(path), "controller", timeout=60)
     assert res.returncode == 2
     assert res.stderr == f"pisnoop: cannot listen on 127.0.0.1:{port} (switch.controller): Address already in use\n"
+
+
+def test_the_core_and_modules_do_not_import_os_ken_or_pymongo():
+    import subprocess
+    import sys
+    code = ("import sys, static_controller.core, static_controller.modules, static_controller.targets; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('os_ken', 'ryu', 'pymongo', 'socketserver')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(command.__file__).rsplit("/static_controller/", 1)[0]).stdout.strip()
+    assert out == "[]"
