@@ -321,3 +321,17 @@ def test_the_core_and_modules_do_not_import_os_ken_or_pymongo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(command.__file__).rsplit("/static_controller/", 1)[0]).stdout.strip()
     assert out == "[]"
+
+
+def test_a_switch_without_meter_config_stats_still_gets_the_full_set():
+    core = Core(cfg(**ZODIAC))
+    req = core.connect(1, NOW)[0]
+    out = core.handle(Error(req.xid, 1, 2), NOW)            # BAD_REQUEST / BAD_MULTIPART
+    assert [m.command for m in out if isinstance(m, Meter)] == ["add", "add"]
+    assert len(flows_of(out)) == 6 and isinstance(out[-1], Barrier)
+
+
+def test_mirror_disabled_still_forwards_and_copies_nothing():
+    fl = flows_of(connected(Core(cfg(mirror={"enabled": False}))))
+    assert not [f for f in fl if ("output", 2) in f.actions]
+    assert sorted(dict(f.match)["in_port"] for f in fl if f.table == 0 and f.goto == 1) == [1, 3]
