@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "appliance.commands",
     "appliance.demo",
     "appliance.analyser.commands",
+    "static_controller.command",
 )
 
 

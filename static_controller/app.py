@@ -1,0 +1,183 @@
+"""The thin os-ken glue: switch events in, core decisions out.
+
+Everything that decides lives in ``core`` and the modules; this file only
+decodes os-ken events (``glue``), calls the core from the app's single event
+thread, encodes and sends what the core returns, and publishes counters for
+the metrics endpoint, the status document and the systemd watchdog.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+from appliance import service
+
+from . import glue
+from .core import Core
+from .flagwatch import FlagWatcher
+from .messages import BarrierReply, Tick
+from .ryu_api import (CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, OFP_VERSION, EventBase, RyuApp, ofp_event,
+                      set_ev_cls)
+
+log = logging.getLogger("pisnoop.controller")
+
+TICK_SECONDS = 0.2
+BOTH = [CONFIG_DISPATCHER, MAIN_DISPATCHER]
+
+
+class EventTick(EventBase):
+    pass
+
+
+class EventFlags(EventBase):
+    def __init__(self, flags):
+        super().__init__()
+        self.flags = flags
+
+
+class ControllerApp(RyuApp):
+    OFP_VERSIONS = [OFP_VERSION]
+    # set by the launcher before os-ken instantiates the app
+    core: Core = None
+    sensor_status_id = "controller:pisnoop"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name = "pisnoop_controller"
+        self.cfg = self.core.cfg
+        self.dp = None
+        self.of_messages = collections.Counter()
+        self.of_errors = collections.Counter()
+        self.ignored_datapaths = 0
+        self.published: dict = {}
+        self.watchdog = service.Watchdog()
+        self.watcher = FlagWatcher(self.cfg, lambda flags: self.send_event(self.name, EventFlags(flags)),
+                                   self.sensor_status_id)
+        self._stop = threading.Event()
+
+    def start(self):
+        thread = super().start()
+        self.watcher.start()
+        threading.Thread(target=self._ticker, name="pisnoop-tick", daemon=True).start()
+        return thread
+
+    def stop(self):
+        self._stop.set()
+        self.watcher.stop()
+        super().stop()
+
+    def _ticker(self) -> None:
+        """The periodic task: a tick through the event loop (so the watchdog proves the loop runs)."""
+        while not self._stop.wait(TICK_SECONDS):
+            self.send_event(self.name, EventTick())
+
+    # --- sending ---------------------------------------------------------------
+
+    def _send(self, msgs) -> None:
+        dp = self.dp
+        if dp is None:
+            return
+        for msg in msgs:
+            ofp = glue.to_ofp(dp, msg)
+            dp.send_msg(ofp)
+            self.of_messages[("sent", type(ofp).__name__)] += 1
+
+    def _mine(self, ev) -> bool:
+        self.of_messages[("received", type(ev.msg).__name__)] += 1
+        return self.dp is not None and ev.msg.datapath is self.dp
+
+    def _core(self, event) -> None:
+        self._send(self.core.handle(event, time.time()))
+
+    # --- switch events ------------------------------------------------------------
+
+    @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
+    def on_features(self, ev):
+        dp = ev.msg.datapath
+        self.of_messages[("received", "OFPSwitchFeatures")] += 1
+        if dp.id != self.cfg.switch.datapath_id:
+            self.ignored_datapaths += 1
+            log.warning("ignoring datapath %016x: this controller drives only %016x (switch.datapath_id)",
+                        dp.id, self.cfg.switch.datapath_id)
+            return
+        log.info("switch %016x connected from %s: pushing the full set", dp.id, dp.address)
+        self.dp = dp
+        self._send(self.core.connect(dp.id, time.time()))
+        self.watcher.request_snapshot()
+
+    @set_ev_cls(ofp_event.EventOFPStateChange, [MAIN_DISPATCHER, DEAD_DISPATCHER])
+    def on_state(self, ev):
+        if ev.state == DEAD_DISPATCHER and ev.datapath is self.dp and self.dp is not None:
+            log.warning("switch %016x disconnected; it keeps its flows (secure fail mode)", self.dp.id)
+            self.dp = None
+            self.core.disconnect()
+
+    @set_ev_cls(ofp_event.EventOFPMeterConfigStatsReply, BOTH)
+    def on_meter_config(self, ev):
+        if self._mine(ev):
+            self._core(glue.meter_config(ev.msg))
+
+    @set_ev_cls(ofp_event.EventOFPMeterStatsReply, BOTH)
+    def on_meter_stats(self, ev):
+        if self._mine(ev):
+            self._core(glue.meter_stats(ev.msg))
+
+    @set_ev_cls(ofp_event.EventOFPFlowStatsReply, BOTH)
+    def on_flow_stats(self, ev):
+        if self._mine(ev):
+            self._core(glue.flow_stats(ev.msg))
+
+    @set_ev_cls(ofp_event.EventOFPBarrierReply, BOTH)
+    def on_barrier(self, ev):
+        if self._mine(ev):
+            self._core(BarrierReply(ev.msg.xid))
+
+    @set_ev_cls(ofp_event.EventOFPErrorMsg, BOTH)
+    def on_error(self, ev):
+        if self._mine(ev):
+            err = glue.error(ev.msg)
+            self.of_errors[(err.type, err.code)] += 1
+            self._core(err)
+
+    @set_ev_cls(ofp_event.EventOFPFlowRemoved, BOTH)
+    def on_flow_removed(self, ev):
+        if self._mine(ev):
+            self._core(glue.flow_removed(ev.msg))
+
+    @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
+    def on_packet_in(self, ev):
+        if self._mine(ev):
+            self._core(glue.packet_in(ev.msg))
+
+    # --- our own events ---------------------------------------------------------------
+
+    @set_ev_cls(EventFlags)
+    def on_flags(self, ev):
+        self._core(ev.flags)
+
+    @set_ev_cls(EventTick)
+    def on_tick(self, ev):
+        self._core(Tick(time.time()))
+        self._publish()
+        self.watchdog.kick()
+
+    def _publish(self) -> None:
+        core = self.core
+        snap = core.snapshot()
+        snap.update(ignored_datapaths=self.ignored_datapaths, store_outages=self.watcher.outages)
+        self.published = {
+            "of_messages": dict(self.of_messages), "of_errors": dict(self.of_errors),
+            "pushed": dict(core.pushed_by_module), "refused": dict(core.refused),
+            "meter_drops": dict(core.meter_drops), "store_outages": self.watcher.outages,
+            "store_up": int(self.watcher.up), "connected": int(core.connected),
+            "flows_installed": len(core.installed), "push_ms": core.push_ms,
+        }
+        self.watcher.status_doc = {
+            "component": "controller", "sensor": self.cfg.snooper.sensor, "counters": snap,
+            "connected": core.connected,
+            "datapath_id": f"{self.cfg.switch.datapath_id:016x}", "target": core.profile.name,
+            "last_push_ms": core.push_ms, "modules": [m.name for m in core.modules],
+        }

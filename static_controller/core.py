@@ -1,0 +1,319 @@
+"""The pure controller core: config in, OpenFlow plan out, no sockets.
+
+On every switch connect it asks which meters exist, then pushes the whole
+set: meters by ADD or MODIFY (so METER_EXISTS never happens), flows by ADD
+(idempotent), then a barrier, timing features-reply -> barrier-reply. Every
+flow a module emits is vetted: inside its declared flowspace, not shadowing
+or shadowed by another module's flow, something the target can hold. What
+fails is refused, logged and counted, never sent. Replies are routed to the
+module that owns the cookie (or the request xid).
+
+Once every module knows its full set (enforce: after its first flag
+snapshot), the core reads the flow table back and deletes what nobody
+installed, so a flow left by an older config or a flag released while the
+controller was away does not linger.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Iterable, Optional
+
+from appliance.config import Config
+
+from . import modules as modules_pkg
+from .config_view import View
+from .flowspace import conflict
+from .messages import (Barrier, BarrierReply, Error, Flags, Flow, FlowRemoved, FlowStats, FlowStatsRequest, Meter,
+                       MeterConfig, MeterConfigRequest, MeterStats, MeterStatsRequest, PacketIn, PacketOut, Tick)
+from .modules.base import Module
+from .targets import PlanRefused, Profile
+
+log = logging.getLogger("pisnoop.controller.core")
+
+# OpenFlow 1.3 error type/codes the core reacts to
+OFPET_METER_MOD_FAILED, OFPMMFC_METER_EXISTS, OFPMMFC_UNKNOWN_METER = 12, 1, 7
+METER_POLL_SECONDS = 5.0
+
+
+class Core:
+    def __init__(self, cfg: Config, modules: Optional[list[Module]] = None, profile: Optional[Profile] = None):
+        self.view = View(cfg)
+        self.cfg = cfg
+        self.profile = profile or self.view.profile
+        self.modules = modules if modules is not None else modules_pkg.build(self.view)
+        self._xid = 0x70000000
+        for m in self.modules:
+            if hasattr(m, "xid_source"):
+                m.xid_source = self.next_xid
+        self.connected = False
+        self.datapath_id: Optional[int] = None
+        self.installed: dict[tuple, tuple[Module, Flow, Optional[float]]] = {}
+        self.meters: dict[int, Meter] = {}
+        self.meter_drops: dict[int, int] = {}
+        self.owners: dict[int, object] = {}          # request xid -> module or "core:<what>"
+        self._inventory: list = []
+        self._stats_rows: list = []
+        self.push_started: Optional[float] = None
+        self.push_ms: Optional[float] = None
+        self.pushed = False
+        self.reconciled = False
+        self.next_meter_poll = 0.0
+        self.counters = collections.Counter()
+        self.refused = collections.Counter()          # (module, reason kind) -> n
+        self.pushed_by_module = collections.Counter()
+
+    # --- the plan -------------------------------------------------------------
+
+    def next_xid(self) -> int:
+        self._xid = self._xid + 1 if self._xid < 0x7FFFFFFF else 0x70000001
+        return self._xid
+
+    def owner_of_cookie(self, cookie: int) -> Optional[Module]:
+        for m in self.modules:
+            if m.flowspace.owns_cookie(cookie):
+                return m
+        return None
+
+    def plan(self, now: float = 0.0) -> list:
+        """The initial messages of every module, checked against the target: ``PlanRefused`` if it cannot hold them."""
+        msgs = [msg for m in self.modules for msg in m.start(now)]
+        flows = [f for f in msgs if isinstance(f, Flow)]
+        meters = [x for x in msgs if isinstance(x, Meter)]
+        self.profile.validate(flows, meters)
+        for x in meters:
+            if not any(x.meter_id in m.flowspace.meters_owned for m in self.modules):
+                raise PlanRefused(f"meter {x.meter_id} is owned by no module")
+        for f in flows:
+            owner = self.owner_of_cookie(f.cookie)
+            why = owner.flowspace.outside(f) if owner else "no module owns its cookie"
+            if why:
+                raise PlanRefused(f"flow {f.describe()}: {why}")
+        return msgs
+
+    # --- connect and push --------------------------------------------------------
+
+    def connect(self, datapath_id: int, now: float) -> list:
+        """A switch finished its handshake: ask which meters it has, then push (``on_meter_config``)."""
+        self.connected, self.datapath_id = True, datapath_id
+        self.installed.clear()
+        self.owners.clear()
+        self._inventory = []
+        self.pushed = self.reconciled = False
+        self.push_started, self.push_ms = now, None
+        self.counters["connects"] += 1
+        xid = self.next_xid()
+        self.owners[xid] = "core:meters"
+        return [MeterConfigRequest(xid)]
+
+    def disconnect(self) -> None:
+        self.connected = False
+        self.counters["disconnects"] += 1
+
+    def _push(self, existing: dict, now: float) -> list:
+        """The whole set: meters (ADD, MODIFY, or nothing when already right), flows by ADD, a barrier."""
+        meters: list = []
+        rest: list = []
+        for m in self.modules:
+            msgs = m.start(now)
+            for x in msgs:
+                if not isinstance(x, Meter):
+                    continue
+                if x.meter_id not in m.flowspace.meters_owned:
+                    self._refuse(m.name, "outside", x, f"meter {x.meter_id} is not declared as owned")
+                    continue
+                self.meters[x.meter_id] = x
+                have = existing.get(x.meter_id)
+                if have is None or not x.same_config(*have):
+                    meters.append(Meter(x.meter_id, x.unit, x.bands, "modify" if have is not None else "add"))
+            rest += self.vet([x for x in msgs if not isinstance(x, Meter)], now, emitter=m)
+        xid = self.next_xid()
+        self.owners[xid] = "core:push"
+        self.counters["pushes"] += 1
+        return meters + rest + [Barrier(xid)]
+
+    # --- events from the switch and the clock ------------------------------------
+
+    def handle(self, event, now: float) -> list:
+        if isinstance(event, MeterConfig):
+            return self._meter_config(event, now)
+        if isinstance(event, BarrierReply):
+            if self.owners.pop(event.xid, None) == "core:push":
+                self.pushed = True
+                self.push_ms = (now - self.push_started) * 1000.0
+                log.info("full set pushed: %d flows, %d meters; features-reply -> barrier-reply %.1f ms",
+                         len(self.installed), len(self.meters), self.push_ms)
+            return []
+        if isinstance(event, Error):
+            return self._error(event, now)
+        if isinstance(event, MeterStats):
+            for meter_id, _packets, bands in event.meters:
+                self.meter_drops[meter_id] = sum(bands)
+            return []
+        if isinstance(event, FlowStats):
+            owner = self.owners.get(event.xid)
+            if not event.more:
+                self.owners.pop(event.xid, None)
+            if owner == "core:reconcile":
+                return self._reconcile(event, now)
+            return self._dispatch(owner, event, now) if isinstance(owner, Module) else []
+        if isinstance(event, (PacketIn, FlowRemoved)):
+            if isinstance(event, FlowRemoved):
+                self.installed.pop((event.table, event.priority, event.match), None)
+            return self._dispatch(self.owner_of_cookie(event.cookie), event, now)
+        if isinstance(event, Tick):
+            return self._tick(event, now)
+        if isinstance(event, Flags):
+            return self._broadcast("flags", event, now)
+        return []
+
+    def _meter_config(self, ev: MeterConfig, now: float) -> list:
+        if self.owners.get(ev.xid) != "core:meters":
+            return []
+        self._inventory += list(ev.meters)
+        if ev.more:
+            return []
+        self.owners.pop(ev.xid, None)
+        return self._push({mid: (unit, bands) for mid, unit, bands in self._inventory}, now)
+
+    def _error(self, ev: Error, now: float) -> list:
+        self.counters["errors"] += 1
+        what = self.owners.pop(ev.xid, None)
+        if what == "core:meters":     # no meter inventory: push with ADD, fix up on METER_EXISTS
+            log.warning("switch refused the meter config request (type %d code %d): pushing meters by ADD", ev.type, ev.code)
+            return self._push({}, now)
+        if ev.type == OFPET_METER_MOD_FAILED and ev.meter_id in self.meters:
+            m = self.meters[ev.meter_id]
+            if ev.code == OFPMMFC_METER_EXISTS:
+                return [Meter(m.meter_id, m.unit, m.bands, "modify")]
+            if ev.code == OFPMMFC_UNKNOWN_METER:
+                return [Meter(m.meter_id, m.unit, m.bands, "add")]
+        log.warning("switch error type %d code %d for a %s (cookie %s, meter %s)", ev.type, ev.code,
+                    ev.request or "message", f"{ev.cookie:#x}" if ev.cookie is not None else "-", ev.meter_id)
+        owner = self.owner_of_cookie(ev.cookie) if ev.cookie is not None else None
+        return self._dispatch(owner, ev, now) if owner else []
+
+    def _tick(self, ev: Tick, now: float) -> list:
+        for key in [k for k, (_m, _f, exp) in self.installed.items() if exp is not None and exp <= now]:
+            del self.installed[key]
+        if not self.connected:
+            return self._broadcast("tick", ev, now, send=False)
+        out = self._broadcast("tick", ev, now)
+        if self.pushed and not self.reconciled and all(m.ready() for m in self.modules):
+            self.reconciled = True
+            xid = self.next_xid()
+            self.owners[xid] = "core:reconcile"
+            self._stats_rows = []
+            out.append(FlowStatsRequest(xid))
+        if now >= self.next_meter_poll and self.meters:
+            self.next_meter_poll = now + METER_POLL_SECONDS
+            out.append(MeterStatsRequest(self.next_xid()))
+        return out
+
+    def _reconcile(self, ev: FlowStats, now: float) -> list:
+        self._stats_rows += list(ev.entries)
+        if ev.more:
+            return []
+        stale = [e for e in self._stats_rows if (e.table, e.priority, e.match) not in self.installed]
+        self._stats_rows = []
+        if stale:
+            log.info("removing %d flows nobody installed (older config or lifted bans)", len(stale))
+        self.counters["stale_removed"] += len(stale)
+        return [Flow(e.table, e.priority, e.match, e.cookie, command="delete_strict") for e in stale]
+
+    # --- dispatch and the flowspace check -------------------------------------------
+
+    def _broadcast(self, topic: str, event, now: float, send: bool = True) -> list:
+        """Fold the event through the subscribed modules; each module's additions are vetted as its own."""
+        pending: list = []
+        for m in self.modules:
+            if topic in m.subscriptions:
+                before = {id(x) for x in pending}
+                result = m.handle(event, list(pending))
+                added = [x for x in result if id(x) not in before]
+                kept = {id(x) for x in (self.vet(added, now, emitter=m) if send else added)}
+                pending = [x for x in result if id(x) in before or id(x) in kept]
+        return pending if send else []
+
+    def _dispatch(self, owner, event, now: float) -> list:
+        topic = {PacketIn: "packet_in", FlowRemoved: "flow_removed", FlowStats: "flow_stats", Error: "error"}[type(event)]
+        if owner is None or topic not in owner.subscriptions:
+            self.counters[f"unrouted_{topic}"] += 1
+            return []
+        return self.vet(owner.handle(event, []), now, emitter=owner)
+
+    def _refuse(self, module: str, kind: str, f, why: str) -> None:
+        self.refused[(module, kind)] += 1
+        log.warning("refused %s flow (%s): %s", module, why, f.describe() if isinstance(f, Flow) else f)
+
+    def vet(self, msgs: Iterable, now: float, emitter: Optional[Module] = None) -> list:
+        """Keep the messages that pass the checks; record flows as installed.
+
+        ``emitter`` is the module that produced them (None: the connect push,
+        where each module's start() output is attributed by cookie)."""
+        out = []
+        for x in msgs:
+            if isinstance(x, FlowStatsRequest):
+                self.owners[x.xid] = self.owner_of_cookie(x.cookie) if x.cookie_mask else "core:reconcile"
+            elif isinstance(x, PacketOut):
+                bad = [a[1] for a in x.actions if a[0] == "output" and a[1] == self.profile.management_port]
+                if bad:
+                    self._refuse("?", "target", x, "packet-out to the management port")
+                    continue
+            elif isinstance(x, Flow):
+                if not self._flow_ok(x, now, emitter):
+                    continue
+            out.append(x)
+        return out
+
+    def _flow_ok(self, f: Flow, now: float, emitter: Optional[Module]) -> bool:
+        owner = self.owner_of_cookie(f.cookie)
+        if emitter is not None and owner is not emitter:
+            self._refuse(emitter.name, "outside", f, f"cookie {f.cookie:#x} is not {emitter.flowspace.cookie:#x}"
+                         f"/{emitter.flowspace.cookie_mask:#x}")
+            return False
+        if owner is None:
+            self._refuse("?", "cookie", f, "no module owns this cookie")
+            return False
+        why = owner.flowspace.outside(f)
+        if why:
+            self._refuse(owner.name, "outside", f, why)
+            return False
+        if f.command == "delete_strict":
+            mine = self.installed.get(f.key)
+            if mine is not None and mine[0] is not owner:
+                self._refuse(owner.name, "not_owner", f, f"the flow belongs to {mine[0].name}")
+                return False
+            self.installed.pop(f.key, None)
+            return True
+        why = self.profile.flow_problem(f)
+        if why:
+            self._refuse(owner.name, "target", f, why)
+            return False
+        for key, (other_mod, other, _exp) in self.installed.items():
+            if other_mod is owner:
+                continue
+            why = conflict(f, other)
+            if why:
+                self._refuse(owner.name, "overlap", f, f"{why} against {other_mod.name}'s {other.describe()}")
+                return False
+        if f.key not in self.installed and self.profile.max_flows is not None \
+                and len(self.installed) >= self.profile.max_flows:
+            self._refuse(owner.name, "capacity", f, f"{self.profile.name} holds at most {self.profile.max_flows} flows")
+            return False
+        self.installed[f.key] = (owner, f, now + f.hard_timeout if f.hard_timeout else None)
+        self.pushed_by_module[owner.name] += 1
+        self.counters["flows_pushed"] += 1
+        return True
+
+    # --- what the status document and the metrics show --------------------------------
+
+    def snapshot(self) -> dict:
+        out = {k: int(v) for k, v in self.counters.items()}
+        out["flows_installed"] = len(self.installed)
+        out["refused"] = sum(self.refused.values())
+        for m in self.modules:
+            for k, v in m.counters().items():
+                out[f"{m.name}_{k}"] = int(v)
+        return out

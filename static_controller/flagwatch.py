@@ -1,0 +1,106 @@
+"""The controller's one link to the store: a plain thread, never the event loop.
+
+It polls the ``flags`` collection by ``updated_at`` (indexed; no change
+streams: MongoDB 4.4 on a single-node Pi has none), loads every active flag
+when asked (each switch connect), and writes the controller's status
+document. pymongo blocks for up to ``mongodb.timeout_ms`` when the store is
+away, so it runs here and hands results to the os-ken event loop through
+``post`` (a thread-safe queue put). A store outage is logged once, counted,
+and retried every poll interval; the switch keeps its flows meanwhile.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from typing import Callable, Optional
+
+import pymongo
+
+from appliance import service, store
+
+from .messages import Flags
+
+log = logging.getLogger("pisnoop.controller.store")
+
+OVERLAP = dt.timedelta(seconds=1)     # re-read a little: a flag written in the same ms as the last one is not lost
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class FlagWatcher(threading.Thread):
+    def __init__(self, cfg, post: Callable[[Flags], None], status_id: str):
+        super().__init__(name="pisnoop-flags", daemon=True)
+        self.cfg = cfg
+        self.post = post
+        self.status_id = status_id
+        self.status_doc: dict = {}           # replaced (never mutated) by the event loop
+        self._stop = threading.Event()
+        self._want_snapshot = threading.Event()
+        self._want_snapshot.set()
+        self.last_seen: Optional[dt.datetime] = None
+        self.up = False
+        self.outages = 0
+        self.polls = 0
+        self._indexed = False
+        self._next_status = 0.0
+
+    def request_snapshot(self) -> None:
+        self._want_snapshot.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        db = store.database(self.cfg.mongodb, "pisnoop-controller")
+        interval = self.cfg.enforce.poll_interval
+        while not self._stop.is_set():
+            try:
+                self._once(db)
+                if not self.up:
+                    if self.outages:
+                        log.info("store reachable again; reloading the active flags")
+                        self._want_snapshot.set()
+                    self.up = True
+            except pymongo.errors.PyMongoError as exc:
+                if self.up or self.outages == 0:
+                    self.outages += 1
+                    log.warning("store unreachable (%s: %s); enforcing the flags already known, retrying every %.1f s",
+                                exc.__class__.__name__, str(exc)[:160], interval)
+                self.up = False
+            self._stop.wait(interval)
+        db.client.close()
+
+    def _once(self, db) -> None:
+        flags = db[store.FLAGS]
+        if not self._indexed:
+            flags.create_index("updated_at")
+            flags.create_index([("status", 1), ("expires_at", 1)])
+            self._indexed = True
+        now = utcnow()
+        if self._want_snapshot.is_set():
+            self._want_snapshot.clear()
+            docs = list(flags.find({"status": "flagged", "expires_at": {"$gt": now}}))
+            latest = list(flags.find({}, {"updated_at": 1}).sort("updated_at", -1).limit(1))
+            self.last_seen = latest[0].get("updated_at") if latest else None
+            self.post(Flags(tuple(docs), snapshot=True, now=time.time()))
+        else:
+            query = {"updated_at": {"$gte": self.last_seen - OVERLAP}} if self.last_seen else {}
+            docs = list(flags.find(query).sort("updated_at", 1))
+            if docs:
+                stamps = [d["updated_at"] for d in docs if isinstance(d.get("updated_at"), dt.datetime)]
+                if stamps:
+                    self.last_seen = max(stamps + ([self.last_seen] if self.last_seen else []))
+                self.post(Flags(tuple(docs), snapshot=False, now=time.time()))
+        self.polls += 1
+        if time.monotonic() >= self._next_status and self.status_doc:
+            self._next_status = time.monotonic() + self.cfg.snooper.status_interval
+            doc = dict(self.status_doc)
+            doc["counters"] = {**doc.get("counters", {}), "store_outages": self.outages, "flag_polls": self.polls}
+            # _id in the document too: nx-27017's upsert does not take it from the filter
+            doc.update(_id=self.status_id, updated_at=utcnow(), health=service.health())
+            db[store.STATUS].replace_one({"_id": self.status_id}, doc, upsert=True)

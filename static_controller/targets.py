@@ -1,0 +1,85 @@
+"""What a switch can hold: the ``ovs`` and ``zodiacfx`` profiles.
+
+The Zodiac FX cannot run here, so its profile is a model built from its
+published limits (4 ports, port 4 management; 8 meters of at most 3 bands,
+KBPS/PKTPS only, no BURST/STATS; 480 flows; 10 tables; group type ALL). The
+plan is checked against the profile before anything is pushed, and each new
+flow against the room left, so a plan the target cannot hold is refused with
+a clear message instead of failing half-way on the switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from .messages import OFPP_CONTROLLER, OFPP_TABLE, Flow, Meter
+
+
+class PlanRefused(Exception):
+    """The target cannot hold this plan; ``str()`` says why, in one line."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    max_flows: Optional[int]
+    max_meters: Optional[int]
+    max_bands: Optional[int]
+    max_tables: int
+    units: frozenset
+    burst: bool
+    data_ports: Optional[frozenset]     # None: any port number
+    management_port: Optional[int]
+
+    def flow_problem(self, f: Flow) -> Optional[str]:
+        if f.table >= self.max_tables or (f.goto is not None and f.goto >= self.max_tables):
+            return f"uses table {max(f.table, f.goto or 0)}; {self.name} has tables 0 to {self.max_tables - 1}"
+        ports = [v for k, v in f.match if k == "in_port"] + [a[1] for a in f.actions if a[0] == "output"]
+        for p in ports:
+            if p in (OFPP_CONTROLLER, OFPP_TABLE):
+                continue
+            if self.management_port is not None and p == self.management_port:
+                return f"uses port {p}, the {self.name} management port"
+            if self.data_ports is not None and p not in self.data_ports:
+                return f"uses port {p}; {self.name} data ports are {sorted(self.data_ports)}"
+        return None
+
+    def meter_problem(self, m: Meter) -> Optional[str]:
+        if m.unit not in self.units:
+            return f"meter {m.meter_id}: unit {m.unit} is not supported by {self.name}"
+        if self.max_bands is not None and len(m.bands) > self.max_bands:
+            return f"meter {m.meter_id}: {len(m.bands)} bands; {self.name} allows at most {self.max_bands}"
+        if m.burst and not self.burst:
+            return f"meter {m.meter_id}: a burst size needs the BURST flag, which {self.name} does not support"
+        return None
+
+    def validate(self, flows: Iterable[Flow], meters: Iterable[Meter]) -> None:
+        """Raise ``PlanRefused`` naming the first thing the target cannot hold."""
+        flows, meters = list(flows), list(meters)
+        if self.max_meters is not None and len(meters) > self.max_meters:
+            raise PlanRefused(f"the plan needs {len(meters)} meters; {self.name} holds at most {self.max_meters}")
+        for m in meters:
+            why = self.meter_problem(m)
+            if why:
+                raise PlanRefused(why)
+        if self.max_flows is not None and len(flows) > self.max_flows:
+            raise PlanRefused(f"the plan needs {len(flows)} flows; {self.name} holds at most {self.max_flows}")
+        for f in flows:
+            why = self.flow_problem(f)
+            if why:
+                raise PlanRefused(f"flow {f.describe()}: {why}")
+
+
+OVS = Profile("ovs", max_flows=None, max_meters=None, max_bands=None, max_tables=254,
+              units=frozenset({"pktps", "kbps"}), burst=True, data_ports=None, management_port=None)
+
+ZODIACFX = Profile("zodiacfx", max_flows=480, max_meters=8, max_bands=3, max_tables=10,
+                   units=frozenset({"pktps", "kbps"}), burst=False, data_ports=frozenset({1, 2, 3}),
+                   management_port=4)
+
+PROFILES = {"ovs": OVS, "zodiacfx": ZODIACFX}
+
+
+def profile(name: str) -> Profile:
+    return PROFILES[name]

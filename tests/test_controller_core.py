@@ -1,0 +1,337 @@
+"""The pure controller core: plans, flowspace checks, target profiles, modules (no switch)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from argparse import Namespace
+
+import pytest
+
+from appliance import config as config_mod
+from static_controller import command, targets
+from static_controller.core import Core
+from static_controller.flowspace import Flowspace, Rel, Slice, classify, conflict
+from static_controller.messages import (Band, Barrier, Error, Flags, Flow, FlowStat, FlowStats, FlowStatsRequest,
+                                        Meter, MeterConfig, MeterConfigRequest, PacketIn, PacketOut, Tick, flow)
+from static_controller.modules.base import COOKIE_MASK, Module, cookie_base
+
+NOW = 1_800_000_000.0
+
+
+def cfg(**over) -> config_mod.Config:
+    return config_mod.from_dict(over, "<test>")
+
+
+def connected(core: Core, existing=()) -> list:
+    """Connect and answer the meter inventory: the pushed messages."""
+    req = core.connect(1, NOW)
+    assert isinstance(req[0], MeterConfigRequest)
+    return core.handle(MeterConfig(req[0].xid, tuple(existing)), NOW)
+
+
+def flows_of(msgs, command="add"):
+    return [m for m in msgs if isinstance(m, Flow) and m.command == command]
+
+
+# --- flowspace ---------------------------------------------------------------
+
+
+def test_classify_relations():
+    assert classify({"in_port": 1}, {"in_port": 1}) is Rel.EQUAL
+    assert classify({"in_port": 1, "tcp_dst": 5222}, {"in_port": 1}) is Rel.SUBSET
+    assert classify({}, {"in_port": 1}) is Rel.SUPERSET
+    assert classify({"in_port": 1}, {"tcp_dst": 5222}) is Rel.INTERSECT
+    assert classify({"in_port": 1}, {"in_port": 3}) is Rel.NONE
+    assert classify({"ipv4_src": "10.0.0.5"}, {"ipv4_src": "10.0.0.0/24"}) is Rel.SUBSET
+    assert classify({"ipv4_src": ("10.0.0.0", "255.255.0.0")}, {"ipv4_src": "10.0.0.0/24"}) is Rel.SUPERSET
+    assert classify({"ipv4_src": "10.0.1.5"}, {"ipv4_src": "10.0.0.0/24"}) is Rel.NONE
+
+
+def test_conflict_rules():
+    wide = flow(1, 200, {"in_port": 1, "tcp_dst": 5222}, 0)
+    narrow = flow(1, 300, {"in_port": 1, "tcp_dst": 5222, "ipv4_src": "10.0.0.5"}, 0)
+    assert conflict(narrow, wide) is None                      # a higher-priority exception is fine
+    assert "shadow it" in conflict(flow(1, 250, {"in_port": 1}, 0), wide)
+    assert "shadowed by" in conflict(flow(1, 100, {"in_port": 1, "tcp_dst": 5222}, 0), wide)
+    assert "same priority" in conflict(flow(1, 200, {"tcp_dst": 5222}, 0), wide)
+    assert conflict(flow(2, 250, {}, 0), wide) is None         # other table
+
+
+# --- the plan -------------------------------------------------------------------
+
+
+def test_default_plan_copies_in_table0_and_meters_in_table1():
+    core = Core(cfg())
+    msgs = connected(core)
+    assert isinstance(msgs[-1], Barrier)
+    meters = {m.meter_id: m for m in msgs if isinstance(m, Meter)}
+    assert meters[1] == Meter(1, "pktps", (Band(1000, 0),), "add") and meters[2].bands == (Band(10, 0),)
+    fl = flows_of(msgs)
+    t0 = [f for f in fl if f.table == 0]
+    assert {dict(f.match)["in_port"] for f in t0} == {1, 3}
+    assert all(f.actions == (("output", 2),) and f.goto == 1 for f in t0)
+    xmpp = [f for f in fl if f.table == 1 and f.meter == 1]
+    assert len(xmpp) == 1 and dict(xmpp[0].match)["tcp_dst"] == 5222 and xmpp[0].goto == 2
+    patch = {dict(f.match)["in_port"]: f.actions for f in fl if f.table == 2}
+    assert patch == {1: (("output", 3),), 3: (("output", 1),)}
+    assert not core.refused
+
+
+def test_mirror_filter_copies_only_matching_frames_but_forwards_all():
+    core = Core(cfg(mirror={"filter": {"ip_proto": "tcp", "l4_port": 5222}}))
+    t0 = [f for f in flows_of(connected(core)) if f.table == 0]
+    copies = [f for f in t0 if f.actions]
+    assert {(dict(f.match)["in_port"], dict(f.match).get("tcp_src"), dict(f.match).get("tcp_dst")) for f in copies} == \
+        {(1, 5222, None), (1, None, 5222), (3, 5222, None), (3, None, 5222)}
+    passes = [f for f in t0 if not f.actions]
+    assert {f.match for f in passes} == {(("in_port", 1),), (("in_port", 3),)} and all(f.goto == 1 for f in passes)
+
+
+def test_meters_modify_or_add_from_inventory():
+    core = Core(cfg())
+    same = (1, "pktps", (Band(1000, 0),))
+    other = (2, "pktps", (Band(99, 0),))
+    meters = [m for m in connected(core, [same, other]) if isinstance(m, Meter)]
+    assert meters == [Meter(2, "pktps", (Band(10, 0),), "modify")]     # meter 1 already right: untouched
+    # a METER_EXISTS answer to an ADD turns into a MODIFY, never an error left standing
+    assert core.handle(Error(5, 12, 1, meter_id=1, request="meter_mod"), NOW) == [Meter(1, "pktps", (Band(1000, 0),), "modify")]
+    assert core.handle(Error(6, 12, 7, meter_id=2, request="meter_mod"), NOW) == [Meter(2, "pktps", (Band(10, 0),), "add")]
+
+
+# --- targets ---------------------------------------------------------------------
+
+
+class ManyMeters(Module):
+    name, module_id = "many", 9
+
+    def __init__(self, view, n):
+        self.n = n
+        super().__init__(view)
+
+    def declare(self):
+        return Flowspace(self.cookie, COOKIE_MASK, (), meters_owned=frozenset(range(10, 10 + self.n)))
+
+    def start(self, now):
+        return [Meter(10 + i, "pktps", (Band(100),)) for i in range(self.n)]
+
+
+ZODIAC = {"switch": {"target": "zodiacfx", "ports": {"management": 4}}}
+
+
+def test_zodiacfx_refuses_nine_meters_ovs_takes_them():
+    zc = Core(cfg(**ZODIAC))
+    zc.modules.append(ManyMeters(zc.view, 7))          # 2 of ours + 7 = 9
+    with pytest.raises(targets.PlanRefused, match="needs 9 meters; zodiacfx holds at most 8"):
+        zc.plan()
+    oc = Core(cfg())
+    oc.modules.append(ManyMeters(oc.view, 7))
+    assert len([m for m in oc.plan() if isinstance(m, Meter)]) == 9
+    zc.modules[-1] = ManyMeters(zc.view, 6)            # 8 fit
+    zc.plan()
+
+
+def test_zodiacfx_limits_bands_burst_ports_tables():
+    z = targets.ZODIACFX
+    assert "at most 3" in z.meter_problem(Meter(1, "pktps", tuple(Band(10 * i) for i in range(1, 5))))
+    assert "BURST" in z.meter_problem(Meter(1, "kbps", (Band(100, 10),)))
+    assert "management port" in z.flow_problem(flow(0, 1, {"in_port": 4}, 0))
+    assert "data ports" in z.flow_problem(flow(0, 1, {"in_port": 1}, 0, actions=(("output", 7),)))
+    assert "tables 0 to 9" in z.flow_problem(flow(10, 1, {}, 0))
+    assert targets.OVS.flow_problem(flow(10, 1, {"in_port": 7}, 0)) is None
+
+
+def test_zodiacfx_plan_fits():
+    core = Core(cfg(**ZODIAC, flowstats_ids={"enabled": True}))
+    assert core.plan()
+
+
+def test_cli_exits_2_when_the_target_cannot_hold_the_plan(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "z.yaml"
+    path.write_text("switch: {target: zodiacfx, ports: {management: 4}}\n")
+    monkeypatch.setitem(targets.PROFILES, "zodiacfx", targets.Profile(
+        "zodiacfx", max_flows=480, max_meters=1, max_bands=3, max_tables=10, units=frozenset({"pktps", "kbps"}),
+        burst=False, data_ports=frozenset({1, 2, 3}), management_port=4))
+    assert command.cmd_controller(Namespace(config=str(path), check=True, log_level="INFO")) == 2
+    err = capsys.readouterr().err
+    assert "zodiacfx target cannot hold this plan: the plan needs 2 meters" in err and "\n" == err[-1] and err.count("\n") == 1
+
+
+# --- flowspace enforcement at run time ---------------------------------------------
+
+
+class Rogue(Module):
+    """Declares one slice in table 1 but tries to write elsewhere or over others."""
+
+    name, module_id = "rogue", 8
+    subscriptions = frozenset({"tick"})
+
+    def declare(self):
+        return Flowspace(self.cookie, COOKIE_MASK, (Slice.of(1, 400, 499, {"in_port": 1}),))
+
+    def handle(self, event, pending):
+        c = self.cookie
+        return pending + [
+            flow(0, 450, {"in_port": 1}, c, actions=(("output", 3),)),                 # wrong table
+            flow(1, 450, {"in_port": 1, "tcp_dst": 80}, cookie_base(2)),             # someone else's cookie
+            flow(1, 450, {"in_port": 1, "eth_type": 0x0800, "ip_proto": 6, "tcp_dst": 5222}, c),  # shadows ratelimit
+            flow(1, 450, {"in_port": 1, "eth_type": 0x0800, "ip_proto": 17, "udp_dst": 53}, c),   # fine: disjoint
+        ]
+
+
+def test_flows_outside_the_declaration_or_shadowing_are_refused_and_counted():
+    core = Core(cfg())
+    core.modules.append(Rogue(core.view))
+    connected(core)
+    out = core.handle(Tick(NOW), NOW)
+    sent = flows_of(out)
+    assert [dict(f.match).get("udp_dst") for f in sent] == [53]
+    assert core.refused[("rogue", "outside")] == 2
+    assert core.refused[("rogue", "overlap")] == 1
+
+
+# --- enforce ------------------------------------------------------------------------
+
+
+def flag(fid, ip, port=None, action="drop", status="flagged", left=120.0, server_port=5222):
+    return {"_id": fid, "client_ip": ip, "client_port": port, "server_port": server_port, "action": action,
+            "status": status, "expires_at": dt.datetime.fromtimestamp(NOW + left, dt.timezone.utc)}
+
+
+def test_enforce_installs_drop_and_limit_flows_and_removes_released():
+    core = Core(cfg())
+    connected(core)
+    out = core.handle(Flags((flag("a", "10.0.0.11", 40000), flag("b", "10.0.0.12", action="limit")), True, NOW), NOW)
+    by_ip = {dict(f.match)["ipv4_src"]: f for f in flows_of(out)}
+    a, b = by_ip["10.0.0.11"], by_ip["10.0.0.12"]
+    assert dict(a.match)["tcp_src"] == 40000 and a.actions == () and a.meter is None and a.goto is None
+    assert a.hard_timeout == 120 and a.priority > 249 and a.send_flow_removed
+    assert "tcp_src" not in dict(b.match) and b.meter == 2 and b.goto == 2
+    # same documents again: nothing to do
+    assert flows_of(core.handle(Flags((flag("a", "10.0.0.11", 40000),), False, NOW + 1), NOW + 1)) == []
+    out = core.handle(Flags((flag("a", "10.0.0.11", 40000, status="released"),), False, NOW + 2), NOW + 2)
+    assert [(f.command, dict(f.match)["ipv4_src"]) for f in out] == [("delete_strict", "10.0.0.11")]
+    assert not core.refused
+
+
+def test_enforce_reconnect_pushes_remaining_ban_and_ignores_bad_flags():
+    core = Core(cfg())
+    connected(core)
+    core.handle(Flags((flag("a", "10.0.0.11", left=100), {"_id": "bad", "status": "flagged", "client_ip": "nope"},
+                       flag("other", "10.0.0.13", server_port=5269)), True, NOW), NOW)
+    enforce = [m for m in core.modules if m.name == "enforce"][0]
+    assert enforce.counters()["flags_bad"] == 1
+    assert core.refused[("enforce", "outside")] == 1        # a server port outside its declared flowspace
+    req = core.connect(1, NOW + 40)
+    pushed = core.handle(MeterConfig(req[0].xid, ()), NOW + 40)
+    ban = [f for f in flows_of(pushed) if dict(f.match).get("ipv4_src") == "10.0.0.11"]
+    assert len(ban) == 1 and ban[0].hard_timeout == 60
+
+
+# --- flowstats_ids and l2switch -----------------------------------------------------
+
+
+def tcp_frame(src_ip="10.0.0.11", sport=40000, dport=5222, src_mac=b"\x02\0\0\0\0\x11", dst_mac=b"\x02\0\0\0\0\x01"):
+    import socket
+    import struct
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0, socket.inet_aton(src_ip), socket.inet_aton("10.0.0.1"))
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 0x50, 0x02, 1024, 0, 0)
+    return dst_mac + src_mac + b"\x08\x00" + ip + tcp
+
+
+def test_flowstats_ids_allows_then_drops_a_fast_client():
+    core = Core(cfg(flowstats_ids={"enabled": True, "threshold_ppm": 100, "poll_interval": 10}))
+    pushed = flows_of(connected(core))
+    assert not [f for f in pushed if f.meter == 1 and f.table == 1 and f.priority == 200]   # ratelimit yields the slice
+    to_ctl = [f for f in pushed if f.priority == 150]
+    assert to_ctl and to_ctl[0].actions[0][1] == 0xFFFFFFFD
+    ids_cookie = to_ctl[0].cookie
+    out = core.handle(PacketIn(ids_cookie, 1, 1, tcp_frame()), NOW)
+    allow = flows_of(out)[0]
+    assert allow.priority == 160 and allow.meter == 1 and allow.idle_timeout == 60 and allow.hard_timeout == 300
+    assert isinstance(out[-1], PacketOut) and out[-1].actions == (("output", 3),)
+    req = [m for m in core.handle(Tick(NOW + 11), NOW + 11) if isinstance(m, FlowStatsRequest)]
+    assert req and req[0].cookie == ids_cookie and req[0].cookie_mask == COOKIE_MASK
+    slow = FlowStat(1, 160, allow.match, allow.cookie, packets=10, bytes=600, duration=10.0)
+    assert flows_of(core.handle(FlowStats(req[0].xid, (slow,)), NOW + 11)) == []
+    req = [m for m in core.handle(Tick(NOW + 22), NOW + 22) if isinstance(m, FlowStatsRequest)]
+    fast = FlowStat(1, 160, allow.match, allow.cookie, packets=10 + 200, bytes=0, duration=20.0)
+    drop = flows_of(core.handle(FlowStats(req[0].xid, (fast,)), NOW + 22))
+    assert len(drop) == 1 and drop[0].priority == 190 and drop[0].actions == () and drop[0].hard_timeout == 300
+
+
+def test_l2switch_floods_without_the_mirror_port_then_learns():
+    core = Core(cfg(switch={"forwarding": "l2switch"}))
+    pushed = flows_of(connected(core))
+    assert not [f for f in pushed if f.table == 2 and f.priority == 10]       # no static patch
+    miss = [f for f in pushed if f.table == 2 and f.priority == 0][0]
+    a, b = b"\x02\0\0\0\0\x0a", b"\x02\0\0\0\0\x01"
+    out = core.handle(PacketIn(miss.cookie, 2, 1, tcp_frame(src_mac=a, dst_mac=b)), NOW)
+    assert out == [PacketOut(1, (("output", 3),), tcp_frame(src_mac=a, dst_mac=b))]
+    out = core.handle(PacketIn(miss.cookie, 2, 3, tcp_frame(src_mac=b, dst_mac=a)), NOW)
+    learned = flows_of(out)
+    assert learned and dict(learned[0].match) == {"in_port": 3, "eth_dst": "02:00:00:00:00:0a"}
+    assert learned[0].actions == (("output", 1),) and out[-1].actions == (("output", 1),)
+
+
+def test_flowstats_ids_counts_packets_in_a_sliding_minute():
+    core = Core(cfg(flowstats_ids={"enabled": True, "threshold_ppm": 100, "poll_interval": 1}))
+    pushed = flows_of(connected(core))
+    ids_cookie = [f for f in pushed if f.priority == 150][0].cookie
+    allow = flows_of(core.handle(PacketIn(ids_cookie, 1, 1, tcp_frame(sport=40001)), NOW))[0]
+    t = NOW
+    for age, packets in ((1.0, 8), (30.0, 90), (90.0, 180), (150.0, 270)):   # ~90 packets a minute: never over
+        t = NOW + age + 1
+        req = [m for m in core.handle(Tick(t), t) if isinstance(m, FlowStatsRequest)][0]
+        assert flows_of(core.handle(FlowStats(req.xid, (FlowStat(1, 160, allow.match, allow.cookie, packets, 0, age),)), t)) == []
+    t += 2
+    req = [m for m in core.handle(Tick(t), t) if isinstance(m, FlowStatsRequest)][0]
+    burst = FlowStat(1, 160, allow.match, allow.cookie, 270 + 101, 0, 152.0)      # 191 since the 90 s sample
+    assert len(flows_of(core.handle(FlowStats(req.xid, (burst,)), t))) == 1
+
+
+def test_zodiacfx_refuses_flows_past_480_and_counts_them():
+    core = Core(cfg(**ZODIAC))
+    static = len(flows_of(connected(core)))
+    docs = tuple(flag(f"f{i}", f"10.0.{i // 250}.{1 + i % 250}") for i in range(480))
+    out = core.handle(Flags(docs, True, NOW), NOW)
+    assert len(flows_of(out)) == 480 - static
+    assert core.refused[("enforce", "capacity")] == static and len(core.installed) == 480
+
+
+def test_cli_busy_listen_port_is_one_line_and_exit_2(tmp_path):
+    import socket
+
+    from tests.conftest import pisnoop
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        path = tmp_path / "busy.yaml"
+        path.write_text(f"switch: {{controller: {{listen_port: {port}}}}}\nmetrics: {{enabled: false}}\n")
+        res = pisnoop("--config", str(path), "controller", timeout=60)
+    assert res.returncode == 2
+    assert res.stderr == f"pisnoop: cannot listen on 127.0.0.1:{port} (switch.controller): Address already in use\n"
+
+
+def test_the_core_and_modules_do_not_import_os_ken_or_pymongo():
+    import subprocess
+    import sys
+    code = ("import sys, static_controller.core, static_controller.modules, static_controller.targets; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('os_ken', 'ryu', 'pymongo', 'socketserver')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(command.__file__).rsplit("/static_controller/", 1)[0]).stdout.strip()
+    assert out == "[]"
+
+
+def test_a_switch_without_meter_config_stats_still_gets_the_full_set():
+    core = Core(cfg(**ZODIAC))
+    req = core.connect(1, NOW)[0]
+    out = core.handle(Error(req.xid, 1, 2), NOW)            # BAD_REQUEST / BAD_MULTIPART
+    assert [m.command for m in out if isinstance(m, Meter)] == ["add", "add"]
+    assert len(flows_of(out)) == 6 and isinstance(out[-1], Barrier)
+
+
+def test_mirror_disabled_still_forwards_and_copies_nothing():
+    fl = flows_of(connected(Core(cfg(mirror={"enabled": False}))))
+    assert not [f for f in fl if ("output", 2) in f.actions]
+    assert sorted(dict(f.match)["in_port"] for f in fl if f.table == 0 and f.goto == 1) == [1, 3]
