@@ -17,6 +17,7 @@ from . import config as config_mod
 COMMAND_MODULES = (
     "appliance.commands",
     "appliance.demo",
+    "snooper.cli",
 )
 
 
@@ -58,4 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main: under `python -m` this file is __main__, and a UsageError
+    # raised by a subcommand (appliance.cli.UsageError) would not be the class caught here
+    from appliance import cli as _cli
+    sys.exit(_cli.main())
