@@ -111,6 +111,8 @@ class Spool:
         n = len(batch.frames)
         name = f"{batch.run}-{batch.seq:012d}{SUFFIX}"
         with self.lock:
+            if name in self.index:  # the same batch id is the same batch: it is already safe here
+                return True
             if self.used + len(blob) > self.max_bytes:
                 if self.policy == "drop_oldest":
                     while self.index and self.used + len(blob) > self.max_bytes:

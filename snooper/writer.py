@@ -27,26 +27,37 @@ from .batch import Batch
 from .spool import Spool
 
 RETRY_SECONDS = 1.0
+QUEUE_BYTES = 96 << 20   # frames waiting in memory for the store (est. 100 B Python overhead each) before spooling
+_FRAME_OVERHEAD = 100
 _STOP = object()
 
 
+def _size(batch: Batch) -> int:
+    return sum(len(f[2]) for f in batch.frames) + _FRAME_OVERHEAD * len(batch.frames)
+
+
 def ensure_indexes(db, frames_hours: int, log: logging.Logger) -> None:
-    """Indexes readers need (``ins`` to follow new data, ``t0``/``first_ns`` for ranges) and the TTL on ``t1``."""
+    """Indexes readers need, and retention as a TTL on ``ins``.
+
+    ``ins`` (follow new data; TTL) and ``t0``/``t1``/``first_ns`` (time ranges). The TTL counts
+    from when a batch reached the store, not from its capture time: an imported old pcap, or a
+    batch replayed after a long outage, still gets the full retention instead of vanishing at once.
+    """
     col = db[store.FRAMES]
-    col.create_index("ins")
     col.create_index("t0")
+    col.create_index("t1")
     col.create_index("first_ns")
     if frames_hours <= 0:
-        col.create_index("t1")
+        col.create_index("ins")
         return
     ttl = int(frames_hours * 3600)
     try:
-        col.create_index("t1", expireAfterSeconds=ttl)
+        col.create_index("ins", expireAfterSeconds=ttl)
     except OperationFailure as exc:  # an index from an earlier retention setting
         try:
-            db.command("collMod", store.FRAMES, index={"keyPattern": {"t1": 1}, "expireAfterSeconds": ttl})
+            db.command("collMod", store.FRAMES, index={"keyPattern": {"ins": 1}, "expireAfterSeconds": ttl})
         except PyMongoError:
-            log.warning("could not set the frames TTL to %d h: %s", frames_hours, exc)
+            log.warning("could not set the frames retention to %d h: %s", frames_hours, exc)
 
 
 def insert(db, batch: Batch, counters: dict) -> None:
@@ -62,17 +73,19 @@ def insert(db, batch: Batch, counters: dict) -> None:
 
 
 class Writer(threading.Thread):
-    def __init__(self, db, spool: Spool, counters: dict, log: logging.Logger, queue_batches: int = 64,
+    def __init__(self, db, spool: Spool, counters: dict, log: logging.Logger, queue_bytes: int = QUEUE_BYTES,
                  frames_hours: int = 0):
         super().__init__(name="pisnoop-writer", daemon=True)
         self.db = db
         self.spool = spool
         self.counters = counters
         self.log = log
-        self.queue: queue.Queue = queue.Queue(maxsize=queue_batches)
+        self.queue: queue.Queue = queue.Queue()
+        self.queue_bytes = queue_bytes   # the bound: in bytes, so that big frames cannot exhaust memory
         self.retry_at = 0.0      # monotonic time before which the store counts as away
         self.store_up = True
         self.pending_frames = 0  # frames in the queue or being written
+        self.pending_bytes = 0
         self._pending_lock = threading.Lock()
         self.frames_hours = frames_hours
         self.indexed = False     # indexes are made on the first contact with the store
@@ -85,18 +98,21 @@ class Writer(threading.Thread):
         ``block=True`` waits for room instead (import-pcap: a file can wait, the wire cannot).
         """
         n = len(batch.frames)
+        size = _size(batch)
+        while block and self.pending_bytes and self.pending_bytes + size > self.queue_bytes and self.is_alive():
+            time.sleep(0.01)
         with self._pending_lock:
-            self.pending_frames += n
-        if block:
-            self.queue.put(batch)
-            return
-        try:
-            self.queue.put_nowait(batch)
-        except queue.Full:
+            if not block and self.pending_bytes + size > self.queue_bytes:
+                full = True
+            else:
+                full = False
+                self.pending_frames += n
+                self.pending_bytes += size
+        if full:
             self.counters["queue_overflows"] += 1
             self.spool.put(batch)
-            with self._pending_lock:
-                self.pending_frames -= n
+        else:
+            self.queue.put(batch)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Flush everything queued (to the store or the spool) and end the thread."""
@@ -111,13 +127,17 @@ class Writer(threading.Thread):
                 item = self.queue.get(timeout=0.2)
             except queue.Empty:
                 item = None
-            if item is _STOP:
-                self._replay(deadline=time.monotonic() + 5.0)
+            if item is _STOP:  # a last go at the spool (the store may be back by now), then leave it for next time
+                end = time.monotonic() + 5.0
+                while len(self.spool) and self.spool.owner and time.monotonic() < end:
+                    time.sleep(max(0.0, min(self.retry_at, end) - time.monotonic()))
+                    self._replay(deadline=end)
                 return
             if item is not None:
                 self._write(item)
                 with self._pending_lock:
                     self.pending_frames -= len(item.frames)
+                    self.pending_bytes -= _size(item)
             self._replay(deadline=time.monotonic() + 0.05)
 
     def _insert(self, batch: Batch) -> None:

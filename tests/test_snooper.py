@@ -12,6 +12,7 @@ import random
 import secrets
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
@@ -96,6 +97,11 @@ def test_every_frame_both_ways_stored_exactly_once(app, snooper, tmp_path):
     stamps = [f.ts_ns for f in stored_frames(app.db, sensor)]
     assert stamps == sorted(stamps), "capture timestamps go backwards in store order"
     assert all(f.wire_len == len(f.data) for f in got)
+    m = proc.cfg.metrics
+    text = urllib.request.urlopen(f"http://{m.listen_host}:{m.snooper_port}/metrics", timeout=10).read().decode()
+    captured = [ln for ln in text.splitlines() if ln.startswith(f'pisnoop_snooper_captured_total{{sensor="{sensor}"}}')]
+    assert captured and float(captured[0].split()[-1]) >= len(sent) - bridge.lost()
+    assert f'pisnoop_snooper_spool_frames{{sensor="{sensor}"}} 0.0' in text
     assert proc.stop() == 0
     final = proc.status()
     c = final["counters"]
