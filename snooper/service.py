@@ -63,7 +63,9 @@ def run(cfg, log, duration: float | None = None) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     if duration:
-        threading.Timer(duration, stop.set).start()
+        timer = threading.Timer(duration, stop.set)
+        timer.daemon = True
+        timer.start()
     writer.start()
     reporter.start()
     log.info("capturing on %s%s, run %s, dedupe window %.3g s, batches of %d, spool %s", sc.interface,

@@ -134,7 +134,12 @@ class Writer(threading.Thread):
                     self._replay(deadline=end)
                 return
             if item is not None:
-                self._write(item)
+                try:
+                    self._write(item)
+                except Exception:  # a bug must not silently stop storing: keep the batch, keep going
+                    self.log.exception("writing batch %s:%d failed unexpectedly; spooling it", item.run, item.seq)
+                    self.counters["store_errors"] += 1
+                    self.spool.put(item)
                 with self._pending_lock:
                     self.pending_frames -= len(item.frames)
                     self.pending_bytes -= _size(item)

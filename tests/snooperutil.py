@@ -33,11 +33,11 @@ def write_config(va, path: Path, **snooper) -> config_mod.Config:
 class SnooperProcess:
     """``pisnoop snooper`` as a subprocess; ``stop()`` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, cfg_path: Path, cfg: config_mod.Config, db, log_path: Path):
+    def __init__(self, cfg_path: Path, cfg: config_mod.Config, db, log_path: Path, env: dict | None = None):
         self.cfg = cfg
         self.db = db
         self.log_path = log_path
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
         env.pop("PISNOOP_CONFIG", None)
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(cfg_path), "snooper"],

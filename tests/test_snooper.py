@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import secrets
+import socket
 import subprocess
 import time
 import urllib.request
@@ -43,12 +44,12 @@ def snooper(app, tmp_path):
     """Start ``pisnoop snooper`` with per-test settings: ``proc = snooper(dedupe_window=1.0)``."""
     started = []
 
-    def start(**overrides) -> SnooperProcess:
+    def start(env=None, **overrides) -> SnooperProcess:
         sensor = "t" + secrets.token_hex(4)
         overrides.setdefault("spool_dir", str(tmp_path / "spool"))
         overrides.setdefault("status_interval", 0.5)
         cfg = write_config(app, tmp_path / "snooper.yaml", sensor=sensor, **overrides)
-        proc = SnooperProcess(tmp_path / "snooper.yaml", cfg, app.db, tmp_path / "snooper.log")
+        proc = SnooperProcess(tmp_path / "snooper.yaml", cfg, app.db, tmp_path / "snooper.log", env=env)
         started.append(proc)
         return proc
 
@@ -274,3 +275,26 @@ def test_routable_mirror_interface_refused_with_exit_2(app, tmp_path):
     write_config(app, tmp_path / "d.yaml", interface="nosuch0", spool_dir=str(tmp_path / "spool"))
     res = pisnoop("--config", str(tmp_path / "d.yaml"), "snooper", timeout=60)
     assert res.returncode == 2 and "nosuch0 in network namespace" in res.stderr and "does not exist" in res.stderr
+
+
+def test_systemd_ready_watchdog_stopping(app, snooper, tmp_path):
+    """The service speaks sd_notify: READY=1 once capturing, WATCHDOG=1 from the loop, STOPPING=1."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.5)
+    try:
+        proc = snooper(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+        time.sleep(1.5)
+        assert proc.stop() == 0
+        seen = []
+        while True:
+            try:
+                seen += sock.recv(4096).decode().split("\n")
+            except socket.timeout:
+                break
+    finally:
+        sock.close()
+    assert "READY=1" in seen and "STOPPING=1" in seen
+    assert seen.index("READY=1") < seen.index("STOPPING=1")
+    assert seen.count("WATCHDOG=1") >= 3  # every 0.2 s (half of WatchdogSec) while capturing
