@@ -206,6 +206,12 @@ def _config(wire: Wire, run_dir: Path, uri: str, sensor: str) -> Path:
     return path
 
 
+def _children_cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _cpu(pid: int) -> float:
     import psutil
     t = psutil.Process(pid).cpu_times()
@@ -229,9 +235,11 @@ def bench_end_to_end(wire: Wire, pcap: Path, size: int, pps: int, seconds: float
                 raise RuntimeError(f"snooper did not start: {(run_dir / f'{sensor}.log').read_text()[-500:]}")
             time.sleep(0.2)
         rx0 = wire.rx_stats()
-        store_cpu0 = _cpu(store_pid)
+        store_cpu0, snoop_cpu0, send_cpu0 = _cpu(store_pid), _cpu(proc.pid), _children_cpu()
         snd = Sender(wire, pcap, pps, seconds).result()
         store_cpu = (_cpu(store_pid) - store_cpu0) / snd["seconds"] * 100
+        snoop_cpu = (_cpu(proc.pid) - snoop_cpu0) / snd["seconds"] * 100
+        send_cpu = (_children_cpu() - send_cpu0) / snd["seconds"] * 100
         time.sleep(1.2)
         during = db[store.STATUS].find_one({"_id": sid})
         t_stop = time.monotonic()
@@ -252,16 +260,19 @@ def bench_end_to_end(wire: Wire, pcap: Path, size: int, pps: int, seconds: float
         + final["spool_frames"] + veth_dropped + snd["failed"]
     out = {"size": size, "offered_pps": pps, **snd, "rc": rc, "counters": c, "in_store": in_store,
            "stored_by_end_of_send": during["counters"]["stored"], "flush_seconds": flush_s, "veth_dropped": veth_dropped,
-           "unaccounted": snd["sent"] - accounted, "snooper_cpu_percent": during["health"]["cpu_percent"],
-           "store_cpu_percent": store_cpu}
+           "unaccounted": snd["sent"] - accounted, "cpu_percent": {"snooper": snoop_cpu, "store": store_cpu,
+                                                                     "sender": send_cpu}}
     rate = c["stored"] / snd["seconds"]
     loss = c["kernel_dropped"] + c["dropped_spool_full"] + c["dropped_parse"] + veth_dropped
     print(f"    {size:>4} B: offered {pps} pps, sent {snd['sent']} in {snd['seconds']:.1f} s ({snd['pps']:.0f} pps); "
           f"stored {c['stored']} (in store {in_store}) = {rate:.0f} pps; lost {loss} (kernel ring {c['kernel_dropped']}, "
           f"veth {veth_dropped}, spool full {c['dropped_spool_full']}); duplicates {c['duplicates']}; spooled "
           f"{c['spooled']}; unaccounted {out['unaccounted']}; stored by end of send {out['stored_by_end_of_send']}, "
-          f"flush {flush_s:.1f} s; cpu: snooper {out['snooper_cpu_percent']:.0f}% (last second), store "
-          f"{store_cpu:.0f}% (while sending)")
+          f"flush {flush_s:.1f} s")
+    per = 1e6 / max(1, c["captured"]) * snd["seconds"] / 100
+    print(f"           cpu while sending (100% = one core): snooper {snoop_cpu:.0f}% ({snoop_cpu * per:.2f} us/frame), "
+          f"store {store_cpu:.0f}% ({store_cpu * per:.2f} us/frame), sender {send_cpu:.0f}%; "
+          f"machine load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     out["stored_pps"] = rate
     return out
 

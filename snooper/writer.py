@@ -143,7 +143,8 @@ class Writer(threading.Thread):
                 with self._pending_lock:
                     self.pending_frames -= len(item.frames)
                     self.pending_bytes -= _size(item)
-            self._replay(deadline=time.monotonic() + 0.05)
+            if self.queue.empty():  # replay only when idle: under load, fresh batches first, or the spool snowballs
+                self._replay(deadline=time.monotonic() + 0.1)
 
     def _insert(self, batch: Batch) -> None:
         if not self.indexed:
