@@ -12,6 +12,7 @@ import random
 import secrets
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 
@@ -275,6 +276,9 @@ def test_routable_mirror_interface_refused_with_exit_2(app, tmp_path):
     write_config(app, tmp_path / "d.yaml", interface="nosuch0", spool_dir=str(tmp_path / "spool"))
     res = pisnoop("--config", str(tmp_path / "d.yaml"), "snooper", timeout=60)
     assert res.returncode == 2 and "nosuch0 in network namespace" in res.stderr and "does not exist" in res.stderr
+    write_config(app, tmp_path / "e.yaml", bpf_filter="tcp port banana", spool_dir=str(tmp_path / "spool"))
+    res = pisnoop("--config", str(tmp_path / "e.yaml"), "snooper", timeout=60)
+    assert res.returncode == 2 and "bpf_filter 'tcp port banana' does not compile" in res.stderr, res.stderr
 
 
 def test_systemd_ready_watchdog_stopping(app, snooper, tmp_path):
@@ -283,17 +287,26 @@ def test_systemd_ready_watchdog_stopping(app, snooper, tmp_path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     sock.settimeout(0.5)
+    seen: list[str] = []
+    done = threading.Event()
+
+    def listen():  # read as systemd does: a datagram queue left full would block the sender
+        while not done.is_set():
+            try:
+                seen.extend(sock.recv(4096).decode().split("\n"))
+            except socket.timeout:
+                pass
+
+    reader = threading.Thread(target=listen, daemon=True)
+    reader.start()
     try:
         proc = snooper(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
         time.sleep(1.5)
         assert proc.stop() == 0
-        seen = []
-        while True:
-            try:
-                seen += sock.recv(4096).decode().split("\n")
-            except socket.timeout:
-                break
+        time.sleep(0.6)
     finally:
+        done.set()
+        reader.join(5)
         sock.close()
     assert "READY=1" in seen and "STOPPING=1" in seen
     assert seen.index("READY=1") < seen.index("STOPPING=1")
