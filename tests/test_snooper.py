@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import secrets
+import signal
 import socket
 import subprocess
 import threading
@@ -179,23 +180,29 @@ def test_duplicates_within_window_dropped_after_window_kept(app, snooper):
     assert proc.status()["counters"]["duplicates"] == 100 - lost
 
 
+class Traffic:
+    """Marked frames from the inside host at a modest rate, remembered for the comparison."""
+
+    def __init__(self, app):
+        (self.sock, self.mac), _ = _endpoints(app)
+        self.tag = secrets.token_bytes(6)
+        self.sent: list[bytes] = []
+
+    def send_for(self, seconds: float, rate: int = 400) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            n = len(self.sent)
+            batch = [marked_frame(self.mac, self.mac, self.tag, n + i, pad=64) for i in range(rate // 10)]
+            Paced(rate).send(self.sock, batch)
+            self.sent.extend(batch)
+
+
 def test_store_outage_loses_and_duplicates_nothing(app, snooper):
     proc = snooper()
     sensor = proc.cfg.snooper.sensor
-    tag = secrets.token_bytes(6)
-    (s_in, mac_in), _ = _endpoints(app)
-    sent: list[bytes] = []
-    seq = 0
+    traffic = Traffic(app)
+    send_for, sent, tag = traffic.send_for, traffic.sent, traffic.tag
     bridge = BridgeLoss(app)
-
-    def send_for(seconds: float, rate: int = 400) -> None:
-        nonlocal seq
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            batch = [marked_frame(mac_in, mac_in, tag, seq + i, pad=64) for i in range(rate // 10)]
-            seq += len(batch)
-            Paced(rate).send(s_in, batch)
-            sent.extend(batch)
 
     send_for(2)
     app.store.stop()
@@ -206,7 +213,7 @@ def test_store_outage_loses_and_duplicates_nothing(app, snooper):
     app.state["pids"]["store"] = app.store.pid
     app._save()
     send_for(3)
-    s_in.close()
+    traffic.sock.close()
     assert time.monotonic() - t_down >= 30
     got = wait_stored(app.db, sensor, tag, len(sent) - bridge.lost(), timeout=120)
     time.sleep(1)
@@ -217,6 +224,34 @@ def test_store_outage_loses_and_duplicates_nothing(app, snooper):
     c = final["counters"]
     assert c["spooled"] > 0 and c["replayed"] == c["spooled"] and c["dropped_spool_full"] == 0
     assert final["unaccounted"] == 0 and final["spool_frames"] == 0
+
+
+def test_hung_store_waited_out_then_caught_up(app, snooper):
+    """A store that hangs (SIGSTOP) past the client's socket timeout: batches spool, nothing lost or doubled.
+
+    The insert in flight when it hangs is executed after SIGCONT although the client gave up on it;
+    its retry from the spool then meets its own _id (DuplicateKeyError) and counts as stored once.
+    """
+    proc = snooper()
+    sensor = proc.cfg.snooper.sensor
+    traffic = Traffic(app)
+    bridge = BridgeLoss(app)
+    traffic.send_for(2)
+    os.kill(app.store.pid, signal.SIGSTOP)
+    try:
+        traffic.send_for(14)              # longer than the 10 s socket timeout
+    finally:
+        os.kill(app.store.pid, signal.SIGCONT)
+    traffic.send_for(2)
+    traffic.sock.close()
+    wait_stored(app.db, sensor, traffic.tag, len(traffic.sent) - bridge.lost(), timeout=120)
+    time.sleep(1)
+    assert_once(with_tag(stored_frames(app.db, sensor), traffic.tag), traffic.sent, bridge.lost())
+    assert proc.stop() == 0
+    final = proc.status()
+    c = final["counters"]
+    assert c["store_errors"] >= 1 and c["spooled"] > 0 and c["replayed"] == c["spooled"]
+    assert final["unaccounted"] == 0 and final["spool_frames"] == 0 and spool_files(proc.cfg) == []
 
 
 def test_hundred_thousand_malformed_frames_all_stored_raw(app, snooper):
