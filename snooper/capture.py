@@ -73,7 +73,7 @@ class Capture:
             self.batch_started = time.monotonic()
         dups = truncated = 0
         for f in frames:
-            if seen is not None and seen(f[0], f[2]):
+            if seen is not None and seen(f[0], f[1], f[2]):
                 dups += 1
                 continue
             if f[1] > len(f[2]):

@@ -20,7 +20,11 @@ frame_hash = xxhash.xxh3_64_intdigest
 
 
 class Dedupe:
-    """``seen(ts_ns, data)`` is True for a duplicate (to be dropped), False for a frame to keep."""
+    """``seen(ts_ns, wire_len, data)`` is True for a duplicate (to be dropped), False for a frame to keep.
+
+    The wire length seeds the hash: with a small snaplen, two frames that share their first bytes
+    but differ in length are different frames.
+    """
 
     def __init__(self, window_seconds: float):
         self.window_ns = int(window_seconds * 1e9)
@@ -29,7 +33,7 @@ class Dedupe:
         self.previous: dict[int, int] = {}
         self.rotate_at: int | None = None
 
-    def seen(self, ts_ns: int, data: bytes) -> bool:
+    def seen(self, ts_ns: int, wire_len: int, data: bytes) -> bool:
         if not self.enabled:
             return False
         if self.rotate_at is None:
@@ -39,7 +43,7 @@ class Dedupe:
             self.previous = self.current if ts_ns < self.rotate_at + self.window_ns else {}
             self.current = {}
             self.rotate_at = ts_ns + self.window_ns
-        h = frame_hash(data)
+        h = frame_hash(data, wire_len)
         first = self.current.get(h)
         if first is None:
             first = self.previous.get(h)

@@ -38,25 +38,26 @@ def frames(n: int, tag: bytes = b"", size: int = 60, t0: int = 1_700_000_000 * S
 def test_dedupe_inside_window_dropped_outside_kept():
     d = Dedupe(2.0)
     a, b = b"frame-a" * 9, b"frame-b" * 9
-    assert not d.seen(10 * S, a)
-    assert d.seen(10 * S + S, a)              # 1 s later: duplicate
-    assert d.seen(12 * S, a)                  # exactly at the window edge: duplicate
-    assert not d.seen(12 * S + 1, a)          # just past the window of the kept copy: kept again
-    assert d.seen(13 * S, a)                  # ... and it starts a new window
-    assert not d.seen(13 * S, b)
-    assert not d.seen(100 * S, a) and not d.seen(100 * S, b)   # after a long gap
+    assert not d.seen(10 * S, 63, a)
+    assert d.seen(10 * S + S, 63, a)              # 1 s later: duplicate
+    assert d.seen(12 * S, 63, a)                  # exactly at the window edge: duplicate
+    assert not d.seen(12 * S + 1, 63, a)          # just past the window of the kept copy: kept again
+    assert d.seen(13 * S, 63, a)                  # ... and it starts a new window
+    assert not d.seen(13 * S, 63, b)
+    assert not d.seen(13 * S, 1500, b)       # same captured bytes, another wire length (snaplen): another frame
+    assert not d.seen(100 * S, 63, a) and not d.seen(100 * S, 63, b)   # after a long gap
 
 
 def test_dedupe_memory_is_two_windows_at_most():
     d = Dedupe(1.0)
     for i in range(50_000):                   # 10,000 distinct frames a second for 5 s
-        d.seen(i * 100_000, struct.pack("!Q", i))
+        d.seen(i * 100_000, 63, struct.pack("!Q", i))
     assert len(d) <= 20_001
 
 
 def test_dedupe_zero_window_keeps_everything():
     d = Dedupe(0)
-    assert not d.seen(1, b"x") and not d.seen(1, b"x")
+    assert not d.seen(1, 63, b"x") and not d.seen(1, 63, b"x")
 
 
 def test_capture_batches_and_counts_duplicates():
@@ -70,11 +71,12 @@ def test_capture_batches_and_counts_duplicates():
     c, w = counters.new(), Collect()
     cap = Capture(None, Dedupe(2.0), w, c, "s", "r", 100, 60.0, None)
     fs = frames(250)
-    cap.add(fs + fs[:10] + [(fs[0][0], 1000, fs[0][2])])   # 11 duplicates (the wire length is not part of a frame's bytes)
+    truncated_twin = (fs[0][0], 1000, fs[0][2])             # same captured bytes, longer on the wire: another frame
+    cap.add(fs + fs[:10] + [fs[1]] + [truncated_twin])      # 11 duplicates
     cap.flush()
-    assert [len(b.frames) for b in w.batches] == [100, 100, 50] and [b.seq for b in w.batches] == [0, 1, 2]
-    assert c["captured"] == 261 and c["duplicates"] == 11 and c["batches"] == 3
-    assert [f for b in w.batches for f in b.frames] == fs
+    assert [len(b.frames) for b in w.batches] == [100, 100, 51] and [b.seq for b in w.batches] == [0, 1, 2]
+    assert c["captured"] == 262 and c["duplicates"] == 11 and c["batches"] == 3 and c["truncated"] == 1
+    assert [f for b in w.batches for f in b.frames] == fs + [truncated_twin]
 
 
 # --- spool ----------------------------------------------------------------------------
