@@ -67,24 +67,22 @@ class Capture:
         """Dedupe and batch frames ``(ts_ns, wire_len, data)`` (also used by import-pcap)."""
         c = self.c
         c["captured"] += len(frames)
-        seen = self.dedupe.seen if self.dedupe.enabled else None
-        batch, size = self.batch, self.batch_size
-        if not batch:
-            self.batch_started = time.monotonic()
-        dups = truncated = 0
-        for f in frames:
-            if seen is not None and seen(f[0], f[1], f[2]):
-                dups += 1
-                continue
-            if f[1] > len(f[2]):
-                truncated += 1
-            batch.append(f)
-            if len(batch) >= size:
-                self._flush()
-                batch = self.batch
-                self.batch_started = time.monotonic()
+        kept, dups = self.dedupe.filter(frames)
         c["duplicates"] += dups
-        c["truncated"] += truncated
+        c["truncated"] += sum(1 for f in kept if f[1] > len(f[2]))
+        size = self.batch_size
+        while kept:
+            if not self.batch:
+                self.batch_started = time.monotonic()
+            room = size - len(self.batch)
+            if len(kept) <= room:
+                self.batch.extend(kept)
+                kept = None
+            else:
+                self.batch.extend(kept[:room])
+                kept = kept[room:]
+            if len(self.batch) >= size:
+                self._flush()
 
     def flush(self) -> None:
         self._flush()

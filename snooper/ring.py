@@ -38,8 +38,10 @@ TP_STATUS_VLAN_TPID_VALID = 0x40
 # struct tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1
 _BLOCK = struct.Struct("<III I I")            # version, priv, block_status, num_pkts, offset_to_first_pkt
 _BLOCK_STATUS_OFF = 8
-# struct tpacket3_hdr: next_offset, sec, nsec, snaplen, len, status, mac, net, rxhash, vlan_tci, vlan_tpid
-_PKT = struct.Struct("<IIIIIIHHIIH")
+# struct tpacket3_hdr: next_offset, sec, nsec, snaplen, len, status, mac (then net, rxhash, vlan_tci at +32, vlan_tpid)
+_PKT = struct.Struct("<IIIIIIH")
+_VLAN = struct.Struct("<IH")
+_VLAN_OFF = 32
 _STATS = struct.Struct("<III")                # tp_packets (incl. drops), tp_drops, tp_freeze_q_cnt
 _MAX_BPF_SNAP = 262144
 
@@ -159,16 +161,17 @@ class Ring:
         off += base
         done = 0
         for _ in range(num):
-            nxt, sec, nsec, cap, wire, pstatus, mac, _net, _h, tci, tpid = unpack(mm, off)
+            nxt, sec, nsec, cap, wire, pstatus, mac = unpack(mm, off)
             start = off + mac
             if start + cap > end or cap > wire:
                 self.bad_headers += num - done
                 break
             if pstatus & TP_STATUS_VLAN_VALID:
+                tci, tpid = _VLAN.unpack_from(mm, off + _VLAN_OFF)
                 data = _with_vlan(mm[start:start + cap], tci, tpid if pstatus & TP_STATUS_VLAN_TPID_VALID else 0x8100)[:snaplen]
                 wire += 4
             else:
-                data = mm[start:start + min(cap, snaplen)]
+                data = mm[start:start + (cap if cap < snaplen else snaplen)]
             append((sec * 1_000_000_000 + nsec, wire, data))
             done += 1
             if not nxt:

@@ -55,9 +55,28 @@ def test_dedupe_memory_is_two_windows_at_most():
     assert len(d) <= 20_001
 
 
+def test_dedupe_filter_is_the_same_rule_as_seen():
+    import random
+    rnd = random.Random(7)
+    ts, frames_ = 0, []
+    for _ in range(20_000):
+        ts += rnd.choice([0, 1000, 10**6, 3 * 10**8, 2 * S])
+        frames_.append((ts, rnd.choice([60, 61]), bytes([rnd.randrange(40)])))
+    one = Dedupe(1.0)
+    expected = [f for f in frames_ if not one.seen(*f)]
+    two = Dedupe(1.0)
+    kept, dups = [], 0
+    for i in range(0, len(frames_), 777):
+        k, d = two.filter(frames_[i:i + 777])
+        kept += k
+        dups += d
+    assert kept == expected and dups == len(frames_) - len(expected) and 0 < dups < len(frames_)
+
+
 def test_dedupe_zero_window_keeps_everything():
     d = Dedupe(0)
     assert not d.seen(1, 63, b"x") and not d.seen(1, 63, b"x")
+    assert d.filter([(1, 1, b"x")] * 3) == ([(1, 1, b"x")] * 3, 0)
 
 
 def test_capture_batches_and_counts_duplicates():
