@@ -304,6 +304,14 @@ def test_read_frames_keeps_time_and_wire_length(nano, big):
     assert got == [(sec * S + frac * scale, wire, data) for sec, frac, data, wire in recs]
 
 
+def test_read_frames_pcapng():
+    out = io.BytesIO()
+    w = dpkt.pcapng.Writer(out, snaplen=65535, linktype=1)
+    w.writepkt(b"\x03" * 50, ts=1700000000.25)
+    got = list(pcap.read_frames(io.BytesIO(out.getvalue())))
+    assert got == [(1700000000 * S + 250_000_000, 50, b"\x03" * 50)]
+
+
 def test_read_frames_rejects_what_it_cannot_store():
     with pytest.raises(pcap.PcapError, match="link type 101"):
         list(pcap.read_frames(io.BytesIO(_pcap([], linktype=101))))
