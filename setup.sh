@@ -21,7 +21,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 APT_PACKAGES=(
-  sudo procps iproute2 iputils-ping ethtool tcpdump
+  sudo procps iproute2 iputils-ping ethtool tcpdump tcpreplay
   openvswitch-switch openvswitch-common
   prosody
   python3 python3-venv python3-dev gcc pkg-config libsystemd-dev

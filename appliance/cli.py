@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "appliance.demo",
     "appliance.analyser.commands",
     "static_controller.command",
+    "snooper.cli",
 )
 
 

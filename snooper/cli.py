@@ -1,0 +1,89 @@
+"""Subcommands: ``snooper``, ``export-pcap``, ``import-pcap``."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+from appliance import service, store
+from appliance.cli import UsageError, load_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("snooper", help="capture the mirror interface into the store (the pisnoop-snooper service)")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (benchmarks, tests)")
+    p.set_defaults(func=cmd_snooper)
+
+    e = sub.add_parser("export-pcap", help="write stored frames to a classic pcap file")
+    e.add_argument("--since", required=True, help="ISO 8601 (UTC if no zone), epoch seconds, now, or -30s/-5m/-2h/-1d")
+    e.add_argument("--until", default="now", help="same forms as --since (default: now)")
+    e.add_argument("--host", help="only frames from or to this IPv4/IPv6 address")
+    e.add_argument("--port", type=int, help="only TCP/UDP frames from or to this port")
+    e.add_argument("--sensor", help="only frames of this sensor")
+    e.add_argument("--run", help="only frames of this capture or import run")
+    e.add_argument("-o", "--output", required=True, metavar="FILE", help="the pcap file to write ('-' for stdout)")
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("import-pcap", help="store a pcap/pcapng file's Ethernet frames as if captured")
+    i.add_argument("file")
+    i.add_argument("--dedupe", action="store_true", help="drop duplicates within snooper.dedupe_window (default: keep all)")
+    i.add_argument("--sensor", help="sensor name to store under (default: snooper.sensor)")
+    i.set_defaults(func=cmd_import)
+
+
+def cmd_snooper(args) -> int:
+    from .service import run
+    cfg = load_config(args)
+    log = service.setup_logging("snooper", args.log_level)
+    return run(cfg, log, duration=args.duration)
+
+
+def cmd_export(args) -> int:
+    from .pcap import export, parse_time
+    cfg = load_config(args)
+    try:
+        since, until = parse_time(args.since), parse_time(args.until)
+    except ValueError as exc:
+        raise UsageError(f"export-pcap: {exc}") from None
+    if until < since:
+        raise UsageError("export-pcap: --until is before --since")
+    if args.host:
+        try:
+            ipaddress.ip_address(args.host)
+        except ValueError:
+            raise UsageError(f"export-pcap: --host {args.host!r} is not an IP address") from None
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise UsageError(f"export-pcap: --port {args.port}: expected 0 to 65535")
+    db = store.database(cfg.mongodb, "pisnoop-export")
+    try:
+        store.ping(db)
+    except store.StoreUnavailable as exc:
+        print(f"pisnoop: {exc}", file=sys.stderr)
+        return 1
+    try:
+        out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
+    except OSError as exc:
+        raise UsageError(f"export-pcap: {args.output}: {exc.strerror}") from None
+    with out:
+        n = export(db, out, since, until, host=args.host, port=args.port, sensor=args.sensor, run=args.run)
+    print(f"{n} frames written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .pcap import PcapError, import_file
+    cfg = load_config(args)
+    log = service.setup_logging("import", args.log_level)
+    try:
+        fh = open(args.file, "rb")
+    except OSError as exc:
+        raise UsageError(f"import-pcap: {args.file}: {exc.strerror}") from None
+    with fh:
+        try:
+            c, run, left = import_file(cfg, fh, log, dedupe=args.dedupe, sensor=args.sensor)
+        except PcapError as exc:
+            raise UsageError(f"import-pcap: {args.file}: {exc}") from None
+    print(f"run {run}: read {c['captured']} frames, stored {c['stored']}, duplicates {c['duplicates']}, "
+          f"unreadable records {c['dropped_parse']}, waiting in the spool {left}")
+    return 0 if not left else 1

@@ -1,0 +1,195 @@
+"""The capture socket: AF_PACKET with a PACKET_MMAP TPACKET_V3 receive ring.
+
+The kernel writes whole blocks of frames into a ring shared with us; we walk
+a block with ``struct.unpack_from`` and hand it back by clearing its status
+word. No syscall per frame: that is what lets Python keep up (DESIGN.md,
+~0.24 us a frame against ~1.3 us for ``recv``).
+
+The socket is created with protocol 0 (receives nothing), gets its filter and
+ring, and only then is bound with ETH_P_ALL, so no frame that the filter
+would reject slips in before the filter is attached.
+"""
+
+from __future__ import annotations
+
+import mmap
+import select
+import socket
+import struct
+import subprocess
+import threading
+from appliance import netns
+
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+TPACKET_V3 = 2
+PACKET_MR_PROMISC = 1
+SO_ATTACH_FILTER = 26
+
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1
+TP_STATUS_VLAN_VALID = 0x10
+TP_STATUS_VLAN_TPID_VALID = 0x40
+
+# struct tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1
+_BLOCK = struct.Struct("<III I I")            # version, priv, block_status, num_pkts, offset_to_first_pkt
+_BLOCK_STATUS_OFF = 8
+# struct tpacket3_hdr: next_offset, sec, nsec, snaplen, len, status, mac (then net, rxhash, vlan_tci at +32, vlan_tpid)
+_PKT = struct.Struct("<IIIIIIH")
+_VLAN = struct.Struct("<IH")
+_VLAN_OFF = 32
+_STATS = struct.Struct("<III")                # tp_packets (incl. drops), tp_drops, tp_freeze_q_cnt
+_MAX_BPF_SNAP = 262144
+
+
+class CaptureError(RuntimeError):
+    """The capture socket could not be set up; the message says which step and why."""
+
+
+def compile_bpf(expression: str, snaplen: int) -> bytes:
+    """A ``struct sock_fprog`` payload for ``expression`` (tcpdump syntax), accepting at most ``snaplen`` bytes.
+
+    The kernel truncates each accepted frame to the program's return value,
+    so the snaplen is enforced before the frame is even copied into the ring.
+    """
+    argv = ["tcpdump", "-ddd", "-y", "EN10MB", "-s", str(snaplen)]
+    if expression.strip():
+        argv.append(expression)
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except FileNotFoundError:
+        raise CaptureError("bpf_filter needs tcpdump to compile it: not installed") from None
+    if proc.returncode != 0:
+        msg = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CaptureError(f"bpf_filter {expression!r} does not compile: {msg}")
+    lines = proc.stdout.split("\n")
+    count = int(lines[0])
+    insns = b"".join(struct.pack("<HBBI", *map(int, line.split())) for line in lines[1:1 + count])
+    return insns
+
+
+class Ring:
+    """One TPACKET_V3 capture ring on ``ifname`` (inside ``ns`` when given)."""
+
+    def __init__(self, ifname: str, ns: str | None, block_size: int, block_count: int,
+                 block_timeout_ms: int, snaplen: int = 65535, bpf_filter: str = "", promisc: bool = True):
+        self.ifname = ifname
+        self.block_size = block_size
+        self.block_count = block_count
+        self.snaplen = snaplen
+        self.block = 0
+        self.kernel_packets = 0
+        self.kernel_drops = 0
+        self.kernel_freezes = 0
+        self.bad_headers = 0
+        self._stats_lock = threading.Lock()
+        with netns.enter(ns):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            try:
+                self._setup(block_timeout_ms, bpf_filter, promisc)
+            except BaseException:
+                self.sock.close()
+                raise
+
+    def _setup(self, block_timeout_ms: int, bpf_filter: str, promisc: bool) -> None:
+        s = self.sock
+        try:
+            socket.if_nametoindex(self.ifname)
+        except OSError:
+            raise CaptureError(f"interface {self.ifname} does not exist") from None
+        if bpf_filter or self.snaplen < _MAX_BPF_SNAP:
+            prog = compile_bpf(bpf_filter, self.snaplen)
+            self._filter_buf = prog  # keep the buffer alive while the kernel copies it
+            import ctypes
+            cbuf = ctypes.create_string_buffer(prog, len(prog))
+            fprog = struct.pack("HL", len(prog) // 8, ctypes.addressof(cbuf))
+            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+        # tpacket_req3: block_size, block_nr, frame_size, frame_nr, retire_blk_tov, sizeof_priv, feature_req_word
+        frame_size = 2048
+        frames = self.block_size // frame_size * self.block_count
+        req = struct.pack("IIIIIII", self.block_size, self.block_count, frame_size, frames, block_timeout_ms, 0, 0)
+        try:
+            s.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+        except OSError as exc:
+            raise CaptureError(f"PACKET_RX_RING {self.block_count} x {self.block_size} B: {exc.strerror}") from None
+        self.mm = mmap.mmap(s.fileno(), self.block_size * self.block_count, mmap.MAP_SHARED,
+                            mmap.PROT_READ | mmap.PROT_WRITE)
+        if promisc:
+            mreq = struct.pack("iHH8s", socket.if_nametoindex(self.ifname), PACKET_MR_PROMISC, 0, b"")
+            s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+        s.bind((self.ifname, ETH_P_ALL))
+        self.poller = select.poll()
+        self.poller.register(s.fileno(), select.POLLIN | select.POLLERR)
+
+    def read_stats(self) -> tuple[int, int, int]:
+        """Fold the kernel's counters (reset on every read) into running totals and return them."""
+        with self._stats_lock:
+            if self.sock.fileno() < 0:
+                return self.kernel_packets, self.kernel_drops, self.kernel_freezes
+            packets, drops, freezes = _STATS.unpack(self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS.size))
+            self.kernel_packets += packets
+            self.kernel_drops += drops
+            self.kernel_freezes += freezes
+            return self.kernel_packets, self.kernel_drops, self.kernel_freezes
+
+    def wait(self, timeout_ms: int) -> bool:
+        """True when the next block is ready (after waiting at most ``timeout_ms``)."""
+        if self.mm[self.block * self.block_size + _BLOCK_STATUS_OFF] & TP_STATUS_USER:
+            return True
+        self.poller.poll(timeout_ms)
+        return bool(self.mm[self.block * self.block_size + _BLOCK_STATUS_OFF] & TP_STATUS_USER)
+
+    def read_block(self, out: list) -> int | None:
+        """Append ``(ts_ns, wire_len, data)`` for each frame of the next ready block to ``out``; None if none is ready.
+
+        The block goes back to the kernel before returning. A frame whose
+        header points outside the block is counted in ``bad_headers``.
+        """
+        mm, base, bsize = self.mm, self.block * self.block_size, self.block_size
+        _v, _p, status, num, off = _BLOCK.unpack_from(mm, base)
+        if not status & TP_STATUS_USER:
+            return None
+        unpack = _PKT.unpack_from
+        append = out.append
+        snaplen = self.snaplen
+        end = base + bsize
+        off += base
+        done = 0
+        for _ in range(num):
+            nxt, sec, nsec, cap, wire, pstatus, mac = unpack(mm, off)
+            start = off + mac
+            if start + cap > end or cap > wire:
+                self.bad_headers += num - done
+                break
+            if pstatus & TP_STATUS_VLAN_VALID:
+                tci, tpid = _VLAN.unpack_from(mm, off + _VLAN_OFF)
+                data = _with_vlan(mm[start:start + cap], tci, tpid if pstatus & TP_STATUS_VLAN_TPID_VALID else 0x8100)[:snaplen]
+                wire += 4
+            else:
+                data = mm[start:start + (cap if cap < snaplen else snaplen)]
+            append((sec * 1_000_000_000 + nsec, wire, data))
+            done += 1
+            if not nxt:
+                break
+            off += nxt
+        mm[base + _BLOCK_STATUS_OFF:base + _BLOCK_STATUS_OFF + 4] = b"\0\0\0\0"
+        self.block = (self.block + 1) % self.block_count
+        return done
+
+    def close(self) -> None:
+        with self._stats_lock:
+            try:
+                self.mm.close()
+            except (AttributeError, BufferError):
+                pass
+            self.sock.close()
+
+
+def _with_vlan(frame: bytes, tci: int, tpid: int) -> bytes:
+    """Put back the 802.1Q tag that the NIC/veth stripped into the ring header."""
+    return frame[:12] + struct.pack("!HH", tpid, tci & 0xFFFF) + frame[12:]

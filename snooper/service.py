@@ -1,0 +1,101 @@
+"""``pisnoop snooper``: wire the parts together, run until SIGTERM/SIGINT, flush, exit.
+
+The capture loop runs on the main thread (signals only set an event it
+checks at least every 100 ms); the writer and the status reporter run on
+their own threads. On a stop: capture ends, what the kernel already put in
+the ring is taken, the open batch is flushed, the writer empties its queue
+into the store or the spool, a final status is written, STOPPING=1.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+from appliance import service, store
+from appliance.cli import UsageError
+
+from . import counters as counters_mod
+from . import ifcheck
+from .batch import new_run_id
+from .capture import Capture
+from .dedupe import Dedupe
+from .ring import CaptureError, Ring
+from .spool import Spool
+from .status import Reporter, snapshot_of
+from .writer import Writer
+
+
+def open_spool(sc, counters: dict, log, replay: bool = True) -> Spool:
+    try:
+        return Spool(sc.spool_dir, sc.spool_max_mb, sc.spool_full_policy, counters, log, replay=replay)
+    except OSError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def run(cfg, log, duration: float | None = None) -> int:
+    sc = cfg.snooper
+    try:
+        ifcheck.check(sc.interface, sc.netns, log)
+    except ifcheck.UnsafeInterface as exc:
+        raise UsageError(f"refusing to capture: {exc}") from None
+    c = counters_mod.new()
+    run_id = new_run_id()
+    spool = open_spool(sc, c, log)
+    try:
+        ring = Ring(sc.interface, sc.netns, sc.ring_block_size, sc.ring_block_count, sc.ring_block_timeout_ms,
+                    snaplen=sc.snaplen, bpf_filter=sc.bpf_filter)
+    except CaptureError as exc:
+        spool.close()
+        raise UsageError(str(exc)) from None
+    db = store.database(cfg.mongodb, "pisnoop-snooper")
+    writer = Writer(db, spool, c, log, frames_hours=cfg.mongodb.retention.frames_hours)
+    dedupe = Dedupe(sc.dedupe_window)
+    stop = threading.Event()
+    capture = Capture(ring, dedupe, writer, c, sc.sensor, run_id, sc.batch_size, sc.batch_interval, stop)
+    snapshot = snapshot_of(c, writer, spool, ring, dedupe, run_id, sc.interface, capture.in_batch)
+    reporter = Reporter(db, sc.sensor, sc.status_interval, snapshot, log, threading.Event())
+    _metrics(cfg, c, snapshot, log)
+
+    def on_signal(signum, _frame):
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    if duration:
+        timer = threading.Timer(duration, stop.set)
+        timer.daemon = True
+        timer.start()
+    writer.start()
+    reporter.start()
+    log.info("capturing on %s%s, run %s, dedupe window %.3g s, batches of %d, spool %s", sc.interface,
+             f" (netns {sc.netns})" if sc.netns else "", run_id, sc.dedupe_window, sc.batch_size, sc.spool_dir)
+    try:
+        capture.run()
+    finally:
+        service.notify("STOPPING=1")
+        for s, h in old.items():
+            signal.signal(s, h)
+        t0 = time.monotonic()
+        writer.stop()
+        reporter.stop_event.set()
+        reporter.publish(final=True)
+        ring.close()
+        spool.close()
+        log.info("stopped after flushing for %.1f s", time.monotonic() - t0)
+    return 0 if not writer.is_alive() else 1
+
+
+def _metrics(cfg, c: dict, snapshot, log) -> None:
+    if not cfg.metrics.enabled:
+        return
+    from prometheus_client import REGISTRY
+
+    def gauges() -> dict:
+        return {k: v for k, v in snapshot()[1].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    REGISTRY.register(counters_mod.Collector(c, gauges, cfg.snooper.sensor))
+    try:
+        service.start_metrics(cfg.metrics, cfg.metrics.snooper_port, log)
+    except OSError as exc:
+        log.warning("%s: no metrics endpoint", exc)

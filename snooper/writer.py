@@ -1,0 +1,196 @@
+"""The writer: batches into MongoDB on its own thread, the spool when MongoDB cannot take them.
+
+Capture never waits for the store: ``offer()`` only puts a batch on a bounded
+queue, and when that queue is full the batch goes straight to the spool. The
+writer thread inserts one document per batch (``store.batch_document`` plus
+``ins``, the time of the insert). Ids are deterministic, so a
+``DuplicateKeyError`` on a retry means an earlier attempt did get through:
+the batch is stored, once. After a failure the store counts as away for a
+second; meanwhile batches go to the spool, and every second the writer tries
+to replay the spool oldest first, which is also how it notices the store is
+back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import queue
+import threading
+import time
+
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+
+from appliance import store
+
+from .batch import Batch
+from .spool import Spool
+
+RETRY_SECONDS = 1.0
+QUEUE_BYTES = 96 << 20   # frames waiting in memory for the store (est. 100 B Python overhead each) before spooling
+_FRAME_OVERHEAD = 100
+_STOP = object()
+
+
+def _size(batch: Batch) -> int:
+    return sum(len(f[2]) for f in batch.frames) + _FRAME_OVERHEAD * len(batch.frames)
+
+
+def ensure_indexes(db, frames_hours: int, log: logging.Logger) -> None:
+    """Indexes readers need, and retention as a TTL on ``ins``.
+
+    ``ins`` (follow new data; TTL) and ``t0``/``t1``/``first_ns`` (time ranges). The TTL counts
+    from when a batch reached the store, not from its capture time: an imported old pcap, or a
+    batch replayed after a long outage, still gets the full retention instead of vanishing at once.
+    """
+    col = db[store.FRAMES]
+    col.create_index("t0")
+    col.create_index("t1")
+    col.create_index("first_ns")
+    if frames_hours <= 0:
+        col.create_index("ins")
+        return
+    ttl = int(frames_hours * 3600)
+    try:
+        col.create_index("ins", expireAfterSeconds=ttl)
+    except OperationFailure as exc:  # an index from an earlier retention setting
+        try:
+            db.command("collMod", store.FRAMES, index={"keyPattern": {"ins": 1}, "expireAfterSeconds": ttl})
+        except PyMongoError:
+            log.warning("could not set the frames retention to %d h: %s", frames_hours, exc)
+
+
+def insert(db, batch: Batch, counters: dict) -> None:
+    """Store one batch exactly once; raises ``PyMongoError`` if the store did not take it."""
+    doc = store.batch_document(batch.sensor, batch.run, batch.seq, batch.frames)
+    doc["ins"] = dt.datetime.now(dt.timezone.utc)
+    try:
+        db[store.FRAMES].insert_one(doc)
+    except DuplicateKeyError:
+        pass  # stored by an earlier attempt whose answer was lost
+    counters["stored"] += len(batch.frames)
+    counters["stored_batches"] += 1
+
+
+class Writer(threading.Thread):
+    def __init__(self, db, spool: Spool, counters: dict, log: logging.Logger, queue_bytes: int = QUEUE_BYTES,
+                 frames_hours: int = 0):
+        super().__init__(name="pisnoop-writer", daemon=True)
+        self.db = db
+        self.spool = spool
+        self.counters = counters
+        self.log = log
+        self.queue: queue.Queue = queue.Queue()
+        self.queue_bytes = queue_bytes   # the bound: in bytes, so that big frames cannot exhaust memory
+        self.retry_at = 0.0      # monotonic time before which the store counts as away
+        self.store_up = True
+        self.pending_frames = 0  # frames in the queue or being written
+        self.pending_bytes = 0
+        self._pending_lock = threading.Lock()
+        self.frames_hours = frames_hours
+        self.indexed = False     # indexes are made on the first contact with the store
+
+    # --- the capture side ------------------------------------------------------
+
+    def offer(self, batch: Batch, block: bool = False) -> None:
+        """Hand a batch over: queue, or (capture must never wait) spool when the queue is full.
+
+        ``block=True`` waits for room instead (import-pcap: a file can wait, the wire cannot).
+        """
+        n = len(batch.frames)
+        size = _size(batch)
+        while block and self.pending_bytes and self.pending_bytes + size > self.queue_bytes and self.is_alive():
+            time.sleep(0.01)
+        with self._pending_lock:
+            if not block and self.pending_bytes + size > self.queue_bytes:
+                full = True
+            else:
+                full = False
+                self.pending_frames += n
+                self.pending_bytes += size
+        if full:
+            self.counters["queue_overflows"] += 1
+            self.spool.put(batch)
+        else:
+            self.queue.put(batch)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Flush everything queued (to the store or the spool) and end the thread."""
+        self.queue.put(_STOP)
+        self.join(timeout)
+
+    # --- the writer thread -------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            try:
+                item = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                item = None
+            if item is _STOP:  # a last go at the spool (the store may be back by now), then leave it for next time
+                end = time.monotonic() + 5.0
+                while len(self.spool) and self.spool.owner and time.monotonic() < end:
+                    time.sleep(max(0.0, min(self.retry_at, end) - time.monotonic()))
+                    self._replay(deadline=end)
+                return
+            if item is not None:
+                try:
+                    self._write(item)
+                except Exception:  # a bug must not silently stop storing: keep the batch, keep going
+                    self.log.exception("writing batch %s:%d failed unexpectedly; spooling it", item.run, item.seq)
+                    self.counters["store_errors"] += 1
+                    self.spool.put(item)
+                with self._pending_lock:
+                    self.pending_frames -= len(item.frames)
+                    self.pending_bytes -= _size(item)
+            if self.queue.empty():  # replay only when idle: under load, fresh batches first, or the spool snowballs
+                self._replay(deadline=time.monotonic() + 0.1)
+
+    def _insert(self, batch: Batch) -> None:
+        if not self.indexed:
+            ensure_indexes(self.db, self.frames_hours, self.log)
+            self.indexed = True
+        insert(self.db, batch, self.counters)
+
+    def _write(self, batch: Batch) -> None:
+        if time.monotonic() >= self.retry_at:
+            try:
+                self._insert(batch)
+                self._mark(True)
+                return
+            except PyMongoError as exc:
+                self.counters["store_errors"] += 1
+                self._mark(False, exc)
+        self.spool.put(batch)
+
+    def _replay(self, deadline: float) -> None:
+        """Replay spooled batches oldest first until the spool is empty, the store fails, or time is up."""
+        if not self.spool.owner or time.monotonic() < self.retry_at:
+            return
+        while time.monotonic() < deadline:
+            name = self.spool.oldest()
+            if name is None:
+                return
+            batch = self.spool.load(name)
+            if batch is None:
+                continue
+            try:
+                self._insert(batch)
+            except PyMongoError as exc:
+                self.counters["store_errors"] += 1
+                self._mark(False, exc)
+                return
+            self.counters["replayed"] += len(batch.frames)
+            self.spool.remove(name)
+            self._mark(True)
+
+    def _mark(self, up: bool, exc: Exception | None = None) -> None:
+        if up and not self.store_up:
+            self.log.info("store is back: writing directly again, %d batches left in the spool", len(self.spool))
+        elif not up:
+            self.retry_at = time.monotonic() + RETRY_SECONDS
+            if self.store_up:
+                self.log.warning("store write failed (%s: %s): spooling to %s", exc.__class__.__name__,
+                                 str(exc)[:160], self.spool.dir)
+        self.store_up = up
+
