@@ -74,6 +74,8 @@ def verdict(result: scenario.Result) -> list[str]:
     bad = []
     if not result.blocked:
         bad.append("the abusive client was not blocked")
+    elif result.received.get(result.abuser_jid, 0) != result.abuser_received_at_block:
+        bad.append("messages of the abusive client still reached the server after the block")
     if any(ip != scenario.ABUSER_IP for ip in result.flagged_ips):
         bad.append(f"benign clients flagged: {[ip for ip in result.flagged_ips if ip != scenario.ABUSER_IP]}")
     for jid in result.benign_jids:
@@ -97,7 +99,7 @@ def print_result(r: scenario.Result) -> bool:
               f"of flooding, blocked at the switch after {t['blocked'] - t['flood_start']:.1f} s")
     mal_sent, mal_got = r.sent.get(r.abuser_jid, 0), r.received.get(r.abuser_jid, 0)
     print(f"  its messages: sent {mal_sent}, reached the server {mal_got} "
-          f"({mal_got - r.abuser_received_at_block} after the block); drop-flow packets {r.drop_packets}")
+          f"({mal_got - r.abuser_received_at_block} after the block settled); drop-flow packets {r.drop_packets}")
     print(f"  its frames kept as evidence in the store: {r.abuser_frames_stored}")
     for jid in r.benign_jids:
         print(f"  benign {jid}: sent {r.sent.get(jid, 0)}, reached the server {r.received.get(jid, 0)}")
