@@ -138,6 +138,11 @@ class ServiceSet:
         except OSError:
             return ""
 
+    def drain(self) -> None:
+        """Read the notify sockets: a full datagram queue would block the services' sd_notify."""
+        for listener in self.notify.values():
+            listener.poll()
+
     def check_alive(self) -> list[str]:
         return [f"{n} exited with {p.returncode}" for n, p in self.procs.items() if p.poll() is not None]
 
@@ -299,6 +304,7 @@ def _received(reports: Path) -> dict[str, int]:
 def _wait(seconds: float, va, db, services: ServiceSet, reports: Path, tick, errors: list[str]) -> None:
     end = time.monotonic() + seconds
     while True:
+        services.drain()
         tick(status_line(va, db, reports))
         left = end - time.monotonic()
         if left <= 0:
