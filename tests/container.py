@@ -35,7 +35,7 @@ SUITE = "bookworm"
 # the root itself: systemd as init and what Ansible needs to run modules
 BASE_PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3", "python3-apt", "ca-certificates"]
 # what the playbook installs (roles base and openvswitch): only downloaded at build time
-PLAYBOOK_PACKAGES = ["ifupdown", "iproute2", "procps", "python3-venv", "python3-systemd", "openvswitch-switch"]
+PLAYBOOK_PACKAGES = ["ifupdown", "iproute2", "procps", "tcpdump", "python3-venv", "python3-systemd", "openvswitch-switch"]
 # the wheels for the venv: pyproject's dependencies minus systemd-python (Debian's python3-systemd), plus the store
 _PLATFORMS = {
     "amd64": ["manylinux2014_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64"],
@@ -97,37 +97,43 @@ def foreign_arch_ready(arch: str) -> None:
 
 def base_root(arch: str) -> tuple[Path, dict]:
     """The cached Debian 12 root for ``arch`` (built when missing); returns it and its build record."""
-    key = {"suite": SUITE, "arch": arch, "base": BASE_PACKAGES, "playbook": PLAYBOOK_PACKAGES}
+    key = {"suite": SUITE, "arch": arch, "base": BASE_PACKAGES}
     root = CACHE / f"debian12-{arch}"
     stamp = CACHE / f"debian12-{arch}.json"
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive", "LANG": "C.UTF-8"}
     with _Lock(CACHE / f"debian12-{arch}.lock"):
-        if stamp.exists() and root.is_dir():
-            record = json.loads(stamp.read_text())
-            if record.get("key") == key:
-                return root, record
-        foreign_arch_ready(arch)
-        if shutil.which("debootstrap") is None:
-            raise ContainerError("debootstrap not found: install it (setup.sh lists it)")
-        tmp = CACHE / f"debian12-{arch}.building"
-        for old in (tmp, root):
-            if old.exists():
-                shutil.rmtree(old)
-        stamp.unlink(missing_ok=True)
-        t0 = time.monotonic()
-        _run(["debootstrap", f"--arch={arch}", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES),
-              SUITE, str(tmp), MIRROR], timeout=3600)
-        t1 = time.monotonic()
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive", "LANG": "C.UTF-8"}
-        _run(["chroot", str(tmp), "apt-get", "update", "-qq"], env=env)
-        _run(["chroot", str(tmp), "apt-get", "install", "-y", "-qq", "--download-only", "--no-install-recommends",
-              *PLAYBOOK_PACKAGES], env=env)
-        (tmp / "etc/machine-id").write_text("")  # a fresh id at each boot of a copy
-        t2 = time.monotonic()
-        tmp.rename(root)
-        record = {"key": key, "debootstrap_seconds": round(t1 - t0, 1), "download_seconds": round(t2 - t1, 1),
-                  "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        stamp.write_text(json.dumps(record, indent=1))
+        record = json.loads(stamp.read_text()) if stamp.exists() and root.is_dir() else {}
+        if record.get("key") != key:
+            record = _debootstrap(arch, root, stamp, key, env)
+        if record.get("downloaded") != PLAYBOOK_PACKAGES:
+            foreign_arch_ready(arch)
+            t0 = time.monotonic()
+            _run(["chroot", str(root), "apt-get", "install", "-y", "-qq", "--download-only", "--no-install-recommends",
+                  *PLAYBOOK_PACKAGES], env=env)
+            record.update(downloaded=PLAYBOOK_PACKAGES, download_seconds=round(time.monotonic() - t0, 1))
+            stamp.write_text(json.dumps(record, indent=1))
         return root, record
+
+
+def _debootstrap(arch: str, root: Path, stamp: Path, key: dict, env: dict) -> dict:
+    foreign_arch_ready(arch)
+    if shutil.which("debootstrap") is None:
+        raise ContainerError("debootstrap not found: install it (setup.sh lists it)")
+    tmp = CACHE / f"debian12-{arch}.building"
+    for old in (tmp, root):
+        if old.exists():
+            shutil.rmtree(old)
+    stamp.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    _run(["debootstrap", f"--arch={arch}", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES),
+          SUITE, str(tmp), MIRROR], timeout=3600)
+    _run(["chroot", str(tmp), "apt-get", "update", "-qq"], env=env)
+    (tmp / "etc/machine-id").write_text("")  # a fresh id at each boot of a copy
+    tmp.rename(root)
+    record = {"key": key, "debootstrap_seconds": round(time.monotonic() - t0, 1),
+              "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    stamp.write_text(json.dumps(record, indent=1))
+    return record
 
 
 def wheelhouse(arch: str) -> Path:
