@@ -240,7 +240,7 @@ class Container:
     def sh(self, script: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run a shell command inside the container (all its namespaces)."""
         argv = ["nsenter", "--target", str(self.leader), "--mount", "--uts", "--ipc", "--net", "--pid", "--root",
-                "--wd=/", "--", "/bin/sh", "-c", script]
+                "--wdns=/", "--", "/bin/sh", "-c", script]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                               env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
         if check and proc.returncode != 0:

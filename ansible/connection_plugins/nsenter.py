@@ -71,7 +71,7 @@ class Connection(ConnectionBase):
         super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
         self._connect()
         argv = ["nsenter", "--target", self._pid, "--mount", "--uts", "--ipc", "--net", "--pid",
-                "--root", "--wd=/", "--", "/bin/sh", "-c", cmd]
+                "--root", "--wdns=/", "--", "/bin/sh", "-c", cmd]
         display.vvv(f"EXEC {shlex.join(argv)}", host=self._pid)
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
         proc = subprocess.run(argv, input=to_bytes(in_data) if in_data is not None else None,
