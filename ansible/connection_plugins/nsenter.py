@@ -27,6 +27,8 @@ DOCUMENTATION = """
                 - name: inventory_hostname
                 - name: ansible_host
                 - name: ansible_nsenter_pid
+    extends_documentation_fragment:
+        - connection_pipelining
 """
 
 import os
