@@ -25,7 +25,7 @@ APT_PACKAGES=(
   openvswitch-switch openvswitch-common
   prosody
   python3 python3-venv python3-dev gcc pkg-config libsystemd-dev
-  systemd systemd-container debootstrap qemu-user-static binfmt-support
+  systemd systemd-container debootstrap qemu-user-static binfmt-support util-linux
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
