@@ -3,8 +3,14 @@
 Needs binfmt_misc with the qemu-aarch64 interpreter registered with the
 fix-binary flag (setup.sh installs qemu-user-static and binfmt-support; the
 container helper mounts binfmt_misc and enables the entry when needed).
-Same checks as on amd64, except the watchdog test (the mechanism is
-systemd's and already proven on amd64).
+Same checks as on amd64 except that the services are installed and enabled
+but not started (``pisnoop_start_services: false``): under qemu-user,
+systemd cannot set up the user namespace that ``PrivateUsers=yes`` asks for
+("Failed to set up user namespacing: Invalid argument", exit 217/USER), and
+the userspace datapath cannot attach the veth ports (qemu lacks
+PACKET_AUXDATA: "failed to mark socket for auxdata (Protocol not
+available)"). Both are emulator limits, not the appliance's: READY, the
+watchdog and the datapath are proven natively in test_provision_container.py.
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ import pytest
 from tests import test_provision_container as checks
 
 pytestmark = pytest.mark.slow
+NO_START = ("-e", "pisnoop_start_services=false")
 
 
 @pytest.fixture(scope="module")
 def provisioned():
-    yield from checks.provision("arm64")
+    yield from checks.provision("arm64", *NO_START)
 
 
 def test_arm64_first_run_provisions(provisioned):
@@ -37,9 +44,5 @@ def test_arm64_units_enabled_and_verify_clean(provisioned):
     checks.check_units(provisioned)
 
 
-def test_arm64_services_report_ready(provisioned):
-    checks.check_services_ready(provisioned)
-
-
 def test_arm64_second_run_changes_nothing(provisioned):
-    checks.check_second_run_changes_nothing(provisioned)
+    checks.check_second_run_changes_nothing(provisioned, *NO_START)

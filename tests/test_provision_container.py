@@ -25,7 +25,7 @@ SERVICES = ["controller", "snooper", "analyser"]
 BRANCH = {s: s for s in SERVICES}
 
 
-def provision(arch: str):
+def provision(arch: str, *extra: str):
     """Boot a fresh container for ``arch``, run the playbook once; yield (container, first run, seconds)."""
     root, record = container.base_root(arch)
     wheels = container.wheelhouse(arch)
@@ -34,7 +34,7 @@ def provision(arch: str):
     with container.Container(arch, boot_timeout=600 if arch != container.host_arch() else 180) as ct:
         print(f"{arch} boot to running: {ct.boot_seconds} s")
         t0 = time.monotonic()
-        first = ct.playbook(wheels=wheels)
+        first = ct.playbook(*extra, wheels=wheels)
         seconds = round(time.monotonic() - t0, 1)
         print(f"{arch} first playbook run: {seconds} s")
         yield ct, first, seconds
@@ -131,10 +131,10 @@ def check_services_ready(provisioned) -> None:
     raise AssertionError(f"not all services active: {states}\n{logs[-5000:]}")
 
 
-def check_second_run_changes_nothing(provisioned) -> None:
+def check_second_run_changes_nothing(provisioned, *extra: str) -> None:
     ct, first, _ = provisioned
     t0 = time.monotonic()
-    second = ct.playbook()
+    second = ct.playbook(*extra)
     print(f"\n{ct.arch} second playbook run: {round(time.monotonic() - t0, 1)} s")
     assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-3000:]
     counts = recap(second.stdout)
