@@ -339,6 +339,11 @@ def teardown(run_dir: Path, state: dict[str, Any] | None = None) -> list[str]:
             stop_pid(pid)
             if _alive(pid):
                 left.append(f"{name} pid {pid}")
+    # whatever else still names this run's directory is ours too (e.g. a store a test restarted)
+    for pid in _pids_naming(run_dir):
+        stop_pid(pid)
+        if _alive(pid):
+            left.append(f"pid {pid} ({run_dir})")
     for ns in state.get("namespaces", []):
         if netns.exists(ns):
             res = run(["ip", "netns", "del", ns], check=False)
@@ -354,6 +359,22 @@ def teardown(run_dir: Path, state: dict[str, Any] | None = None) -> list[str]:
         if run_dir.exists():
             left.append(f"directory {run_dir}")
     return left
+
+
+def _pids_naming(run_dir: Path) -> list[int]:
+    """Processes whose command line contains this run's directory (unique per run, so ours)."""
+    needle = (str(run_dir) + "/").encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if needle in cmdline:
+            found.append(int(entry))
+    return found
 
 
 def _is_ours(pid: int, run_dir: Path, name: str) -> bool:

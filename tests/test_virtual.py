@@ -118,3 +118,16 @@ def test_cli_up_status_down():
     assert res.returncode == 0, res.stderr
     assert not os.path.exists(st["run_dir"])
     assert pisnoop("virtual", "down", prefix).returncode == 2
+
+
+def test_teardown_ends_a_store_restarted_behind_its_back():
+    appliance = VirtualAppliance()
+    with appliance:
+        old = appliance.store.pid
+        appliance.store.stop()
+        appliance.store.start()  # a new PID that state.json does not know
+        assert appliance.store.pid != old
+        restarted = appliance.store.pid
+    assert_gone(appliance)
+    assert not os.path.exists(f"/proc/{restarted}") or \
+        open(f"/proc/{restarted}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
