@@ -44,16 +44,17 @@ class ConfigError(Exception):
 _MISSING = object()
 
 
-def _rng(lo: float | None = None, hi: float | None = None, what: str = "") -> dict:
+def value_range(lo: float | None = None, hi: float | None = None, what: str = "") -> dict:
+    """Field metadata: the accepted range and how to say it (also used by the analyser's policy schema)."""
     return {"min": lo, "max": hi, "what": what}
 
 
-def _port(what: str = "a TCP port") -> dict:
-    return _rng(1, 65535, f"{what} from 1 to 65535")
+def port_range(what: str = "a TCP port") -> dict:
+    return value_range(1, 65535, f"{what} from 1 to 65535")
 
 
 def _ofport() -> dict:
-    return _rng(1, 0xFFFFFF00, "an OpenFlow port number from 1 to 4294967040")
+    return value_range(1, 0xFFFFFF00, "an OpenFlow port number from 1 to 4294967040")
 
 
 # --- the schema --------------------------------------------------------------
@@ -70,14 +71,14 @@ class Ports:
 @dataclass(frozen=True)
 class Controller:
     listen_host: str = field(default="127.0.0.1", metadata={"check": "ip"})
-    listen_port: int = field(default=6653, metadata=_port())
-    max_backoff_ms: int = field(default=1000, metadata=_rng(100, 60000, "milliseconds from 100 to 60000"))
+    listen_port: int = field(default=6653, metadata=port_range())
+    max_backoff_ms: int = field(default=1000, metadata=value_range(100, 60000, "milliseconds from 100 to 60000"))
 
 
 @dataclass(frozen=True)
 class Switch:
     target: Literal["ovs", "zodiacfx"] = "ovs"
-    datapath_id: int = field(default=0x1, metadata={**_rng(1, 2**64 - 1, "a datapath id from 1 to 2^64-1 (int or '0x...' string)"), "hex": True})
+    datapath_id: int = field(default=0x1, metadata={**value_range(1, 2**64 - 1, "a datapath id from 1 to 2^64-1 (int or '0x...' string)"), "hex": True})
     bridge: str = field(default="ovsbr0", metadata={"check": "ifname"})
     forwarding: Literal["static", "l2switch"] = "static"
     ports: Ports = field(default_factory=Ports)
@@ -87,7 +88,7 @@ class Switch:
 @dataclass(frozen=True)
 class MirrorFilter:
     ip_proto: Optional[Literal["tcp", "udp"]] = None
-    l4_port: Optional[int] = field(default=None, metadata=_port("a TCP/UDP port"))
+    l4_port: Optional[int] = field(default=None, metadata=port_range("a TCP/UDP port"))
 
 
 @dataclass(frozen=True)
@@ -98,44 +99,44 @@ class Mirror:
 
 @dataclass(frozen=True)
 class Meter:
-    rate: int = field(default=1000, metadata=_rng(1, 10_000_000, "a rate from 1 to 10000000"))
+    rate: int = field(default=1000, metadata=value_range(1, 10_000_000, "a rate from 1 to 10000000"))
     unit: Literal["pktps", "kbps"] = "pktps"
-    burst: int = field(default=0, metadata=_rng(0, 10_000_000, "a burst size from 0 (none) to 10000000"))
+    burst: int = field(default=0, metadata=value_range(0, 10_000_000, "a burst size from 0 (none) to 10000000"))
 
 
 @dataclass(frozen=True)
 class Xmpp:
-    server_port: int = field(default=5222, metadata=_port())
-    threshold_ppm: int = field(default=100, metadata=_rng(1, 10_000_000, "packets per minute from 1 to 10000000"))
-    per_ip_threshold_ppm: int = field(default=300, metadata=_rng(1, 10_000_000, "packets per minute from 1 to 10000000"))
-    window_seconds: float = field(default=60.0, metadata=_rng(1, 3600, "seconds from 1 to 3600"))
+    server_port: int = field(default=5222, metadata=port_range())
+    threshold_ppm: int = field(default=100, metadata=value_range(1, 10_000_000, "packets per minute from 1 to 10000000"))
+    per_ip_threshold_ppm: int = field(default=300, metadata=value_range(1, 10_000_000, "packets per minute from 1 to 10000000"))
+    window_seconds: float = field(default=60.0, metadata=value_range(1, 3600, "seconds from 1 to 3600"))
     meter: Meter = field(default_factory=Meter)
     penalty_meter: Meter = field(default_factory=lambda: Meter(rate=10, unit="pktps"))
 
 
 @dataclass(frozen=True)
 class Escalation:
-    factor: float = field(default=2.0, metadata=_rng(1.0, 100.0, "a factor from 1.0 (no escalation) to 100"))
-    max_seconds: int = field(default=86400, metadata=_rng(1, 31_536_000, "seconds from 1 to 31536000"))
-    memory_seconds: int = field(default=86400, metadata=_rng(1, 31_536_000, "seconds from 1 to 31536000 (how long an offence counts as previous)"))
+    factor: float = field(default=2.0, metadata=value_range(1.0, 100.0, "a factor from 1.0 (no escalation) to 100"))
+    max_seconds: int = field(default=86400, metadata=value_range(1, 31_536_000, "seconds from 1 to 31536000"))
+    memory_seconds: int = field(default=86400, metadata=value_range(1, 31_536_000, "seconds from 1 to 31536000 (how long an offence counts as previous)"))
 
 
 @dataclass(frozen=True)
 class Enforce:
     action: Literal["drop", "limit"] = "drop"
-    ban_seconds: int = field(default=300, metadata=_rng(1, 31_536_000, "seconds from 1 to 31536000"))
-    poll_interval: float = field(default=0.5, metadata=_rng(0.05, 60, "seconds from 0.05 to 60"))
+    ban_seconds: int = field(default=300, metadata=value_range(1, 31_536_000, "seconds from 1 to 31536000"))
+    poll_interval: float = field(default=0.5, metadata=value_range(0.05, 60, "seconds from 0.05 to 60"))
     escalation: Escalation = field(default_factory=Escalation)
 
 
 @dataclass(frozen=True)
 class FlowstatsIds:
     enabled: bool = False
-    threshold_ppm: int = field(default=100, metadata=_rng(1, 10_000_000, "packets per minute from 1 to 10000000"))
-    poll_interval: float = field(default=10.0, metadata=_rng(0.5, 3600, "seconds from 0.5 to 3600"))
-    idle_timeout: int = field(default=60, metadata=_rng(1, 65535, "seconds from 1 to 65535"))
-    hard_timeout: int = field(default=300, metadata=_rng(1, 65535, "seconds from 1 to 65535"))
-    drop_seconds: int = field(default=300, metadata=_rng(1, 65535, "seconds from 1 to 65535"))
+    threshold_ppm: int = field(default=100, metadata=value_range(1, 10_000_000, "packets per minute from 1 to 10000000"))
+    poll_interval: float = field(default=10.0, metadata=value_range(0.5, 3600, "seconds from 0.5 to 3600"))
+    idle_timeout: int = field(default=60, metadata=value_range(1, 65535, "seconds from 1 to 65535"))
+    hard_timeout: int = field(default=300, metadata=value_range(1, 65535, "seconds from 1 to 65535"))
+    drop_seconds: int = field(default=300, metadata=value_range(1, 65535, "seconds from 1 to 65535"))
 
 
 @dataclass(frozen=True)
@@ -143,39 +144,39 @@ class Snooper:
     interface: str = field(default="mirror0", metadata={"check": "ifname"})
     netns: Optional[str] = field(default=None, metadata={"check": "netns"})
     sensor: str = field(default="pisnoop", metadata={"check": "name"})
-    dedupe_window: float = field(default=2.0, metadata=_rng(0, 600, "seconds from 0 (off) to 600"))
-    batch_size: int = field(default=1000, metadata=_rng(1, 100_000, "frames per batch from 1 to 100000"))
-    batch_interval: float = field(default=0.5, metadata=_rng(0.01, 60, "seconds from 0.01 to 60"))
-    snaplen: int = field(default=65535, metadata=_rng(64, 262144, "bytes from 64 to 262144"))
+    dedupe_window: float = field(default=2.0, metadata=value_range(0, 600, "seconds from 0 (off) to 600"))
+    batch_size: int = field(default=1000, metadata=value_range(1, 100_000, "frames per batch from 1 to 100000"))
+    batch_interval: float = field(default=0.5, metadata=value_range(0.01, 60, "seconds from 0.01 to 60"))
+    snaplen: int = field(default=65535, metadata=value_range(64, 262144, "bytes from 64 to 262144"))
     bpf_filter: str = ""
-    ring_block_size: int = field(default=1 << 20, metadata={**_rng(4096, 1 << 28, "a power of two from 4096 to 268435456"), "pow2": True})
-    ring_block_count: int = field(default=64, metadata=_rng(2, 65536, "blocks from 2 to 65536"))
-    ring_block_timeout_ms: int = field(default=50, metadata=_rng(1, 10000, "milliseconds from 1 to 10000"))
+    ring_block_size: int = field(default=1 << 20, metadata={**value_range(4096, 1 << 28, "a power of two from 4096 to 268435456"), "pow2": True})
+    ring_block_count: int = field(default=64, metadata=value_range(2, 65536, "blocks from 2 to 65536"))
+    ring_block_timeout_ms: int = field(default=50, metadata=value_range(1, 10000, "milliseconds from 1 to 10000"))
     spool_dir: str = field(default="/var/lib/pisnoop/spool", metadata={"check": "abspath"})
-    spool_max_mb: int = field(default=512, metadata=_rng(1, 1_048_576, "megabytes from 1 to 1048576"))
+    spool_max_mb: int = field(default=512, metadata=value_range(1, 1_048_576, "megabytes from 1 to 1048576"))
     spool_full_policy: Literal["drop_newest", "drop_oldest"] = "drop_newest"
-    status_interval: float = field(default=5.0, metadata=_rng(0.1, 3600, "seconds from 0.1 to 3600"))
+    status_interval: float = field(default=5.0, metadata=value_range(0.1, 3600, "seconds from 0.1 to 3600"))
 
 
 @dataclass(frozen=True)
 class Retention:
-    frames_hours: float = field(default=168.0, metadata=_rng(0, 87600, "hours from 0 (keep forever) to 87600"))
-    flows_hours: float = field(default=720.0, metadata=_rng(0, 87600, "hours from 0 (keep forever) to 87600"))
+    frames_hours: float = field(default=168.0, metadata=value_range(0, 87600, "hours from 0 (keep forever) to 87600"))
+    flows_hours: float = field(default=720.0, metadata=value_range(0, 87600, "hours from 0 (keep forever) to 87600"))
 
 
 @dataclass(frozen=True)
 class MongoDB:
     uri: str = field(default="mongodb://127.0.0.1:27017", metadata={"check": "mongo_uri"})
     database: str = field(default="pisnoop", metadata={"check": "name"})
-    timeout_ms: int = field(default=2000, metadata=_rng(100, 120_000, "milliseconds from 100 to 120000"))
+    timeout_ms: int = field(default=2000, metadata=value_range(100, 120_000, "milliseconds from 100 to 120000"))
     retention: Retention = field(default_factory=Retention)
 
 
 @dataclass(frozen=True)
 class Analyser:
     policy_file: Optional[str] = field(default=None, metadata={"check": "abspath"})
-    poll_interval: float = field(default=0.5, metadata=_rng(0.05, 60, "seconds from 0.05 to 60"))
-    status_interval: float = field(default=5.0, metadata=_rng(0.1, 3600, "seconds from 0.1 to 3600"))
+    poll_interval: float = field(default=0.5, metadata=value_range(0.05, 60, "seconds from 0.05 to 60"))
+    status_interval: float = field(default=5.0, metadata=value_range(0.1, 3600, "seconds from 0.1 to 3600"))
     report_dir: str = field(default="/var/lib/pisnoop/reports", metadata={"check": "abspath"})
 
 
@@ -183,9 +184,9 @@ class Analyser:
 class Metrics:
     enabled: bool = True
     listen_host: str = field(default="127.0.0.1", metadata={"check": "ip"})
-    controller_port: int = field(default=9610, metadata=_port())
-    snooper_port: int = field(default=9611, metadata=_port())
-    analyser_port: int = field(default=9612, metadata=_port())
+    controller_port: int = field(default=9610, metadata=port_range())
+    snooper_port: int = field(default=9611, metadata=port_range())
+    analyser_port: int = field(default=9612, metadata=port_range())
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ def from_dict(data: Any, source: str = "<dict>") -> Config:
     """Validate plain data (as parsed from YAML) into a ``Config``."""
     if data is None:
         data = {}
-    cfg = _build(Config, data, "", source)
+    cfg = build_section(Config, data, "", source)
     cfg = dataclasses.replace(cfg, source=source)
     _cross_checks(cfg)
     return cfg
@@ -268,7 +269,8 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
-def _build(cls: type, data: Any, prefix: str, src: str):
+def build_section(cls: type, data: Any, prefix: str, src: str):
+    """Validate one mapping into dataclass ``cls``; ``prefix`` is its key path for messages."""
     if not isinstance(data, dict):
         raise ConfigError(src, prefix or "(top level)", data, "a mapping of keys to values")
     hints = typing.get_type_hints(cls)
@@ -294,7 +296,7 @@ def _convert(tp: Any, value: Any, meta: Any, path: str, src: str):
             return None
         return _convert(args[0], value, meta, path, src) if len(args) == 1 else value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, {} if value is None else value, path, src)
+        return build_section(tp, {} if value is None else value, path, src)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices or isinstance(value, bool):

@@ -27,6 +27,7 @@ from typing import Callable
 
 from . import config as config_mod
 from . import store, xmpplab
+from .analyser import parse
 from .virtual import VirtualAppliance
 
 SERVICES = ("controller", "snooper", "analyser")
@@ -327,12 +328,11 @@ def status_line(va, db, reports: Path) -> str:
 
 def _count_frames_from(db, ip: str) -> int:
     """Frames stored whose IPv4 source is ``ip`` (the evidence kept of the blocked client)."""
-    raw = socket.inet_aton(ip)
     n = 0
     for doc in db[store.FRAMES].find({}, {"data": 1}):
         for fr in store.batch_frames(doc):
-            d = fr.data
-            if len(d) >= 34 and d[12:14] == b"\x08\x00" and d[26:30] == raw:
+            pkt = parse.parse(*fr)
+            if isinstance(pkt, parse.Packet) and pkt.src == ip:
                 n += 1
     return n
 

@@ -194,18 +194,18 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not alive(pid):
             return
         time.sleep(0.05)
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    while _alive(pid) and time.monotonic() < deadline + 5:
+    while alive(pid) and time.monotonic() < deadline + 5:
         time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:

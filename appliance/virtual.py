@@ -41,7 +41,7 @@ from typing import Any
 from . import config as config_mod
 from . import netns
 from .netns import CommandFailed, run
-from .store import EmbeddedStore, free_port, stop_pid, _alive
+from .store import EmbeddedStore, alive, free_port, stop_pid
 
 BASE_DIR_ENV = "PISNOOP_VIRTUAL_DIR"
 DEFAULT_BASE_DIR = "/run/pisnoop-virtual"
@@ -337,12 +337,12 @@ def teardown(run_dir: Path, state: dict[str, Any] | None = None) -> list[str]:
         pid = state.get("pids", {}).get(name)
         if pid and _is_ours(pid, run_dir, name):
             stop_pid(pid)
-            if _alive(pid):
+            if alive(pid):
                 left.append(f"{name} pid {pid}")
     # whatever else still names this run's directory is ours too (e.g. a store a test restarted)
     for pid in _pids_naming(run_dir):
         stop_pid(pid)
-        if _alive(pid):
+        if alive(pid):
             left.append(f"pid {pid} ({run_dir})")
     for ns in state.get("namespaces", []):
         if netns.exists(ns):
@@ -390,7 +390,7 @@ def _is_ours(pid: int, run_dir: Path, name: str) -> bool:
 
 def status_of(run_dir: Path) -> dict[str, Any]:
     state = _read_state(run_dir)
-    pids = {name: {"pid": pid, "alive": bool(pid) and _alive(pid)} for name, pid in state.get("pids", {}).items()}
+    pids = {name: {"pid": pid, "alive": bool(pid) and alive(pid)} for name, pid in state.get("pids", {}).items()}
     out: dict[str, Any] = {"prefix": state.get("prefix", run_dir.name), "run_dir": str(run_dir),
                            "config": state.get("config"), "store": state.get("store_uri"), "daemons": pids,
                            "namespaces": {ns: netns.exists(ns) for ns in state.get("namespaces", [])}}

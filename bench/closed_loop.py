@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -34,21 +32,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from appliance import scenario, store  # noqa: E402
+from appliance.analyser import parse  # noqa: E402
 
 
 def abuser_packets(db, ip: str, port: int) -> list[tuple[int, int]]:
-    """(ts_ns, client source port) of every stored frame from ``ip`` toward ``port``."""
-    raw = socket.inet_aton(ip)
+    """(ts_ns, client source port) of every stored TCP frame from ``ip`` toward ``port``."""
     out = []
     for doc in db[store.FRAMES].find({}, {"data": 1}):
         for fr in store.batch_frames(doc):
-            d = fr.data
-            if len(d) < 38 or d[12:14] != b"\x08\x00" or d[23] != 6 or d[26:30] != raw:
-                continue
-            ihl = (d[14] & 0x0F) * 4
-            sport, dport = struct.unpack_from("!HH", d, 14 + ihl)
-            if dport == port:
-                out.append((fr.ts_ns, sport))
+            pkt = parse.parse(*fr)
+            if isinstance(pkt, parse.Packet) and pkt.src == ip and pkt.proto == 6 and pkt.dport == port:
+                out.append((pkt.ts_ns, pkt.sport))
     return sorted(out)
 
 

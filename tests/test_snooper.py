@@ -209,9 +209,7 @@ def test_store_outage_loses_and_duplicates_nothing(app, snooper):
     t_down = time.monotonic()
     send_for(30)
     assert spool_files(proc.cfg), "nothing was spooled while the store was down"
-    app.store.start()                         # same port, same data directory
-    app.state["pids"]["store"] = app.store.pid
-    app._save()
+    app.store.start()                         # same port, same data directory (teardown finds it by run dir)
     send_for(3)
     traffic.sock.close()
     assert time.monotonic() - t_down >= 30

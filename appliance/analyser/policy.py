@@ -19,18 +19,18 @@ from typing import Literal, Optional
 import yaml
 
 from .. import config as config_mod
-from ..config import ConfigError, _build, _port, _rng
+from ..config import ConfigError, build_section, port_range, value_range
 from .classifiers import builtin, custom
 
 Action = Optional[Literal["drop", "limit"]]
-_PPM = _rng(1, 10_000_000, "a count per minute from 1 to 10000000")
-_WINDOW = _rng(1, 3600, "seconds from 1 to 3600")
+_PPM = value_range(1, 10_000_000, "a count per minute from 1 to 10000000")
+_WINDOW = value_range(1, 3600, "seconds from 1 to 3600")
 
 
 @dataclass(frozen=True)
 class XmppAbusePolicy:
     enabled: bool = True
-    server_port: Optional[int] = field(default=None, metadata=_port())
+    server_port: Optional[int] = field(default=None, metadata=port_range())
     threshold_ppm: Optional[int] = field(default=None, metadata=_PPM)
     per_ip_threshold_ppm: Optional[int] = field(default=None, metadata=_PPM)
     window_seconds: Optional[float] = field(default=None, metadata=_WINDOW)
@@ -40,10 +40,10 @@ class XmppAbusePolicy:
 @dataclass(frozen=True)
 class BandwidthHogPolicy:
     enabled: bool = False
-    bytes_per_second: int = field(default=1_000_000, metadata=_rng(1, 10**11, "bytes per second from 1 to 10^11"))
+    bytes_per_second: int = field(default=1_000_000, metadata=value_range(1, 10**11, "bytes per second from 1 to 10^11"))
     window_seconds: float = field(default=10.0, metadata=_WINDOW)
     scope: Literal["ip", "connection"] = "ip"
-    server_port: Optional[int] = field(default=None, metadata=_port())
+    server_port: Optional[int] = field(default=None, metadata=port_range())
     action: Action = None
 
 
@@ -53,7 +53,7 @@ class PayloadRule:
     pattern: str = ""
     threshold_per_minute: int = field(default=60, metadata=_PPM)
     window_seconds: float = field(default=60.0, metadata=_WINDOW)
-    server_port: Optional[int] = field(default=None, metadata=_port())
+    server_port: Optional[int] = field(default=None, metadata=port_range())
     direction: Literal["c2s", "s2c", "both"] = "c2s"
     scope: Literal["connection", "ip"] = "connection"
     action: Action = None
@@ -97,7 +97,7 @@ def from_dict(data, src: str = "<dict>", base: Path = Path(".")) -> Policy:
     for key in data:
         if key not in known:
             raise ConfigError(src, str(key), data[key], "no such key; known keys here: " + ", ".join(known))
-    top = _build(Policy, {k: v for k, v in data.items() if k in ("xmpp_abuse", "bandwidth_hog", "custom_dir", "custom_action")}, "", src)
+    top = build_section(Policy, {k: v for k, v in data.items() if k in ("xmpp_abuse", "bandwidth_hog", "custom_dir", "custom_action")}, "", src)
     x = top.xmpp_abuse
     if x.threshold_ppm and x.per_ip_threshold_ppm and x.per_ip_threshold_ppm < x.threshold_ppm:
         raise ConfigError(src, "xmpp_abuse.per_ip_threshold_ppm", x.per_ip_threshold_ppm,
@@ -115,7 +115,7 @@ def _payload_rules(items, src: str) -> tuple:
     rules, names = [], set()
     for i, item in enumerate(items):
         where = f"payload_match[{i}]"
-        rule = _build(PayloadRule, item, where, src)
+        rule = build_section(PayloadRule, item, where, src)
         for key in ("name", "pattern"):
             if not getattr(rule, key):
                 raise ConfigError(src, f"{where}.{key}", item.get(key), "a non-empty string (required)")
