@@ -50,7 +50,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test,provision]'
+.venv/bin/python -m pip install -q -e '.[test,provision]' -e ./lab
 echo "setup.sh: installed; pisnoop is .venv/bin/pisnoop"
 
 if [ "$demo" -eq 1 ]; then

@@ -24,12 +24,14 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import BadInput
+
 DEFAULT_PATH = Path("/etc/pisnoop/pisnoop.yaml")
 ENV_VAR = "PISNOOP_CONFIG"
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
 
-class ConfigError(Exception):
+class ConfigError(BadInput):
     """A configuration that cannot be used; ``str()`` is the one-line message."""
 
     def __init__(self, source: str, key: str, value: Any, expected: str):

@@ -34,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dpkt  # noqa: E402
 
 from appliance import config, framebatch, store  # noqa: E402
-from appliance.analyser import policy as policy_mod  # noqa: E402
-from appliance.analyser.commands import Offline  # noqa: E402
-from appliance.analyser.live import Analyser  # noqa: E402
+from lab import procs  # noqa: E402
+from analyser import policy as policy_mod  # noqa: E402
+from analyser.commands import Offline  # noqa: E402
+from analyser.live import Analyser  # noqa: E402
 from tests.analyser_frames import S, T0, Conn, steady  # noqa: E402
 
 BATCH = 1000
@@ -121,7 +122,7 @@ def main() -> None:
     assert off.engine.counters["packets"] == n, off.engine.counters
 
     with tempfile.TemporaryDirectory() as tmp:
-        es = store.EmbeddedStore(Path(tmp) / "store").start()
+        es = procs.EmbeddedStore(Path(tmp) / "store").start()
         try:
             scfg = config.from_dict({"mongodb": {"uri": es.uri, "database": "bench"}, "metrics": {"enabled": False}})
             db = store.database(scfg.mongodb)

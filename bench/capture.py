@@ -45,6 +45,7 @@ import pymongo  # noqa: E402
 
 from appliance import config as config_mod  # noqa: E402
 from appliance import netns, store  # noqa: E402
+from lab import procs  # noqa: E402
 
 LINE_RATE_100M = {64: 148_810, 512: 23_496}  # frames/s at 100 Mb/s (with preamble and gap)
 
@@ -367,7 +368,7 @@ def main() -> int:
                 ladder = [int(x) for x in args.ladder.split(",")]
                 figures["a"] = bench_capture_only(wire, pcap64, ladder, args.step)
             if "b" in args.only or "c" in args.only:
-                store_ = store.EmbeddedStore(run_dir / "store").start()
+                store_ = procs.EmbeddedStore(run_dir / "store").start()
             if "b" in args.only:
                 print(f"(b) end to end into the embedded store, {args.duration:.0f} s each")
                 b64 = bench_end_to_end(wire, pcap64, 64, args.rate, args.duration, run_dir, store_.uri, store_.pid)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from appliance import store  # noqa: E402
 from appliance.netns import run  # noqa: E402
-from appliance.virtual import VirtualAppliance  # noqa: E402
+from lab.virtual import VirtualAppliance  # noqa: E402
 from tests.ctlutil import ControllerProcess  # noqa: E402
 
 

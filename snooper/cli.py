@@ -7,41 +7,43 @@ import ipaddress
 import sys
 
 from appliance import service, store
-from appliance.cli import UsageError, load_config
+from appliance.config import load as load_config_file
+from appliance.errors import UsageError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("snooper", help="capture the mirror interface into the store (the pisnoop-snooper service)")
-    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (benchmarks, tests)")
-    p.set_defaults(func=cmd_snooper)
-
-    e = sub.add_parser("export-pcap", help="write stored frames to a classic pcap file")
-    e.add_argument("--since", required=True, help="ISO 8601 (UTC if no zone), epoch seconds, now, or -30s/-5m/-2h/-1d")
-    e.add_argument("--until", default="now", help="same forms as --since (default: now)")
-    e.add_argument("--host", help="only frames from or to this IPv4/IPv6 address")
-    e.add_argument("--port", type=int, help="only TCP/UDP frames from or to this port")
-    e.add_argument("--sensor", help="only frames of this sensor")
-    e.add_argument("--run", help="only frames of this capture or import run")
-    e.add_argument("-o", "--output", required=True, metavar="FILE", help="the pcap file to write ('-' for stdout)")
-    e.set_defaults(func=cmd_export)
-
-    i = sub.add_parser("import-pcap", help="store a pcap/pcapng file's Ethernet frames as if captured")
-    i.add_argument("file")
-    i.add_argument("--dedupe", action="store_true", help="drop duplicates within snooper.dedupe_window (default: keep all)")
-    i.add_argument("--sensor", help="sensor name to store under (default: snooper.sensor)")
-    i.set_defaults(func=cmd_import)
+def configure(name: str, p: argparse.ArgumentParser) -> None:
+    """Arguments of ``name`` (snooper, export-pcap, import-pcap); ``appliance.cli`` calls this."""
+    if name == "snooper":
+        p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (benchmarks, tests)")
+        p.set_defaults(func=cmd_snooper)
+    elif name == "export-pcap":
+        p.add_argument("--since", required=True, help="ISO 8601 (UTC if no zone), epoch seconds, now, or -30s/-5m/-2h/-1d")
+        p.add_argument("--until", default="now", help="same forms as --since (default: now)")
+        p.add_argument("--host", help="only frames from or to this IPv4/IPv6 address")
+        p.add_argument("--port", type=int, help="only TCP/UDP frames from or to this port")
+        p.add_argument("--sensor", help="only frames of this sensor")
+        p.add_argument("--run", help="only frames of this capture or import run")
+        p.add_argument("-o", "--output", required=True, metavar="FILE", help="the pcap file to write ('-' for stdout)")
+        p.set_defaults(func=cmd_export)
+    elif name == "import-pcap":
+        p.add_argument("file")
+        p.add_argument("--dedupe", action="store_true", help="drop duplicates within snooper.dedupe_window (default: keep all)")
+        p.add_argument("--sensor", help="sensor name to store under (default: snooper.sensor)")
+        p.set_defaults(func=cmd_import)
+    else:
+        raise ValueError(f"snooper.cli has no command {name!r}")
 
 
 def cmd_snooper(args) -> int:
     from .service import run
-    cfg = load_config(args)
+    cfg = load_config_file(args.config)
     log = service.setup_logging("snooper", args.log_level)
     return run(cfg, log, duration=args.duration)
 
 
 def cmd_export(args) -> int:
     from .pcap import export, parse_time
-    cfg = load_config(args)
+    cfg = load_config_file(args.config)
     try:
         since, until = parse_time(args.since), parse_time(args.until)
     except ValueError as exc:
@@ -73,7 +75,7 @@ def cmd_export(args) -> int:
 
 def cmd_import(args) -> int:
     from .pcap import PcapError, import_file
-    cfg = load_config(args)
+    cfg = load_config_file(args.config)
     log = service.setup_logging("import", args.log_level)
     try:
         fh = open(args.file, "rb")

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import threading
 from appliance import netns
+from appliance.errors import BadInput
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -46,7 +47,7 @@ _STATS = struct.Struct("<III")                # tp_packets (incl. drops), tp_dro
 _MAX_BPF_SNAP = 262144
 
 
-class CaptureError(RuntimeError):
+class CaptureError(BadInput):
     """The capture socket could not be set up; the message says which step and why."""
 
 

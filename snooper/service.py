@@ -14,7 +14,7 @@ import threading
 import time
 
 from appliance import service, store
-from appliance.cli import UsageError
+from appliance.errors import UsageError
 
 from . import counters as counters_mod
 from . import ifcheck

@@ -21,7 +21,8 @@ import time
 import psutil
 
 from appliance import service
-from appliance.cli import UsageError, load_config
+from appliance.config import load as load_config_file
+from appliance.errors import UsageError
 
 from .core import Core
 from .messages import Flow, Meter
@@ -30,14 +31,14 @@ from .targets import PlanRefused
 log = logging.getLogger("pisnoop.controller")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("controller", help="run the static controller (OpenFlow 1.3, os-ken) for switch.datapath_id")
+def configure(name: str, p: argparse.ArgumentParser) -> None:
+    """Arguments of ``pisnoop controller``; ``appliance.cli`` calls this."""
     p.add_argument("--check", action="store_true", help="only validate the flow plan against the target and print it")
     p.set_defaults(func=cmd_controller)
 
 
 def cmd_controller(args) -> int:
-    cfg = load_config(args)
+    cfg = load_config_file(args.config)
     core = Core(cfg)
     try:
         plan = core.plan(time.time())

@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from appliance.errors import BadInput
+
 from .messages import OFPP_CONTROLLER, OFPP_TABLE, Flow, Meter
 
 
-class PlanRefused(Exception):
+class PlanRefused(BadInput):
     """The target cannot hold this plan; ``str()`` says why, in one line."""
 
 

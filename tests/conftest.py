@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance import netns
-from appliance.virtual import VirtualAppliance
+from lab.virtual import VirtualAppliance
 
 REPO = Path(__file__).resolve().parent.parent
 PISNOOP = [sys.executable, "-m", "appliance.cli"]

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from appliance.store import stop_pid
+from lab.procs import stop_pid
 
 REPO = Path(__file__).resolve().parent.parent
 

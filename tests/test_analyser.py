@@ -16,11 +16,12 @@ import yaml
 
 from tests.analyser_frames import S, T0, Conn, frame, steady, store_frames
 from appliance import config, framebatch, store
-from appliance.analyser import pcap as pcap_mod
-from appliance.analyser.commands import Offline
-from appliance.analyser import policy as policy_mod
-from appliance.analyser.live import Analyser
-from appliance.analyser.parse import parse
+from lab import procs
+from analyser import pcap as pcap_mod
+from analyser.commands import Offline
+from analyser import policy as policy_mod
+from analyser.live import Analyser
+from analyser.parse import parse
 from tests.conftest import PISNOOP, REPO, pisnoop
 
 FAST, SLOW = "10.0.0.10", "10.0.0.11"
@@ -28,7 +29,7 @@ FAST, SLOW = "10.0.0.10", "10.0.0.11"
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    es = store.EmbeddedStore(tmp_path_factory.mktemp("analyser") / "store").start()
+    es = procs.EmbeddedStore(tmp_path_factory.mktemp("analyser") / "store").start()
     yield es
     es.stop()
 
@@ -197,7 +198,7 @@ def test_a_step_written_but_not_committed_is_not_counted_twice(env, monkeypatch)
     cfg, _ = make()
     frames = many_connections()
     store_frames(db, frames, batch_size=50)
-    from appliance.analyser import reader
+    from analyser import reader
     a = Analyser(cfg, db)
     a.follower.limit = 7
     a.step()                                    # a committed step
@@ -242,9 +243,9 @@ def start_service(cfg_path) -> subprocess.Popen:
 
 def test_killed_mid_stream_and_restarted_gives_the_counts_of_an_uninterrupted_run(env):
     make, db = env
-    metrics_port = store.free_port()
+    metrics_port = procs.free_port()
     cfg, path = make(metrics={"enabled": True, "analyser_port": metrics_port,
-                              "controller_port": store.free_port(), "snooper_port": store.free_port()})
+                              "controller_port": procs.free_port(), "snooper_port": procs.free_port()})
     frames = many_connections(40, 40)
     chunks = [frames[i:i + len(frames) // 6] for i in range(0, len(frames), len(frames) // 6)]
     seq = store_frames(db, chunks[0], batch_size=20)

@@ -7,9 +7,8 @@ import socket
 import dpkt
 import pytest
 
-from appliance.analyser.flags import parse_client
-from appliance.analyser.parse import MALFORMED, NOT_IP, TCP, UDP, Packet, parse, payload
-from appliance.cli import UsageError
+from analyser.flags import BadClient, parse_client
+from analyser.parse import MALFORMED, NOT_IP, TCP, UDP, Packet, parse, payload
 from tests.analyser_frames import frame
 
 
@@ -73,5 +72,5 @@ def test_client_argument():
     assert parse_client("[fd00::1]:40000") == ("fd00::1", 40000)
     assert parse_client("fd00::1") == ("fd00::1", None)
     for bad in ("host", "10.0.0.10:0", "10.0.0.10:x", "[fd00::1]:99999"):
-        with pytest.raises(UsageError):
+        with pytest.raises(BadClient):
             parse_client(bad)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance import demo, scenario
+from lab import demo, scenario
 
 
 def test_abusive_client_is_flagged_and_blocked_while_benign_clients_chat(tmp_path):

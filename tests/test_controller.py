@@ -18,7 +18,7 @@ import pytest
 
 from appliance import config as config_mod
 from appliance import store
-from appliance.virtual import VirtualAppliance
+from lab.virtual import VirtualAppliance
 from tests.conftest import assert_gone
 from tests.ctlutil import (ControllerProcess, connected, flows_matching, start_echo_server, table_snapshot,
                            tcp_client, wait_for)

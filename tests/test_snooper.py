@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 
 from appliance import netns, store
-from appliance.virtual import VirtualAppliance
+from lab.virtual import VirtualAppliance
 
 from .conftest import assert_gone, pisnoop
 from .snooperutil import (BridgeLoss, Paced, udp_frame, SnooperProcess, mac_of, marked_frame, multiset, raw_socket, spool_files,

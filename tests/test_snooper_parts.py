@@ -16,6 +16,7 @@ import pytest
 
 from appliance import config as config_mod
 from appliance import netns, store
+from lab import procs
 from snooper import counters, ifcheck, pcap
 from snooper.batch import Batch
 from snooper.capture import Capture
@@ -161,7 +162,7 @@ def test_second_process_only_adds_to_a_spool(tmp_path):
 # --- writer against a store that is away, then back ---------------------------------------
 
 def test_writer_spools_while_store_away_then_replays_exactly_once(tmp_path):
-    port = store.free_port()
+    port = procs.free_port()
     mcfg = config_mod.MongoDB(uri=f"mongodb://127.0.0.1:{port}", timeout_ms=300)
     c = counters.new()
     sp = Spool(tmp_path / "spool", 10, "drop_newest", c, LOG)
@@ -175,7 +176,7 @@ def test_writer_spools_while_store_away_then_replays_exactly_once(tmp_path):
     while c["spooled"] < 200 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert c["spooled"] == 200 and c["stored"] == 0 and c["store_errors"] >= 1
-    es = store.EmbeddedStore(tmp_path / "store", port=port).start()
+    es = procs.EmbeddedStore(tmp_path / "store", port=port).start()
     try:
         for b in sent[4:]:
             w.offer(b)

@@ -12,7 +12,7 @@ import pytest
 from bson import Binary
 
 from appliance import store
-from appliance.virtual import ADDRESSES, VirtualAppliance, MIRROR_IF
+from lab.virtual import ADDRESSES, VirtualAppliance, MIRROR_IF
 from tests.conftest import REPO, assert_gone, pisnoop
 from tests.netutil import Listener, icmp_echo
 
@@ -83,7 +83,7 @@ def test_sigterm_tears_down(tmp_path):
     script = tmp_path / "hold.py"
     script.write_text(
         "import sys, time\n"
-        "from appliance.virtual import VirtualAppliance\n"
+        "from lab.virtual import VirtualAppliance\n"
         "va = VirtualAppliance()\n"
         "with va:\n"
         "    print(va.prefix, va.run_dir, flush=True)\n"

@@ -6,7 +6,7 @@ import signal
 import socket
 import time
 
-from appliance import xmpplab
+from lab import xmpplab
 from tests.netutil import Listener
 
 

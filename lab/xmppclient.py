@@ -1,6 +1,6 @@
 """One slixmpp client: ``chat`` sends messages at a rate, ``sink`` counts what arrives.
 
-    python -m appliance.xmppclient --role chat --jid a@pisnoop.test --password P \
+    python -m lab.xmppclient --role chat --jid a@pisnoop.test --password P \
         --server 10.0.0.1 --source 10.0.0.11 --to sink@pisnoop.test --rate 0.2 --duration 60
 
 The report file (JSON, rewritten every second) says how many messages were
@@ -107,7 +107,7 @@ async def _main(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m appliance.xmppclient")
+    ap = argparse.ArgumentParser(prog="python -m lab.xmppclient")
     ap.add_argument("--role", choices=["chat", "sink"], required=True)
     ap.add_argument("--jid", required=True)
     ap.add_argument("--password", required=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 from . import scenario
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the closed loop end to end: flood detected, client blocked, others unharmed")
+def configure(name: str, p: argparse.ArgumentParser) -> None:
+    """Arguments of ``pisnoop demo``; ``appliance.cli`` calls this."""
     p.add_argument("--benign", type=int, default=3, help="benign clients (default 3)")
     p.add_argument("--benign-rate", type=float, default=6.0, help="messages per minute per benign client (default 6)")
     p.add_argument("--abusive-rate", type=float, default=20.0, help="messages per second of the abusive client (default 20)")
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _positive(name: str, value: float, lo: float = 0.0) -> None:
-    from .cli import UsageError
+    from appliance.errors import UsageError
     if not value > lo:
         raise UsageError(f"--{name}: got {value}; expected a number above {lo:g}")
 

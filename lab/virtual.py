@@ -38,10 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from . import netns
-from .netns import CommandFailed, run
-from .store import EmbeddedStore, alive, free_port, stop_pid
+from appliance import config as config_mod
+from appliance import netns
+from appliance.netns import CommandFailed, run
+
+from .procs import EmbeddedStore, alive, free_port, stop_pid
 
 BASE_DIR_ENV = "PISNOOP_VIRTUAL_DIR"
 DEFAULT_BASE_DIR = "/run/pisnoop-virtual"
@@ -237,7 +238,7 @@ class VirtualAppliance:
 
     def _start_relay(self, listen_port: int, controller_port: int) -> None:
         log = open(self.run_dir / "relay.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "appliance.relay", "--netns", self.sw_ns,
+        proc = subprocess.Popen([sys.executable, "-m", "lab.relay", "--netns", self.sw_ns,
                                  "--listen", f"127.0.0.1:{listen_port}", "--to", f"127.0.0.1:{controller_port}"],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
@@ -384,7 +385,7 @@ def _is_ours(pid: int, run_dir: Path, name: str) -> bool:
     except OSError:
         return False
     if name == "relay":
-        return "appliance.relay" in cmdline and run_dir.name in cmdline
+        return "lab.relay" in cmdline and run_dir.name in cmdline
     return str(run_dir) in cmdline
 
 

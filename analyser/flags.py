@@ -14,8 +14,8 @@ import datetime as dt
 import ipaddress
 from typing import Optional
 
-from .. import bans, store
-from ..cli import UsageError
+from appliance import bans, store
+from appliance.errors import BadInput
 from .classifiers import Verdict
 
 ACTIVE = "flagged"
@@ -26,8 +26,12 @@ def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+class BadClient(BadInput):
+    """A client argument that is neither ``IP`` nor ``IP:PORT``."""
+
+
 def parse_client(text: str) -> tuple[str, Optional[int]]:
-    """``IP`` or ``IP:PORT`` (``[v6]:PORT``) -> (ip, port or None); UsageError when it is neither."""
+    """``IP`` or ``IP:PORT`` (``[v6]:PORT``) -> (ip, port or None); BadClient when it is neither."""
     host, port = text, None
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
@@ -38,9 +42,9 @@ def parse_client(text: str) -> tuple[str, Optional[int]]:
         ip = str(ipaddress.ip_address(host))
         p = int(port) if port is not None else None
     except ValueError:
-        raise UsageError(f"client {text!r}: expected an IP address or IP:PORT") from None
+        raise BadClient(f"client {text!r}: expected an IP address or IP:PORT") from None
     if p is not None and not 1 <= p <= 65535:
-        raise UsageError(f"client {text!r}: port must be from 1 to 65535")
+        raise BadClient(f"client {text!r}: port must be from 1 to 65535")
     return ip, p
 
 

@@ -15,7 +15,7 @@ import time
 
 import pymongo.errors
 
-from .. import service, store
+from appliance import service, store
 from . import flags as flags_mod
 from . import policy as policy_mod
 from .engine import Engine

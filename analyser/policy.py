@@ -18,8 +18,8 @@ from typing import Literal, Optional
 
 import yaml
 
-from .. import config as config_mod
-from ..config import ConfigError, build_section, port_range, value_range
+from appliance import config as config_mod
+from appliance.config import ConfigError, build_section, port_range, value_range
 from .classifiers import builtin, custom
 
 Action = Optional[Literal["drop", "limit"]]

@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import netns
-from .store import stop_pid
+from appliance import netns
+
+from .procs import stop_pid
 
 DOMAIN = "pisnoop.test"
 PASSWORD = "demo-only-password"
@@ -111,8 +112,8 @@ class ProsodyServer:
 def client_command(role: str, jid: str, server_ip: str, port: int, *, source_ip: str | None = None,
                    to: str | None = None, rate: float = 1.0, duration: float = 30.0,
                    report: Path | None = None) -> list[str]:
-    """The argv of one XMPP client process (``python -m appliance.xmppclient``)."""
-    argv = [sys.executable, "-m", "appliance.xmppclient", "--role", role, "--jid", jid, "--password", PASSWORD,
+    """The argv of one XMPP client process (``python -m lab.xmppclient``)."""
+    argv = [sys.executable, "-m", "lab.xmppclient", "--role", role, "--jid", jid, "--password", PASSWORD,
             "--server", server_ip, "--port", str(port), "--rate", str(rate), "--duration", str(duration)]
     if source_ip:
         argv += ["--source", source_ip]

@@ -213,7 +213,7 @@ class MongoFlows:
     def __init__(self, db, retention_hours: float):
         from pymongo.errors import OperationFailure
 
-        from .. import store
+        from appliance import store
         self.coll = db[store.FLOWS]
         self.coll.create_index("key")
         ttl = {"expireAfterSeconds": int(retention_hours * 3600)} if retention_hours else {}

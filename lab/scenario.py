@@ -25,9 +25,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import config as config_mod
-from . import store, xmpplab
-from .analyser import parse
+from analyser import parse
+from appliance import config as config_mod
+from appliance import store
+
+from . import xmpplab
 from .virtual import VirtualAppliance
 
 SERVICES = ("controller", "snooper", "analyser")

@@ -12,7 +12,7 @@ import logging
 from collections import Counter
 from typing import Callable, Iterable, Optional
 
-from ..framebatch import CorruptBatch
+from appliance.framebatch import CorruptBatch
 from . import policy as policy_mod
 from .flags import FlagBook, now_utc
 from .flows import FlowTable

@@ -16,7 +16,7 @@ import datetime as dt
 import time
 from typing import Iterator, Optional
 
-from .. import store
+from appliance import store
 
 GRACE = dt.timedelta(seconds=30)
 # nx-27017's find() compares dates at whole seconds (floor): a ``$gte`` returns

@@ -7,7 +7,7 @@ import datetime as dt
 import logging
 import time
 
-from .. import service, store
+from appliance import service, store
 
 log = logging.getLogger("pisnoop.analyser")
 _METRICS = None

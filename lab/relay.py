@@ -5,7 +5,7 @@ runs it on its own host) with the controller target ``tcp:127.0.0.1:6653``
 exactly as in production, while the controller itself runs in the caller's
 namespace. This relay carries that one OpenFlow connection across.
 
-    python -m appliance.relay --netns NS --listen 127.0.0.1:6653 --to 127.0.0.1:40123
+    python -m lab.relay --netns NS --listen 127.0.0.1:6653 --to 127.0.0.1:40123
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 
-from . import netns
+from appliance import netns
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -59,7 +59,7 @@ def _hostport(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m appliance.relay")
+    ap = argparse.ArgumentParser(prog="python -m lab.relay")
     ap.add_argument("--netns", required=True)
     ap.add_argument("--listen", required=True, type=_hostport)
     ap.add_argument("--to", required=True, type=_hostport)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pymongo.errors
 
-from .. import config as config_mod
-from .. import service, store
-from ..cli import UsageError, load_config
+from appliance import config as config_mod
+from appliance import service, store
+from appliance.errors import UsageError
 from . import flags as flags_mod
 from . import pcap as pcap_mod
 from . import policy as policy_mod
@@ -25,38 +25,38 @@ from .flows import FlowTable, MemoryFlows
 PCAP_CHUNK = 1000
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    a = sub.add_parser("analyser", help="the analyser service: stored frames -> flows, flags (or one pass with --once)")
-    a.add_argument("--once", action="store_true", help="read what is new since the resume point, then exit")
-    a.add_argument("--since", help="with --once: analyse this capture-time range only, store nothing (ISO time or 30m/2h/1d ago)")
-    a.add_argument("--until", help="end of the --since range (default: now)")
-    a.add_argument("-o", "--output", metavar="DIR", help="with --since: also write the rate plot here")
-    a.set_defaults(func=_store_errors(cmd_analyser))
-
-    p = sub.add_parser("analyse", help="run the classifiers over a pcap, no store; print the report and the flags")
-    p.add_argument("--pcap", required=True, metavar="FILE")
-    p.add_argument("--policy", metavar="FILE", help="policy file (default: analyser.policy_file of the config)")
-    p.add_argument("-o", "--output", metavar="DIR", help="write the rate plot here")
-    p.add_argument("--json", action="store_true", help="print the flags it would raise as JSON lines instead")
-    p.set_defaults(func=cmd_analyse)
-
-    r = sub.add_parser("report", help="top talkers, flagged clients and an XMPP rate plot from the store")
-    r.add_argument("--since", default="1h", help="ISO time or 30m/2h/1d ago (default 1h)")
-    r.add_argument("--until", help="end of the range (default: now)")
-    r.add_argument("-o", "--output", metavar="DIR", help="where the PNG goes (default: analyser.report_dir)")
-    r.add_argument("--top", type=int, default=10)
-    r.set_defaults(func=_store_errors(cmd_report))
-
-    f = sub.add_parser("flags", help="list or release flagged clients")
-    fsub = f.add_subparsers(dest="action", metavar="ACTION")
-    fsub.required = True
-    fl = fsub.add_parser("list", help="the active flags (--all: every flag)")
-    fl.add_argument("--all", action="store_true")
-    fl.add_argument("--json", action="store_true")
-    fl.set_defaults(func=_store_errors(cmd_flags_list))
-    fr = fsub.add_parser("release", help="release the active flags of a client (IP or IP:PORT)")
-    fr.add_argument("client")
-    fr.set_defaults(func=_store_errors(cmd_flags_release))
+def configure(name: str, p: argparse.ArgumentParser) -> None:
+    """Arguments of ``name`` (one of analyser, analyse, report, flags); ``appliance.cli`` calls this."""
+    if name == "analyser":
+        p.add_argument("--once", action="store_true", help="read what is new since the resume point, then exit")
+        p.add_argument("--since", help="with --once: analyse this capture-time range only, store nothing (ISO time or 30m/2h/1d ago)")
+        p.add_argument("--until", help="end of the --since range (default: now)")
+        p.add_argument("-o", "--output", metavar="DIR", help="with --since: also write the rate plot here")
+        p.set_defaults(func=_store_errors(cmd_analyser))
+    elif name == "analyse":
+        p.add_argument("--pcap", required=True, metavar="FILE")
+        p.add_argument("--policy", metavar="FILE", help="policy file (default: analyser.policy_file of the config)")
+        p.add_argument("-o", "--output", metavar="DIR", help="write the rate plot here")
+        p.add_argument("--json", action="store_true", help="print the flags it would raise as JSON lines instead")
+        p.set_defaults(func=cmd_analyse)
+    elif name == "report":
+        p.add_argument("--since", default="1h", help="ISO time or 30m/2h/1d ago (default 1h)")
+        p.add_argument("--until", help="end of the range (default: now)")
+        p.add_argument("-o", "--output", metavar="DIR", help="where the PNG goes (default: analyser.report_dir)")
+        p.add_argument("--top", type=int, default=10)
+        p.set_defaults(func=_store_errors(cmd_report))
+    elif name == "flags":
+        fsub = p.add_subparsers(dest="action", metavar="ACTION")
+        fsub.required = True
+        fl = fsub.add_parser("list", help="the active flags (--all: every flag)")
+        fl.add_argument("--all", action="store_true")
+        fl.add_argument("--json", action="store_true")
+        fl.set_defaults(func=_store_errors(cmd_flags_list))
+        fr = fsub.add_parser("release", help="release the active flags of a client (IP or IP:PORT)")
+        fr.add_argument("client")
+        fr.set_defaults(func=_store_errors(cmd_flags_release))
+    else:
+        raise ValueError(f"analyser.commands has no command {name!r}")
 
 
 def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
@@ -71,6 +71,10 @@ def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
     except ValueError:
         raise UsageError(f"time {text!r}: expected an ISO time (2026-11-21T07:00:00Z) or 90s/30m/2h/1d") from None
     return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def load_config(args) -> config_mod.Config:
+    return config_mod.load(args.config)
 
 
 def _config_or_defaults(args) -> config_mod.Config:
