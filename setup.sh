@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # pisnoop: install everything on a fresh Debian 12 machine, then run the demo.
-#   sudo ./setup.sh            install, then show the appliance at work
-#   sudo ./setup.sh --no-demo  install only (CI)
+#   ./setup.sh            (as root) install, then show the appliance at work
+#   ./setup.sh --no-demo  install only (CI)
+# Not root? sudo ./setup.sh (a fresh minimal Debian has no sudo: log in as root).
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,18 +11,18 @@ demo=1
 for arg in "$@"; do
   case "$arg" in
     --no-demo) demo=0 ;;
-    -h|--help) sed -n '2,5p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
   esac
 done
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "setup.sh: run as root (sudo ./setup.sh): it installs packages and creates network namespaces" >&2
+  echo "setup.sh: run as root (./setup.sh as root, or sudo ./setup.sh): it installs packages and creates network namespaces" >&2
   exit 2
 fi
 
 APT_PACKAGES=(
-  sudo procps iproute2 iputils-ping ethtool tcpdump tcpreplay
+  procps iproute2 iputils-ping ethtool tcpdump tcpreplay
   openvswitch-switch openvswitch-common
   prosody
   python3 python3-venv python3-dev gcc pkg-config libsystemd-dev

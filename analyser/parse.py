@@ -1,6 +1,6 @@
 """Frame -> packet tuple, fast.
 
-``dpkt.ethernet.Ethernet(frame)`` costs ~6.7 µs per frame (DESIGN.md); the
+``dpkt.ethernet.Ethernet(frame)`` costs ~6.7 µs per frame (docs/ARCHITECTURE.md, "Facts: capture"); the
 common case (Ethernet [+802.1Q] / IPv4 / TCP or UDP) is read here with
 ``struct`` in well under a microsecond, and only the rest (IPv6, odd
 encapsulations) goes to dpkt. A frame that cannot be read is reported as

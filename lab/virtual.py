@@ -7,7 +7,7 @@ directory. It brings up:
   OVS_RUNDIR, bridge ``<p>br`` with ``datapath_type=netdev``,
   ``fail_mode=secure``, OpenFlow 1.3, a fixed datapath id, out-of-band
   control and controller target ``tcp:127.0.0.1:<listen_port>`` with
-  ``max_backoff`` (set in the same command, DESIGN.md);
+  ``max_backoff`` (set in the same command: docs/ARCHITECTURE.md, "Facts: Open vSwitch");
 * hosts ``<p>-in`` (port 1), ``<p>-mi`` (port 2, interface ``mirror0`` with a
   link-local IPv4 address only) and ``<p>-up`` (port 3), each wired by a veth
   pair with TX checksum offload off on both ends and IPv6 off (no stray

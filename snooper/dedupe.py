@@ -2,7 +2,7 @@
 
 A mirror can deliver the same frame twice (both directions mirrored, a loop,
 a retransmitting switch). Hashing the whole captured frame with xxh3-64 is the
-simple correct baseline (DESIGN.md: ~30 ns at 64 B, 42 ns at 512 B; sha256 is
+simple correct baseline (docs/ARCHITECTURE.md, "Facts: capture": ~30 ns at 64 B, 42 ns at 512 B; sha256 is
 10x slower). Memory stays bounded: two generations of ``hash -> first time``
 dicts, the older one dropped every ``window`` seconds, so no dict ever grows
 past what one window of traffic holds and no single resize stalls capture for

@@ -2,7 +2,7 @@
 
 The kernel writes whole blocks of frames into a ring shared with us; we walk
 a block with ``struct.unpack_from`` and hand it back by clearing its status
-word. No syscall per frame: that is what lets Python keep up (DESIGN.md,
+word. No syscall per frame: that is what lets Python keep up (docs/ARCHITECTURE.md, "Facts: capture":
 ~0.24 us a frame against ~1.3 us for ``recv``).
 
 The socket is created with protocol 0 (receives nothing), gets its filter and
