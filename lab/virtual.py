@@ -417,9 +417,3 @@ def list_runs(root: str | os.PathLike | None = None) -> list[Path]:
     if not d.exists():
         return []
     return sorted(p for p in d.iterdir() if p.is_dir())
-
-
-@contextlib.contextmanager
-def virtual_appliance(**kw) -> Any:
-    with VirtualAppliance(**kw) as va:
-        yield va
