@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from appliance.config import Config
 
+from .messages import ETH_IPV4, IPPROTO_TCP
 from .targets import Profile, profile
 
 
@@ -28,5 +29,5 @@ class View:
 
     def xmpp_match(self) -> dict:
         """Client-to-server XMPP: TCP toward server_port arriving from the inside."""
-        return {"in_port": self.ports.inside, "eth_type": 0x0800, "ip_proto": 6,
+        return {"in_port": self.ports.inside, "eth_type": ETH_IPV4, "ip_proto": IPPROTO_TCP,
                 "tcp_dst": self.cfg.xmpp.server_port}

@@ -3,10 +3,10 @@
 On every switch connect it asks which meters exist, then pushes the whole
 set: meters by ADD or MODIFY (so METER_EXISTS never happens), flows by ADD
 (idempotent), then a barrier, timing features-reply -> barrier-reply. Every
-flow a module emits is vetted: inside its declared flowspace, not shadowing
-or shadowed by another module's flow, something the target can hold. What
-fails is refused, logged and counted, never sent. Replies are routed to the
-module that owns the cookie (or the request xid).
+flow a module emits is vetted as that module's: inside its declared
+flowspace, not shadowing or shadowed by another module's flow, something the
+target can hold. What fails is refused, logged and counted, never sent.
+Replies are routed to the module that owns the cookie (or the request xid).
 
 Once every module knows its full set (enforce: after its first flag
 snapshot), the core reads the flow table back and deletes what nobody
@@ -38,15 +38,12 @@ METER_POLL_SECONDS = 5.0
 
 
 class Core:
-    def __init__(self, cfg: Config, modules: Optional[list[Module]] = None, profile: Optional[Profile] = None):
+    def __init__(self, cfg: Config):
         self.view = View(cfg)
         self.cfg = cfg
-        self.profile = profile or self.view.profile
-        self.modules = modules if modules is not None else modules_pkg.build(self.view)
+        self.profile: Profile = self.view.profile
         self._xid = 0x70000000
-        for m in self.modules:
-            if hasattr(m, "xid_source"):
-                m.xid_source = self.next_xid
+        self.modules: list[Module] = modules_pkg.build(self.view, self.next_xid)
         self.connected = False
         self.datapath_id: Optional[int] = None
         self.installed: dict[tuple, tuple[Module, Flow, Optional[float]]] = {}
@@ -181,7 +178,8 @@ class Core:
         self.counters["errors"] += 1
         what = self.owners.pop(ev.xid, None)
         if what == "core:meters":     # no meter inventory: push with ADD, fix up on METER_EXISTS
-            log.warning("switch refused the meter config request (type %d code %d): pushing meters by ADD", ev.type, ev.code)
+            log.warning("switch refused the meter config request (type %d code %d): pushing meters by ADD",
+                        ev.type, ev.code)
             return self._push({}, now)
         if ev.type == OFPET_METER_MOD_FAILED and ev.meter_id in self.meters:
             m = self.meters[ev.meter_id]
@@ -225,33 +223,33 @@ class Core:
     # --- dispatch and the flowspace check -------------------------------------------
 
     def _broadcast(self, topic: str, event, now: float, send: bool = True) -> list:
-        """Fold the event through the subscribed modules; each module's additions are vetted as its own."""
-        pending: list = []
+        """Every subscribed module's own messages, each list vetted as its module's, in module order.
+
+        Without ``send`` (no switch) the modules still see the event, to keep their state current."""
+        out: list = []
         for m in self.modules:
             if topic in m.subscriptions:
-                before = {id(x) for x in pending}
-                result = m.handle(event, list(pending))
-                added = [x for x in result if id(x) not in before]
-                kept = {id(x) for x in (self.vet(added, now, emitter=m) if send else added)}
-                pending = [x for x in result if id(x) in before or id(x) in kept]
-        return pending if send else []
+                mine = m.handle(event)
+                if send:
+                    out += self.vet(mine, now, emitter=m)
+        return out
 
     def _dispatch(self, owner, event, now: float) -> list:
-        topic = {PacketIn: "packet_in", FlowRemoved: "flow_removed", FlowStats: "flow_stats", Error: "error"}[type(event)]
+        topics = {PacketIn: "packet_in", FlowRemoved: "flow_removed", FlowStats: "flow_stats", Error: "error"}
+        topic = topics[type(event)]
         if owner is None or topic not in owner.subscriptions:
             self.counters[f"unrouted_{topic}"] += 1
             return []
-        return self.vet(owner.handle(event, []), now, emitter=owner)
+        return self.vet(owner.handle(event), now, emitter=owner)
 
     def _refuse(self, module: str, kind: str, f, why: str) -> None:
         self.refused[(module, kind)] += 1
         log.warning("refused %s flow (%s): %s", module, why, f.describe() if isinstance(f, Flow) else f)
 
-    def vet(self, msgs: Iterable, now: float, emitter: Optional[Module] = None) -> list:
-        """Keep the messages that pass the checks; record flows as installed.
+    def vet(self, msgs: Iterable, now: float, emitter: Module) -> list:
+        """Keep the messages of ``emitter`` that pass the checks; record its flows as installed.
 
-        ``emitter`` is the module that produced them (None: the connect push,
-        where each module's start() output is attributed by cookie)."""
+        A refusal is counted against the emitter, never against whoever owns the cookie it used."""
         out = []
         for x in msgs:
             if isinstance(x, FlowStatsRequest):
@@ -259,7 +257,7 @@ class Core:
             elif isinstance(x, PacketOut):
                 bad = [a[1] for a in x.actions if a[0] == "output" and a[1] == self.profile.management_port]
                 if bad:
-                    self._refuse("?", "target", x, "packet-out to the management port")
+                    self._refuse(emitter.name, "target", x, "packet-out to the management port")
                     continue
             elif isinstance(x, Flow):
                 if not self._flow_ok(x, now, emitter):
@@ -267,43 +265,40 @@ class Core:
             out.append(x)
         return out
 
-    def _flow_ok(self, f: Flow, now: float, emitter: Optional[Module]) -> bool:
-        owner = self.owner_of_cookie(f.cookie)
-        if emitter is not None and owner is not emitter:
+    def _flow_ok(self, f: Flow, now: float, emitter: Module) -> bool:
+        if self.owner_of_cookie(f.cookie) is not emitter:
             self._refuse(emitter.name, "outside", f, f"cookie {f.cookie:#x} is not {emitter.flowspace.cookie:#x}"
                          f"/{emitter.flowspace.cookie_mask:#x}")
             return False
-        if owner is None:
-            self._refuse("?", "cookie", f, "no module owns this cookie")
-            return False
-        why = owner.flowspace.outside(f)
+        why = emitter.flowspace.outside(f)
         if why:
-            self._refuse(owner.name, "outside", f, why)
+            self._refuse(emitter.name, "outside", f, why)
             return False
         if f.command == "delete_strict":
             mine = self.installed.get(f.key)
-            if mine is not None and mine[0] is not owner:
-                self._refuse(owner.name, "not_owner", f, f"the flow belongs to {mine[0].name}")
+            if mine is not None and mine[0] is not emitter:
+                self._refuse(emitter.name, "not_owner", f, f"the flow belongs to {mine[0].name}")
                 return False
             self.installed.pop(f.key, None)
             return True
         why = self.profile.flow_problem(f)
         if why:
-            self._refuse(owner.name, "target", f, why)
+            self._refuse(emitter.name, "target", f, why)
             return False
         for key, (other_mod, other, _exp) in self.installed.items():
-            if other_mod is owner:
+            if other_mod is emitter:
                 continue
             why = conflict(f, other)
             if why:
-                self._refuse(owner.name, "overlap", f, f"{why} against {other_mod.name}'s {other.describe()}")
+                self._refuse(emitter.name, "overlap", f, f"{why} against {other_mod.name}'s {other.describe()}")
                 return False
         if f.key not in self.installed and self.profile.max_flows is not None \
                 and len(self.installed) >= self.profile.max_flows:
-            self._refuse(owner.name, "capacity", f, f"{self.profile.name} holds at most {self.profile.max_flows} flows")
+            self._refuse(emitter.name, "capacity", f,
+                         f"{self.profile.name} holds at most {self.profile.max_flows} flows")
             return False
-        self.installed[f.key] = (owner, f, now + f.hard_timeout if f.hard_timeout else None)
-        self.pushed_by_module[owner.name] += 1
+        self.installed[f.key] = (emitter, f, now + f.hard_timeout if f.hard_timeout else None)
+        self.pushed_by_module[emitter.name] += 1
         self.counters["flows_pushed"] += 1
         return True
 

@@ -49,9 +49,6 @@ class Flow:
         """What makes two flows the same entry in a switch table."""
         return (self.table, self.priority, self.match)
 
-    def match_dict(self) -> dict:
-        return dict(self.match)
-
     def describe(self) -> str:
         m = ",".join(f"{k}={v}" for k, v in self.match) or "*"
         acts = [f"meter:{self.meter}"] if self.meter else []

@@ -31,4 +31,3 @@ DEAD_DISPATCHER = handler.DEAD_DISPATCHER
 EventBase = event.EventBase
 CONF = cfg.CONF
 OFP_VERSION = ofproto_v1_3.OFP_VERSION
-APP_PACKAGE = _PKG

@@ -8,11 +8,13 @@ from argparse import Namespace
 import pytest
 
 from appliance import config as config_mod
-from static_controller import command, targets
+from static_controller import command, modules, targets
+from static_controller.config_view import View
 from static_controller.core import Core
 from static_controller.flowspace import Flowspace, Rel, Slice, classify, conflict
-from static_controller.messages import (Band, Barrier, Error, Flags, Flow, FlowStat, FlowStats, FlowStatsRequest,
-                                        Meter, MeterConfig, MeterConfigRequest, PacketIn, PacketOut, Tick, flow)
+from static_controller.messages import (Band, Barrier, BarrierReply, Error, Flags, Flow, FlowStat, FlowStats,
+                                        FlowStatsRequest, Meter, MeterConfig, MeterConfigRequest, MeterStatsRequest,
+                                        PacketIn, PacketOut, Tick, flow)
 from static_controller.modules.base import COOKIE_MASK, Module, cookie_base
 
 NOW = 1_800_000_000.0
@@ -168,9 +170,9 @@ class Rogue(Module):
     def declare(self):
         return Flowspace(self.cookie, COOKIE_MASK, (Slice.of(1, 400, 499, {"in_port": 1}),))
 
-    def handle(self, event, pending):
+    def handle(self, event):
         c = self.cookie
-        return pending + [
+        return [
             flow(0, 450, {"in_port": 1}, c, actions=(("output", 3),)),                 # wrong table
             flow(1, 450, {"in_port": 1, "tcp_dst": 80}, cookie_base(2)),             # someone else's cookie
             flow(1, 450, {"in_port": 1, "eth_type": 0x0800, "ip_proto": 6, "tcp_dst": 5222}, c),  # shadows ratelimit
@@ -187,6 +189,98 @@ def test_flows_outside_the_declaration_or_shadowing_are_refused_and_counted():
     assert [dict(f.match).get("udp_dst") for f in sent] == [53]
     assert core.refused[("rogue", "outside")] == 2
     assert core.refused[("rogue", "overlap")] == 1
+
+
+# --- the module contract ------------------------------------------------------------
+
+
+def test_handle_returns_only_the_module_own_messages():
+    core = Core(cfg(flowstats_ids={"enabled": True, "poll_interval": 1}, switch={"forwarding": "l2switch"}))
+    connected(core)
+    mods = {m.name: m for m in core.modules}
+    enforce, ids, l2 = mods["enforce"], mods["flowstats_ids"], mods["l2switch"]
+    bans = enforce.handle(Flags((flag("a", "10.0.0.11"),), True, NOW))
+    assert [dict(f.match)["ipv4_src"] for f in bans] == ["10.0.0.11"] and enforce.flowspace.outside(bans[0]) is None
+    assert enforce.handle(Tick(NOW + 1)) == []                     # nothing changed: nothing to send
+    poll = ids.handle(Tick(NOW + 2))
+    assert poll == [FlowStatsRequest(poll[0].xid, table=1, cookie=ids.cookie, cookie_mask=COOKIE_MASK)]
+    frame = tcp_frame(src_mac=b"\x02\0\0\0\0\x0a")
+    assert l2.handle(PacketIn(l2.cookie, 2, 1, frame)) == [PacketOut(1, (("output", 3),), frame)]
+
+
+class Stamp(Module):
+    """On every tick one flow in a table of its own (table = module id)."""
+
+    subscriptions = frozenset({"tick"})
+
+    def declare(self):
+        return Flowspace(self.cookie, COOKIE_MASK, (Slice.of(self.module_id, 0, 9),))
+
+    def handle(self, event):
+        return [flow(self.module_id, 5, {"in_port": 1}, self.cookie)]
+
+
+class StampA(Stamp):
+    name, module_id = "stamp_a", 6
+
+
+class StampB(Stamp):
+    name, module_id = "stamp_b", 7
+
+
+@pytest.mark.parametrize("order", [(StampA, StampB), (StampB, StampA)])
+def test_subscribed_modules_outputs_are_merged_in_module_order(order):
+    core = Core(cfg())
+    core.modules += [cls(core.view) for cls in order]
+    connected(core)
+    sent = flows_of(core.handle(Tick(NOW), NOW))
+    assert [(f.table, f.cookie) for f in sent] == [(cls.module_id, cookie_base(cls.module_id)) for cls in order]
+    assert core.pushed_by_module["stamp_a"] == core.pushed_by_module["stamp_b"] == 1 and not core.refused
+
+
+class Thief(Module):
+    """Writes inside ratelimit's slice under ratelimit's cookie, and sends a frame to the management port."""
+
+    name, module_id = "thief", 7
+    subscriptions = frozenset({"tick"})
+
+    def declare(self):
+        return Flowspace(self.cookie, COOKIE_MASK, ())
+
+    def handle(self, event):
+        # a valid ratelimit flow (an exception above its XMPP meter flow): only the emitter makes it wrong
+        return [flow(1, 240, {**self.view.xmpp_match(), "ipv4_src": "10.0.0.11"}, cookie_base(2), goto=2),
+                PacketOut(1, (("output", 4),), b"x")]
+
+
+def test_another_module_cookie_is_refused_and_counted_against_the_emitter():
+    core = Core(cfg(**ZODIAC))
+    core.modules.append(Thief(core.view))
+    connected(core)
+    before = dict(core.pushed_by_module)
+    out = core.handle(Tick(NOW), NOW)
+    assert not [m for m in out if isinstance(m, (Flow, PacketOut))]
+    assert core.refused == {("thief", "outside"): 1, ("thief", "target"): 1}
+    assert core.pushed_by_module == before                 # nothing counted to ratelimit, whose cookie it used
+    assert [f.priority for m, f, _exp in core.installed.values() if m.name == "ratelimit"] == [200]
+
+
+def test_module_request_xids_come_from_the_core_allocator():
+    given = iter(range(500, 600))
+    built = {m.name: m for m in modules.build(View(cfg(flowstats_ids={"enabled": True})), lambda: next(given))}
+    assert [m.xid for m in built["flowstats_ids"].handle(Tick(NOW))] == [500]
+    core = Core(cfg(flowstats_ids={"enabled": True, "poll_interval": 1}))
+    ids = [m for m in core.modules if m.name == "flowstats_ids"][0]
+    req = core.connect(1, NOW)[0]
+    barrier = core.handle(MeterConfig(req.xid, ()), NOW)[-1]
+    core.handle(BarrierReply(barrier.xid), NOW)
+    core.handle(Flags((), True, NOW), NOW)                 # enforce ready: this tick also reads the table back
+    tick = [m for m in core.handle(Tick(NOW + 2), NOW + 2) if isinstance(m, (FlowStatsRequest, MeterStatsRequest))]
+    assert [type(m).__name__ for m in tick] == ["FlowStatsRequest", "FlowStatsRequest", "MeterStatsRequest"]
+    assert tick[0].cookie == ids.cookie and core.owners[tick[0].xid] is ids
+    assert tick[1].cookie_mask == 0 and core.owners[tick[1].xid] == "core:reconcile"
+    # one counter for the core's requests and the module's, in the order they were asked for
+    assert [req.xid, barrier.xid] + [m.xid for m in tick] == list(range(req.xid, req.xid + 5))
 
 
 # --- enforce ------------------------------------------------------------------------

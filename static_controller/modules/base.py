@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterable
+from typing import ClassVar
 
 from ..config_view import View
 from ..flowspace import Flowspace
 
-# Table 0 copies to the mirror port, table 1 meters/drops, table 2 forwards:
-# a metered or dropped frame has already been mirrored (DESIGN.md: a meter
-# instruction runs before the outputs of the same flow).
+# Table 0 copies to the mirror port, table 1 meters/drops, table 2 forwards. A meter
+# instruction runs before the outputs of the same flow, so a metered drop is mirrored
+# only if the mirror copy is output in table 0 and metering done in table 1
+# (docs/ARCHITECTURE.md).
 T_MIRROR, T_POLICY, T_FORWARD = 0, 1, 2
 
 COOKIE_MASK = 0xFF << 56
@@ -42,9 +43,9 @@ class Module:
         """Messages for a switch that just connected (the whole set, every time)."""
         return []
 
-    def handle(self, event, pending: list) -> list:
-        """Messages to send for ``event``, merged with ``pending`` from earlier modules."""
-        return pending
+    def handle(self, event) -> list:
+        """This module's own messages for ``event``: the core vets them as this module's and merges."""
+        return []
 
     def ready(self) -> bool:
         """Whether the module knows its full flow set (stale flows may then be removed)."""
@@ -52,7 +53,3 @@ class Module:
 
     def counters(self) -> dict:
         return {}
-
-
-def merged(mine: Iterable, pending: list) -> list:
-    return list(mine) + list(pending)

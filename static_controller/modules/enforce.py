@@ -153,19 +153,19 @@ class Enforce(Module):
         self.installed = {}
         return self._sync(now)
 
-    def handle(self, event, pending: list) -> list:
+    def handle(self, event) -> list:
         if isinstance(event, Flags):
             self._take(event)
-            return self._sync(event.now) + pending
+            return self._sync(event.now)
         if isinstance(event, Tick):
             for fid in [f for f, a in self.flags.items() if a.expires_at <= event.now]:
                 del self.flags[fid]
-            return self._sync(event.now) + pending
+            return self._sync(event.now)
         if isinstance(event, FlowRemoved):
             for key, (f, _a) in list(self.installed.items()):
                 if f.cookie == event.cookie and f.match == event.match:
                     del self.installed[key]
-        return pending
+        return []
 
     def _take(self, ev: Flags) -> None:
         if ev.snapshot:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
+from typing import Callable
 
 from ..flowspace import Flowspace, Slice
 from ..messages import (OFPP_CONTROLLER, OFPP_TABLE, FlowRemoved, FlowStats, FlowStatsRequest, PacketIn, PacketOut,
@@ -35,9 +36,9 @@ class FlowstatsIds(Module):
     module_id = 4
     subscriptions = frozenset({"packet_in", "flow_stats", "flow_removed", "tick"})
 
-    def __init__(self, view):
+    def __init__(self, view, next_xid: Callable[[], int]):
         super().__init__(view)
-        self.xid_source = None          # set by the core: allocates request xids
+        self.next_xid = next_xid        # the core's allocator: a stats reply is routed back by its xid
         self.allowed: dict[tuple, collections.deque] = {}    # (ip, port) -> (flow age s, packets) samples
         self.dropped: set[tuple] = set()
         self.next_poll = 0.0
@@ -63,16 +64,15 @@ class FlowstatsIds(Module):
         return [flow(T_POLICY, P_TO_CONTROLLER, self.view.xmpp_match(), self.cookie,
                      actions=(("output", OFPP_CONTROLLER),))]
 
-    def handle(self, event, pending: list) -> list:
+    def handle(self, event) -> list:
         if isinstance(event, PacketIn):
-            return self._packet_in(event) + pending
+            return self._packet_in(event)
         if isinstance(event, Tick) and event.now >= self.next_poll:
             self.next_poll = event.now + self.cfg.flowstats_ids.poll_interval
-            xid = self.xid_source()
             self.stats["polls"] += 1
-            return [FlowStatsRequest(xid, table=T_POLICY, cookie=self.cookie, cookie_mask=COOKIE_MASK)] + pending
+            return [FlowStatsRequest(self.next_xid(), table=T_POLICY, cookie=self.cookie, cookie_mask=COOKIE_MASK)]
         if isinstance(event, FlowStats):
-            return self._judge(event) + pending
+            return self._judge(event)
         if isinstance(event, FlowRemoved):
             key = self._key(event.match)
             kind = (event.cookie >> KIND_SHIFT) & 0xFF
@@ -80,7 +80,7 @@ class FlowstatsIds(Module):
                 self.allowed.pop(key, None)
             elif key and kind == KIND_DROP:
                 self.dropped.discard(key)
-        return pending
+        return []
 
     @staticmethod
     def _key(match) -> tuple | None:

@@ -8,14 +8,10 @@ mirror port (it already has its copy from table 0) or a management port.
 
 from __future__ import annotations
 
-import logging
-
 from ..flowspace import Flowspace, Slice
 from ..messages import OFPP_CONTROLLER, FlowRemoved, PacketIn, PacketOut, flow
 from ..packet import parse
 from .base import COOKIE_MASK, T_FORWARD, Module
-
-log = logging.getLogger("pisnoop.controller.l2switch")
 
 P_MISS, P_KNOWN = 0, 100
 IDLE_SECONDS = 60
@@ -41,14 +37,14 @@ class L2Switch(Module):
         self.table.clear()
         return [flow(T_FORWARD, P_MISS, {}, self.cookie, actions=(("output", OFPP_CONTROLLER),))]
 
-    def handle(self, event, pending: list) -> list:
+    def handle(self, event) -> list:
         if isinstance(event, PacketIn):
-            return self._packet_in(event) + pending
+            return self._packet_in(event)
         if isinstance(event, FlowRemoved):
             dst = dict(event.match).get("eth_dst")
             if dst:
                 self.table.pop(dst, None)
-        return pending
+        return []
 
     def _packet_in(self, ev: PacketIn) -> list:
         h = parse(ev.data)

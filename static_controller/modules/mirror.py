@@ -10,7 +10,7 @@ rest still goes on to table 1 and is forwarded.
 from __future__ import annotations
 
 from ..flowspace import Flowspace, Slice
-from ..messages import flow
+from ..messages import ETH_IPV4, IPPROTO_TCP, IPPROTO_UDP, flow
 from .base import COOKIE_MASK, T_FORWARD, T_MIRROR, T_POLICY, Module
 
 P_COPY_FILTERED, P_PASS = 110, 100
@@ -37,8 +37,8 @@ class Mirror(Module):
         flt = mc.filter
         if flt.ip_proto is None:
             return [(P_PASS, {"in_port": in_port})]
-        proto = {"tcp": 6, "udp": 17}[flt.ip_proto]
-        base = {"in_port": in_port, "eth_type": 0x0800, "ip_proto": proto}
+        proto = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP}[flt.ip_proto]
+        base = {"in_port": in_port, "eth_type": ETH_IPV4, "ip_proto": proto}
         if flt.l4_port is None:
             return [(P_COPY_FILTERED, base)]
         return [(P_COPY_FILTERED, {**base, f"{flt.ip_proto}_{side}": flt.l4_port}) for side in ("src", "dst")]
