@@ -13,7 +13,7 @@ from pathlib import Path
 import pymongo.errors
 
 from appliance import config as config_mod
-from appliance import service, store
+from appliance import flagdoc, indexes, service, store
 from appliance.errors import UsageError
 from . import flags as flags_mod
 from . import pcap as pcap_mod
@@ -87,6 +87,13 @@ def _config_or_defaults(args) -> config_mod.Config:
 def _db(cfg):
     db = store.database(cfg.mongodb, "pisnoop-analyser")
     store.ping(db)
+    return db
+
+
+def _indexed_db(cfg):
+    """The store with its indexes ensured: a command that writes or queries flags may be the first on a database."""
+    db = _db(cfg)
+    indexes.ensure_indexes(db, cfg)
     return db
 
 
@@ -187,7 +194,7 @@ def cmd_report(args) -> int:
     since = parse_time(args.since)
     until = parse_time(args.until) if args.until else None
     policy = policy_mod.load(cfg.analyser.policy_file)
-    db = _db(cfg)
+    db = _indexed_db(cfg)
     port = policy_mod.server_port(policy, cfg)
     fq: dict = {"last_seen": {"$gte": since}}
     if until:
@@ -217,7 +224,7 @@ def cmd_report(args) -> int:
 
 def cmd_flags_list(args) -> int:
     cfg = load_config(args)
-    book = flags_mod.MongoFlags(_db(cfg))
+    book = flags_mod.MongoFlags(_indexed_db(cfg))
     now = flags_mod.now_utc()
     docs = book.all() if args.all else book.active(now)
     if args.json:
@@ -229,15 +236,20 @@ def cmd_flags_list(args) -> int:
         return 0
     print(f"{'client':<24} {'classifier':<14} {'action':<6} {'off':>3} {'ban s':>6} {'status':<8} {'expires (UTC)':<19} reason")
     for d in docs:
-        print(f"{flags_mod.client_text(d['client_ip'], d['client_port']):<24} {d['classifier']:<14} {d['action']:<6} "
-              f"{d['offence']:>3} {d['ban_seconds']:>6} {d['status']:<8} {d['expires_at']:%Y-%m-%d %H:%M:%S} {d['reason']}")
+        try:
+            f = flagdoc.parse(d)
+        except flagdoc.BadFlag as exc:
+            print(f"pisnoop: flag {d.get('_id')} ignored: {exc}", file=sys.stderr)
+            continue
+        print(f"{flagdoc.client_text(f.client_ip, f.client_port):<24} {f.classifier:<14} {f.action:<6} "
+              f"{f.offence:>3} {f.ban_seconds:>6} {f.status:<8} {f.expires_at:%Y-%m-%d %H:%M:%S} {f.reason}")
     return 0
 
 
 def cmd_flags_release(args) -> int:
-    ip, port = flags_mod.parse_client(args.client)
+    ip, port = flagdoc.parse_client(args.client)
     cfg = load_config(args)
-    n = flags_mod.MongoFlags(_db(cfg)).release(ip, port, flags_mod.now_utc())
+    n = flags_mod.MongoFlags(_indexed_db(cfg)).release(ip, port, flags_mod.now_utc())
     if not n:
         print(f"pisnoop: no active flag for {args.client}", file=sys.stderr)
         return 1

@@ -210,18 +210,9 @@ def latest_per_key(docs: Iterable[dict]) -> list[dict]:
 class MongoFlows:
     """Flow documents in the ``flows`` collection, written with upserts of whole records."""
 
-    def __init__(self, db, retention_hours: float):
-        from pymongo.errors import OperationFailure
-
+    def __init__(self, db):
         from appliance import store
         self.coll = db[store.FLOWS]
-        self.coll.create_index("key")
-        ttl = {"expireAfterSeconds": int(retention_hours * 3600)} if retention_hours else {}
-        try:
-            self.coll.create_index("last_seen", **ttl)
-        except OperationFailure:  # the retention changed since the index was made: make it again
-            self.coll.drop_index("last_seen_1")
-            self.coll.create_index("last_seen", **ttl)
 
     def latest(self, keys) -> list[dict]:
         return latest_per_key(self.coll.find({"key": {"$in": list(keys)}}))

@@ -15,7 +15,7 @@ import time
 
 import pymongo.errors
 
-from appliance import service, store
+from appliance import indexes, service, store
 from . import flags as flags_mod
 from . import policy as policy_mod
 from .engine import Engine
@@ -32,7 +32,7 @@ class Analyser:
         self.db = db
         self.policy = policy or policy_mod.load(cfg.analyser.policy_file)
         self.follower = Follower(db, cfg.snooper.sensor)
-        self.flows = FlowTable(MongoFlows(db, cfg.mongodb.retention.flows_hours), cfg.snooper.sensor, self.follower.step)
+        self.flows = FlowTable(MongoFlows(db), cfg.snooper.sensor, self.follower.step)
         self.book = flags_mod.FlagBook(cfg, flags_mod.MongoFlags(db), cfg.snooper.sensor)
         self.engine = Engine(cfg, self.policy, self.flows, self.book)
         self.status = Status(db, cfg, self.follower, self.engine)
@@ -114,6 +114,7 @@ def serve(cfg, log_level: str = "INFO", once: bool = False) -> int:
     service.setup_logging("analyser", log_level)
     db = store.database(cfg.mongodb, "pisnoop-analyser")
     store.ping(db)
+    indexes.ensure_indexes(db, cfg)
     analyser = Analyser(cfg, db, policy)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: analyser.stop.set())

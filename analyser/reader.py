@@ -36,8 +36,6 @@ class Follower:
         self.sensor = sensor
         self.limit = limit
         self.id = f"analyser:{sensor}"
-        self.frames.create_index([("sensor", 1), ("ins", 1)])
-        self.frames.create_index("ins")
         doc = self.state.find_one({"_id": self.id}) or {}
         self.resume: Optional[dt.datetime] = doc.get("resume")
         self.seen: dict[str, dt.datetime] = {i: t for i, t in doc.get("seen", [])}

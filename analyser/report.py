@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .flags import client_text
+from appliance.flagdoc import client_text
 from .parse import TCP
 
 MAX_CLIENTS_PLOTTED = 8

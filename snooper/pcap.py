@@ -199,8 +199,7 @@ def import_file(cfg, fh: BinaryIO, log, dedupe: bool = False, sensor: str | None
     c = counters_mod.new()
     run = "import-" + new_run_id()
     spool = open_spool(cfg.snooper, c, log, replay=True)
-    writer = Writer(store.database(cfg.mongodb, "pisnoop-import"), spool, c, log,
-                    frames_hours=cfg.mongodb.retention.frames_hours)
+    writer = Writer(store.database(cfg.mongodb, "pisnoop-import"), spool, c, log, cfg)
     cap = Capture(None, Dedupe(cfg.snooper.dedupe_window if dedupe else 0), writer, c, sensor or cfg.snooper.sensor,
                   run, cfg.snooper.batch_size, 1e9, threading.Event(), blocking=True)
     writer.start()

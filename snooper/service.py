@@ -50,7 +50,7 @@ def run(cfg, log, duration: float | None = None) -> int:
         spool.close()
         raise UsageError(str(exc)) from None
     db = store.database(cfg.mongodb, "pisnoop-snooper")
-    writer = Writer(db, spool, c, log, frames_hours=cfg.mongodb.retention.frames_hours)
+    writer = Writer(db, spool, c, log, cfg)
     dedupe = Dedupe(sc.dedupe_window)
     stop = threading.Event()
     capture = Capture(ring, dedupe, writer, c, sc.sensor, run_id, sc.batch_size, sc.batch_interval, stop)

@@ -8,7 +8,7 @@ writer thread inserts one document per batch (``store.batch_document`` plus
 the batch is stored, once. After a failure the store counts as away for a
 second; meanwhile batches go to the spool, and every second the writer tries
 to replay the spool oldest first, which is also how it notices the store is
-back.
+back. Its first contact with the store ensures the indexes (``appliance.indexes``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import queue
 import threading
 import time
 
-from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from appliance import store
+from appliance import indexes, store
 
 from .batch import Batch
 from .spool import Spool
@@ -34,30 +34,6 @@ _STOP = object()
 
 def _size(batch: Batch) -> int:
     return sum(len(f[2]) for f in batch.frames) + _FRAME_OVERHEAD * len(batch.frames)
-
-
-def ensure_indexes(db, frames_hours: int, log: logging.Logger) -> None:
-    """Indexes readers need, and retention as a TTL on ``ins``.
-
-    ``ins`` (follow new data; TTL) and ``t0``/``t1``/``first_ns`` (time ranges). The TTL counts
-    from when a batch reached the store, not from its capture time: an imported old pcap, or a
-    batch replayed after a long outage, still gets the full retention instead of vanishing at once.
-    """
-    col = db[store.FRAMES]
-    col.create_index("t0")
-    col.create_index("t1")
-    col.create_index("first_ns")
-    if frames_hours <= 0:
-        col.create_index("ins")
-        return
-    ttl = int(frames_hours * 3600)
-    try:
-        col.create_index("ins", expireAfterSeconds=ttl)
-    except OperationFailure as exc:  # an index from an earlier retention setting
-        try:
-            db.command("collMod", store.FRAMES, index={"keyPattern": {"ins": 1}, "expireAfterSeconds": ttl})
-        except PyMongoError:
-            log.warning("could not set the frames retention to %d h: %s", frames_hours, exc)
 
 
 def insert(db, batch: Batch, counters: dict) -> None:
@@ -73,8 +49,7 @@ def insert(db, batch: Batch, counters: dict) -> None:
 
 
 class Writer(threading.Thread):
-    def __init__(self, db, spool: Spool, counters: dict, log: logging.Logger, queue_bytes: int = QUEUE_BYTES,
-                 frames_hours: int = 0):
+    def __init__(self, db, spool: Spool, counters: dict, log: logging.Logger, cfg, queue_bytes: int = QUEUE_BYTES):
         super().__init__(name="pisnoop-writer", daemon=True)
         self.db = db
         self.spool = spool
@@ -87,8 +62,8 @@ class Writer(threading.Thread):
         self.pending_frames = 0  # frames in the queue or being written
         self.pending_bytes = 0
         self._pending_lock = threading.Lock()
-        self.frames_hours = frames_hours
-        self.indexed = False     # indexes are made on the first contact with the store
+        self.cfg = cfg
+        self.indexed = False     # indexes (and the retention TTL) are ensured on the first contact with the store
 
     # --- the capture side ------------------------------------------------------
 
@@ -148,7 +123,7 @@ class Writer(threading.Thread):
 
     def _insert(self, batch: Batch) -> None:
         if not self.indexed:
-            ensure_indexes(self.db, self.frames_hours, self.log)
+            indexes.ensure_indexes(self.db, self.cfg)
             self.indexed = True
         insert(self.db, batch, self.counters)
 

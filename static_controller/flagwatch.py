@@ -1,6 +1,7 @@
 """The controller's one link to the store: a plain thread, never the event loop.
 
-It polls the ``flags`` collection by ``updated_at`` (indexed; no change
+It ensures the indexes (``appliance.indexes``) on its first contact with the
+store, polls the ``flags`` collection by ``updated_at`` (no change
 streams: MongoDB 4.4 on a single-node Pi has none), loads every active flag
 when asked (each switch connect), and writes the controller's status
 document. pymongo blocks for up to ``mongodb.timeout_ms`` when the store is
@@ -19,7 +20,8 @@ from typing import Callable, Optional
 
 import pymongo
 
-from appliance import service, store
+from appliance import indexes, service, store
+from appliance.flagdoc import EXPIRES_AT, FLAGGED, STATUS, UPDATED_AT
 
 from .messages import Flags
 
@@ -78,21 +80,20 @@ class FlagWatcher(threading.Thread):
     def _once(self, db) -> None:
         flags = db[store.FLAGS]
         if not self._indexed:
-            flags.create_index("updated_at")
-            flags.create_index([("status", 1), ("expires_at", 1)])
+            indexes.ensure_indexes(db, self.cfg)
             self._indexed = True
         now = utcnow()
         if self._want_snapshot.is_set():
             self._want_snapshot.clear()
-            docs = list(flags.find({"status": "flagged", "expires_at": {"$gt": now}}))
-            latest = list(flags.find({}, {"updated_at": 1}).sort("updated_at", -1).limit(1))
-            self.last_seen = latest[0].get("updated_at") if latest else None
+            docs = list(flags.find({STATUS: FLAGGED, EXPIRES_AT: {"$gt": now}}))
+            latest = list(flags.find({}, {UPDATED_AT: 1}).sort(UPDATED_AT, -1).limit(1))
+            self.last_seen = latest[0].get(UPDATED_AT) if latest else None
             self.post(Flags(tuple(docs), snapshot=True, now=time.time()))
         else:
-            query = {"updated_at": {"$gte": self.last_seen - OVERLAP}} if self.last_seen else {}
-            docs = list(flags.find(query).sort("updated_at", 1))
+            query = {UPDATED_AT: {"$gte": self.last_seen - OVERLAP}} if self.last_seen else {}
+            docs = list(flags.find(query).sort(UPDATED_AT, 1))
             if docs:
-                stamps = [d["updated_at"] for d in docs if isinstance(d.get("updated_at"), dt.datetime)]
+                stamps = [d[UPDATED_AT] for d in docs if isinstance(d.get(UPDATED_AT), dt.datetime)]
                 if stamps:
                     self.last_seen = max(stamps + ([self.last_seen] if self.last_seen else []))
                 self.post(Flags(tuple(docs), snapshot=False, now=time.time()))

@@ -7,7 +7,6 @@ import socket
 import dpkt
 import pytest
 
-from analyser.flags import BadClient, parse_client
 from analyser.parse import MALFORMED, NOT_IP, TCP, UDP, Packet, parse, payload
 from tests.analyser_frames import frame
 
@@ -65,12 +64,3 @@ def test_later_fragment_has_no_ports_and_bad_frames_are_named():
     bad_doff[14 + 20 + 12] = 0xF0                        # data offset beyond the frame
     assert parse(1, len(good), bytes(bad_doff)) == MALFORMED
 
-
-def test_client_argument():
-    assert parse_client("10.0.0.10") == ("10.0.0.10", None)
-    assert parse_client("10.0.0.10:5222") == ("10.0.0.10", 5222)
-    assert parse_client("[fd00::1]:40000") == ("fd00::1", 40000)
-    assert parse_client("fd00::1") == ("fd00::1", None)
-    for bad in ("host", "10.0.0.10:0", "10.0.0.10:x", "[fd00::1]:99999"):
-        with pytest.raises(BadClient):
-            parse_client(bad)

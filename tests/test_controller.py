@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from appliance import config as config_mod
-from appliance import store
+from appliance import flagdoc, store
 from lab.virtual import VirtualAppliance
 from tests.conftest import assert_gone
 from tests.ctlutil import (ControllerProcess, connected, flows_matching, start_echo_server, table_snapshot,
@@ -142,10 +142,15 @@ def test_xmpp_burst_is_cut_to_the_meter_rate_but_fully_mirrored():
 
 
 def flag_doc(ip, port=None, action="drop", seconds=120):
-    now = dt.datetime.now(dt.timezone.utc)
-    return {"client_ip": ip, "client_port": port, "server_port": 5222, "classifier": "test", "reason": "test flood",
-            "action": action, "evidence": {}, "offence": 1, "ban_seconds": seconds, "flagged_at": now,
-            "expires_at": now + dt.timedelta(seconds=seconds), "updated_at": now, "status": "flagged"}
+    return flagdoc.build(client_ip=ip, client_port=port, server_port=5222, classifier="test", reason="test flood",
+                         action=action, evidence={}, offence=1, ban_seconds=seconds, sensor="test",
+                         flagged_at=dt.datetime.now(dt.timezone.utc))
+
+
+def release(db, fid) -> None:
+    """As ``flags release`` does it: the whole document replaced (a ``$set`` date becomes a string on nx-27017)."""
+    doc = db[store.FLAGS].find_one({"_id": fid})
+    db[store.FLAGS].replace_one({"_id": fid}, flagdoc.ended(doc, flagdoc.RELEASED, dt.datetime.now(dt.timezone.utc)))
 
 
 @pytest.mark.parametrize("action", ["drop", "limit"])
@@ -167,8 +172,7 @@ def test_a_flag_cuts_client_a_within_2s_client_b_keeps_working_release_restores(
             assert a["ok"] < 40, f"client A was not cut: {a}"
             b = tcp_client(va, CLIENT_B, 5222, n=40)
             assert b["ok"] == 40, b
-            now = dt.datetime.now(dt.timezone.utc)
-            db[store.FLAGS].update_one({"_id": fid}, {"$set": {"status": "released", "updated_at": now}})
+            release(db, fid)
             assert wait_for(lambda: not flows_matching(va, f"nw_src={IN}"), 5.0), "ban flow not removed on release"
             assert tcp_client(va, IN, 5222, n=10)["ok"] == 10
         finally:
@@ -322,8 +326,7 @@ def test_a_ban_released_while_the_controller_was_down_is_removed_on_restart():
             fid = db[store.FLAGS].insert_one(flag_doc(IN, port=45000)).inserted_id
             assert wait_for(lambda: flows_matching(va, f"nw_src={IN}", "tp_src=45000"), 5)
             ctl.kill(hard=True)
-            db[store.FLAGS].update_one({"_id": fid}, {"$set": {"status": "released",
-                                                                "updated_at": dt.datetime.now(dt.timezone.utc)}})
+            release(db, fid)
             assert flows_matching(va, f"nw_src={IN}", "tp_src=45000"), "the switch keeps the ban while no controller runs"
             ctl = ControllerProcess(va).start()
             ctl.wait_pushed()

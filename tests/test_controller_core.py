@@ -8,6 +8,7 @@ from argparse import Namespace
 import pytest
 
 from appliance import config as config_mod
+from appliance import flagdoc
 from static_controller import command, modules, targets
 from static_controller.config_view import View
 from static_controller.core import Core
@@ -286,9 +287,12 @@ def test_module_request_xids_come_from_the_core_allocator():
 # --- enforce ------------------------------------------------------------------------
 
 
-def flag(fid, ip, port=None, action="drop", status="flagged", left=120.0, server_port=5222):
-    return {"_id": fid, "client_ip": ip, "client_port": port, "server_port": server_port, "action": action,
-            "status": status, "expires_at": dt.datetime.fromtimestamp(NOW + left, dt.timezone.utc)}
+def flag(fid, ip, port=None, action="drop", status="flagged", left=120, server_port=5222):
+    """A flag as the analyser writes it, banning for ``left`` seconds from NOW."""
+    doc = flagdoc.build(client_ip=ip, client_port=port, server_port=server_port, classifier="test", reason="test",
+                        action=action, evidence={}, offence=1, ban_seconds=left, sensor="test",
+                        flagged_at=dt.datetime.fromtimestamp(NOW, dt.timezone.utc))
+    return {**doc, "_id": fid, "status": status}
 
 
 def test_enforce_installs_drop_and_limit_flows_and_removes_released():

@@ -1,7 +1,7 @@
 """enforce: turn the analyser's flags into per-client drop or limit flows.
 
-Pure: flag documents come in as ``Flags`` events (the store is polled by
-``flagwatch`` in its own thread), flows go out. A flag names a client IP and
+Pure: flag documents (``appliance.flagdoc``) come in as ``Flags`` events (the
+store is polled by ``flagwatch`` in its own thread), flows go out. A flag names a client IP and
 optionally its TCP source port; its flow sits above the ratelimit band in the
 policy table, drops the client's XMPP traffic or sends it through the shared
 penalty meter, and has ``hard_timeout`` = the ban time left, so the switch
@@ -12,12 +12,14 @@ expired flag removes the flow at once.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import ipaddress
 import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
+
+from appliance import flagdoc
+from appliance.flagdoc import BadFlag
 
 from ..flowspace import Flowspace, Slice
 from ..messages import Flags, Flow, FlowRemoved, Tick, flow
@@ -28,10 +30,6 @@ log = logging.getLogger("pisnoop.controller.enforce")
 
 P_IP, P_CONN = 310, 320
 MAX_TIMEOUT = 65535
-
-
-class BadFlag(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -48,36 +46,15 @@ class Active:
         return (self.ip, self.port, self.server_port)
 
 
-def _epoch(value) -> float:
-    if not isinstance(value, dt.datetime):
-        raise BadFlag(f"expires_at {value!r} is not a date")
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value.timestamp()
-
-
 def parse_flag(doc: dict, default_action: str) -> tuple[str, Optional[Active]]:
     """(flag id, Active or None when the flag no longer bans anybody); BadFlag on a malformed document."""
     fid = str(doc.get("_id"))
-    status = doc.get("status")
-    if status not in ("flagged", "released", "expired"):
-        raise BadFlag(f"status {status!r}")
-    if status != "flagged":
+    f = flagdoc.parse(doc, default_action)
+    if f.status != flagdoc.FLAGGED:
         return fid, None
-    try:
-        ip = ipaddress.IPv4Address(doc.get("client_ip"))
-    except (ipaddress.AddressValueError, ValueError, TypeError):
-        raise BadFlag(f"client_ip {doc.get('client_ip')!r} is not an IPv4 address") from None
-    port = doc.get("client_port")
-    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
-        raise BadFlag(f"client_port {port!r}")
-    sport = doc.get("server_port")
-    if isinstance(sport, bool) or not isinstance(sport, int) or not 1 <= sport <= 65535:
-        raise BadFlag(f"server_port {sport!r}")
-    action = doc.get("action") or default_action
-    if action not in ("drop", "limit"):
-        raise BadFlag(f"action {action!r}")
-    return fid, Active(fid, str(ip), port, sport, action, _epoch(doc.get("expires_at")))
+    if ipaddress.ip_address(f.client_ip).version != 4:
+        raise BadFlag(f"client_ip {f.client_ip!r} is not an IPv4 address")
+    return fid, Active(fid, f.client_ip, f.client_port, f.server_port, f.action, f.expires_at.timestamp())
 
 
 class Enforce(Module):

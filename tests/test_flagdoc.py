@@ -1,0 +1,181 @@
+"""appliance/flagdoc.py: the one shape of a flag, as the analyser writes it and the controller and commands read it."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import types
+import uuid
+
+import pytest
+
+from analyser.classifiers import Verdict
+from analyser.flags import FlagBook, MemoryFlags, MongoFlags
+from appliance import config, flagdoc, store
+from appliance.errors import BadInput
+from appliance.flagdoc import BadClient, BadFlag, parse_client
+from lab import procs
+from static_controller.modules.enforce import Active, parse_flag
+
+AT = dt.datetime(2026, 11, 21, 7, 0, 0, 250_000, tzinfo=dt.timezone.utc)   # whole ms: BSON keeps it exactly
+
+
+def good(**changes) -> dict:
+    doc = flagdoc.build(client_ip="10.0.0.10", client_port=40000, server_port=5222, classifier="xmpp_abuse",
+                        reason="600 packets in 60 s", action="limit", evidence={"count": 600}, offence=2,
+                        ban_seconds=600, flagged_at=AT, sensor="pi1")
+    return {**doc, **changes}
+
+
+def test_build_then_parse_gives_back_every_field():
+    doc = good()
+    f = flagdoc.parse(doc)
+    assert (f.status, f.client_ip, f.client_port, f.server_port) == ("flagged", "10.0.0.10", 40000, 5222)
+    assert (f.action, f.classifier, f.reason) == ("limit", "xmpp_abuse", "600 packets in 60 s")
+    assert (f.offence, f.ban_seconds, f.sensor) == (2, 600, "pi1")
+    assert f.flagged_at == f.updated_at == AT and f.expires_at == AT + dt.timedelta(seconds=600)
+    assert f.evidence == {"count": 600} and f.released_at is None and f.id is None
+    assert set(doc) == {flagdoc.CLIENT_IP, flagdoc.CLIENT_PORT, flagdoc.SERVER_PORT, flagdoc.CLASSIFIER,
+                        flagdoc.REASON, flagdoc.ACTION, flagdoc.EVIDENCE, flagdoc.OFFENCE, flagdoc.BAN_SECONDS,
+                        flagdoc.FLAGGED_AT, flagdoc.EXPIRES_AT, flagdoc.UPDATED_AT, flagdoc.STATUS, flagdoc.SENSOR}
+
+
+def test_whole_ip_ipv6_and_naive_dates():
+    f = flagdoc.parse(good(client_port=None, client_ip="FD00::0010", expires_at=dt.datetime(2026, 11, 21, 7, 10)))
+    assert f.client_port is None and f.client_ip == "fd00::10"
+    assert f.expires_at == dt.datetime(2026, 11, 21, 7, 10, tzinfo=dt.timezone.utc)   # pymongo's naive UTC
+
+
+@pytest.mark.parametrize("name,value", [
+    ("status", "active"), ("status", None),
+    ("client_ip", "nope"), ("client_ip", 167772170), ("client_ip", None), ("client_ip", "10.0.0.300"),
+    ("client_port", 0), ("client_port", 65536), ("client_port", "40000"), ("client_port", True),
+    ("server_port", None), ("server_port", 0), ("server_port", 5222.0),
+    ("action", "block"),
+    ("flagged_at", "2026-11-21T07:00:00Z"), ("expires_at", None), ("updated_at", "2026-11-21 07:00:00"),
+    ("released_at", 0),
+    ("classifier", ""), ("classifier", None), ("reason", None), ("sensor", 1), ("evidence", [1]),
+    ("offence", 0), ("offence", True), ("ban_seconds", "600"),
+])
+def test_every_malformed_field_is_refused_by_name(name, value):
+    with pytest.raises(BadFlag) as exc:
+        flagdoc.parse(good(**{name: value}))
+    line = str(exc.value)
+    assert line.startswith(f"{name} ") and "expected" in line and "\n" not in line
+    assert isinstance(exc.value, BadInput)
+
+
+@pytest.mark.parametrize("name", ["status", "client_ip", "server_port", "action", "classifier", "reason", "evidence",
+                                  "offence", "ban_seconds", "flagged_at", "expires_at", "updated_at", "sensor"])
+def test_a_missing_field_is_refused_by_name(name):
+    doc = good()
+    del doc[name]
+    with pytest.raises(BadFlag, match=f"^{name} None"):
+        flagdoc.parse(doc)
+
+
+def test_action_default_only_when_asked_for():
+    doc = good()
+    del doc["action"]
+    assert flagdoc.parse(doc, "drop").action == "drop"
+    assert flagdoc.parse(good(), "drop").action == "limit"
+    with pytest.raises(BadFlag, match="^action"):
+        flagdoc.parse(doc, "bogus")
+
+
+@pytest.mark.parametrize("name,value", [("client_ip", "host"), ("ban_seconds", 0), ("ban_seconds", 1.5),
+                                        ("flagged_at", "now"), ("action", None), ("server_port", None)])
+def test_build_refuses_a_bad_argument_by_name(name, value):
+    args = dict(client_ip="10.0.0.10", client_port=None, server_port=5222, classifier="c", reason="r",
+                action="drop", evidence={}, offence=1, ban_seconds=60, flagged_at=AT, sensor="")
+    flagdoc.build(**args)
+    with pytest.raises(BadFlag, match=f"^{name} "):
+        flagdoc.build(**{**args, name: value})
+
+
+def test_ended_flags():
+    later = AT + dt.timedelta(seconds=5)
+    released = flagdoc.parse(flagdoc.ended(good(), flagdoc.RELEASED, later))
+    assert (released.status, released.updated_at, released.released_at) == ("released", later, later)
+    expired = flagdoc.parse(flagdoc.ended(good(), flagdoc.EXPIRED, later))
+    assert (expired.status, expired.updated_at, expired.released_at) == ("expired", later, None)
+    with pytest.raises(ValueError):
+        flagdoc.ended(good(), flagdoc.FLAGGED, later)
+
+
+# --- one contract: what the analyser writes is what the controller enforces -------------------------
+
+CFG = config.Config()
+
+
+def test_the_analysers_flag_parses_in_enforce():
+    book = FlagBook(CFG, MemoryFlags(), "pi1")
+    classifier = types.SimpleNamespace(name="xmpp_abuse", action=None)
+    doc = book.offer(Verdict("too fast", "10.0.0.10", 40000, 5222, {"count": 101}), classifier, AT)
+    fid, active = parse_flag({**doc, "_id": "f1"}, CFG.enforce.action)
+    assert (fid, active) == ("f1", Active("f1", "10.0.0.10", 40000, 5222, CFG.enforce.action,
+                                          (AT + dt.timedelta(seconds=CFG.enforce.ban_seconds)).timestamp()))
+    whole_ip = book.offer(Verdict("too fast", "10.0.0.11", None, 5222), classifier, AT)
+    assert parse_flag({**whole_ip, "_id": "f2"}, "drop")[1].port is None
+    ended = flagdoc.ended({**doc, "_id": "f1"}, flagdoc.EXPIRED, AT)
+    assert parse_flag(ended, "drop") == ("f1", None)
+
+
+def test_enforce_keeps_refusing_ipv6_clients_that_the_document_allows():
+    doc = {**good(client_ip="fd00::10"), "_id": "v6"}
+    assert flagdoc.parse(doc).client_ip == "fd00::10"
+    with pytest.raises(BadFlag, match="IPv4"):
+        parse_flag(doc, "drop")
+
+
+def test_a_verdict_that_makes_no_valid_flag_is_counted_not_written():
+    backend = MemoryFlags()
+    book = FlagBook(CFG, backend)
+    classifier = types.SimpleNamespace(name="custom", action=None)
+    assert book.offer(Verdict("odd", "10.0.0.10", 40000, 5222, action="block"), classifier, AT) is None
+    assert book.offer(Verdict("odd", "10.0.0.10", 40000, None), classifier, AT) is None
+    assert (book.refused, book.raised, backend.docs) == (2, 0, [])
+
+
+# --- through the store ------------------------------------------------------------------------------
+
+@pytest.fixture
+def db(tmp_path):
+    es = procs.EmbeddedStore(tmp_path / "store").start()
+    cfg = config.from_dict({"mongodb": {"uri": es.uri, "database": "t" + uuid.uuid4().hex[:8]}})
+    database = store.database(cfg.mongodb)   # tz_aware, as every pisnoop client
+    try:
+        yield database
+    finally:
+        database.client.close()
+        es.stop()
+
+
+def test_a_flag_stored_and_read_back_parses_the_same(db):
+    doc = good()
+    db[store.FLAGS].insert_one(doc)     # adds _id to doc
+    stored = db[store.FLAGS].find_one({"_id": doc["_id"]})
+    assert stored[flagdoc.EXPIRES_AT].tzinfo is not None
+    assert flagdoc.parse(stored) == flagdoc.parse(doc)
+    assert MongoFlags(db).release("10.0.0.10", 40000, AT + dt.timedelta(seconds=1)) == 1
+    released = flagdoc.parse(db[store.FLAGS].find_one({"_id": doc["_id"]}))
+    assert dataclasses.replace(released, status="flagged", updated_at=AT, released_at=None) == flagdoc.parse(doc)
+    assert released.released_at == released.updated_at == AT + dt.timedelta(seconds=1)
+
+
+# --- the client argument of `flags release` --------------------------------------------------------
+
+def test_client_argument():
+    assert parse_client("10.0.0.10") == ("10.0.0.10", None)
+    assert parse_client("10.0.0.10:5222") == ("10.0.0.10", 5222)
+    assert parse_client("[fd00::1]:40000") == ("fd00::1", 40000)
+    assert parse_client("fd00::1") == ("fd00::1", None)
+    for bad in ("host", "10.0.0.10:0", "10.0.0.10:x", "[fd00::1]:99999"):
+        with pytest.raises(BadClient):
+            parse_client(bad)
+    assert issubclass(BadClient, BadInput)
+
+
+@pytest.mark.parametrize("ip,port", [("10.0.0.10", None), ("10.0.0.10", 5222), ("fd00::1", 40000), ("fd00::1", None)])
+def test_client_text_reads_back(ip, port):
+    assert parse_client(flagdoc.client_text(ip, port)) == (ip, port)
