@@ -1,11 +1,14 @@
 """Every index of every pisnoop collection, declared once, and ``ensure_indexes`` that makes a store match.
 
 Each service calls ``ensure_indexes(db, cfg)`` once when it first reaches the
-store; nothing else creates or drops an index. The collections are pisnoop's,
-so after it a collection has exactly the indexes declared in ``INDEXES`` (and
-``_id_``): an index that is right is left alone, a missing one is created, and
-one declared nowhere (such as ``t0_1`` of earlier versions) is dropped.
-``status`` and ``state`` are only read by ``_id`` and need no index.
+store; nothing else creates or drops an index. After it a collection has the
+indexes declared in ``INDEXES``: an index that is right is left alone, a
+missing one is created, one that stands in the way of a declared one (the
+same key pattern or the same name, other options) is dropped and made again,
+and one that earlier versions made and none needs now (``LEGACY``: the
+``t0``/``t1`` indexes of ``frames``) is dropped. Any other index is not
+pisnoop's (an operator's, say) and is left alone. ``status`` and ``state`` are
+only read by ``_id`` and need no index.
 
 Names follow ``idx_<collection>_<fields>``: nx-27017 ignores the name it is
 given and uses exactly that, so with it both servers show the same names, and
@@ -83,6 +86,13 @@ INDEXES: tuple[Index, ...] = (
 )
 
 
+# key patterns that earlier versions indexed and no query needs any more: dropped where found
+LEGACY: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = (
+    (FRAMES, (("t0", 1),)),
+    (FRAMES, (("t1", 1),)),
+)
+
+
 def ttl_seconds(hours: float) -> int:
     """``expireAfterSeconds`` for a retention in hours; 0 (keep) is KEEP_SECONDS."""
     return max(1, round(hours * 3600)) if hours > 0 else KEEP_SECONDS
@@ -134,11 +144,12 @@ def plan(collection: str, existing: Iterable[dict], retention) -> list[Change]:
     old one must be gone before its replacement is made.
     """
     want = {s.name: s for s in INDEXES if s.collection == collection}
+    ours = {s.keys for s in want.values()} | {keys for c, keys in LEGACY if c == collection}
     drops, ttls, kept = [], [], set()
     for ix in existing:
         name = ix["name"]
-        if name == "_id_":
-            continue
+        if name == "_id_" or (name not in want and _keys(ix) not in ours):
+            continue                                    # not pisnoop's: left alone
         spec = want.get(name)
         if spec is not None and _keys(ix) == spec.keys:
             have, opts = _options(ix), spec.options(retention)

@@ -217,6 +217,22 @@ def test_a_database_made_by_the_old_code_is_brought_to_the_declared_set(env, fra
     assert indexes.ensure_indexes(db, cfg) == []
 
 
+def test_an_index_that_is_not_pisnoops_is_left_alone(env):
+    """An operator's own index (keys no pisnoop version uses) survives every ensure, also a retention change."""
+    make, db, commands = env
+    indexes.ensure_indexes(db, make(frames_hours=1))
+    db[store.FRAMES].create_index([("run", 1)])
+    theirs = {ix["name"] for ix in db[store.FRAMES].list_indexes()} - {s.name for s in indexes.INDEXES} - {"_id_"}
+    assert len(theirs) == 1
+    commands.sent.clear()
+    assert indexes.ensure_indexes(db, make(frames_hours=1)) == []
+    assert not CHANGING & set(commands.sent)
+    assert [c.action for c in indexes.ensure_indexes(db, make(frames_hours=2))] == ["ttl"]
+    assert theirs <= {ix["name"] for ix in db[store.FRAMES].list_indexes()}
+    assert indexes.plan(store.FRAMES, [ix("run_1", [("run", 1)]), ix("t0_1", [("t0", 1)])], RETENTION)[0] == \
+        indexes.Change("drop", store.FRAMES, "t0_1")
+
+
 # --- nobody else touches indexes ----------------------------------------------------------------
 
 INDEX_CALL = re.compile(r"\b(create_index|drop_index)(es)?\s*\(|\b(createIndexes|dropIndexes|collMod)\b")
