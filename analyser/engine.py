@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Callable, Iterable, Optional
 
 from appliance.framebatch import CorruptBatch
+
 from . import policy as policy_mod
 from .flags import FlagBook, now_utc
 from .flows import FlowTable

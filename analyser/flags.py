@@ -16,6 +16,7 @@ from typing import Optional
 
 from appliance import bans, flagdoc, store
 from appliance.flagdoc import CLIENT_IP, CLIENT_PORT, EXPIRED, EXPIRES_AT, FLAGGED, FLAGGED_AT, RELEASED, STATUS
+
 from .classifiers import Verdict
 
 SLACK = dt.timedelta(seconds=1)

@@ -127,12 +127,14 @@ class Flow:
         proto, a, ap, b, bp = doc["key"].split(" ")
         f.key = (int(proto), (a, int(ap)), (b, int(bp)))
         f.id, f.proto = doc["_id"], doc["proto"]
-        f.client, f.cport, f.server, f.sport = doc["client_ip"], doc["client_port"], doc["server_ip"], doc["server_port"]
+        f.client, f.cport, f.server, f.sport = (doc["client_ip"], doc["client_port"],
+                                                doc["server_ip"], doc["server_port"])
         f.verified = doc["direction"] == "verified"
         f.first_ns, f.last_ns = doc["first_ns"], doc["last_ns"]
         pair = lambda d: [d["c2s"], d["s2c"]]  # noqa: E731
         f.pkts, f.bytes, f.max_size = pair(doc["packets"]), pair(doc["bytes"]), doc["max_size"]
-        f.iat_min, f.iat_max, f.last_dir_ns = pair(doc["iat_min_ns"]), pair(doc["iat_max_ns"]), pair(doc["last_packet_ns"])
+        f.iat_min, f.iat_max, f.last_dir_ns = (pair(doc["iat_min_ns"]), pair(doc["iat_max_ns"]),
+                                               pair(doc["last_packet_ns"]))
         f.flags, f.closed = dict(doc["tcp_flags"]), doc["closed"]
         # Written by a step that never committed its resume point: those batches are in already.
         f.skip = frozenset(doc.get("step_batches", ())) if doc.get("step", 0) > committed_step else frozenset()

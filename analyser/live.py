@@ -16,6 +16,7 @@ import time
 import pymongo.errors
 
 from appliance import indexes, service, store
+
 from . import flags as flags_mod
 from . import policy as policy_mod
 from .engine import Engine

@@ -20,6 +20,7 @@ import yaml
 
 from appliance import config as config_mod
 from appliance.config import ConfigError, build_section, port_range, value_range
+
 from .classifiers import builtin, custom
 
 Action = Optional[Literal["drop", "limit"]]
@@ -40,7 +41,8 @@ class XmppAbusePolicy:
 @dataclass(frozen=True)
 class BandwidthHogPolicy:
     enabled: bool = False
-    bytes_per_second: int = field(default=1_000_000, metadata=value_range(1, 10**11, "bytes per second from 1 to 10^11"))
+    bytes_per_second: int = field(default=1_000_000,
+                                  metadata=value_range(1, 10**11, "bytes per second from 1 to 10^11"))
     window_seconds: float = field(default=10.0, metadata=_WINDOW)
     scope: Literal["ip", "connection"] = "ip"
     server_port: Optional[int] = field(default=None, metadata=port_range())
@@ -97,7 +99,8 @@ def from_dict(data, src: str = "<dict>", base: Path = Path(".")) -> Policy:
     for key in data:
         if key not in known:
             raise ConfigError(src, str(key), data[key], "no such key; known keys here: " + ", ".join(known))
-    top = build_section(Policy, {k: v for k, v in data.items() if k in ("xmpp_abuse", "bandwidth_hog", "custom_dir", "custom_action")}, "", src)
+    top = build_section(Policy, {k: v for k, v in data.items()
+                                 if k in ("xmpp_abuse", "bandwidth_hog", "custom_dir", "custom_action")}, "", src)
     x = top.xmpp_abuse
     if x.threshold_ppm and x.per_ip_threshold_ppm and x.per_ip_threshold_ppm < x.threshold_ppm:
         raise ConfigError(src, "xmpp_abuse.per_ip_threshold_ppm", x.per_ip_threshold_ppm,
@@ -150,7 +153,8 @@ def build(policy: Policy, cfg: config_mod.Config) -> list:
     if x.enabled:
         thr, ip_thr = threshold_ppm(policy, cfg), ip_threshold_ppm(policy, cfg)
         if ip_thr < thr:
-            raise ConfigError(policy.source, "xmpp_abuse.per_ip_threshold_ppm", ip_thr, f"at least the per-connection threshold ({thr})")
+            raise ConfigError(policy.source, "xmpp_abuse.per_ip_threshold_ppm", ip_thr,
+                              f"at least the per-connection threshold ({thr})")
         out.append(builtin.XmppAbuse(server_port(policy, cfg), thr, ip_thr, window_seconds(policy, cfg), x.action))
     b = policy.bandwidth_hog
     if b.enabled:
@@ -162,7 +166,8 @@ def build(policy: Policy, cfg: config_mod.Config) -> list:
         try:
             instance = cls()
         except Exception as exc:
-            raise ConfigError(policy.source, "custom_dir", name, f"a class that can be created without arguments ({exc.__class__.__name__}: {exc})") from None
+            raise ConfigError(policy.source, "custom_dir", name, "a class that can be created without arguments "
+                              f"({exc.__class__.__name__}: {exc})") from None
         out.append(custom.CustomClassifier(instance, name, policy.custom_action))
     return out
 

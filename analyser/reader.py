@@ -50,7 +50,8 @@ class Follower:
     def next_batches(self) -> list[dict]:
         """The next batches not read yet, oldest ``ins`` first (at most ``limit``)."""
         if self.resume is None:
-            heads = list(self.frames.find({"sensor": self.sensor}, _HEAD).sort([("ins", 1), ("_id", 1)]).limit(self.limit))
+            heads = list(
+                self.frames.find({"sensor": self.sensor}, _HEAD).sort([("ins", 1), ("_id", 1)]).limit(self.limit))
         else:
             now = time.monotonic()
             if now >= self._next_window_scan:

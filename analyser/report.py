@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from appliance.flagdoc import client_text
+
 from .parse import TCP
 
 MAX_CLIENTS_PLOTTED = 8
@@ -84,7 +85,8 @@ def render_text(r: Report) -> str:
     lines.append("Top talkers")
     lines.append(f"  {'client':<40} {'flows':>6} {'packets':>9} {'bytes':>12} {'xmpp pkts':>9}")
     for t in r.talkers:
-        lines.append(f"  {t['client_ip']:<40} {t['flows']:>6} {t['packets']:>9} {t['bytes']:>12} {t['xmpp_packets']:>9}")
+        lines.append(f"  {t['client_ip']:<40} {t['flows']:>6} {t['packets']:>9} {t['bytes']:>12} "
+                     f"{t['xmpp_packets']:>9}")
     if not r.talkers:
         lines.append("  (no flows)")
     lines.append("")
@@ -123,7 +125,8 @@ def render_png(r: Report, path: Path) -> Optional[Path]:
                 ax.plot([when], [r.threshold_ppm], marker="v", markersize=9, color=line.get_color(), linestyle="none",
                         label=None if marked else "flag raised")
                 marked = True
-    ax.axhline(r.threshold_ppm, color="red", linestyle="--", linewidth=1, label=f"threshold per connection {r.threshold_ppm}/min")
+    ax.axhline(r.threshold_ppm, color="red", linestyle="--", linewidth=1,
+               label=f"threshold per connection {r.threshold_ppm}/min")
     if r.ip_threshold_ppm:
         ax.axhline(r.ip_threshold_ppm, color="darkred", linestyle="-.", linewidth=1,
                    label=f"threshold per client IP {r.ip_threshold_ppm}/min")

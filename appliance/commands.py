@@ -10,7 +10,8 @@ from . import config as config_mod
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
     """Arguments of ``pisnoop check-config``; ``appliance.cli`` calls this."""
-    p.add_argument("file", nargs="?", help="the file to check (default: --config, $PISNOOP_CONFIG, /etc/pisnoop/pisnoop.yaml)")
+    p.add_argument("file", nargs="?",
+                   help="the file to check (default: --config, $PISNOOP_CONFIG, /etc/pisnoop/pisnoop.yaml)")
     p.add_argument("--print", action="store_true", help="print the effective config with all defaults filled in")
     p.set_defaults(func=cmd_check_config)
 

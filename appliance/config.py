@@ -80,7 +80,8 @@ class Controller:
 @dataclass(frozen=True)
 class Switch:
     target: Literal["ovs", "zodiacfx"] = "ovs"
-    datapath_id: int = field(default=0x1, metadata={**value_range(1, 2**64 - 1, "a datapath id from 1 to 2^64-1 (int or '0x...' string)"), "hex": True})
+    datapath_id: int = field(default=0x1, metadata={
+        **value_range(1, 2**64 - 1, "a datapath id from 1 to 2^64-1 (int or '0x...' string)"), "hex": True})
     bridge: str = field(default="ovsbr0", metadata={"check": "ifname"})
     forwarding: Literal["static", "l2switch"] = "static"
     ports: Ports = field(default_factory=Ports)
@@ -109,8 +110,10 @@ class Meter:
 @dataclass(frozen=True)
 class Xmpp:
     server_port: int = field(default=5222, metadata=port_range())
-    threshold_ppm: int = field(default=100, metadata=value_range(1, 10_000_000, "packets per minute from 1 to 10000000"))
-    per_ip_threshold_ppm: int = field(default=300, metadata=value_range(1, 10_000_000, "packets per minute from 1 to 10000000"))
+    threshold_ppm: int = field(default=100,
+                               metadata=value_range(1, 10_000_000, "packets per minute from 1 to 10000000"))
+    per_ip_threshold_ppm: int = field(default=300,
+                                      metadata=value_range(1, 10_000_000, "packets per minute from 1 to 10000000"))
     window_seconds: float = field(default=60.0, metadata=value_range(1, 3600, "seconds from 1 to 3600"))
     meter: Meter = field(default_factory=Meter)
     penalty_meter: Meter = field(default_factory=lambda: Meter(rate=10, unit="pktps"))
@@ -120,7 +123,8 @@ class Xmpp:
 class Escalation:
     factor: float = field(default=2.0, metadata=value_range(1.0, 100.0, "a factor from 1.0 (no escalation) to 100"))
     max_seconds: int = field(default=86400, metadata=value_range(1, 31_536_000, "seconds from 1 to 31536000"))
-    memory_seconds: int = field(default=86400, metadata=value_range(1, 31_536_000, "seconds from 1 to 31536000 (how long an offence counts as previous)"))
+    memory_seconds: int = field(default=86400, metadata=value_range(
+        1, 31_536_000, "seconds from 1 to 31536000 (how long an offence counts as previous)"))
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,8 @@ class Enforce:
 @dataclass(frozen=True)
 class FlowstatsIds:
     enabled: bool = False
-    threshold_ppm: int = field(default=100, metadata=value_range(1, 10_000_000, "packets per minute from 1 to 10000000"))
+    threshold_ppm: int = field(default=100,
+                               metadata=value_range(1, 10_000_000, "packets per minute from 1 to 10000000"))
     poll_interval: float = field(default=10.0, metadata=value_range(0.5, 3600, "seconds from 0.5 to 3600"))
     idle_timeout: int = field(default=60, metadata=value_range(1, 65535, "seconds from 1 to 65535"))
     hard_timeout: int = field(default=300, metadata=value_range(1, 65535, "seconds from 1 to 65535"))
@@ -151,7 +156,9 @@ class Snooper:
     batch_interval: float = field(default=0.5, metadata=value_range(0.01, 60, "seconds from 0.01 to 60"))
     snaplen: int = field(default=65535, metadata=value_range(64, 262144, "bytes from 64 to 262144"))
     bpf_filter: str = ""
-    ring_block_size: int = field(default=1 << 20, metadata={**value_range(4096, 1 << 28, "a power of two from 4096 to 268435456"), "pow2": True})
+    ring_block_size: int = field(default=1 << 20,
+                                 metadata={**value_range(4096, 1 << 28, "a power of two from 4096 to 268435456"),
+                                           "pow2": True})
     ring_block_count: int = field(default=64, metadata=value_range(2, 65536, "blocks from 2 to 65536"))
     ring_block_timeout_ms: int = field(default=50, metadata=value_range(1, 10000, "milliseconds from 1 to 10000"))
     spool_dir: str = field(default="/var/lib/pisnoop/spool", metadata={"check": "abspath"})
@@ -372,18 +379,22 @@ def _cross_checks(cfg: Config) -> None:
     seen: dict[int, str] = {}
     for name, number in named.items():
         if number in seen:
-            raise ConfigError(src, f"switch.ports.{name}", number, f"a port number different from switch.ports.{seen[number]}")
+            raise ConfigError(src, f"switch.ports.{name}", number,
+                              f"a port number different from switch.ports.{seen[number]}")
         seen[number] = name
     if cfg.switch.target == "zodiacfx":
         for name in ("inside", "mirror", "upstream"):
             number = named[name]
             if not 1 <= number <= 3:
-                raise ConfigError(src, f"switch.ports.{name}", number, "1, 2 or 3 on a Zodiac FX (port 4 is management)")
+                raise ConfigError(src, f"switch.ports.{name}", number,
+                                  "1, 2 or 3 on a Zodiac FX (port 4 is management)")
         if ports.management not in (None, 4):
-            raise ConfigError(src, "switch.ports.management", ports.management, "4 (the Zodiac FX management port) or null")
+            raise ConfigError(src, "switch.ports.management", ports.management,
+                              "4 (the Zodiac FX management port) or null")
         for key in ("meter", "penalty_meter"):
             if getattr(cfg.xmpp, key).burst:
-                raise ConfigError(src, f"xmpp.{key}.burst", getattr(cfg.xmpp, key).burst, "0 on a Zodiac FX (no BURST flag)")
+                raise ConfigError(src, f"xmpp.{key}.burst", getattr(cfg.xmpp, key).burst,
+                                  "0 on a Zodiac FX (no BURST flag)")
     mf = cfg.mirror.filter
     if mf.l4_port is not None and mf.ip_proto is None:
         raise ConfigError(src, "mirror.filter.l4_port", mf.l4_port, "mirror.filter.ip_proto set to tcp or udp as well")

@@ -70,7 +70,8 @@ def setup_logging(component: str, level: str = "INFO") -> logging.Logger:
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s pisnoop-" + component + " %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s pisnoop-" + component
+                                               + " %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level.upper())
     return logging.getLogger(f"pisnoop.{component}")

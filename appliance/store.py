@@ -55,7 +55,8 @@ def ping(db: Database) -> None:
     try:
         db.client.admin.command("ping")
     except pymongo.errors.PyMongoError as exc:
-        raise StoreUnavailable(f"MongoDB at {_redact(db.client)} did not answer: {exc.__class__.__name__}: {str(exc)[:200]}") from None
+        raise StoreUnavailable(f"MongoDB at {_redact(db.client)} did not answer: "
+                               f"{exc.__class__.__name__}: {str(exc)[:200]}") from None
 
 
 def _redact(cl: pymongo.MongoClient) -> str:

@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dpkt  # noqa: E402
 
-from appliance import config, framebatch, store  # noqa: E402
-from lab import procs  # noqa: E402
 from analyser import policy as policy_mod  # noqa: E402
 from analyser.commands import Offline  # noqa: E402
 from analyser.live import Analyser  # noqa: E402
-from tests.analyser_frames import S, T0, Conn, steady  # noqa: E402
+from appliance import config, framebatch, store  # noqa: E402
+from lab import procs  # noqa: E402
+from tests.analyser_frames import T0, Conn, S, steady  # noqa: E402
 
 BATCH = 1000
 
@@ -142,16 +142,22 @@ def main() -> None:
             es.stop()
 
     per_min = lambda secs: n / secs * 60  # noqa: E731
-    print(f"reference 1  unpack only:              {per_min(w_ref):>13,.0f} frames/min  ({w_ref / n * 1e6:.2f} µs/frame)")
+    print(f"reference 1  unpack only:              {per_min(w_ref):>13,.0f} frames/min  "
+          f"({w_ref / n * 1e6:.2f} µs/frame)")
     print(f"reference 2  dpkt per frame:           {dpkt_fps * 60:>13,.0f} frames/min  ({1e6 / dpkt_fps:.2f} µs/frame)")
-    print(f"analyser in memory (1 core):           {per_min(c_mem):>13,.0f} frames/min  ({c_mem / n * 1e6:.2f} µs/frame CPU)")
-    print(f"analyser from the store, CPU (1 core): {per_min(c_st):>13,.0f} frames/min  ({c_st / n * 1e6:.2f} µs/frame CPU)")
-    print(f"analyser from the store, wall clock:   {per_min(w_st):>13,.0f} frames/min  ({flows} flows, {flags} flags written)")
+    print(f"analyser in memory (1 core):           {per_min(c_mem):>13,.0f} frames/min  "
+          f"({c_mem / n * 1e6:.2f} µs/frame CPU)")
+    print(f"analyser from the store, CPU (1 core): {per_min(c_st):>13,.0f} frames/min  "
+          f"({c_st / n * 1e6:.2f} µs/frame CPU)")
+    print(f"analyser from the store, wall clock:   {per_min(w_st):>13,.0f} frames/min  "
+          f"({flows} flows, {flags} flags written)")
     print(f"ratios: analyser in memory = {w_ref / w_mem:.3f} x unpack-only speed, "
-          f"{(n / w_mem) / dpkt_fps:.2f} x dpkt-per-frame speed; from the store = {(n / w_st) / dpkt_fps:.2f} x dpkt-per-frame")
+          f"{(n / w_mem) / dpkt_fps:.2f} x dpkt-per-frame speed; "
+          f"from the store = {(n / w_st) / dpkt_fps:.2f} x dpkt-per-frame")
     latencies.sort()
     print(f"flag latency (batch stored -> flag stored, poll interval {cfg.analyser.poll_interval} s): "
-          f"median {latencies[len(latencies) // 2] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms over {len(latencies)} runs")
+          f"median {latencies[len(latencies) // 2] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms "
+          f"over {len(latencies)} runs")
     target = 1_000_000
     print(f"target >= {target:,} frames/min on one core: {'met' if per_min(c_st) >= target else 'NOT met'} "
           f"({per_min(c_st) / target:.1f} x target, CPU); wall clock {per_min(w_st) / target:.1f} x target")

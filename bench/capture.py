@@ -64,7 +64,8 @@ class Wire:
             netns.run(["ip", "netns", "add", ns])
             netns.run(["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
                        "net.ipv6.conf.default.disable_ipv6=1"], ns=ns)
-        netns.run(["ip", "link", "add", "tx0", "netns", self.tx, "type", "veth", "peer", "name", "rx0", "netns", self.rx])
+        netns.run(["ip", "link", "add", "tx0", "netns", self.tx, "type", "veth",
+                   "peer", "name", "rx0", "netns", self.rx])
         netns.run(["ip", "link", "set", "tx0", "up"], ns=self.tx)
         netns.run(["ip", "link", "set", "rx0", "up"], ns=self.rx)
         return self
@@ -160,7 +161,8 @@ def _tcpdump_result(proc: subprocess.Popen) -> dict:
 
 def bench_capture_only(wire: Wire, pcap: Path, ladder: list[int], step: float) -> dict:
     print("(a) capture only, 64-byte frames, ours and tcpdump on the same veth at once")
-    print(f"    {'offered':>10} {'sent pps':>10} {'sent':>9} {'ours':>9} {'ours lost':>9} {'tcpdump':>9} {'tcpd lost':>9}")
+    print(f"    {'offered':>10} {'sent pps':>10} {'sent':>9} {'ours':>9} {'ours lost':>9} "
+          f"{'tcpdump':>9} {'tcpd lost':>9}")
     best = {"ours": 0.0, "tcpdump": 0.0}
     rows = []
     ctx = mp.get_context("fork")
@@ -195,7 +197,8 @@ def bench_capture_only(wire: Wire, pcap: Path, ladder: list[int], step: float) -
     top = rows[-1]
     cpu_ratio = (top["tcpdump"]["cpu_s"] / max(1, top["tcpdump"]["captured"])) / \
         max(1e-12, top["ours"]["cpu_s"] / max(1, top["ours"]["captured"]))
-    print(f"    loss-free: ours {best['ours']:.0f} pps, tcpdump {best['tcpdump']:.0f} pps -> ratio {ratio:.2f} (target >= 1.0)")
+    print(f"    loss-free: ours {best['ours']:.0f} pps, tcpdump {best['tcpdump']:.0f} pps -> ratio {ratio:.2f} "
+          "(target >= 1.0)")
     print(f"    cpu a frame at the last rate: tcpdump / ours = {cpu_ratio:.2f} (above 1: ours is cheaper)")
     if best["ours"] >= max(r["pps"] for r in rows) * 0.999:
         print("    (both kept up with the fastest the sender managed: the sender, on the same cores, is the limit)")
@@ -235,8 +238,8 @@ def bench_end_to_end(wire: Wire, pcap: Path, size: int, pps: int, seconds: float
     db = pymongo.MongoClient(uri, tz_aware=True)["pisnoop"]
     log = open(run_dir / f"{sensor}.log", "wb")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(cfg_path), "snooper"], cwd=str(REPO),
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(cfg_path), "snooper"],
+                            cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
     sid = f"snooper:{sensor}"
     try:
         deadline = time.monotonic() + 30
@@ -269,13 +272,14 @@ def bench_end_to_end(wire: Wire, pcap: Path, size: int, pps: int, seconds: float
     accounted = c["stored"] + c["duplicates"] + c["kernel_dropped"] + c["dropped_spool_full"] + c["dropped_parse"] \
         + final["spool_frames"] + veth_dropped + snd["failed"]
     out = {"size": size, "offered_pps": pps, **snd, "rc": rc, "counters": c, "in_store": in_store,
-           "stored_by_end_of_send": during["counters"]["stored"], "flush_seconds": flush_s, "veth_dropped": veth_dropped,
-           "unaccounted": snd["sent"] - accounted, "cpu_percent": {"snooper": snoop_cpu, "store": store_cpu,
-                                                                     "sender": send_cpu}}
+           "stored_by_end_of_send": during["counters"]["stored"], "flush_seconds": flush_s,
+           "veth_dropped": veth_dropped, "unaccounted": snd["sent"] - accounted,
+           "cpu_percent": {"snooper": snoop_cpu, "store": store_cpu, "sender": send_cpu}}
     rate = c["stored"] / snd["seconds"]
     loss = c["kernel_dropped"] + c["dropped_spool_full"] + c["dropped_parse"] + veth_dropped
     print(f"    {size:>4} B: offered {pps} pps, sent {snd['sent']} in {snd['seconds']:.1f} s ({snd['pps']:.0f} pps); "
-          f"stored {c['stored']} (in store {in_store}) = {rate:.0f} pps; lost {loss} (kernel ring {c['kernel_dropped']}, "
+          f"stored {c['stored']} (in store {in_store}) = {rate:.0f} pps; "
+          f"lost {loss} (kernel ring {c['kernel_dropped']}, "
           f"veth {veth_dropped}, spool full {c['dropped_spool_full']}); duplicates {c['duplicates']}; spooled "
           f"{c['spooled']}; unaccounted {out['unaccounted']}; stored by end of send {out['stored_by_end_of_send']}, "
           f"flush {flush_s:.1f} s")
@@ -374,7 +378,8 @@ def main() -> int:
                 b64 = bench_end_to_end(wire, pcap64, 64, args.rate, args.duration, run_dir, store_.uri, store_.pid)
                 n512 = max(20_000, int(args.rate512 * 3))  # unique for 3 s: longer than the dedupe window
                 pcap512 = make_pcap(run_dir / "f512.pcap", n512, 512)
-                b512 = bench_end_to_end(wire, pcap512, 512, args.rate512, args.duration, run_dir, store_.uri, store_.pid)
+                b512 = bench_end_to_end(wire, pcap512, 512, args.rate512, args.duration, run_dir,
+                                        store_.uri, store_.pid)
                 figures["b"] = {"64": b64, "512": b512}
                 ok = b64["stored_pps"] >= 148_810 * 0.99 and b64["unaccounted"] == 0
                 all_stored = b64["counters"]["stored"] == b64["sent"] and b64["unaccounted"] == 0

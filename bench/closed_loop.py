@@ -31,9 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from analyser import parse  # noqa: E402
 from appliance import store  # noqa: E402
 from lab import scenario  # noqa: E402
-from analyser import parse  # noqa: E402
 
 
 def abuser_packets(db, ip: str, port: int) -> list[tuple[int, int]]:

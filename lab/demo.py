@@ -21,11 +21,14 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     """Arguments of ``pisnoop demo``; ``appliance.cli`` calls this."""
     p.add_argument("--benign", type=int, default=3, help="benign clients (default 3)")
     p.add_argument("--benign-rate", type=float, default=6.0, help="messages per minute per benign client (default 6)")
-    p.add_argument("--abusive-rate", type=float, default=20.0, help="messages per second of the abusive client (default 20)")
+    p.add_argument("--abusive-rate", type=float, default=20.0,
+                   help="messages per second of the abusive client (default 20)")
     p.add_argument("--warmup", type=float, default=8.0, help="seconds of benign chat before the flood (default 8)")
     p.add_argument("--after-block", type=float, default=8.0, help="seconds of chat after the block (default 8)")
-    p.add_argument("--timeout", type=float, default=90.0, help="give up if no block within this many seconds (default 90)")
-    p.add_argument("-o", "--out", default="demo-out", help="where the report PNG and attack pcap go (default ./demo-out)")
+    p.add_argument("--timeout", type=float, default=90.0,
+                   help="give up if no block within this many seconds (default 90)")
+    p.add_argument("-o", "--out", default="demo-out",
+                   help="where the report PNG and attack pcap go (default ./demo-out)")
     p.add_argument("--keep", action="store_true", help="leave the virtual appliance up for exploring")
     p.set_defaults(func=cmd_demo)
 
@@ -95,7 +98,8 @@ def print_result(r: scenario.Result) -> bool:
     t = r.timeline
     print("\n== result")
     if r.blocked:
-        print(f"abusive client {scenario.ABUSER_IP} ({r.abuser_jid}) flagged after {t['flagged'] - t['flood_start']:.1f} s "
+        print(f"abusive client {scenario.ABUSER_IP} ({r.abuser_jid}) "
+              f"flagged after {t['flagged'] - t['flood_start']:.1f} s "
               f"of flooding, blocked at the switch after {t['blocked'] - t['flood_start']:.1f} s")
     mal_sent, mal_got = r.sent.get(r.abuser_jid, 0), r.received.get(r.abuser_jid, 0)
     print(f"  its messages: sent {mal_sent}, reached the server {mal_got} "

@@ -72,14 +72,16 @@ class EmbeddedStore:
         try:
             while True:
                 if proc.poll() is not None:
-                    raise StoreUnavailable(f"nx-27017 exited with code {proc.returncode}; see {self.data_dir}/nx-27017.log")
+                    raise StoreUnavailable(f"nx-27017 exited with code {proc.returncode}; "
+                                           f"see {self.data_dir}/nx-27017.log")
                 try:
                     cl.admin.command("ping")
                     return self
                 except pymongo.errors.PyMongoError:
                     if time.monotonic() > deadline:
                         self.stop()
-                        raise StoreUnavailable(f"nx-27017 on {self.uri} did not answer within {timeout:.0f} s") from None
+                        raise StoreUnavailable(f"nx-27017 on {self.uri} did not answer "
+                                               f"within {timeout:.0f} s") from None
                     time.sleep(0.1)
         finally:
             cl.close()

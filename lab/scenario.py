@@ -325,7 +325,8 @@ def status_line(va, db, reports: Path) -> str:
     got = _received(reports)
     msgs = sum(got.values())
     return (f"captured {c.get('captured', 0):>7}  stored {c.get('stored', 0):>7}  dup {c.get('duplicates', 0):>5}  "
-            f"flows {flows:>4}  flags {flags}  msgs at server {msgs:>5}  drop-flow pkts {drop_packets(va, ABUSER_IP):>5}")
+            f"flows {flows:>4}  flags {flags}  msgs at server {msgs:>5}  "
+            f"drop-flow pkts {drop_packets(va, ABUSER_IP):>5}")
 
 
 def _count_frames_from(db, ip: str) -> int:
@@ -345,13 +346,14 @@ def _evidence(va, out: Path, since: float, errors: list[str]) -> dict[str, str]:
     cwd = str(Path(__file__).resolve().parent.parent)
     base = [sys.executable, "-m", "appliance.cli", "--config", str(va.config_path)]
     pcap = out / "attack.pcap"
-    res = subprocess.run(base + ["export-pcap", "--since", f"{since - 1:.3f}", "--host", ABUSER_IP, "-o", str(pcap)], capture_output=True, text=True,
-                         env=env, cwd=cwd, timeout=120)
+    res = subprocess.run(base + ["export-pcap", "--since", f"{since - 1:.3f}", "--host", ABUSER_IP, "-o", str(pcap)],
+                         capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
     if res.returncode == 0:
         files["pcap"] = str(pcap)
     else:
         errors.append(f"export-pcap failed: {res.stderr.strip()[-300:]}")
-    res = subprocess.run(base + ["report", "-o", str(out)], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+    res = subprocess.run(base + ["report", "-o", str(out)],
+                         capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
     if res.returncode == 0:
         files["report"] = str(out)
         (out / "report.txt").write_text(res.stdout)

@@ -25,7 +25,6 @@ SIGTERM and test failures alike.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -102,14 +101,16 @@ class VirtualAppliance:
     @property
     def ovs_env(self) -> dict[str, str]:
         d = str(self.run_dir / "ovs")
-        return {"OVS_RUNDIR": d, "OVS_DBDIR": d, "OVS_LOGDIR": d, "OVS_SYSCONFDIR": d, "OVS_PKGDATADIR": "/usr/share/openvswitch"}
+        return {"OVS_RUNDIR": d, "OVS_DBDIR": d, "OVS_LOGDIR": d, "OVS_SYSCONFDIR": d,
+                "OVS_PKGDATADIR": "/usr/share/openvswitch"}
 
     @property
     def db_sock(self) -> str:
         return f"unix:{self.run_dir / 'ovs' / 'db.sock'}"
 
     def vsctl(self, *args: str, timeout: float = 20.0) -> str:
-        return run(["ovs-vsctl", f"--db={self.db_sock}", "--timeout=15", *args], env=self.ovs_env, timeout=timeout).stdout
+        return run(["ovs-vsctl", f"--db={self.db_sock}", "--timeout=15", *args], env=self.ovs_env,
+                   timeout=timeout).stdout
 
     def ofctl(self, *args: str, timeout: float = 20.0) -> str:
         """``ovs-ofctl -O OpenFlow13 CMD <bridge> ARGS``: the bridge name goes after the command."""
@@ -131,7 +132,8 @@ class VirtualAppliance:
 
     def up(self) -> "VirtualAppliance":
         if self.run_dir.exists():
-            raise VirtualApplianceError(f"{self.run_dir} exists: prefix {self.prefix} is in use (pisnoop virtual down {self.prefix})")
+            raise VirtualApplianceError(f"{self.run_dir} exists: prefix {self.prefix} is in use "
+                                        f"(pisnoop virtual down {self.prefix})")
         self._preflight()
         self.run_dir.mkdir(parents=True)
         (self.run_dir / "ovs").mkdir()
@@ -248,7 +250,8 @@ class VirtualAppliance:
         deadline = time.monotonic() + 10
         while b"relay ready" not in (self.run_dir / "relay.log").read_bytes():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise VirtualApplianceError(f"controller relay did not start: {(self.run_dir / 'relay.log').read_text()[-300:]}")
+                raise VirtualApplianceError("controller relay did not start: "
+                                            f"{(self.run_dir / 'relay.log').read_text()[-300:]}")
             time.sleep(0.05)
 
     def _write_config(self, controller_port: int) -> None:
@@ -304,8 +307,8 @@ class VirtualAppliance:
         return status_of(self.run_dir)
 
     def ping(self, src: str, dst_ip: str, count: int = 1, timeout: float = 1.0) -> bool:
-        res = self.exec(src, ["ping", "-n", "-q", "-c", str(count), "-W", str(timeout), "-i", "0.2", dst_ip], check=False,
-                        timeout=count * (timeout + 1) + 5)
+        res = self.exec(src, ["ping", "-n", "-q", "-c", str(count), "-W", str(timeout), "-i", "0.2", dst_ip],
+                        check=False, timeout=count * (timeout + 1) + 5)
         return res.returncode == 0
 
 

@@ -58,7 +58,8 @@ class Client(slixmpp.ClientXMPP):
             nxt += interval
             if self.online:
                 try:
-                    self.send_message(mto=self.args.to, mbody=f"hello #{self.sent} from {self.boundjid.bare}", mtype="chat")
+                    self.send_message(mto=self.args.to, mbody=f"hello #{self.sent} from {self.boundjid.bare}",
+                                      mtype="chat")
                     self.sent += 1
                 except Exception:  # a closed transport: counted, the loop goes on
                     self.send_errors += 1

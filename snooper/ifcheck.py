@@ -36,8 +36,8 @@ def check(ifname: str, ns: str | None, log: logging.Logger | None = None) -> lis
     for a in info.get("addr_info", []):
         addr = ipaddress.ip_address(a.get("local", "").split("%")[0])
         if not addr.is_link_local:
-            raise UnsafeInterface(f"interface {ifname}{where} has address {addr}/{a.get('prefixlen')}: a mirror interface "
-                                  "may only carry link-local addresses (169.254.0.0/16, fe80::/10)")
+            raise UnsafeInterface(f"interface {ifname}{where} has address {addr}/{a.get('prefixlen')}: "
+                                  "a mirror interface may only carry link-local addresses (169.254.0.0/16, fe80::/10)")
     warnings = []
     if "UP" not in info.get("flags", []):
         warnings.append(f"interface {ifname}{where} is down: no frames until it is up")

@@ -18,6 +18,7 @@ import socket
 import struct
 import subprocess
 import threading
+
 from appliance import netns
 from appliance.errors import BadInput
 
@@ -169,7 +170,8 @@ class Ring:
                 break
             if pstatus & TP_STATUS_VLAN_VALID:
                 tci, tpid = _VLAN.unpack_from(mm, off + _VLAN_OFF)
-                data = _with_vlan(mm[start:start + cap], tci, tpid if pstatus & TP_STATUS_VLAN_TPID_VALID else 0x8100)[:snaplen]
+                data = _with_vlan(mm[start:start + cap], tci,
+                                  tpid if pstatus & TP_STATUS_VLAN_TPID_VALID else 0x8100)[:snaplen]
                 wire += 4
             else:
                 data = mm[start:start + (cap if cap < snaplen else snaplen)]

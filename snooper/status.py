@@ -39,7 +39,8 @@ class Reporter(threading.Thread):
                       extra["spool_frames"], extra["unaccounted"])
         sid = f"snooper:{self.sensor}"
         # _id in the replacement too: nx-27017 gives an upserted document a fresh ObjectId otherwise
-        doc = {"_id": sid, "component": "snooper", "sensor": self.sensor, "updated_at": dt.datetime.now(dt.timezone.utc),
+        doc = {"_id": sid, "component": "snooper", "sensor": self.sensor,
+               "updated_at": dt.datetime.now(dt.timezone.utc),
                "counters": counters, "health": service.health(), **extra}
         try:
             self.db[store.STATUS].replace_one({"_id": sid}, doc, upsert=True)

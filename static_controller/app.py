@@ -19,8 +19,16 @@ from . import glue
 from .core import Core
 from .flagwatch import FlagWatcher
 from .messages import BarrierReply, Tick
-from .ryu_api import (CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, OFP_VERSION, EventBase, RyuApp, ofp_event,
-                      set_ev_cls)
+from .ryu_api import (
+    CONFIG_DISPATCHER,
+    DEAD_DISPATCHER,
+    MAIN_DISPATCHER,
+    OFP_VERSION,
+    EventBase,
+    RyuApp,
+    ofp_event,
+    set_ev_cls,
+)
 
 log = logging.getLogger("pisnoop.controller")
 

@@ -51,7 +51,8 @@ def cmd_controller(args) -> int:
         print(f"{cfg.source}: plan fits {cfg.switch.target}: {len(flows)} flows, {len(meters)} meters, "
               f"modules {', '.join(m.name for m in core.modules)}")
         for m in meters:
-            print(f"  meter {m.meter_id}: {m.bands[0].rate} {m.unit}" + (f" burst {m.bands[0].burst}" if m.burst else ""))
+            print(f"  meter {m.meter_id}: {m.bands[0].rate} {m.unit}"
+                  + (f" burst {m.bands[0].burst}" if m.burst else ""))
         for f in flows:
             print("  " + f.describe())
         return 0

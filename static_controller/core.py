@@ -25,8 +25,24 @@ from appliance.config import Config
 from . import modules as modules_pkg
 from .config_view import View
 from .flowspace import conflict
-from .messages import (Barrier, BarrierReply, Error, Flags, Flow, FlowRemoved, FlowStats, FlowStatsRequest, Meter,
-                       MeterConfig, MeterConfigRequest, MeterStats, MeterStatsRequest, PacketIn, PacketOut, Tick)
+from .messages import (
+    Barrier,
+    BarrierReply,
+    Error,
+    Flags,
+    Flow,
+    FlowRemoved,
+    FlowStats,
+    FlowStatsRequest,
+    Meter,
+    MeterConfig,
+    MeterConfigRequest,
+    MeterStats,
+    MeterStatsRequest,
+    PacketIn,
+    PacketOut,
+    Tick,
+)
 from .modules.base import Module
 from .targets import PlanRefused, Profile
 

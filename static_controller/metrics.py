@@ -3,7 +3,7 @@ event loop last published (one dict swapped atomically: no locks, no races)."""
 
 from __future__ import annotations
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, REGISTRY
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "pisnoop_controller"
 
@@ -42,8 +42,10 @@ class Collector:
         yield outages
         for name, help_, key in (("connected", "1 while the switch is connected", "connected"),
                                  ("store_up", "1 while the store answers", "store_up"),
-                                 ("flows_installed", "flows the controller believes are on the switch", "flows_installed"),
-                                 ("push_milliseconds", "last full-set push, features-reply to barrier-reply", "push_ms")):
+                                 ("flows_installed", "flows the controller believes are on the switch",
+                                  "flows_installed"),
+                                 ("push_milliseconds", "last full-set push, features-reply to barrier-reply",
+                                  "push_ms")):
             g = GaugeMetricFamily(f"{PREFIX}_{name}", help_)
             g.add_metric([], float(s.get(key) or 0))
             yield g

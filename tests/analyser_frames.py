@@ -66,7 +66,8 @@ class Conn:
                 self._f(ts + 2_000_000, True, T.TH_ACK)]
 
 
-def steady(conn: Conn, start_ns: int, per_minute: float, seconds: float, handshake: bool = True, payload=b"<presence/>"):
+def steady(conn: Conn, start_ns: int, per_minute: float, seconds: float, handshake: bool = True,
+           payload=b"<presence/>"):
     """A client sending ``per_minute`` packets toward the server, evenly spaced, for ``seconds``."""
     out = conn.handshake(start_ns) if handshake else []
     gap = int(60 * S / per_minute)
@@ -78,7 +79,8 @@ def steady(conn: Conn, start_ns: int, per_minute: float, seconds: float, handsha
     return out
 
 
-def store_frames(db, frames, sensor: str = "pisnoop", run: str = "r1", batch_size: int = 100, first_seq: int = 0) -> int:
+def store_frames(db, frames, sensor: str = "pisnoop", run: str = "r1", batch_size: int = 100,
+                 first_seq: int = 0) -> int:
     """Write frames (sorted by time) as snooper batches with ``ins``; return the next seq."""
     frames = sorted(frames, key=lambda f: f[0])
     seq = first_seq

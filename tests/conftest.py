@@ -35,7 +35,7 @@ def assert_gone(va: VirtualAppliance) -> None:
     assert not va.run_dir.exists(), f"{va.run_dir} left behind"
     left_ns = [ns for ns in netns.list_namespaces() if ns.startswith(va.prefix)]
     assert not left_ns, f"namespaces left: {left_ns}"
-    links = [l for l in os.listdir("/sys/class/net") if l.startswith(va.prefix)]
+    links = [link for link in os.listdir("/sys/class/net") if link.startswith(va.prefix)]
     assert not links, f"links left: {links}"
     for name, pid in va.state["pids"].items():
         try:

@@ -35,7 +35,8 @@ SUITE = "bookworm"
 # the root itself: systemd as init and what Ansible needs to run modules
 BASE_PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3", "python3-apt", "ca-certificates"]
 # what the playbook installs (roles base and openvswitch): only downloaded at build time
-PLAYBOOK_PACKAGES = ["ifupdown", "iproute2", "procps", "tcpdump", "python3-venv", "python3-systemd", "openvswitch-switch"]
+PLAYBOOK_PACKAGES = ["ifupdown", "iproute2", "procps", "tcpdump", "python3-venv", "python3-systemd",
+                     "openvswitch-switch"]
 # the wheels for the venv: pyproject's dependencies minus systemd-python (Debian's python3-systemd), plus the store
 _PLATFORMS = {
     "amd64": ["manylinux2014_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64"],
@@ -215,7 +216,8 @@ class Container:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ContainerError(f"systemd-nspawn exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                raise ContainerError(f"systemd-nspawn exited with {self.proc.returncode}: "
+                                     f"{self.log.read_text()[-2000:]}")
             children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
             if children:
                 return int(children[0])
@@ -244,13 +246,15 @@ class Container:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                               env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
         if check and proc.returncode != 0:
-            raise ContainerError(f"in {self.name}: {script!r}: exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-1500:]}")
+            raise ContainerError(f"in {self.name}: {script!r}: exit {proc.returncode}: "
+                                 f"{(proc.stderr or proc.stdout).strip()[-1500:]}")
         return proc
 
     def playbook(self, *extra: str, wheels: Path | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:
         """Run ansible/site.yml against this container over the nsenter connection."""
         inv = self.dir / "inventory.ini"
-        inv.write_text(f"[pisnoop]\n{self.leader} ansible_connection=nsenter ansible_python_interpreter=/usr/bin/python3\n")
+        inv.write_text(f"[pisnoop]\n{self.leader} ansible_connection=nsenter "
+                       "ansible_python_interpreter=/usr/bin/python3\n")
         variables = {
             "pisnoop_ovs_datapath_type": "netdev",  # no openvswitch kernel module in a container
             "pisnoop_apt_update": False,             # no network inside: the debs wait in the apt cache

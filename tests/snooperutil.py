@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from appliance import config as config_mod
 from appliance import netns, store
 

@@ -43,7 +43,8 @@ def test_vlan_tagged_and_padded_frames():
 
 def test_ipv6_goes_through_dpkt():
     tcp = dpkt.tcp.TCP(sport=40000, dport=5222, flags=dpkt.tcp.TH_SYN, data=b"")
-    ip6 = dpkt.ip6.IP6(src=socket.inet_pton(socket.AF_INET6, "fd00::10"), dst=socket.inet_pton(socket.AF_INET6, "fd00::1"),
+    ip6 = dpkt.ip6.IP6(src=socket.inet_pton(socket.AF_INET6, "fd00::10"),
+                       dst=socket.inet_pton(socket.AF_INET6, "fd00::1"),
                        nxt=dpkt.ip.IP_PROTO_TCP, hlim=64, data=tcp, plen=len(bytes(tcp)))
     data = bytes(dpkt.ethernet.Ethernet(type=dpkt.ethernet.ETH_TYPE_IP6, data=ip6))
     p = parse(1, len(data), data)

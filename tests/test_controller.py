@@ -20,8 +20,15 @@ from appliance import config as config_mod
 from appliance import flagdoc, store
 from lab.virtual import VirtualAppliance
 from tests.conftest import assert_gone
-from tests.ctlutil import (ControllerProcess, connected, flows_matching, start_echo_server, table_snapshot,
-                           tcp_client, wait_for)
+from tests.ctlutil import (
+    ControllerProcess,
+    connected,
+    flows_matching,
+    start_echo_server,
+    table_snapshot,
+    tcp_client,
+    wait_for,
+)
 from tests.netutil import Listener, icmp_echo
 
 UP, IN = "10.0.0.1", "10.0.0.10"
@@ -111,7 +118,8 @@ def csum(b):
     return ~s & 0xFFFF
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(("eth0", 0))
 for i in range(n):
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, i, 0, 64, 6, 0, socket.inet_aton("10.0.0.10"), socket.inet_aton("10.0.0.1"))
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, i, 0, 64, 6, 0, socket.inet_aton("10.0.0.10"),
+                     socket.inet_aton("10.0.0.1"))
     ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
     tcp = struct.pack("!HHIIBBHHH", 20000 + i, dport, i, 0, 0x50, 0x02, 1024, 0, 0)
     s.send(dst_mac + src_mac + b"\x08\x00" + ip + tcp)
@@ -138,7 +146,8 @@ def test_xmpp_burst_is_cut_to_the_meter_rate_but_fully_mirrored():
         drops = int(re.search(r"meter:1 .*?0: packet_count:(\d+)", stats, re.S).group(1))
         assert drops == 400 - len(passed)
         # the controller polls the same counter into its metrics
-        assert wait_for(lambda: metric(metrics(va), "pisnoop_controller_meter_band_drops_total", meter="1") == drops, 15)
+        assert wait_for(lambda: metric(metrics(va), "pisnoop_controller_meter_band_drops_total", meter="1") == drops,
+                        15)
 
 
 def flag_doc(ip, port=None, action="drop", seconds=120):
@@ -327,7 +336,8 @@ def test_a_ban_released_while_the_controller_was_down_is_removed_on_restart():
             assert wait_for(lambda: flows_matching(va, f"nw_src={IN}", "tp_src=45000"), 5)
             ctl.kill(hard=True)
             release(db, fid)
-            assert flows_matching(va, f"nw_src={IN}", "tp_src=45000"), "the switch keeps the ban while no controller runs"
+            assert flows_matching(va, f"nw_src={IN}", "tp_src=45000"), \
+                "the switch keeps the ban while no controller runs"
             ctl = ControllerProcess(va).start()
             ctl.wait_pushed()
             assert wait_for(lambda: not flows_matching(va, f"nw_src={IN}"), 10), "stale ban survived the restart"

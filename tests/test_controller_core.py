@@ -13,9 +13,25 @@ from static_controller import command, modules, targets
 from static_controller.config_view import View
 from static_controller.core import Core
 from static_controller.flowspace import Flowspace, Rel, Slice, classify, conflict
-from static_controller.messages import (Band, Barrier, BarrierReply, Error, Flags, Flow, FlowStat, FlowStats,
-                                        FlowStatsRequest, Meter, MeterConfig, MeterConfigRequest, MeterStatsRequest,
-                                        PacketIn, PacketOut, Tick, flow)
+from static_controller.messages import (
+    Band,
+    Barrier,
+    BarrierReply,
+    Error,
+    Flags,
+    Flow,
+    FlowStat,
+    FlowStats,
+    FlowStatsRequest,
+    Meter,
+    MeterConfig,
+    MeterConfigRequest,
+    MeterStatsRequest,
+    PacketIn,
+    PacketOut,
+    Tick,
+    flow,
+)
 from static_controller.modules.base import COOKIE_MASK, Module, cookie_base
 
 NOW = 1_800_000_000.0
@@ -97,8 +113,10 @@ def test_meters_modify_or_add_from_inventory():
     meters = [m for m in connected(core, [same, other]) if isinstance(m, Meter)]
     assert meters == [Meter(2, "pktps", (Band(10, 0),), "modify")]     # meter 1 already right: untouched
     # a METER_EXISTS answer to an ADD turns into a MODIFY, never an error left standing
-    assert core.handle(Error(5, 12, 1, meter_id=1, request="meter_mod"), NOW) == [Meter(1, "pktps", (Band(1000, 0),), "modify")]
-    assert core.handle(Error(6, 12, 7, meter_id=2, request="meter_mod"), NOW) == [Meter(2, "pktps", (Band(10, 0),), "add")]
+    assert core.handle(Error(5, 12, 1, meter_id=1, request="meter_mod"), NOW) == [
+        Meter(1, "pktps", (Band(1000, 0),), "modify")]
+    assert core.handle(Error(6, 12, 7, meter_id=2, request="meter_mod"), NOW) == [
+        Meter(2, "pktps", (Band(10, 0),), "add")]
 
 
 # --- targets ---------------------------------------------------------------------
@@ -156,7 +174,8 @@ def test_cli_exits_2_when_the_target_cannot_hold_the_plan(tmp_path, monkeypatch,
         burst=False, data_ports=frozenset({1, 2, 3}), management_port=4))
     assert command.cmd_controller(Namespace(config=str(path), check=True, log_level="INFO")) == 2
     err = capsys.readouterr().err
-    assert "zodiacfx target cannot hold this plan: the plan needs 2 meters" in err and "\n" == err[-1] and err.count("\n") == 1
+    assert ("zodiacfx target cannot hold this plan: the plan needs 2 meters" in err and "\n" == err[-1]
+            and err.count("\n") == 1)
 
 
 # --- flowspace enforcement at run time ---------------------------------------------
@@ -331,7 +350,8 @@ def test_enforce_reconnect_pushes_remaining_ban_and_ignores_bad_flags():
 def tcp_frame(src_ip="10.0.0.11", sport=40000, dport=5222, src_mac=b"\x02\0\0\0\0\x11", dst_mac=b"\x02\0\0\0\0\x01"):
     import socket
     import struct
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0, socket.inet_aton(src_ip), socket.inet_aton("10.0.0.1"))
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0, socket.inet_aton(src_ip),
+                     socket.inet_aton("10.0.0.1"))
     tcp = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 0x50, 0x02, 1024, 0, 0)
     return dst_mac + src_mac + b"\x08\x00" + ip + tcp
 
@@ -380,7 +400,8 @@ def test_flowstats_ids_counts_packets_in_a_sliding_minute():
     for age, packets in ((1.0, 8), (30.0, 90), (90.0, 180), (150.0, 270)):   # ~90 packets a minute: never over
         t = NOW + age + 1
         req = [m for m in core.handle(Tick(t), t) if isinstance(m, FlowStatsRequest)][0]
-        assert flows_of(core.handle(FlowStats(req.xid, (FlowStat(1, 160, allow.match, allow.cookie, packets, 0, age),)), t)) == []
+        assert flows_of(core.handle(FlowStats(req.xid, (FlowStat(1, 160, allow.match, allow.cookie, packets, 0, age),)),
+                                    t)) == []
     t += 2
     req = [m for m in core.handle(Tick(t), t) if isinstance(m, FlowStatsRequest)][0]
     burst = FlowStat(1, 160, allow.match, allow.cookie, 270 + 101, 0, 152.0)      # 191 since the 90 s sample

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.analyser_frames import S, T0, Conn, steady
+from tests.analyser_frames import T0, Conn, S, steady
 from tests.conftest import REPO
 
 SERVICES = ("lab", "analyser", "static_controller", "snooper")
@@ -109,8 +109,9 @@ def product_wheel(tmp_path_factory) -> Path:
         if (REPO / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, src / name)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(src)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out),
+                           str(src)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = out.glob("pisnoop-*.whl")
     return wheel

@@ -13,7 +13,6 @@ arm64 root under qemu-user-static.
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import pytest

@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -54,7 +53,8 @@ class NotifyListener:
                 if item in self.messages:
                     break
                 out = self.output.read_text(errors="replace") if self.output.exists() else ""
-                raise AssertionError(f"the service exited ({proc.returncode}) before {item}; got {self.messages}; output:\n{out[-3000:]}")
+                raise AssertionError(f"the service exited ({proc.returncode}) before {item}; got {self.messages}; "
+                                     f"output:\n{out[-3000:]}")
             self.sock.settimeout(min(left, 0.5))
             try:
                 data = self.sock.recv(65536)
@@ -66,7 +66,7 @@ class NotifyListener:
         self.sock.setblocking(False)
         try:
             while True:
-                self.messages.extend(l for l in self.sock.recv(65536).decode().splitlines() if l)
+                self.messages.extend(m for m in self.sock.recv(65536).decode().splitlines() if m)
         except BlockingIOError:
             pass
         finally:

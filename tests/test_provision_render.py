@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.conftest import pisnoop
@@ -35,7 +34,8 @@ def render(tmp_path: Path, groups: list[str], extra: dict | None = None) -> tupl
         for f in var_files:
             args += ["-e", f]
         proc = subprocess.run([str(BIN / "ansible"), "localhost", "-c", "local", "-m", "ansible.builtin.template",
-                               "-a", f"src={src} dest={tmp_path / name} mode=0644", *args, "-e", f"@{tmp_path / 'extra.json'}"],
+                               "-a", f"src={src} dest={tmp_path / name} mode=0644", *args,
+                               "-e", f"@{tmp_path / 'extra.json'}"],
                               capture_output=True, text=True, timeout=120, cwd=ANSIBLE,
                               env=dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
                                        ANSIBLE_INVENTORY_UNPARSED_WARNING="False", ANSIBLE_LOCALHOST_WARNING="False"))
@@ -76,7 +76,8 @@ def test_zodiacfx_variant(tmp_path):
 
 def test_settings_merge_over_generated_keys(tmp_path):
     conf, _ = render(tmp_path, ["all"], {"inventory_hostname": "x",
-                                        "pisnoop_settings": {"xmpp": {"threshold_ppm": 200}, "enforce": {"action": "limit"},
+                                        "pisnoop_settings": {"xmpp": {"threshold_ppm": 200},
+                                                             "enforce": {"action": "limit"},
                                                              "snooper": {"snaplen": 256}}})
     data = yaml.safe_load(conf)
     assert data["xmpp"] == {"threshold_ppm": 200} and data["enforce"] == {"action": "limit"}

@@ -6,13 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from bson import Binary
 
-from appliance import store
-from lab.virtual import ADDRESSES, VirtualAppliance, MIRROR_IF
+from lab.virtual import ADDRESSES, MIRROR_IF, VirtualAppliance
 from tests.conftest import REPO, assert_gone, pisnoop
 from tests.netutil import Listener, icmp_echo
 

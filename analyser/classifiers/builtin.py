@@ -61,7 +61,8 @@ class BandwidthHog(Classifier):
 
     def __init__(self, bytes_per_second: int, window_seconds: float, scope: str = "ip",
                  server_port: Optional[int] = None, action: Optional[str] = None):
-        self.bps, self.window_seconds, self.scope, self.server_port = bytes_per_second, window_seconds, scope, server_port
+        self.bps, self.window_seconds, self.scope, self.server_port = (bytes_per_second, window_seconds, scope,
+                                                                       server_port)
         self.limit = bytes_per_second * window_seconds
         self.windows = Windows(int(window_seconds * NS))
         self.action = action

@@ -60,11 +60,13 @@ class Connection(ConnectionBase):
             return self
         value = str(self.get_option("remote_addr")).strip()
         if not value.isdigit():
-            raise AnsibleConnectionFailure(f"nsenter: ansible_host must be the PID of the container's init, got {value!r}")
+            raise AnsibleConnectionFailure("nsenter: ansible_host must be the PID of the container's init, "
+                                           f"got {value!r}")
         if not os.path.isdir(f"/proc/{value}"):
             raise AnsibleConnectionFailure(f"nsenter: no process {value} (is the container running?)")
         if shutil.which("nsenter") is None:
-            raise AnsibleConnectionFailure("nsenter: the nsenter command (util-linux) is not installed on the controller")
+            raise AnsibleConnectionFailure("nsenter: the nsenter command (util-linux) is not installed "
+                                           "on the controller")
         self._pid = value
         self._connected = True
         return self
@@ -75,7 +77,8 @@ class Connection(ConnectionBase):
         argv = ["nsenter", "--target", self._pid, "--mount", "--uts", "--ipc", "--net", "--pid",
                 "--root", "--wdns=/", "--", "/bin/sh", "-c", cmd]
         display.vvv(f"EXEC {shlex.join(argv)}", host=self._pid)
-        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+               "HOME": "/root"}
         proc = subprocess.run(argv, input=to_bytes(in_data) if in_data is not None else None,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, check=False,
                               stdin=None if in_data is not None else subprocess.DEVNULL)

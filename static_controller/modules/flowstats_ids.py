@@ -17,8 +17,17 @@ import logging
 from typing import Callable
 
 from ..flowspace import Flowspace, Slice
-from ..messages import (OFPP_CONTROLLER, OFPP_TABLE, FlowRemoved, FlowStats, FlowStatsRequest, PacketIn, PacketOut,
-                        Tick, flow)
+from ..messages import (
+    OFPP_CONTROLLER,
+    OFPP_TABLE,
+    FlowRemoved,
+    FlowStats,
+    FlowStatsRequest,
+    PacketIn,
+    PacketOut,
+    Tick,
+    flow,
+)
 from ..packet import parse
 from .base import COOKIE_MASK, T_FORWARD, T_POLICY, Module
 from .ratelimit import XMPP_METER
