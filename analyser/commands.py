@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 import pymongo.errors
 
 from appliance import config as config_mod
-from appliance import flagdoc, indexes, service, store
+from appliance import flagdoc, indexes, pcapfile, service, store, timespec
 from appliance.errors import UsageError
 from . import flags as flags_mod
-from . import pcap as pcap_mod
 from . import policy as policy_mod
 from . import reader, report
 from .engine import Engine
@@ -29,8 +26,9 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     """Arguments of ``name`` (one of analyser, analyse, report, flags); ``appliance.cli`` calls this."""
     if name == "analyser":
         p.add_argument("--once", action="store_true", help="read what is new since the resume point, then exit")
-        p.add_argument("--since", help="with --once: analyse this capture-time range only, store nothing (ISO time or 30m/2h/1d ago)")
-        p.add_argument("--until", help="end of the --since range (default: now)")
+        p.add_argument("--since", help="with --once: analyse this capture-time range only, store nothing; "
+                       + timespec.FORMS)
+        p.add_argument("--until", help="end of the --since range, same forms (default: now)")
         p.add_argument("-o", "--output", metavar="DIR", help="with --since: also write the rate plot here")
         p.set_defaults(func=_store_errors(cmd_analyser))
     elif name == "analyse":
@@ -40,8 +38,8 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print the flags it would raise as JSON lines instead")
         p.set_defaults(func=cmd_analyse)
     elif name == "report":
-        p.add_argument("--since", default="1h", help="ISO time or 30m/2h/1d ago (default 1h)")
-        p.add_argument("--until", help="end of the range (default: now)")
+        p.add_argument("--since", default="1h", help=timespec.FORMS + " (default 1h)")
+        p.add_argument("--until", help="end of the range, same forms (default: now)")
         p.add_argument("-o", "--output", metavar="DIR", help="where the PNG goes (default: analyser.report_dir)")
         p.add_argument("--top", type=int, default=10)
         p.set_defaults(func=_store_errors(cmd_report))
@@ -57,20 +55,6 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
         fr.set_defaults(func=_store_errors(cmd_flags_release))
     else:
         raise ValueError(f"analyser.commands has no command {name!r}")
-
-
-def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
-    """``2026-11-21T07:00:00[Z]`` or a span back from now: ``90s``, ``30m``, ``2h``, ``1d``."""
-    now = now or dt.datetime.now(dt.timezone.utc)
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
-    if m:
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-        return now - dt.timedelta(seconds=float(m.group(1)) * unit)
-    try:
-        t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"time {text!r}: expected an ISO time (2026-11-21T07:00:00Z) or 90s/30m/2h/1d") from None
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
 def load_config(args) -> config_mod.Config:
@@ -149,14 +133,15 @@ def cmd_analyser(args) -> int:
 
 
 def _one_shot(cfg, args) -> int:
-    since = parse_time(args.since) if args.since else dt.datetime.fromtimestamp(0, dt.timezone.utc)
-    until = parse_time(args.until) if args.until else None
+    since = timespec.parse(args.since, "--since") if args.since else 0
+    until = timespec.parse(args.until, "--until") if args.until else None
     off = Offline(cfg, policy_mod.load(cfg.analyser.policy_file))
     service.setup_logging("analyser", args.log_level)
     db = _db(cfg)
     for batches in reader.time_range(db, cfg.snooper.sensor, since, until):
         off.run(batches)
-    title = f"analysis of sensor {cfg.snooper.sensor} from {since:%Y-%m-%d %H:%M:%S} to " + (f"{until:%Y-%m-%d %H:%M:%S}" if until else "now") + " (nothing stored)"
+    title = (f"analysis of sensor {cfg.snooper.sensor} from {timespec.utc(since):%Y-%m-%d %H:%M:%S} to "
+             + (f"{timespec.utc(until):%Y-%m-%d %H:%M:%S}" if until is not None else "now") + " (nothing stored)")
     print(report.write(off.report(title), Path(args.output) if args.output else None, "range"), end="")
     return 0
 
@@ -167,32 +152,30 @@ def cmd_analyse(args) -> int:
     service.setup_logging("analyser", args.log_level)
     off = Offline(cfg, policy)
     name = Path(args.pcap).name
-    try:
-        chunk, index, start = [], 0, 0
-        for fr in pcap_mod.read(args.pcap):
-            chunk.append(fr)
-            index += 1
-            if len(chunk) >= PCAP_CHUNK:
-                off.run([(name, start, chunk)])
-                chunk, start = [], index
-        if chunk:
+    chunk, index, start = [], 0, 0
+    for fr in pcapfile.read(args.pcap):
+        chunk.append(fr)
+        index += 1
+        if len(chunk) >= PCAP_CHUNK:
             off.run([(name, start, chunk)])
-    except OSError as exc:
-        raise UsageError(f"{args.pcap}: {exc.strerror}") from None
-    except pcap_mod.PcapError as exc:
-        raise UsageError(str(exc)) from None
+            chunk, start = [], index
+    if chunk:
+        off.run([(name, start, chunk)])
     if args.json:
         for f in off.book.backend.all():
             print(json.dumps(f, default=str, sort_keys=True))
         return 0
-    print(report.write(off.report(f"analysis of {args.pcap} (nothing stored)"), Path(args.output) if args.output else None, "pcap"), end="")
+    out = Path(args.output) if args.output else None
+    print(report.write(off.report(f"analysis of {args.pcap} (nothing stored)"), out, "pcap"), end="")
     return 0
 
 
 def cmd_report(args) -> int:
     cfg = load_config(args)
-    since = parse_time(args.since)
-    until = parse_time(args.until) if args.until else None
+    since_ns = timespec.parse(args.since, "--since")
+    until_ns = timespec.parse(args.until, "--until") if args.until else None
+    since = timespec.utc(since_ns)
+    until = timespec.utc(until_ns) if until_ns is not None else None
     policy = policy_mod.load(cfg.analyser.policy_file)
     db = _indexed_db(cfg)
     port = policy_mod.server_port(policy, cfg)
@@ -205,7 +188,7 @@ def cmd_report(args) -> int:
         flags = [f for f in flags if f["flagged_at"] < until]
     series = report.XmppSeries(port)
     from .parse import Packet, parse
-    for batches in reader.time_range(db, cfg.snooper.sensor, since, until):
+    for batches in reader.time_range(db, cfg.snooper.sensor, since_ns, until_ns):
         for _bid, _start, frames in batches:
             for ts, wl, data in frames:
                 p = parse(ts, wl, data) if data else None

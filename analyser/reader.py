@@ -113,13 +113,11 @@ class Follower:
         return max(0.0, (newest["ins"] - self.resume).total_seconds())
 
 
-def time_range(db, sensor: str, since: dt.datetime, until: Optional[dt.datetime], chunk: int = 64) -> Iterator[list]:
-    """Lists of ``(batch_id, 0, frames)`` covering capture times in [since, until), oldest first."""
-    query: dict = {"sensor": sensor, "t1": {"$gte": since}}
-    if until is not None:
-        query["t0"] = {"$lt": until + SLACK}  # a second wider (nx-27017); frames are filtered exactly below
-    lo = int(since.timestamp() * 1e9)
-    hi = int(until.timestamp() * 1e9) if until is not None else None
+def time_range(db, sensor: str, lo: int, hi: Optional[int], chunk: int = 64) -> Iterator[list]:
+    """Lists of ``(batch_id, 0, frames)`` covering capture times in [lo, hi) ns, oldest first."""
+    query: dict = {"sensor": sensor, "t1": {"$gte": store.utc_from_ns(lo)}}
+    if hi is not None:
+        query["t0"] = {"$lt": store.utc_from_ns(hi) + SLACK}  # wider by SLACK (nx-27017); frames filtered exactly below
     out = []
     for doc in db[store.FRAMES].find(query).sort([("t0", 1), ("_id", 1)]):
         out.append((doc["_id"], 0, _between(store.batch_frames(doc), lo, hi)))

@@ -6,7 +6,7 @@ import argparse
 import ipaddress
 import sys
 
-from appliance import service, store
+from appliance import service, store, timespec
 from appliance.config import load as load_config_file
 from appliance.errors import UsageError
 
@@ -17,17 +17,19 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (benchmarks, tests)")
         p.set_defaults(func=cmd_snooper)
     elif name == "export-pcap":
-        p.add_argument("--since", required=True, help="ISO 8601 (UTC if no zone), epoch seconds, now, or -30s/-5m/-2h/-1d")
+        p.add_argument("--since", required=True, help=timespec.FORMS)
         p.add_argument("--until", default="now", help="same forms as --since (default: now)")
         p.add_argument("--host", help="only frames from or to this IPv4/IPv6 address")
         p.add_argument("--port", type=int, help="only TCP/UDP frames from or to this port")
         p.add_argument("--sensor", help="only frames of this sensor")
         p.add_argument("--run", help="only frames of this capture or import run")
+        p.add_argument("--ns", action="store_true", help="nanosecond timestamps (default: microseconds, truncated)")
         p.add_argument("-o", "--output", required=True, metavar="FILE", help="the pcap file to write ('-' for stdout)")
         p.set_defaults(func=cmd_export)
     elif name == "import-pcap":
         p.add_argument("file")
-        p.add_argument("--dedupe", action="store_true", help="drop duplicates within snooper.dedupe_window (default: keep all)")
+        p.add_argument("--dedupe", action="store_true",
+                       help="drop duplicates within snooper.dedupe_window (default: keep all)")
         p.add_argument("--sensor", help="sensor name to store under (default: snooper.sensor)")
         p.set_defaults(func=cmd_import)
     else:
@@ -42,12 +44,9 @@ def cmd_snooper(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .pcap import export, parse_time
+    from .pcap import export
     cfg = load_config_file(args.config)
-    try:
-        since, until = parse_time(args.since), parse_time(args.until)
-    except ValueError as exc:
-        raise UsageError(f"export-pcap: {exc}") from None
+    since, until = timespec.parse(args.since, "--since"), timespec.parse(args.until, "--until")
     if until < since:
         raise UsageError("export-pcap: --until is before --since")
     if args.host:
@@ -58,34 +57,23 @@ def cmd_export(args) -> int:
     if args.port is not None and not 0 <= args.port <= 65535:
         raise UsageError(f"export-pcap: --port {args.port}: expected 0 to 65535")
     db = store.database(cfg.mongodb, "pisnoop-export")
-    try:
-        store.ping(db)
-    except store.StoreUnavailable as exc:
-        print(f"pisnoop: {exc}", file=sys.stderr)
-        return 1
+    store.ping(db)
     try:
         out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
     except OSError as exc:
         raise UsageError(f"export-pcap: {args.output}: {exc.strerror}") from None
     with out:
-        n = export(db, out, since, until, host=args.host, port=args.port, sensor=args.sensor, run=args.run)
+        n = export(db, out, since, until, host=args.host, port=args.port, sensor=args.sensor, run=args.run,
+                   nano=args.ns)
     print(f"{n} frames written to {args.output}", file=sys.stderr)
     return 0
 
 
 def cmd_import(args) -> int:
-    from .pcap import PcapError, import_file
+    from .pcap import import_file
     cfg = load_config_file(args.config)
     log = service.setup_logging("import", args.log_level)
-    try:
-        fh = open(args.file, "rb")
-    except OSError as exc:
-        raise UsageError(f"import-pcap: {args.file}: {exc.strerror}") from None
-    with fh:
-        try:
-            c, run, left = import_file(cfg, fh, log, dedupe=args.dedupe, sensor=args.sensor)
-        except PcapError as exc:
-            raise UsageError(f"import-pcap: {args.file}: {exc}") from None
+    c, run, left = import_file(cfg, args.file, log, dedupe=args.dedupe, sensor=args.sensor)
     print(f"run {run}: read {c['captured']} frames, stored {c['stored']}, duplicates {c['duplicates']}, "
           f"unreadable records {c['dropped_parse']}, waiting in the spool {left}")
     return 0 if not left else 1

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real virtual appliance, the embedded store, the CLI.
+"""Shared fixtures: the real virtual appliance, the embedded store, a config for it, the CLI.
 
 Every fixture that creates something removes it, and ``assert_gone`` checks
 that a run left no namespace, link, daemon or directory behind.
@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
-from appliance import netns
+from appliance import config, netns, store
+from lab import procs
 from lab.virtual import VirtualAppliance
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +60,30 @@ def va():
 @pytest.fixture
 def store_db(va):
     """A pymongo database on the virtual appliance's embedded store."""
-    from appliance import store
     db = store.database(va.config.mongodb)
     yield db
+    db.client.close()
+
+
+@pytest.fixture(scope="module")
+def embedded_store(tmp_path_factory):
+    """An embedded store of its own for one test module (no namespaces needed)."""
+    es = procs.EmbeddedStore(tmp_path_factory.mktemp("store") / "store").start()
+    yield es
+    es.stop()
+
+
+@pytest.fixture
+def store_config(embedded_store, tmp_path):
+    """``(config path, db)``: a config naming a fresh database on ``embedded_store``, its spool and reports under
+    ``tmp_path``, metrics off; the database is dropped afterwards."""
+    name = "t" + uuid.uuid4().hex[:10]
+    path = tmp_path / "pisnoop.yaml"
+    path.write_text(yaml.safe_dump({"mongodb": {"uri": embedded_store.uri, "database": name},
+                                    "snooper": {"spool_dir": str(tmp_path / "spool")},
+                                    "analyser": {"report_dir": str(tmp_path / "reports")},
+                                    "metrics": {"enabled": False}}))
+    db = store.database(config.load(path).mongodb)
+    yield path, db
+    db.client.drop_database(name)
     db.client.close()

@@ -15,9 +15,8 @@ import pytest
 import yaml
 
 from tests.analyser_frames import S, T0, Conn, frame, steady, store_frames
-from appliance import config, framebatch, store
+from appliance import config, framebatch, pcapfile, store
 from lab import procs
-from analyser import pcap as pcap_mod
 from analyser.commands import Offline
 from analyser import policy as policy_mod
 from analyser.live import Analyser
@@ -291,7 +290,10 @@ def test_analyse_pcap_gives_the_flags_of_the_live_path(env, tmp_path):
     frames = sorted(two_clients() + short_connections("10.0.0.20", 20, 41000, T0, 2 * S))
     store_frames(db, frames)
     cap = tmp_path / "x.pcap"
-    pcap_mod.write(cap, frames)
+    with open(cap, "wb") as fh:
+        w = pcapfile.Writer(fh, nano=True)
+        for f in frames:
+            w.write(*f)
     r = pisnoop("--config", str(path), "analyser", "--once")
     assert r.returncode == 0, r.stderr
     live = flags_of(db)

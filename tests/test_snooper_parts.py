@@ -1,9 +1,8 @@
 """The snooper's parts on their own: dedupe window, spool, writer against a store that goes away,
-ring filter/snaplen, interface check, pcap reading and filtering. Real sockets, files and store."""
+ring filter/snaplen, interface check, the export filter. Real sockets, files and store."""
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import secrets
@@ -11,7 +10,6 @@ import socket
 import struct
 import time
 
-import dpkt
 import pytest
 
 from appliance import config as config_mod
@@ -272,58 +270,6 @@ def test_ifcheck(veth):
 
 
 # --- pcap ----------------------------------------------------------------------------------
-
-def test_parse_time_forms():
-    import datetime as dt
-    now = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
-    base = int(now.timestamp()) * S
-    assert pcap.parse_time("2024-05-01T12:00:00Z") == base
-    assert pcap.parse_time("2024-05-01T12:00:00") == base
-    assert pcap.parse_time("1714564800.000000123") == base + 123
-    assert pcap.parse_time("-5m", now) == base - 300 * S and pcap.parse_time("now", now) == base
-    with pytest.raises(ValueError, match="ISO 8601"):
-        pcap.parse_time("yesterday")
-
-
-def _pcap(records, nano=False, linktype=1, big_endian=False) -> bytes:
-    out = io.BytesIO()
-    if big_endian:
-        magic = dpkt.pcap.TCPDUMP_MAGIC_NANO if nano else dpkt.pcap.TCPDUMP_MAGIC
-        out.write(bytes(dpkt.pcap.FileHdr(magic=magic, snaplen=65535, linktype=linktype)))
-        for sec, frac, data, wire in records:
-            out.write(bytes(dpkt.pcap.PktHdr(tv_sec=sec, tv_usec=frac, caplen=len(data), len=wire)) + data)
-    else:
-        w = dpkt.pcap.Writer(out, snaplen=65535, linktype=linktype, nano=nano)
-        for sec, frac, data, wire in records:
-            out.write(w._pack_hdr(sec, frac, len(data), wire) + data)
-    return out.getvalue()
-
-
-@pytest.mark.parametrize("nano,big", [(False, False), (True, False), (False, True), (True, True)])
-def test_read_frames_keeps_time_and_wire_length(nano, big):
-    recs = [(1700000000, 123456789 if nano else 123456, b"\x01" * 20, 20), (1700000001, 5, b"\x02" * 30, 1500)]
-    got = list(pcap.read_frames(io.BytesIO(_pcap(recs, nano=nano, big_endian=big))))
-    scale = 1 if nano else 1000
-    assert got == [(sec * S + frac * scale, wire, data) for sec, frac, data, wire in recs]
-
-
-def test_read_frames_pcapng():
-    out = io.BytesIO()
-    w = dpkt.pcapng.Writer(out, snaplen=65535, linktype=1)
-    w.writepkt(b"\x03" * 50, ts=1700000000.25)
-    got = list(pcap.read_frames(io.BytesIO(out.getvalue())))
-    assert got == [(1700000000 * S + 250_000_000, 50, b"\x03" * 50)]
-
-
-def test_read_frames_rejects_what_it_cannot_store():
-    with pytest.raises(pcap.PcapError, match="link type 101"):
-        list(pcap.read_frames(io.BytesIO(_pcap([], linktype=101))))
-    with pytest.raises(pcap.PcapError, match="not a pcap"):
-        list(pcap.read_frames(io.BytesIO(b"hello world, not a capture file")))
-    blob = _pcap([(1, 0, b"\x01" * 40, 40)])
-    with pytest.raises(pcap.PcapError, match="truncated record"):
-        list(pcap.read_frames(io.BytesIO(blob[:-3])))
-
 
 def test_export_filter_matches_ipv4_ipv6_and_vlan():
     v4 = _udp(5222, 80)
