@@ -1,4 +1,9 @@
-"""``pisnoop analyser | analyse --pcap | report | flags list/release``."""
+"""``pisnoop analyser | analyse --pcap | report | flags list/release``.
+
+Only what ``configure`` needs is imported here; each command imports the
+analyser's parts it runs, so ``pisnoop flags --help`` loads no parser, no
+store driver and no plotting library.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-import pymongo.errors
-
 from appliance import config as config_mod
-from appliance import flagdoc, indexes, pcapfile, service, store, timespec
+from appliance import timespec
 from appliance.errors import UsageError
-from . import flags as flags_mod
-from . import policy as policy_mod
-from . import reader, report
-from .engine import Engine
-from .flows import FlowTable, MemoryFlows
 
 PCAP_CHUNK = 1000
 
@@ -30,7 +28,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                        + timespec.FORMS)
         p.add_argument("--until", help="end of the --since range, same forms (default: now)")
         p.add_argument("-o", "--output", metavar="DIR", help="with --since: also write the rate plot here")
-        p.set_defaults(func=_store_errors(cmd_analyser))
+        p.set_defaults(func=cmd_analyser)
     elif name == "analyse":
         p.add_argument("--pcap", required=True, metavar="FILE")
         p.add_argument("--policy", metavar="FILE", help="policy file (default: analyser.policy_file of the config)")
@@ -42,17 +40,17 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--until", help="end of the range, same forms (default: now)")
         p.add_argument("-o", "--output", metavar="DIR", help="where the PNG goes (default: analyser.report_dir)")
         p.add_argument("--top", type=int, default=10)
-        p.set_defaults(func=_store_errors(cmd_report))
+        p.set_defaults(func=cmd_report)
     elif name == "flags":
         fsub = p.add_subparsers(dest="action", metavar="ACTION")
         fsub.required = True
         fl = fsub.add_parser("list", help="the active flags (--all: every flag)")
         fl.add_argument("--all", action="store_true")
         fl.add_argument("--json", action="store_true")
-        fl.set_defaults(func=_store_errors(cmd_flags_list))
+        fl.set_defaults(func=cmd_flags_list)
         fr = fsub.add_parser("release", help="release the active flags of a client (IP or IP:PORT)")
         fr.add_argument("client")
-        fr.set_defaults(func=_store_errors(cmd_flags_release))
+        fr.set_defaults(func=cmd_flags_release)
     else:
         raise ValueError(f"analyser.commands has no command {name!r}")
 
@@ -69,6 +67,7 @@ def _config_or_defaults(args) -> config_mod.Config:
 
 
 def _db(cfg):
+    from appliance import store
     db = store.database(cfg.mongodb, "pisnoop-analyser")
     store.ping(db)
     return db
@@ -76,46 +75,10 @@ def _db(cfg):
 
 def _indexed_db(cfg):
     """The store with its indexes ensured: a command that writes or queries flags may be the first on a database."""
+    from appliance import indexes
     db = _db(cfg)
     indexes.ensure_indexes(db, cfg)
     return db
-
-
-def _store_errors(func):
-    """A store that cannot be reached (or goes away) ends the command with one line and exit 1."""
-    def run(args) -> int:
-        try:
-            return func(args)
-        except store.StoreUnavailable as exc:
-            print(f"pisnoop: {exc}", file=sys.stderr)
-        except pymongo.errors.PyMongoError as exc:
-            print(f"pisnoop: the store failed: {exc.__class__.__name__}: {str(exc)[:200]}", file=sys.stderr)
-        return 1
-    return run
-
-
-class Offline:
-    """The analysis pipeline in memory: same classifiers and flag rules, nothing stored."""
-
-    def __init__(self, cfg, policy):
-        self.cfg, self.policy = cfg, policy
-        self.flow_docs = MemoryFlows()
-        self.series = report.XmppSeries(policy_mod.server_port(policy, cfg))
-        self.book = flags_mod.FlagBook(cfg, flags_mod.MemoryFlags())
-        self.engine = Engine(cfg, policy, FlowTable(self.flow_docs, cfg.snooper.sensor), self.book, [self.series])
-        self.step = 0
-
-    def run(self, batches) -> None:
-        self.step += 1
-        self.engine.run_step(batches, self.step, persistent=False)
-
-    def report(self, title: str) -> report.Report:
-        c = self.engine.counters
-        return report.Report(title, report.talkers(self.flow_docs.all(), self.series.port), self.book.backend.all(),
-                             self.series, policy_mod.threshold_ppm(self.policy, self.cfg),
-                             policy_mod.window_seconds(self.policy, self.cfg),
-                             {k: c[k] for k in ("frames", "malformed", "not_ip", "corrupt_batches") if c.get(k)},
-                             policy_mod.ip_threshold_ppm(self.policy, self.cfg))
 
 
 def cmd_analyser(args) -> int:
@@ -125,14 +88,15 @@ def cmd_analyser(args) -> int:
             raise UsageError("--since/--until need --once (a one-shot pass over a time range)")
         return _one_shot(cfg, args)
     from .live import serve
-    try:
-        return serve(cfg, args.log_level, once=args.once)
-    except OSError as exc:  # the metrics port
-        print(f"pisnoop: {exc}", file=sys.stderr)
-        return 1
+    return serve(cfg, args.log_level, once=args.once)
 
 
 def _one_shot(cfg, args) -> int:
+    from appliance import service
+
+    from . import policy as policy_mod
+    from . import reader, report
+    from .offline import Offline
     since = timespec.parse(args.since, "--since") if args.since else 0
     until = timespec.parse(args.until, "--until") if args.until else None
     off = Offline(cfg, policy_mod.load(cfg.analyser.policy_file))
@@ -147,6 +111,11 @@ def _one_shot(cfg, args) -> int:
 
 
 def cmd_analyse(args) -> int:
+    from appliance import pcapfile, service
+
+    from . import policy as policy_mod
+    from . import report
+    from .offline import Offline
     cfg = _config_or_defaults(args)
     policy = policy_mod.load(args.policy or cfg.analyser.policy_file)
     service.setup_logging("analyser", args.log_level)
@@ -171,6 +140,12 @@ def cmd_analyse(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from appliance import store
+
+    from . import flags as flags_mod
+    from . import policy as policy_mod
+    from . import reader, report
+    from .parse import Packet, parse
     cfg = load_config(args)
     since_ns = timespec.parse(args.since, "--since")
     until_ns = timespec.parse(args.until, "--until") if args.until else None
@@ -187,7 +162,6 @@ def cmd_report(args) -> int:
     if until:
         flags = [f for f in flags if f["flagged_at"] < until]
     series = report.XmppSeries(port)
-    from .parse import Packet, parse
     for batches in reader.time_range(db, cfg.snooper.sensor, since_ns, until_ns):
         for _bid, _start, frames in batches:
             for ts, wl, data in frames:
@@ -206,6 +180,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_flags_list(args) -> int:
+    from appliance import flagdoc
+
+    from . import flags as flags_mod
     cfg = load_config(args)
     book = flags_mod.MongoFlags(_indexed_db(cfg))
     now = flags_mod.now_utc()
@@ -217,7 +194,8 @@ def cmd_flags_list(args) -> int:
     if not docs:
         print("no flags" if args.all else "no active flags")
         return 0
-    print(f"{'client':<24} {'classifier':<14} {'action':<6} {'off':>3} {'ban s':>6} {'status':<8} {'expires (UTC)':<19} reason")
+    print(f"{'client':<24} {'classifier':<14} {'action':<6} {'off':>3} {'ban s':>6} {'status':<8} "
+          f"{'expires (UTC)':<19} reason")
     for d in docs:
         try:
             f = flagdoc.parse(d)
@@ -230,6 +208,9 @@ def cmd_flags_list(args) -> int:
 
 
 def cmd_flags_release(args) -> int:
+    from appliance import flagdoc
+
+    from . import flags as flags_mod
     ip, port = flagdoc.parse_client(args.client)
     cfg = load_config(args)
     n = flags_mod.MongoFlags(_indexed_db(cfg)).release(ip, port, flags_mod.now_utc())

@@ -18,6 +18,8 @@ import time
 
 import psutil
 
+from .errors import Failure
+
 try:
     from systemd import daemon as _sd_daemon
     from systemd import journal as _sd_journal
@@ -77,15 +79,19 @@ def setup_logging(component: str, level: str = "INFO") -> logging.Logger:
     return logging.getLogger(f"pisnoop.{component}")
 
 
+class MetricsUnavailable(Failure):
+    """The Prometheus endpoint could not listen (its port taken, its address not here)."""
+
+
 def start_metrics(metrics_cfg, port: int, log: logging.Logger | None = None):
-    """Start the Prometheus endpoint for one service; None when metrics are off."""
+    """Start the Prometheus endpoint for one service; None when metrics are off; MetricsUnavailable if it cannot."""
     if not metrics_cfg.enabled:
         return None
     from prometheus_client import start_http_server
     try:
         server, _thread = start_http_server(port, addr=metrics_cfg.listen_host)
     except OSError as exc:
-        raise OSError(f"metrics endpoint {metrics_cfg.listen_host}:{port}: {exc.strerror}") from None
+        raise MetricsUnavailable(f"metrics endpoint {metrics_cfg.listen_host}:{port}: {exc.strerror}") from None
     if log:
         log.info("metrics on http://%s:%d/metrics", metrics_cfg.listen_host, port)
     return server

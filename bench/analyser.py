@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dpkt  # noqa: E402
 
 from analyser import policy as policy_mod  # noqa: E402
-from analyser.commands import Offline  # noqa: E402
 from analyser.live import Analyser  # noqa: E402
+from analyser.offline import Offline  # noqa: E402
 from appliance import config, framebatch, store  # noqa: E402
 from lab import procs  # noqa: E402
 from tests.analyser_frames import T0, Conn, S, steady  # noqa: E402

@@ -1,4 +1,8 @@
-"""Subcommands: ``snooper``, ``export-pcap``, ``import-pcap``."""
+"""Subcommands: ``snooper``, ``export-pcap``, ``import-pcap``.
+
+The capture and store parts are imported by the command that runs them, so
+``--help`` loads neither pymongo nor the ring.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import argparse
 import ipaddress
 import sys
 
-from appliance import service, store, timespec
+from appliance import timespec
 from appliance.config import load as load_config_file
 from appliance.errors import UsageError
 
@@ -37,6 +41,8 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
 
 
 def cmd_snooper(args) -> int:
+    from appliance import service
+
     from .service import run
     cfg = load_config_file(args.config)
     log = service.setup_logging("snooper", args.log_level)
@@ -44,6 +50,8 @@ def cmd_snooper(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from appliance import store
+
     from .pcap import export
     cfg = load_config_file(args.config)
     since, until = timespec.parse(args.since, "--since"), timespec.parse(args.until, "--until")
@@ -70,6 +78,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
+    from appliance import service
+
     from .pcap import import_file
     cfg = load_config_file(args.config)
     log = service.setup_logging("import", args.log_level)

@@ -97,5 +97,5 @@ def _metrics(cfg, c: dict, snapshot, log) -> None:
     REGISTRY.register(counters_mod.Collector(c, gauges, cfg.snooper.sensor))
     try:
         service.start_metrics(cfg.metrics, cfg.metrics.snooper_port, log)
-    except OSError as exc:
+    except service.MetricsUnavailable as exc:   # capture matters more than its metrics: go on without them
         log.warning("%s: no metrics endpoint", exc)

@@ -94,10 +94,7 @@ def run(cfg, core: Core, host: str, port: int) -> int:
     from .app import ControllerApp
     from .ryu_api import CONF, app_manager
 
-    try:
-        service.start_metrics(cfg.metrics, cfg.metrics.controller_port, log)
-    except OSError as exc:
-        raise UsageError(str(exc)) from None
+    service.start_metrics(cfg.metrics, cfg.metrics.controller_port, log)
     CONF(args=[], project="pisnoop", default_config_files=[])
     CONF.set_override("ofp_listen_host", host)
     CONF.set_override("ofp_tcp_listen_port", port)

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.analyser_frames import S, T0, Conn, frame, steady, store_frames
-from appliance import config, framebatch, pcapfile, store
-from lab import procs
-from analyser.commands import Offline
 from analyser import policy as policy_mod
 from analyser.live import Analyser
+from analyser.offline import Offline
 from analyser.parse import parse
+from appliance import config, framebatch, pcapfile, store
+from lab import procs
+from tests.analyser_frames import T0, Conn, S, frame, steady, store_frames
 from tests.conftest import PISNOOP, REPO, pisnoop
 
 FAST, SLOW = "10.0.0.10", "10.0.0.11"
@@ -90,7 +90,8 @@ def test_only_the_fast_client_is_flagged_with_its_evidence(env):
     fast_times = [t for t, _, d in frames if parse(t, len(d), d).src == FAST]
     # flagged on the 101st packet toward the server, not later: the window is evaluated per packet
     assert ev["first_packet_ns"] == fast_times[0] and ev["last_packet_ns"] == fast_times[100]
-    assert ev["last_packet"] == dt.datetime.fromtimestamp(fast_times[100] / 1e9, dt.timezone.utc).replace(microsecond=ev["last_packet"].microsecond)
+    last = dt.datetime.fromtimestamp(fast_times[100] / 1e9, dt.timezone.utc)
+    assert ev["last_packet"] == last.replace(microsecond=ev["last_packet"].microsecond)
     assert 1 <= len(ev["samples"]) <= 5 and all(frame_src(db, r) == (FAST, 5222) for r in ev["samples"])
     assert f["status"] == "flagged" and f["offence"] == 1 and f["ban_seconds"] == 300 and f["action"] == "drop"
     assert f["server_port"] == 5222
@@ -337,7 +338,8 @@ def test_custom_classifier_from_the_policy_directory_becomes_a_flag(env, tmp_pat
     r = pisnoop("--config", str(path), "analyser", "--once")
     assert r.returncode == 0, r.stderr
     flags = flags_of(db)
-    assert [(f["client_ip"], f["client_port"], f["classifier"], f["action"]) for f in flags] == [(SLOW, 40001, "big_packets", "limit")]
+    assert [(f["client_ip"], f["client_port"], f["classifier"], f["action"]) for f in flags] == \
+        [(SLOW, 40001, "big_packets", "limit")]
     assert flags[0]["evidence"]["size"] == 1200 + 54 and flags[0]["reason"] == "packet of 1254 bytes"
     assert frame_src(db, flags[0]["evidence"]["samples"][0]) == (SLOW, 5222)
 
@@ -455,8 +457,9 @@ def test_a_broken_custom_classifier_file_is_refused(env, tmp_path):
 def test_bandwidth_hog_flags_the_client_over_its_byte_rate(env, tmp_path):
     make, db = env
     policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump({"xmpp_abuse": {"enabled": False},
-                                      "bandwidth_hog": {"enabled": True, "bytes_per_second": 5000, "window_seconds": 5}}))
+    policy.write_text(yaml.safe_dump({
+        "xmpp_abuse": {"enabled": False},
+        "bandwidth_hog": {"enabled": True, "bytes_per_second": 5000, "window_seconds": 5}}))
     cfg, _ = make(analyser={"policy_file": str(policy)})
     hog, fine = Conn(FAST, 40000, sport=443), Conn(SLOW, 40001, sport=443)
     frames = hog.handshake(T0) + fine.handshake(T0)
@@ -466,7 +469,8 @@ def test_bandwidth_hog_flags_the_client_over_its_byte_rate(env, tmp_path):
     store_frames(db, frames)
     run_once(cfg, db)
     flags = flags_of(db)
-    assert [(f["client_ip"], f["client_port"], f["classifier"], f["server_port"]) for f in flags] == [(FAST, None, "bandwidth_hog", 443)]
+    assert [(f["client_ip"], f["client_port"], f["classifier"], f["server_port"]) for f in flags] == \
+        [(FAST, None, "bandwidth_hog", 443)]
     assert flags[0]["evidence"]["count"] > 25000 and flags[0]["evidence"]["bytes_per_second"] > 5000
 
 
@@ -501,7 +505,8 @@ def test_the_service_rides_out_a_store_that_goes_away(env, embedded):
         embedded.start()
         db.client.admin.command("ping")
         store_frames(db, c.data(T0 + S), run="b")
-        wait_for(lambda: (db[store.FLOWS].find_one() or {}).get("packets") == {"c2s": 3, "s2c": 1}, what="the new frame")
+        wait_for(lambda: (db[store.FLOWS].find_one() or {}).get("packets") == {"c2s": 3, "s2c": 1},
+                 what="the new frame")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import sysconfig
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.analyser_frames import T0, Conn, S, steady
+from appliance import pcapfile
+from tests.analyser_frames import T0, Conn, steady
 from tests.conftest import REPO
 
 SERVICES = ("lab", "analyser", "static_controller", "snooper")
@@ -90,10 +90,10 @@ def test_running_each_service_loads_no_other_service(tmp_path):
 
     pcap = tmp_path / "one.pcap"
     frames = steady(Conn("10.0.0.10", 40000), T0, 60, 5)
-    with open(pcap, "wb") as fh:       # a classic µs pcap, written here so this test needs no pcap module
-        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        for ts, wire, data in frames:
-            fh.write(struct.pack("<IIII", ts // S, ts % S // 1000, len(data), wire) + data)
+    with open(pcap, "wb") as fh:
+        writer = pcapfile.Writer(fh)
+        for frame in frames:
+            writer.write(*frame)
     loaded, rc, out = loaded_modules(["analyse", "--pcap", str(pcap), "--json"], tmp_path, cwd=tmp_path)
     assert rc == 0, out[-500:]
     assert loaded == {"analyser"}

@@ -23,8 +23,21 @@ from appliance import indexes, netns, store
 from lab.virtual import VirtualAppliance
 
 from .conftest import assert_gone, pisnoop
-from .snooperutil import (BridgeLoss, Paced, udp_frame, SnooperProcess, mac_of, marked_frame, multiset, raw_socket, spool_files,
-                          stored_frames, wait_stored, with_tag, write_config)
+from .snooperutil import (
+    BridgeLoss,
+    Paced,
+    SnooperProcess,
+    mac_of,
+    marked_frame,
+    multiset,
+    raw_socket,
+    spool_files,
+    stored_frames,
+    udp_frame,
+    wait_stored,
+    with_tag,
+    write_config,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, OVS)")
 
@@ -163,7 +176,7 @@ def test_duplicates_within_window_dropped_after_window_kept(app, snooper):
     got = with_tag(stored_frames(app.db, sensor), tag)
     assert multiset(got) == multiset(frames)
     lost = bridge.lost()  # a copy the bridge dropped is one duplicate fewer
-    doc = proc.wait_status(lambda d: d["counters"]["duplicates"] >= 100 - lost, 10)
+    proc.wait_status(lambda d: d["counters"]["duplicates"] >= 100 - lost, 10)
     time.sleep(1)
     assert proc.status()["counters"]["duplicates"] == 100 - lost  # (noise on this wire is unique frames)
     time.sleep(2.5)           # past the window: the same frames are stored again
@@ -214,7 +227,7 @@ def test_store_outage_loses_and_duplicates_nothing(app, snooper):
     send_for(3)
     traffic.sock.close()
     assert time.monotonic() - t_down >= 30
-    got = wait_stored(app.db, sensor, tag, len(sent) - bridge.lost(), timeout=120)
+    wait_stored(app.db, sensor, tag, len(sent) - bridge.lost(), timeout=120)
     time.sleep(1)
     assert_once(with_tag(stored_frames(app.db, sensor), tag), sent, bridge.lost())
     assert proc.stop() == 0

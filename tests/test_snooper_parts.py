@@ -215,7 +215,8 @@ def veth():
 
 def _udp(dport: int, size: int) -> bytes:
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, size - 14, 0, 0, 64, 17, 0, b"\x0a\0\0\x01", b"\x0a\0\0\x02")
-    return b"\xff" * 6 + b"\x02" * 6 + b"\x08\x00" + ip + struct.pack("!HHHH", 999, dport, size - 34, 0) + bytes(size - 42)
+    return (b"\xff" * 6 + b"\x02" * 6 + b"\x08\x00" + ip + struct.pack("!HHHH", 999, dport, size - 34, 0)
+            + bytes(size - 42))
 
 
 @root

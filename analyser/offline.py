@@ -1,0 +1,37 @@
+"""The analysis pipeline in memory: the live path's classifiers and flag rules, nothing stored.
+
+``analyse --pcap`` and ``analyser --once --since`` run it, and so do the tests
+that prove a pcap gives the same flags as the live service.
+"""
+
+from __future__ import annotations
+
+from . import flags as flags_mod
+from . import policy as policy_mod
+from . import report
+from .engine import Engine
+from .flows import FlowTable, MemoryFlows
+
+
+class Offline:
+    """Frames in, flow records and flags kept in memory; ``report()`` makes the report of what it saw."""
+
+    def __init__(self, cfg, policy):
+        self.cfg, self.policy = cfg, policy
+        self.flow_docs = MemoryFlows()
+        self.series = report.XmppSeries(policy_mod.server_port(policy, cfg))
+        self.book = flags_mod.FlagBook(cfg, flags_mod.MemoryFlags())
+        self.engine = Engine(cfg, policy, FlowTable(self.flow_docs, cfg.snooper.sensor), self.book, [self.series])
+        self.step = 0
+
+    def run(self, batches) -> None:
+        self.step += 1
+        self.engine.run_step(batches, self.step, persistent=False)
+
+    def report(self, title: str) -> report.Report:
+        c = self.engine.counters
+        return report.Report(title, report.talkers(self.flow_docs.all(), self.series.port), self.book.backend.all(),
+                             self.series, policy_mod.threshold_ppm(self.policy, self.cfg),
+                             policy_mod.window_seconds(self.policy, self.cfg),
+                             {k: c[k] for k in ("frames", "malformed", "not_ip", "corrupt_batches") if c.get(k)},
+                             policy_mod.ip_threshold_ppm(self.policy, self.cfg))
