@@ -1,4 +1,4 @@
-"""The analyser against the real embedded store, with crafted frames (tests/analyser_frames.py)."""
+"""The analyser against the real embedded_store store, with crafted frames (tests/analyser_frames.py)."""
 
 from __future__ import annotations
 
@@ -26,20 +26,13 @@ from tests.conftest import PISNOOP, REPO, pisnoop
 FAST, SLOW = "10.0.0.10", "10.0.0.11"
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    es = procs.EmbeddedStore(tmp_path_factory.mktemp("analyser") / "store").start()
-    yield es
-    es.stop()
-
-
 @pytest.fixture
-def env(embedded, tmp_path):
-    """A fresh database on the shared embedded store and a config factory for it."""
+def env(embedded_store, tmp_path):
+    """A fresh database on the shared embedded_store store and a config factory for it."""
     name = "t" + uuid.uuid4().hex[:10]
 
     def make(**sections) -> tuple[config.Config, Path]:
-        data = {"mongodb": {"uri": embedded.uri, "database": name},
+        data = {"mongodb": {"uri": embedded_store.uri, "database": name},
                 "analyser": {"poll_interval": 0.05, "status_interval": 0.2, "report_dir": str(tmp_path / "reports")},
                 "metrics": {"enabled": False}}
         for k, v in sections.items():
@@ -48,7 +41,7 @@ def env(embedded, tmp_path):
         path.write_text(yaml.safe_dump(data))
         return config.load(path), path
 
-    db = store.client(config.from_dict({"mongodb": {"uri": embedded.uri}}).mongodb)[name]
+    db = store.client(config.from_dict({"mongodb": {"uri": embedded_store.uri}}).mongodb)[name]
     yield make, db
     db.client.drop_database(name)
     db.client.close()
@@ -491,7 +484,7 @@ def test_one_shot_range_prints_the_report_and_stores_nothing(env):
     assert r.returncode == 2 and "--once" in r.stderr
 
 
-def test_the_service_rides_out_a_store_that_goes_away(env, embedded):
+def test_the_service_rides_out_a_store_that_goes_away(env, embedded_store):
     make, db = env
     cfg, path = make(mongodb={"timeout_ms": 300})
     c = Conn(SLOW, 40001)
@@ -499,10 +492,10 @@ def test_the_service_rides_out_a_store_that_goes_away(env, embedded):
     proc = start_service(path)
     try:
         wait_for(lambda: db[store.FLOWS].count_documents({}) == 1, what="first flow")
-        embedded.stop()
+        embedded_store.stop()
         time.sleep(3)                           # well past the store timeout
         assert proc.poll() is None, "the analyser must not exit when the store goes away"
-        embedded.start()
+        embedded_store.start()
         db.client.admin.command("ping")
         store_frames(db, c.data(T0 + S), run="b")
         wait_for(lambda: (db[store.FLOWS].find_one() or {}).get("packets") == {"c2s": 3, "s2c": 1},

@@ -1,5 +1,5 @@
 """appliance/indexes.py: the declaration is consistent, and ensure_indexes brings any database to it
-(new, already right, retention changed, made by the old code) against the real embedded store."""
+(new, already right, retention changed, made by the old code) against the real embedded_store store."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pymongo import MongoClient, monitoring
 
 from appliance import config, indexes, store
 from appliance.indexes import Index
-from lab import procs
 from tests.conftest import REPO
 
 NOW = dt.datetime.now(dt.timezone.utc)
@@ -35,22 +34,15 @@ class Commands(monitoring.CommandListener):
         pass
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    es = procs.EmbeddedStore(tmp_path_factory.mktemp("indexes") / "store").start()
-    yield es
-    es.stop()
-
-
 @pytest.fixture
-def env(embedded):
+def env(embedded_store):
     """(config factory, database, command recorder) on a fresh database."""
     name = "t" + uuid.uuid4().hex[:10]
     commands = Commands()
-    client = MongoClient(embedded.uri, tz_aware=True, event_listeners=[commands])
+    client = MongoClient(embedded_store.uri, tz_aware=True, event_listeners=[commands])
 
     def make(frames_hours=168, flows_hours=720) -> config.Config:
-        return config.from_dict({"mongodb": {"uri": embedded.uri, "database": name, "retention": {
+        return config.from_dict({"mongodb": {"uri": embedded_store.uri, "database": name, "retention": {
             "frames_hours": frames_hours, "flows_hours": flows_hours}}})
 
     yield make, client[name], commands
@@ -147,7 +139,7 @@ def test_a_ttl_that_differs_is_changed_in_place():
     assert [(c.action, c.options) for c in keep] == [("ttl", {"expireAfterSeconds": indexes.KEEP_SECONDS})]
 
 
-# --- ensure_indexes on the embedded store ---------------------------------------------------------
+# --- ensure_indexes on the embedded_store store ---------------------------------------------------------
 
 def test_ensure_makes_the_declared_set_and_a_second_time_changes_nothing(env):
     make, db, commands = env
