@@ -18,6 +18,7 @@ import importlib
 import sys
 
 from . import config as config_mod
+from . import timespec
 from .errors import BadInput, Failure
 
 LAB_HINT = "the lab is not installed: from a pisnoop checkout, pip install ./lab (the pisnoop-lab package)"
@@ -39,6 +40,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("demo", "lab.demo", "the closed loop end to end: flood detected, client blocked, others unharmed (lab)"),
 )
 _GLOBAL_WITH_VALUE = {"--config", "-c", "--log-level"}
+_TIME_OPTIONS = {"--since", "--until"}
 
 
 def load_config(args: argparse.Namespace) -> config_mod.Config:
@@ -62,6 +64,17 @@ def chosen_command(argv: list[str]) -> str | None:
     return None
 
 
+def attach_spans(argv: list[str]) -> list[str]:
+    """``--since -30m`` as ``--since=-30m``: argparse would take a value that starts with "-" for an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in _TIME_OPTIONS and arg.startswith("-") and timespec.is_span(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def build_parser(chosen: str | None) -> argparse.ArgumentParser:
     """Every sub-command is listed; only ``chosen`` gets its module imported and its arguments."""
     parser = argparse.ArgumentParser(prog="pisnoop",
@@ -79,7 +92,7 @@ def build_parser(chosen: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = attach_spans(sys.argv[1:] if argv is None else list(argv))
     try:
         args = build_parser(chosen_command(argv)).parse_args(argv)
         return int(args.func(args) or 0)

@@ -46,6 +46,11 @@ def parse(text: str, option: str = "time", now_ns: int | None = None) -> int:
     return (when - EPOCH) // dt.timedelta(microseconds=1) * 1000
 
 
+def is_span(text: str) -> bool:
+    """Whether ``text`` is a span back from now (``30m``, ``-30m``)."""
+    return _SPAN.fullmatch(text.strip()) is not None
+
+
 def utc(ns: int) -> dt.datetime:
     """The aware UTC datetime of ``ns`` (truncated to the µs a datetime holds)."""
     return EPOCH + dt.timedelta(microseconds=ns // 1000)

@@ -149,3 +149,11 @@ def test_without_the_lab_the_cli_works_and_demo_says_what_to_install(product_whe
     checked = subprocess.run([*run, "check-config", str(REPO / "appliance" / "pisnoop.example.yaml")],
                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_a_span_after_a_time_option_is_its_value():
+    from appliance.cli import attach_spans
+    assert attach_spans(["export-pcap", "--since", "-30m", "--until", "-1.5h", "-o", "-"]) == \
+        ["export-pcap", "--since=-30m", "--until=-1.5h", "-o", "-"]
+    assert attach_spans(["--since", "-o"]) == ["--since", "-o"]          # not a span: argparse says what is wrong
+    assert attach_spans(["report", "--top", "-30m"]) == ["report", "--top", "-30m"]

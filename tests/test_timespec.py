@@ -74,8 +74,9 @@ def test_export_selects_by_every_form(store_config, tmp_path):
     store_frames(db, [(t, 60, bytes(60)) for t in (a, b, c)], sensor="ts")
     us = {t: t // 1000 * 1000 for t in (a, b, c)}
     iso = timespec.utc(b).isoformat()  # µs: b's last three digits cut, so b stays inside
-    cases = {  # a value starting with "-" is joined with "=" (argparse would take it for an option)
-        ("--since", "1h"): {b, c}, ("--since=-1h",): {b, c}, ("--since", "30m", "--until", "now"): {c},
+    cases = {  # "--since -1h" as two words too: the CLI joins a span starting with "-" to its option
+        ("--since", "1h"): {b, c}, ("--since=-1h",): {b, c}, ("--since", "-1h"): {b, c},
+        ("--since", "-2h", "--until", "-20m"): {b}, ("--since", "30m", "--until", "now"): {c},
         ("--since=-0.5h",): {c}, ("--since", "1d"): {a, b, c}, ("--since", "2h", "--until=-20m"): {b},
         ("--since", f"{b // S}.{b % S:09d}"): {b, c}, ("--since", f"{(b + 1) // S}.{(b + 1) % S:09d}"): {c},
         ("--since", "1d", "--until", f"{b // S}.{b % S:09d}"): {a, b},
