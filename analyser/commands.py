@@ -55,14 +55,10 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
         raise ValueError(f"analyser.commands has no command {name!r}")
 
 
-def load_config(args) -> config_mod.Config:
-    return config_mod.load(args.config)
-
-
 def _config_or_defaults(args) -> config_mod.Config:
     """Commands that need no store still honour a config when there is one."""
     if args.config or os.environ.get(config_mod.ENV_VAR) or config_mod.DEFAULT_PATH.exists():
-        return load_config(args)
+        return config_mod.load(args.config)
     return config_mod.Config()
 
 
@@ -82,7 +78,7 @@ def _indexed_db(cfg):
 
 
 def cmd_analyser(args) -> int:
-    cfg = load_config(args)
+    cfg = config_mod.load(args.config)
     if args.since or args.until:
         if not args.once:
             raise UsageError("--since/--until need --once (a one-shot pass over a time range)")
@@ -146,7 +142,7 @@ def cmd_report(args) -> int:
     from . import policy as policy_mod
     from . import reader, report
     from .parse import Packet, parse
-    cfg = load_config(args)
+    cfg = config_mod.load(args.config)
     since_ns = timespec.parse(args.since, "--since")
     until_ns = timespec.parse(args.until, "--until") if args.until else None
     since = timespec.utc(since_ns)
@@ -183,7 +179,7 @@ def cmd_flags_list(args) -> int:
     from appliance import flagdoc
 
     from . import flags as flags_mod
-    cfg = load_config(args)
+    cfg = config_mod.load(args.config)
     book = flags_mod.MongoFlags(_indexed_db(cfg))
     now = flags_mod.now_utc()
     docs = book.all() if args.all else book.active(now)
@@ -212,7 +208,7 @@ def cmd_flags_release(args) -> int:
 
     from . import flags as flags_mod
     ip, port = flagdoc.parse_client(args.client)
-    cfg = load_config(args)
+    cfg = config_mod.load(args.config)
     n = flags_mod.MongoFlags(_indexed_db(cfg)).release(ip, port, flags_mod.now_utc())
     if not n:
         print(f"pisnoop: no active flag for {args.client}", file=sys.stderr)

@@ -14,7 +14,7 @@ import datetime as dt
 import logging
 from typing import Optional
 
-from appliance import bans, flagdoc, store
+from appliance import bans, flagdoc, store, timespec
 from appliance.flagdoc import CLIENT_IP, CLIENT_PORT, EXPIRED, EXPIRES_AT, FLAGGED, FLAGGED_AT, RELEASED, STATUS
 
 from .classifiers import Verdict
@@ -154,7 +154,7 @@ class FlagBook:
         out = dict(ev)
         for k in ("first_packet_ns", "last_packet_ns"):
             if isinstance(out.get(k), int):
-                out[k.replace("_ns", "")] = dt.datetime.fromtimestamp(out[k] / 1e9, tz=dt.timezone.utc)
+                out[k.replace("_ns", "")] = timespec.utc(out[k])
         return out
 
     def expire(self, now: Optional[dt.datetime] = None) -> int:

@@ -15,18 +15,15 @@ already holds, so no packet is counted twice and none is lost.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Iterable, Optional
+
+from appliance import timespec
 
 from .parse import ACK, FIN, PSH, RST, SYN, TCP, URG, Packet
 
 FLAG_BITS = ((SYN, "SYN"), (ACK, "ACK"), (FIN, "FIN"), (RST, "RST"), (PSH, "PSH"), (URG, "URG"))
 IDLE_NS = 300 * 10**9          # a flow quiet this long (frame time) is written and dropped from memory
 CLOSED_IDLE_NS = 10 * 10**9    # a closed flow is dropped sooner
-
-
-def utc(ts_ns: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ts_ns / 1e9, tz=dt.timezone.utc)
 
 
 def flow_key(p: Packet) -> tuple:
@@ -114,7 +111,7 @@ class Flow:
             "client_ip": self.client, "client_port": self.cport, "server_ip": self.server, "server_port": self.sport,
             "direction": "verified" if self.verified else "unverified",
             "first_ns": self.first_ns, "last_ns": self.last_ns,
-            "first_seen": utc(self.first_ns), "last_seen": utc(self.last_ns),
+            "first_seen": timespec.utc(self.first_ns), "last_seen": timespec.utc(self.last_ns),
             "packets": both(self.pkts), "bytes": both(self.bytes), "max_size": self.max_size,
             "iat_min_ns": both(self.iat_min), "iat_max_ns": both(self.iat_max),
             "last_packet_ns": both(self.last_dir_ns), "tcp_flags": dict(self.flags), "closed": self.closed,

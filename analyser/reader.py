@@ -16,7 +16,7 @@ import datetime as dt
 import time
 from typing import Iterator, Optional
 
-from appliance import store
+from appliance import store, timespec
 
 GRACE = dt.timedelta(seconds=30)
 # nx-27017's find() compares dates at whole seconds (floor): a ``$gte`` returns
@@ -115,9 +115,9 @@ class Follower:
 
 def time_range(db, sensor: str, lo: int, hi: Optional[int], chunk: int = 64) -> Iterator[list]:
     """Lists of ``(batch_id, 0, frames)`` covering capture times in [lo, hi) ns, oldest first."""
-    query: dict = {"sensor": sensor, "t1": {"$gte": store.utc_from_ns(lo)}}
+    query: dict = {"sensor": sensor, "t1": {"$gte": timespec.utc(lo)}}
     if hi is not None:
-        query["t0"] = {"$lt": store.utc_from_ns(hi) + SLACK}  # wider by SLACK (nx-27017); frames filtered exactly below
+        query["t0"] = {"$lt": timespec.utc(hi) + SLACK}  # wider by SLACK (nx-27017); frames filtered exactly below
     out = []
     for doc in db[store.FRAMES].find(query).sort([("t0", 1), ("_id", 1)]):
         out.append((doc["_id"], 0, _between(store.batch_frames(doc), lo, hi)))

@@ -47,6 +47,7 @@ class Status:
         now_m = time.monotonic()
         c = dict(self.engine.counters)
         c["late_batches"] = self.follower.late
+        c["flags_refused"] = self.engine.flagbook.refused
         dt_s = max(now_m - self.last_t, 1e-6)
         self.fps = (c.get("frames", 0) - self.last.get("frames", 0)) / dt_s
         lag = self.follower.lag_seconds()

@@ -43,11 +43,6 @@ _GLOBAL_WITH_VALUE = {"--config", "-c", "--log-level"}
 _TIME_OPTIONS = {"--since", "--until"}
 
 
-def load_config(args: argparse.Namespace) -> config_mod.Config:
-    """The validated config named by ``--config`` / PISNOOP_CONFIG / the default."""
-    return config_mod.load(getattr(args, "config", None))
-
-
 def chosen_command(argv: list[str]) -> str | None:
     """The sub-command named in ``argv`` (skipping the global options and their values)."""
     names = {name for name, _module, _help in COMMANDS}

@@ -180,6 +180,24 @@ def ensure_indexes(db, cfg) -> list[Change]:
     return done
 
 
+def ensure_or_go_on(db, cfg, log: logging.Logger) -> bool:
+    """``ensure_indexes`` for a service whose job does not need the indexes (capture, enforcement).
+
+    When the store refuses (a user without the createIndex right, an index
+    build that fails) the service logs it and goes on storing or enforcing;
+    the refusal is not retried. A store that cannot be reached is raised as
+    usual: the caller's store-error path retries. Returns whether the indexes
+    were ensured.
+    """
+    try:
+        ensure_indexes(db, cfg)
+    except OperationFailure as exc:
+        log.error("the store refused to set up the indexes (%s: code %s, %s); going on without them",
+                  exc.__class__.__name__, exc.code, str(exc)[:160])
+        return False
+    return True
+
+
 def _apply(db, c: Change) -> None:
     coll = db[c.collection]
     if c.action == "drop":

@@ -16,14 +16,13 @@ Collections (one database, ``mongodb.database``):
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Iterable
 
 import pymongo
 from bson import Binary
 from pymongo.database import Database
 
-from . import framebatch
+from . import framebatch, timespec
 from .config import MongoDB
 from .errors import Failure
 
@@ -66,10 +65,6 @@ def _redact(cl: pymongo.MongoClient) -> str:
         return "the configured URI"
 
 
-def utc_from_ns(ts_ns: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ts_ns / 1e9, tz=dt.timezone.utc)
-
-
 def batch_id(sensor: str, run: str, seq: int) -> str:
     """Deterministic id: a batch retried or replayed from the spool is never stored twice."""
     return f"{sensor}:{run}:{seq:012d}"
@@ -95,8 +90,8 @@ def batch_document(sensor: str, run: str, seq: int, frames: list[tuple[int, int,
         "wire_bytes": sum(f[1] for f in frames),
         "first_ns": first,
         "last_ns": last,
-        "t0": utc_from_ns(first),
-        "t1": utc_from_ns(last),
+        "t0": timespec.utc(first),
+        "t1": timespec.utc(last),
         "data": Binary(framebatch.pack(frames)),
     }
 

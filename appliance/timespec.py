@@ -52,5 +52,8 @@ def is_span(text: str) -> bool:
 
 
 def utc(ns: int) -> dt.datetime:
-    """The aware UTC datetime of ``ns`` (truncated to the µs a datetime holds)."""
+    """The aware UTC datetime of ``ns`` (truncated to the µs a datetime holds; exact, no float on the way).
+
+    The one conversion of frame times to dates: the ``frames`` document's ``t0``/``t1``, flow records, flag
+    evidence and every query on them."""
     return EPOCH + dt.timedelta(microseconds=ns // 1000)

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from appliance import pcapfile, store
+from appliance import pcapfile, store, timespec
 
 # --- export ---------------------------------------------------------------------
 
@@ -81,8 +81,8 @@ def _merged(docs) -> Iterator[tuple[int, int, bytes]]:
 def export(db, out: BinaryIO, since_ns: int, until_ns: int, host: str | None = None, port: int | None = None,
            sensor: str | None = None, run: str | None = None, nano: bool = False) -> int:
     """Write the matching frames as a classic pcap (µs, or ns with ``nano``) to ``out``; return how many."""
-    query: dict = {"t0": {"$lte": store.utc_from_ns(until_ns) + dt.timedelta(milliseconds=1)},
-                   "t1": {"$gte": store.utc_from_ns(since_ns) - dt.timedelta(milliseconds=1)}}
+    query: dict = {"t0": {"$lte": timespec.utc(until_ns) + dt.timedelta(milliseconds=1)},
+                   "t1": {"$gte": timespec.utc(since_ns) - dt.timedelta(milliseconds=1)}}
     if sensor:
         query["sensor"] = sensor
     if run:

@@ -123,7 +123,7 @@ class Writer(threading.Thread):
 
     def _insert(self, batch: Batch) -> None:
         if not self.indexed:
-            indexes.ensure_indexes(self.db, self.cfg)
+            indexes.ensure_or_go_on(self.db, self.cfg, self.log)
             self.indexed = True
         insert(self.db, batch, self.counters)
 

@@ -80,7 +80,7 @@ class FlagWatcher(threading.Thread):
     def _once(self, db) -> None:
         flags = db[store.FLAGS]
         if not self._indexed:
-            indexes.ensure_indexes(db, self.cfg)
+            indexes.ensure_or_go_on(db, self.cfg, log)
             self._indexed = True
         now = utcnow()
         if self._want_snapshot.is_set():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 import uuid
 
@@ -12,6 +13,7 @@ from pymongo import MongoClient, monitoring
 
 from appliance import config, indexes, store
 from appliance.indexes import Index
+from lab import procs
 from tests.conftest import REPO
 
 NOW = dt.datetime.now(dt.timezone.utc)
@@ -223,6 +225,34 @@ def test_an_index_that_is_not_pisnoops_is_left_alone(env):
     assert theirs <= {ix["name"] for ix in db[store.FRAMES].list_indexes()}
     assert indexes.plan(store.FRAMES, [ix("run_1", [("run", 1)]), ix("t0_1", [("t0", 1)])], RETENTION)[0] == \
         indexes.Change("drop", store.FRAMES, "t0_1")
+
+
+def test_capture_and_enforcement_go_on_when_the_store_refuses_indexes(embedded_store, caplog):
+    """A user without the createIndex right (real MongoDB: Unauthorized, code 13) must not stop storing frames;
+    a store that cannot be reached still raises, so the caller's retry path runs."""
+    from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
+
+    cfg = config.from_dict({"mongodb": {"uri": embedded_store.uri, "database": "t" + uuid.uuid4().hex[:10]}})
+
+    class Refusing:
+        def __getitem__(self, name):
+            return self
+
+        def list_indexes(self):
+            raise OperationFailure("not authorized on pisnoop to execute command createIndexes", code=13)
+
+    with caplog.at_level("ERROR", logger="pisnoop.test"):
+        assert indexes.ensure_or_go_on(Refusing(), cfg, logging.getLogger("pisnoop.test")) is False
+    assert [r.getMessage() for r in caplog.records if "refused to set up the indexes" in r.getMessage()] != []
+    assert "code 13" in caplog.records[-1].getMessage()
+
+    db = MongoClient(embedded_store.uri, tz_aware=True)[cfg.mongodb.database]
+    assert indexes.ensure_or_go_on(db, cfg, logging.getLogger("pisnoop.test")) is True
+    assert seen(db) == declared(cfg)
+    db.client.drop_database(cfg.mongodb.database)
+    away = MongoClient(f"mongodb://127.0.0.1:{procs.free_port()}", serverSelectionTimeoutMS=300)["x"]
+    with pytest.raises(ServerSelectionTimeoutError):
+        indexes.ensure_or_go_on(away, cfg, logging.getLogger("pisnoop.test"))
 
 
 # --- nobody else touches indexes ----------------------------------------------------------------
