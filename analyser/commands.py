@@ -69,14 +69,6 @@ def _db(cfg):
     return db
 
 
-def _indexed_db(cfg):
-    """The store with its indexes ensured: a command that writes or queries flags may be the first on a database."""
-    from appliance import indexes
-    db = _db(cfg)
-    indexes.ensure_indexes(db, cfg)
-    return db
-
-
 def cmd_analyser(args) -> int:
     cfg = config_mod.load(args.config)
     if args.since or args.until:
@@ -148,7 +140,7 @@ def cmd_report(args) -> int:
     since = timespec.utc(since_ns)
     until = timespec.utc(until_ns) if until_ns is not None else None
     policy = policy_mod.load(cfg.analyser.policy_file)
-    db = _indexed_db(cfg)
+    db = _db(cfg)
     port = policy_mod.server_port(policy, cfg)
     fq: dict = {"last_seen": {"$gte": since}}
     if until:
@@ -180,7 +172,7 @@ def cmd_flags_list(args) -> int:
 
     from . import flags as flags_mod
     cfg = config_mod.load(args.config)
-    book = flags_mod.MongoFlags(_indexed_db(cfg))
+    book = flags_mod.MongoFlags(_db(cfg))
     now = flags_mod.now_utc()
     docs = book.all() if args.all else book.active(now)
     if args.json:
@@ -209,7 +201,7 @@ def cmd_flags_release(args) -> int:
     from . import flags as flags_mod
     ip, port = flagdoc.parse_client(args.client)
     cfg = config_mod.load(args.config)
-    n = flags_mod.MongoFlags(_indexed_db(cfg)).release(ip, port, flags_mod.now_utc())
+    n = flags_mod.MongoFlags(_db(cfg)).release(ip, port, flags_mod.now_utc())
     if not n:
         print(f"pisnoop: no active flag for {args.client}", file=sys.stderr)
         return 1
