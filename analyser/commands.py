@@ -141,15 +141,15 @@ def cmd_report(args) -> int:
     until = timespec.utc(until_ns) if until_ns is not None else None
     policy = policy_mod.load(cfg.analyser.policy_file)
     db = _db(cfg)
-    port = policy_mod.server_port(policy, cfg)
+    ports = policy_mod.server_ports(policy, cfg)
     fq: dict = {"last_seen": {"$gte": since}}
     if until:
         fq["first_seen"] = {"$lt": until}
-    talkers = report.talkers(db[store.FLOWS].find(fq), port, args.top)
+    talkers, families, unverified = report.summary(db[store.FLOWS].find(fq), ports, args.top)
     flags = flags_mod.MongoFlags(db).all(since)
     if until:
         flags = [f for f in flags if f["flagged_at"] < until]
-    series = report.XmppSeries(port)
+    series = report.XmppSeries(ports)
     for batches in reader.time_range(db, cfg.snooper.sensor, since_ns, until_ns):
         for _bid, _start, frames in batches:
             for ts, wl, data in frames:
@@ -158,7 +158,8 @@ def cmd_report(args) -> int:
                     series(p)
     r = report.Report(f"report for sensor {cfg.snooper.sensor} since {since:%Y-%m-%d %H:%M:%S} UTC", talkers, flags,
                       series, policy_mod.threshold_ppm(policy, cfg), policy_mod.window_seconds(policy, cfg),
-                      ip_threshold_ppm=policy_mod.ip_threshold_ppm(policy, cfg))
+                      ip_threshold_ppm=policy_mod.ip_threshold_ppm(policy, cfg), families=families,
+                      unverified=unverified)
     out = Path(args.output or cfg.analyser.report_dir)
     try:
         print(report.write(r, out, "report"), end="")

@@ -1,13 +1,24 @@
-"""One analysis step: frames -> packets -> flows -> classifiers -> flags.
+"""One analysis step: frames -> packets -> flows -> verified? -> classifiers -> flags.
 
 The live service, one-shot ranges and ``analyse --pcap`` all run this, so a
 pcap gives the same flags as the store. A step is a list of batches; flow
 records are written once per step (one bulk write), flags the moment a
 classifier's window crosses its threshold.
+
+Only verified packets reach the classifiers (analyser/flows.py says what is
+verified). A packet held while its connection settles is counted as
+unverified until the connection is verified on frame time, then handed to
+the classifiers with its own timestamp, before the packet whose time
+settled it, so the same frames give the same flags whatever the batch
+boundaries. Unverified packets are counted per claimed source (the report's
+"unverified traffic"); they never make a flag, and the defence against them
+is the shared XMPP meter the controller installs, which limits everyone
+toward the server ports and singles out no source.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import Counter
 from typing import Callable, Iterable, Optional
@@ -16,27 +27,39 @@ from appliance.framebatch import CorruptBatch
 
 from . import policy as policy_mod
 from .flags import FlagBook, now_utc
-from .flows import FlowTable
-from .parse import Packet, parse
+from .flows import HELD, OK, SETTLING, SPOOFED, FlowTable
+from .neighbours import Neighbours
+from .parse import TCP, UDP, Packet, mac_text, parse
 
 log = logging.getLogger("pisnoop.analyser")
 PRUNE_EVERY_NS = 10 * 10**9
+MAX_SOURCES = 10_000           # claimed sources of unverified traffic kept by name; the rest are summed as "other"
+PROTO_NAMES = {TCP: "tcp", UDP: "udp"}
 
 
 class Engine:
     def __init__(self, cfg, policy, flows: FlowTable, flagbook: FlagBook,
                  observers: Iterable[Callable[[Packet], None]] = (), on_flag: Optional[Callable[[dict], None]] = None):
         self.cfg, self.policy = cfg, policy
-        self.classifiers = policy_mod.build(policy, cfg)
+        self.server_ports = frozenset(policy_mod.server_ports(policy, cfg))
+        flows.server_ports = self.server_ports
+        flows.settle_ns = int(cfg.xmpp.settle_seconds * 1e9)
+        self.neighbours = Neighbours(cfg.xmpp)
+        self.classifiers = policy_mod.build(policy, cfg, self.neighbours)
         self.flows, self.flagbook = flows, flagbook
+        self.servers = flagbook.servers
         self.observers = list(observers)
         self.on_flag = on_flag
         self.counters: Counter = Counter()
+        self.unverified: Counter = Counter()      # claimed source -> unverified packets it "sent" toward a server
+        self.settling: list = []                  # heap of (settle_ns, n, flow)
+        self.queued = 0
         self.pruned_ns = 0
 
     def reset_windows(self) -> None:
         """Fresh classifier state (after a failed step whose packets may be counted again)."""
-        self.classifiers = policy_mod.build(self.policy, self.cfg)
+        self.classifiers = policy_mod.build(self.policy, self.cfg, self.neighbours)
+        self.settling = []
 
     def run_step(self, batches: Iterable[tuple[str, int, Iterable]], step: int, persistent: bool = True) -> int:
         """Analyse ``(batch_id, first_index, frames)`` batches; return the number of frames read."""
@@ -74,30 +97,94 @@ class Engine:
 
     def _classify(self, parsed: list) -> None:
         update = self.flows.update
-        book = self.flagbook
-        classifiers = self.classifiers
         observers = self.observers
+        heap = self.settling
+        unverified = self.unverified
+        judge = self._judge
         now = now_utc()
-        replayed = 0
+        replayed = v6 = verified = 0
         for p, bid, i in parsed:
+            if heap and p.ts_ns >= heap[0][0]:
+                self._settle_due(p.ts_ns, now)
             f, d = update(p, bid)
             if f is None:
                 replayed += 1
                 continue
+            if p.v6:
+                v6 += 1
             for obs in observers:
                 obs(p)
-            if book.covering and book.covers(f.client, f.cport, now):
+            st = f.status
+            if st == OK:
+                verified += 1
+                judge(p, f, d, (bid, i), now)
                 continue
-            for cl in classifiers:
-                v = cl.packet(p, f, d, (bid, i))
-                if v is not None:
-                    doc = book.offer(v, cl, now)
-                    if doc is not None:
-                        self.counters["flags"] += 1
-                        log.warning("flagged %s (%s): %s", doc["client_ip"] if doc["client_port"] is None
-                                    else f"{doc['client_ip']}:{doc['client_port']}", doc["classifier"], doc["reason"])
-                        if self.on_flag:
-                            self.on_flag(doc)
-                        break
-        self.counters["packets"] += len(parsed) - replayed
-        self.counters["replayed"] += replayed
+            if d == 0:
+                if p.src in unverified or len(unverified) < MAX_SOURCES:
+                    unverified[p.src] += 1
+                else:
+                    unverified["other"] += 1
+            if st == HELD:
+                f.held.append((p, d, (bid, i)))
+                if f.tcp == SETTLING and not f.queued:
+                    f.queued = True
+                    self.queued += 1
+                    heapq.heappush(heap, (f.settle_ns, self.queued, f))
+            elif f.tcp == SPOOFED and not f.queued:
+                f.queued = True                        # contradicted before it settled: counted once
+                self.counters["connections_contradicted"] += 1
+        c = self.counters
+        n = len(parsed) - replayed
+        c["packets"] += n
+        c["packets_v6"] += v6
+        c["packets_v4"] += n - v6
+        c["verified"] += verified
+        c["replayed"] += replayed
+
+    def _settle_due(self, ts_ns: int, now) -> None:
+        """Verify the connections whose settling time has passed, and hand their held packets on."""
+        heap = self.settling
+        unverified = self.unverified
+        c = self.counters
+        while heap and heap[0][0] <= ts_ns:
+            _, _, f = heapq.heappop(heap)
+            if not f.settle():
+                c["connections_contradicted"] += 1
+                continue
+            c["connections_verified"] += 1
+            self.neighbours.learn(f.mac, f.client, f.ttl)
+            if f.new_connection and f.sport in self.server_ports:
+                self.servers.connection(f.client, f.server)
+            held, f.held = f.held, []
+            for p, d, ref in held:
+                if d == 0:
+                    left = unverified[p.src] - 1
+                    if left > 0:
+                        unverified[p.src] = left
+                    else:
+                        unverified.pop(p.src, None)
+                f.counted[d] += 1
+                c["verified"] += 1
+                self._judge(p, f, d, ref, now)
+
+    def _judge(self, p: Packet, f, d: int, ref, now) -> None:
+        book = self.flagbook
+        if book.covering and f.cov_gen != book.gen:
+            if book.covers(f.client, f.cport, now, mac_text(f.mac) if f.mac else "", PROTO_NAMES.get(f.proto, ""),
+                           f.sport):
+                return
+            f.cov_gen = book.gen                   # not covered: no need to look again until a flag is added
+        for cl in self.classifiers:
+            v = cl.packet(p, f, d, ref)
+            if v is not None:
+                doc = book.offer(v, cl, now)
+                if doc is not None:
+                    self.counters["flags" if doc["status"] == "flagged" else "flags_exempt"] += 1
+                    log.warning("%s %s (%s): %s", "flagged" if doc["status"] == "flagged" else "exempt",
+                                v.subject, doc["classifier"], doc["reason"])
+                    if self.on_flag:
+                        self.on_flag(doc)
+                    break
+
+    def unverified_top(self, n: int = 10) -> list[tuple[str, int]]:
+        return self.unverified.most_common(n)

@@ -103,8 +103,8 @@ def read(data: bytes):
         return MALFORMED
 
 
-def tcp_window_scale(data: bytes, l4: int, poff: int) -> int:
-    """The window scale option of a SYN's TCP header (0 when absent), capped at 14 as RFC 7323 says."""
+def tcp_window_scale(data: bytes, l4: int, poff: int) -> int | None:
+    """The window scale option of a SYN's TCP header (None when absent), capped at 14 as RFC 7323 says."""
     i = l4 + 20
     while i < poff:
         kind = data[i]
@@ -121,4 +121,4 @@ def tcp_window_scale(data: bytes, l4: int, poff: int) -> int:
         if size < 2:
             break
         i += size
-    return 0
+    return None

@@ -45,7 +45,8 @@ BATCH = 1000
 
 def traffic(n_frames: int, clients: int = 200) -> list:
     rnd = random.Random(7)
-    conns = [Conn(f"10.1.{i // 250}.{i % 250 + 1}", 30000 + i) for i in range(clients)]
+    conns = [Conn(f"10.1.{i // 250}.{i % 250 + 1}", 30000 + i, mac=f"02:00:00:01:{i // 256:02x}:{i % 256:02x}")
+             for i in range(clients)]
     frames = []
     for i, c in enumerate(conns):
         frames += c.handshake(T0 + i * 1_000_000)

@@ -186,17 +186,19 @@ class Spoofer:
                 seq=self.rnd.getrandbits(32), ack=self.rnd.getrandbits(32), mac=self.mac)))
         return out
 
-    def forged_connection(self, start_ns: int, port: int, packets: int, gap_ns: int = 2_000_000) -> list:
+    def forged_connection(self, start_ns: int, port: int, packets: int, gap_ns: int = 2_000_000,
+                          answer_ns: int = 400_000) -> list:
         """Both sides of a connection forged (SYN, SYN-ACK, ACK, data acknowledged by a forged server), and what the
-        real ends answer: the server's own SYN-ACK (another sequence number) and its RST to the forged ACK."""
+        real ends answer: the server's own SYN-ACK (another sequence number, ``answer_ns`` after the SYN) and its
+        RST to the forged ACK."""
         c = Conn(self.victim, port, self.server, self.sport, mac=self.mac, server_mac=self.mac,
                  isn=self.rnd.getrandbits(32), server_isn=self.rnd.getrandbits(32))
         out = c.handshake(start_ns)
         real_isn = self.rnd.getrandbits(32)
-        out.append(self._wire(start_ns + 400_000, frame(self.server, self.sport, self.victim, port, SYN | ACK,
+        out.append(self._wire(start_ns + answer_ns, frame(self.server, self.sport, self.victim, port, SYN | ACK,
                                                         seq=real_isn, ack=c.cseq, mac=SERVER_MAC,
                                                         dst_mac=self.victim_mac)))
-        out.append(self._wire(start_ns + 2_500_000, frame(self.server, self.sport, self.victim, port, RST,
+        out.append(self._wire(start_ns + answer_ns + 2_100_000, frame(self.server, self.sport, self.victim, port, RST,
                                                           seq=c.sseq, mac=SERVER_MAC, dst_mac=self.victim_mac)))
         t = start_ns + 3_000_000
         for _ in range(packets):

@@ -95,7 +95,7 @@ def test_tcp_window_scale_option_is_read():
     assert l3l4.tcp_window_scale(p.data, p.l4, p.poff) == 7
     plain = frame("10.0.0.10", 40000, "10.0.0.1", 5222, 0x02)
     p = parse(1, len(plain), plain)
-    assert l3l4.tcp_window_scale(p.data, p.l4, p.poff) == 0
+    assert l3l4.tcp_window_scale(p.data, p.l4, p.poff) is None
 
 
 def test_later_fragment_has_no_ports_and_bad_frames_are_named():
