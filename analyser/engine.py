@@ -27,7 +27,7 @@ from appliance.framebatch import CorruptBatch
 
 from . import policy as policy_mod
 from .flags import FlagBook, now_utc
-from .flows import HELD, OK, SETTLING, SPOOFED, FlowTable
+from .flows import HELD, OK, SETTLING, SPOOFED, VERIFIED, FlowTable
 from .neighbours import Neighbours
 from .parse import TCP, UDP, Packet, mac_text, parse
 
@@ -86,7 +86,9 @@ class Engine:
             c["batches"] += 1
         c["frames"] += n
         if persistent:
-            self.flows.prefetch(p for p, _, _ in parsed)
+            for f in self.flows.prefetch(p for p, _, _ in parsed):
+                if f.tcp == VERIFIED:              # verified before a restart: who is who is learned again
+                    self._learn(f)
         self._classify(parsed)
         c["flows_written"] += self.flows.flush(step)
         if self.flows.newest_ns - self.pruned_ns > PRUNE_EVERY_NS:
@@ -152,9 +154,7 @@ class Engine:
                 c["connections_contradicted"] += 1
                 continue
             c["connections_verified"] += 1
-            self.neighbours.learn(f.mac, f.client, f.ttl)
-            if f.new_connection and f.sport in self.server_ports:
-                self.servers.connection(f.client, f.server)
+            self._learn(f)
             held, f.held = f.held, []
             for p, d, ref in held:
                 if d == 0:
@@ -166,6 +166,11 @@ class Engine:
                 f.counted[d] += 1
                 c["verified"] += 1
                 self._judge(p, f, d, ref, now)
+
+    def _learn(self, f) -> None:
+        self.neighbours.learn(f.mac, f.client, f.ttl)
+        if f.new_connection and f.sport in self.server_ports:
+            self.servers.connection(f.client, f.server)
 
     def _judge(self, p: Packet, f, d: int, ref, now) -> None:
         book = self.flagbook

@@ -365,14 +365,17 @@ class FlowTable:
         self.replaced: list[Flow] = []      # earlier connections of a reused 5-tuple, written at the next flush
         self.newest_ns = 0
 
-    def prefetch(self, packets: Iterable[Packet]) -> None:
+    def prefetch(self, packets: Iterable[Packet]) -> list[Flow]:
         """Load, in one query, the stored flows of keys not in memory (after a restart or an eviction)."""
         flows = self.flows
         missing = {k for k in map(flow_key, packets) if k not in flows}
+        loaded = []
         if missing:
             for doc in self.sink.latest(key_text(k) for k in missing):
                 f = Flow.from_document(doc, self.committed_step)
                 flows[f.key] = f
+                loaded.append(f)
+        return loaded
 
     def update(self, p: Packet, batch_id: str) -> tuple[Optional[Flow], int]:
         """Count ``p`` in its flow; (None, 0) when the flow already holds this batch."""
