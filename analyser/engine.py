@@ -103,6 +103,8 @@ class Engine:
         heap = self.settling
         unverified = self.unverified
         judge = self._judge
+        book = self.flagbook
+        classifiers = self.classifiers
         now = now_utc()
         replayed = v6 = verified = 0
         for p, bid, i in parsed:
@@ -119,7 +121,14 @@ class Engine:
             st = f.status
             if st == OK:
                 verified += 1
-                judge(p, f, d, (bid, i), now)
+                if book.covering and f.cov_gen != book.gen:
+                    judge(p, f, d, (bid, i), now)   # the slow path: is it held by a flag already?
+                    continue
+                ref = (bid, i)
+                for cl in classifiers:
+                    v = cl.packet(p, f, d, ref)
+                    if v is not None and self._offer(v, cl, now):
+                        break
                 continue
             if d == 0:
                 if p.src in unverified or len(unverified) < MAX_SOURCES:
@@ -181,15 +190,20 @@ class Engine:
             f.cov_gen = book.gen                   # not covered: no need to look again until a flag is added
         for cl in self.classifiers:
             v = cl.packet(p, f, d, ref)
-            if v is not None:
-                doc = book.offer(v, cl, now)
-                if doc is not None:
-                    self.counters["flags" if doc["status"] == "flagged" else "flags_exempt"] += 1
-                    log.warning("%s %s (%s): %s", "flagged" if doc["status"] == "flagged" else "exempt",
-                                v.subject, doc["classifier"], doc["reason"])
-                    if self.on_flag:
-                        self.on_flag(doc)
-                    break
+            if v is not None and self._offer(v, cl, now):
+                break
+
+    def _offer(self, v, cl, now) -> bool:
+        """Hand a verdict to the flag book; True when it wrote a flag (or an exempt record)."""
+        doc = self.flagbook.offer(v, cl, now)
+        if doc is None:
+            return False
+        flagged = doc["status"] == "flagged"
+        self.counters["flags" if flagged else "flags_exempt"] += 1
+        log.warning("%s %s (%s): %s", "flagged" if flagged else "exempt", v.subject, doc["classifier"], doc["reason"])
+        if self.on_flag:
+            self.on_flag(doc)
+        return True
 
     def unverified_top(self, n: int = 10) -> list[tuple[str, int]]:
         return self.unverified.most_common(n)

@@ -41,9 +41,10 @@ from typing import Iterable, Optional
 from appliance import timespec
 from appliance.l3l4 import tcp_window_scale
 
-from .parse import ACK, FIN, PSH, RST, SYN, TCP, UDP, URG, Packet, mac_text
+from .parse import ACK, FIN, PSH, RST, SYN, TCP, UDP, URG, Packet
 
 FLAG_BITS = ((SYN, "SYN"), (ACK, "ACK"), (FIN, "FIN"), (RST, "RST"), (PSH, "PSH"), (URG, "URG"))
+FLAG_NAMES = tuple(tuple(n for bit, n in FLAG_BITS if f & bit) for f in range(64))   # flags byte -> its names
 IDLE_NS = 300 * 10**9          # a flow quiet this long (frame time) is written and dropped from memory
 CLOSED_IDLE_NS = 10 * 10**9    # a closed or never verified flow is dropped sooner
 SETTLE_NS = 500_000_000        # handshake -> verified (xmpp.settle_seconds): longer than the round trip to the server
@@ -55,7 +56,7 @@ MOD, HALF = 1 << 32, 1 << 31
 
 # TCP verification states; the packet verdicts of Flow.add
 NONE, SYN_SEEN, SYNACK_SEEN, SETTLING, VERIFIED, SPOOFED, RESET = range(7)
-STATE_NAMES = ("none", "syn", "syn-ack", "settling", "verified", "contradicted", "reset")
+STATE_NAMES = ("none", "syn", "syn-ack", "settling", "verified", "contradicted", "reset")   # the stored "tcp"[0]
 NO, OK, HELD = 0, 1, 2
 
 
@@ -136,32 +137,59 @@ class Flow:
     def add(self, p: Packet, batch_id: str) -> int:
         """Count one packet; return its direction (0 client->server, 1 server->client); ``status`` says whether
         it is verified (OK), held until its connection settles (HELD) or unverified (NO)."""
-        d = 0 if (p.src == self.client and p.sport == self.cport) else 1
-        if d == 0 and not self.mac:
-            self.mac, self.ttl = p.mac, p.ttl
+        d = 0 if (p.sport == self.cport and p.src == self.client) else 1
         ts = p.ts_ns
+        wl = p.wire_len
         self.pkts[d] += 1
-        self.bytes[d] += p.wire_len
-        if p.wire_len > self.max_size:
-            self.max_size = p.wire_len
+        self.bytes[d] += wl
+        if wl > self.max_size:
+            self.max_size = wl
         last = self.last_dir_ns[d]
         if last is not None:
             iat = ts - last
-            if self.iat_min[d] is None or iat < self.iat_min[d]:
+            lo = self.iat_min[d]
+            if lo is None or iat < lo:
                 self.iat_min[d] = iat
-            if self.iat_max[d] is None or iat > self.iat_max[d]:
+            hi = self.iat_max[d]
+            if hi is None or iat > hi:
                 self.iat_max[d] = iat
         self.last_dir_ns[d] = ts
         if ts > self.last_ns:
             self.last_ns = ts
-        if ts < self.first_ns:
+        elif ts < self.first_ns:
             self.first_ns = ts
         f = p.tcp_flags
         if f:
             fl = self.flags
-            for bit, name in FLAG_BITS:
-                if f & bit:
-                    fl[name] += 1
+            for name in FLAG_NAMES[f & 0x3F]:
+                fl[name] += 1
+        self.batches.add(batch_id)
+        self.dirty = True
+        if self.tcp == VERIFIED and not f & 0x06 and (d or p.data.startswith(self.mac, 6)):  # no SYN, no RST
+            # the common case, inline: the window test of _fits and the advance of _advance
+            nxt, win = self.nxt, self.win
+            room = win[1 - d] + SLACK
+            ds = (p.seq - nxt[d]) & 0xFFFFFFFF
+            if ds > room and ds < MOD - room:
+                self.status = NO
+                return d
+            if f & ACK:
+                da = (p.ack - nxt[1 - d]) & 0xFFFFFFFF
+                if da > SLACK and da < MOD - win[d] - SLACK:
+                    self.status = NO
+                    return d
+            if ds < HALF:
+                end = ds + p.plen + (f & FIN)
+                if end:
+                    nxt[d] = (nxt[d] + end) & 0xFFFFFFFF
+            win[d] = p.win << (self.ws[d] or 0)
+            if f & FIN:
+                self.closed = True
+            self.counted[d] += 1
+            self.status = OK
+            return d
+        if d == 0 and not self.mac:
+            self.mac, self.ttl = p.mac, p.ttl
         if self.proto == TCP:
             st = self.status = self._tcp(p, d, f)
         elif self.proto == UDP:
@@ -170,8 +198,6 @@ class Flow:
             st = self.status = NO
         if st == OK:
             self.counted[d] += 1
-        self.batches.add(batch_id)
-        self.dirty = True
         return d
 
     # --- TCP verification -------------------------------------------------------------------------------------
@@ -299,25 +325,25 @@ class Flow:
         return self.verified_by == "handshake"
 
     def document(self, sensor: str, step: int) -> dict:
-        both = lambda v: {"c2s": v[0], "s2c": v[1]}  # noqa: E731
+        pk, by, n = self.pkts, self.bytes, self.counted
         doc = {
             "_id": self.id, "key": key_text(self.key), "sensor": sensor, "proto": self.proto,
             "family": 6 if self.v6 else 4,
             "client_ip": self.client, "client_port": self.cport, "server_ip": self.server, "server_port": self.sport,
-            "client_mac": mac_text(self.mac) if self.mac else None, "client_ttl": self.ttl,
+            "client_mac": self.mac.hex(":") if self.mac else None, "client_ttl": self.ttl,
             "direction": "verified" if self.verified else "unverified",
             "first_ns": self.first_ns, "last_ns": self.last_ns,
             "first_seen": timespec.utc(self.first_ns), "last_seen": timespec.utc(self.last_ns),
-            "packets": both(self.pkts), "bytes": both(self.bytes), "max_size": self.max_size,
-            "verified_packets": both(self.counted),
-            "unverified_packets": both([self.pkts[0] - self.counted[0], self.pkts[1] - self.counted[1]]),
-            "iat_min_ns": both(self.iat_min), "iat_max_ns": both(self.iat_max),
-            "last_packet_ns": both(self.last_dir_ns), "tcp_flags": dict(self.flags), "closed": self.closed,
+            "packets": {"c2s": pk[0], "s2c": pk[1]}, "bytes": {"c2s": by[0], "s2c": by[1]}, "max_size": self.max_size,
+            "verified_packets": {"c2s": n[0], "s2c": n[1]}, "verified_by": self.verified_by,
+            "iat_min_ns": {"c2s": self.iat_min[0], "s2c": self.iat_min[1]},
+            "iat_max_ns": {"c2s": self.iat_max[0], "s2c": self.iat_max[1]},
+            "last_packet_ns": {"c2s": self.last_dir_ns[0], "s2c": self.last_dir_ns[1]},
+            "tcp_flags": dict(self.flags), "closed": self.closed,
             "step": step, "step_batches": sorted(self.batches),
         }
-        if self.proto == TCP:
-            doc["tcp"] = {"state": STATE_NAMES[self.tcp], "verified_by": self.verified_by, "isn": list(self.isn),
-                          "nxt": list(self.nxt), "win": list(self.win), "ws": list(self.ws)}
+        if self.proto == TCP:       # state (STATE_NAMES), verified_by, isn, nxt, win, ws: to go on after a restart
+            doc["tcp"] = [self.tcp, self.verified_by, *self.isn, *self.nxt, *self.win, *self.ws]
         return doc
 
     @classmethod
@@ -338,12 +364,10 @@ class Flow:
         f.flags, f.closed = dict(doc["tcp_flags"]), doc["closed"]
         f.mac = bytes.fromhex(doc["client_mac"].replace(":", "")) if doc.get("client_mac") else b""
         f.v6, f.ttl = ":" in f.client, doc.get("client_ttl", 0)
-        t = doc.get("tcp") or {}
-        state = STATE_NAMES.index(t["state"]) if t.get("state") in STATE_NAMES else NONE
-        f.tcp = VERIFIED if state == SETTLING else state        # its held packets were not stored
-        f.verified_by = t.get("verified_by")
-        f.isn, f.nxt, f.win = list(t.get("isn", (0, 0))), list(t.get("nxt", (0, 0))), list(t.get("win", (0, 0)))
-        f.ws = list(t.get("ws", (None, None)))
+        t = doc.get("tcp") or [NONE, None, 0, 0, 0, 0, 0, 0, None, None]
+        f.tcp = VERIFIED if t[0] == SETTLING else t[0]          # its held packets were not stored
+        f.verified_by = t[1]
+        f.isn, f.nxt, f.win, f.ws = list(t[2:4]), list(t[4:6]), list(t[6:8]), list(t[8:10])
         f.conf, f.ends, f.settle_ns, f.held, f.status = [0, 0], ([], []), 0, [], NO
         f.agg, f.agg_gen, f.queued, f.cov_gen, f.settle_after = None, -1, False, -1, SETTLE_NS
         # Written by a step that never committed its resume point: those batches are in already.

@@ -75,6 +75,7 @@ class Neighbours:
             if len(known) >= MAX_ADDRESSES:
                 del known[next(iter(known))]
             known[addr] = None
+            changed = changed or len(known) == 2      # from now on a host window of its own (see keys)
         macs = self.segment_macs.setdefault(seg, set())
         if mac not in macs:
             macs.add(mac)
@@ -106,11 +107,12 @@ class Neighbours:
         return any(not self.shared(s) for s in self.forwarded.get(mac, ()))
 
     def keys(self, mac: bytes, addr: str) -> tuple[Optional[bytes], Optional[str]]:
-        """(host key: the MAC, or None for a router; prefix key: a prefix behind a router, or None)."""
+        """(host key: the MAC, or None for a router or a host of one address, whose address window is its host
+        window; prefix key: a prefix behind a router, or None)."""
         if not mac:
             return None, None
         if not self.router(mac):
-            return mac, None
+            return (mac if len(self.addrs.get(mac, ())) >= 2 else None), None
         seg, pfx = self._segment(addr)
         return None, (pfx if pfx is not None and not self.shared(seg) else None)
 

@@ -40,13 +40,17 @@ class Packet(NamedTuple):
     poff: int
     plen: int
     data: bytes
-    mac: bytes = b""
     ttl: int = 0
     seq: int = 0
     ack: int = 0
     win: int = 0
     l4: int = 0
     v6: bool = False
+
+    @property
+    def mac(self) -> bytes:
+        """The frame's source MAC (read when needed: most packets only compare it, with ``data.startswith``)."""
+        return self.data[6:12]
 
 
 def parse(ts_ns: int, wire_len: int, data: bytes):
@@ -57,9 +61,9 @@ def parse(ts_ns: int, wire_len: int, data: bytes):
     version, src, dst, proto, sport, dport, flags, seq, ack, win, l4, poff, end, ttl = h
     if version == 4:
         return Packet(ts_ns, wire_len, _inet_ntoa(src), _inet_ntoa(dst), proto, sport, dport, flags, poff,
-                      end - poff, data, data[6:12], ttl, seq, ack, win, l4, False)
+                      end - poff, data, ttl, seq, ack, win, l4, False)
     return Packet(ts_ns, wire_len, _inet_ntop(_AF6, src), _inet_ntop(_AF6, dst), proto, sport, dport, flags, poff,
-                  end - poff, data, data[6:12], ttl, seq, ack, win, l4, True)
+                  end - poff, data, ttl, seq, ack, win, l4, True)
 
 
 def payload(pkt: Packet) -> bytes:

@@ -80,12 +80,18 @@ def _by_client(flow_docs, ports) -> dict:
         t["flows"] += 1
         t["packets"] += d["packets"]["c2s"] + d["packets"]["s2c"]
         t["bytes"] += d["bytes"]["c2s"] + d["bytes"]["s2c"]
-        unv = (d.get("unverified_packets") or {}).get("c2s", 0)
+        unv = unverified_c2s(d)
         if d["server_port"] in ports and d["proto"] == TCP:
             t["xmpp_packets"] += d["packets"]["c2s"]
             t["verified"] += d["packets"]["c2s"] - unv
         t["unverified"] += unv
     return by
+
+
+def unverified_c2s(d: dict) -> int:
+    """Packets of the client side that did not count (flow documents before verification count none)."""
+    v = d.get("verified_packets")
+    return d["packets"]["c2s"] - v["c2s"] if v else 0
 
 
 def families(flow_docs) -> dict:
@@ -104,7 +110,7 @@ def unverified_sources(flow_docs, top: int = 10) -> list[tuple[str, int]]:
     """Claimed sources of unverified packets (packets toward the other side that no verified connection holds)."""
     c: Counter = Counter()
     for d in flow_docs:
-        n = (d.get("unverified_packets") or {}).get("c2s", 0)
+        n = unverified_c2s(d)
         if n:
             c[d["client_ip"]] += n
     return c.most_common(top)

@@ -110,6 +110,21 @@ class Windows(dict):
         for k in [k for k, w in self.items() if w.stale(now_ns)]:
             del self[k]
 
+    def seeded(self, key, sources) -> Window:
+        """The window of ``key``, made on first use from the entries of ``sources`` (windows of the same span):
+        a host's window starts with what its addresses already sent."""
+        w = self.get(key)
+        if w is None:
+            w = self[key] = Window(self.span_ns, self.cap)
+            entries = sorted((t, wt) for src in sources for t, wt in zip(src.times, src.weights))
+            for t, wt in entries[-self.cap:] if self.cap else entries:
+                w.times.append(t)
+                w.weights.append(wt)
+                w.total += wt
+            for src in sources:
+                w.refs.extend(src.refs)
+        return w
+
 
 class Classifier:
     """Base of every classifier: ``packet`` sees each packet, ``prune`` bounds memory."""

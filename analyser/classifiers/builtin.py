@@ -62,9 +62,6 @@ class XmppAbuse(Classifier):
         ts = p.ts_ns
         # a new connection's first packet carries its cost toward the aggregates
         weight = 1 + self.cost if flow.counted[0] == 1 and flow.new_connection else 1
-        conn = self.conns.get_window((flow.client, flow.cport))
-        ip = self.ips.get_window(flow.client)
-        n_conn, n_ip = conn.add(ts, 1, ref), ip.add(ts, weight, ref)
         host = prefix = hw = pw = None
         nb = self.neighbours
         if nb is not None:
@@ -72,11 +69,17 @@ class XmppAbuse(Classifier):
                 flow.agg, flow.agg_gen = nb.keys(flow.mac, flow.client), nb.gen
             host, prefix = flow.agg
             if host is not None:
-                hw = self.hosts.get_window(host)
+                hw = self.hosts.get(host)
+                if hw is None:   # the host's second address: its window starts with what its addresses sent
+                    ips = self.ips
+                    hw = self.hosts.seeded(host, [ips[a] for a in nb.addresses(host) if a in ips])
                 hw.add(ts, weight, ref)
             if prefix is not None:
                 pw = self.prefixes.get_window(prefix)
                 pw.add(ts, weight, ref)
+        conn = self.conns.get_window((flow.client, flow.cport))
+        ip = self.ips.get_window(flow.client)
+        n_conn, n_ip = conn.add(ts, 1, ref), ip.add(ts, weight, ref)
         if n_conn > self.limit:
             return self._verdict(conn, "connection", f"on one connection toward port {flow.sport}",
                                  client_ip=flow.client, client_port=flow.cport, server_ports=[flow.sport])
