@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import heapq
 import logging
+import socket
 from collections import Counter
 from typing import Callable, Iterable, Optional
 
+from appliance import l3l4
 from appliance.framebatch import CorruptBatch
 
 from . import policy as policy_mod
@@ -35,6 +37,8 @@ log = logging.getLogger("pisnoop.analyser")
 PRUNE_EVERY_NS = 10 * 10**9
 MAX_SOURCES = 10_000           # claimed sources of unverified traffic kept by name; the rest are summed as "other"
 PROTO_NAMES = {TCP: "tcp", UDP: "udp"}
+# ICMP / ICMPv6 "destination unreachable" types: protocol -> the type whose quoted packet an end refused
+ICMP_ERRORS = {1: 3, 58: 1}
 
 
 class Engine:
@@ -130,6 +134,10 @@ class Engine:
                     if v is not None and self._offer(v, cl, now):
                         break
                 continue
+            if p.proto != TCP and p.proto != UDP:
+                if p.proto in ICMP_ERRORS and p.plen >= 36:
+                    self._icmp_error(p)
+                continue
             if d == 0:
                 if p.src in unverified or len(unverified) < MAX_SOURCES:
                     unverified[p.src] += 1
@@ -175,6 +183,26 @@ class Engine:
                 f.counted[d] += 1
                 c["verified"] += 1
                 self._judge(p, f, d, ref, now)
+
+    def _icmp_error(self, p: Packet) -> None:
+        """A host refusing a UDP packet sent to it (ICMP unreachable) that a flow in its name drew from a server:
+        when the refusal comes from another MAC than the flow's packets, someone else sent them in its name, and
+        the flow never counts (docs/ARCHITECTURE.md, "Verified traffic")."""
+        data, off = p.data, p.poff
+        if data[off] != ICMP_ERRORS[p.proto]:
+            return
+        h = l3l4.read(bytes(12) + (b"\x86\xdd" if p.v6 else b"\x08\x00") + data[off + 8:off + p.plen])
+        if h.__class__ is str or h[3] != UDP:
+            return
+        ntoa = (lambda b: socket.inet_ntop(socket.AF_INET6, b)) if p.v6 else socket.inet_ntoa
+        src, dst, sport, dport = ntoa(h[1]), ntoa(h[2]), h[4], h[5]
+        if dst != p.src:
+            return                                   # not a refusal by the packet's own addressee
+        a, b = (src, sport), (dst, dport)
+        f = self.flows.flows.get((UDP, a, b) if a <= b else (UDP, b, a))
+        if f is not None and f.client == dst and f.mac and not data.startswith(f.mac, 6) and f.tcp != SPOOFED:
+            f.tcp = SPOOFED
+            self.counters["udp_disowned"] += 1
 
     def _learn(self, f) -> None:
         self.neighbours.learn(f.mac, f.client, f.ttl)

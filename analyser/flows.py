@@ -193,7 +193,7 @@ class Flow:
         if self.proto == TCP:
             st = self.status = self._tcp(p, d, f)
         elif self.proto == UDP:
-            st = self.status = OK if self.pkts[1 - d] else NO
+            st = self.status = OK if self.pkts[1 - d] and self.tcp != SPOOFED else NO   # SPOOFED: refused (ICMP)
         else:
             st = self.status = NO
         if st == OK:

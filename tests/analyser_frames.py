@@ -83,6 +83,26 @@ def frame(src: str, sport: int, dst: str, dport: int, flags: int, payload: bytes
     return bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(mac.replace(":", "")) + struct.pack("!H", etype) + ip
 
 
+def icmp_unreachable(quoted: bytes, mac: str, ts: int) -> tuple:
+    """The ICMP (ICMPv6) port unreachable the addressee of frame ``quoted`` answers it with, from ``mac``."""
+    ip = quoted[14:]
+    if quoted[12:14] == b"\x08\x00":
+        src, dst = ip[16:20], ip[12:16]
+        body = struct.pack("!BBHI", 3, 3, 0, 0) + ip[:28]
+        body = body[:2] + struct.pack("!H", (~_sum16(body)) & 0xFFFF) + body[4:]
+        head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 2, 0, 64, 1, 0, src, dst)
+        head = head[:10] + struct.pack("!H", (~_sum16(head)) & 0xFFFF) + head[12:]
+        etype, pkt = b"\x08\x00", head + body
+    else:
+        src, dst = ip[24:40], ip[8:24]
+        body = struct.pack("!BBHI", 1, 4, 0, 0) + ip[:48]
+        ck = _checksum(src + dst + struct.pack("!IxxxB", len(body), 58), body)
+        body = body[:2] + struct.pack("!H", ck) + body[4:]
+        etype, pkt = b"\x86\xdd", struct.pack("!IHBB16s16s", 0x60000000, len(body), 58, 64, src, dst) + body
+    data = quoted[6:12] + bytes.fromhex(mac.replace(":", "")) + etype + pkt
+    return (ts, len(data), data)
+
+
 def server_for(client: str) -> str:
     """The lab-style XMPP server of the client's family."""
     return "10.0.0.1" if ipaddress.ip_address(client).version == 4 else "2001:db8:5::1"

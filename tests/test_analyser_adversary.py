@@ -12,7 +12,18 @@ from analyser import policy as policy_mod
 from analyser import report
 from analyser.offline import Offline
 from appliance import config, pcapfile
-from tests.analyser_frames import ATTACKER_MAC, CLIENT_MAC, T0, Conn, S, Spoofer, frame, steady
+from tests.analyser_frames import (
+    ATTACKER_MAC,
+    CLIENT_MAC,
+    T0,
+    Conn,
+    S,
+    Spoofer,
+    frame,
+    icmp_unreachable,
+    server_for,
+    steady,
+)
 from tests.conftest import pisnoop
 
 VICTIM, FLOODER = "10.0.0.20", "10.0.0.30"
@@ -116,6 +127,29 @@ def test_udp_counts_once_the_server_answered():
     assert (docs[0]["protocol"], docs[0]["server_ports"], docs[0]["direction"]) == ("udp", [3478], "outbound")
 
 
+@pytest.mark.parametrize("victim", [VICTIM, "2001:db8:1::20"])
+def test_udp_sent_in_a_victims_name_is_disowned_by_the_victims_icmp_unreachable(victim):
+    """The server answers the spoofed packets (to the victim), the victim's host refuses the answers."""
+    policy = policy_mod.from_dict({"xmpp_abuse": {"enabled": False}, "bandwidth_hog": {
+        "enabled": True, "bytes_per_second": 2000, "window_seconds": 5, "protocol": "udp", "server_port": 3478}})
+    server = server_for(victim)
+
+    def run(refuser_mac):
+        frames = []
+        for k in range(400):
+            t = T0 + k * 10_000_000
+            spoofed = frame(victim, 40000, server, 3478, 0, b"x" * 200, proto="udp", mac=ATTACKER_MAC)
+            answer = frame(server, 3478, victim, 40000, 0, b"ok", proto="udp", mac="02:00:00:00:00:02")
+            frames += [(t, len(spoofed), spoofed), (t + 1_000_000, len(answer), answer)]
+            if k == 0:
+                frames.append(icmp_unreachable(answer, refuser_mac, t + 2_000_000))
+        return analyse(frames, policy)
+    off = run(CLIENT_MAC)                     # the real host behind the address says: not mine
+    assert flags(off) == [] and off.engine.counters["udp_disowned"] == 1
+    off = run(ATTACKER_MAC)                   # the sender "refusing" its own answers disowns nothing
+    assert flags(off) == [(victim, None, None, "flagged")] and off.engine.counters["udp_disowned"] == 0
+
+
 # --- aggregation -----------------------------------------------------------------------------------------
 
 def rotating(prefix, mac, count=40, ttl=64, start=T0, per_conn=90, spacing_ns=3 * S):
@@ -209,7 +243,9 @@ def test_the_xmpp_server_seen_answering_is_exempt_but_an_address_seen_as_a_clien
 def test_a_policy_that_could_not_be_enforced_is_refused_at_load(tmp_path, policy, key, name):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(policy))
-    for cmd in (["analyse", "--pcap", "/dev/null", "--policy", str(path)],):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"analyser": {"policy_file": str(path)}, "mongodb": {"uri": "mongodb://127.0.0.1:9"}}))
+    for cmd in (["analyse", "--pcap", "/dev/null", "--policy", str(path)], ["--config", str(cfg), "analyser"]):
         r = pisnoop(*cmd)
         assert r.returncode == 2, r.stderr
         line = r.stderr.strip()
