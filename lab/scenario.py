@@ -215,7 +215,7 @@ def _run(va: VirtualAppliance, opts: Options, tick: Callable[[str], None]) -> Re
     for ip in benign_ips + [ABUSER_IP]:
         va.exec("inside", ["ip", "addr", "add", f"{ip}/24", "dev", "eth0"])
     benign_users = [f"benign{i + 1}" for i in range(opts.benign)]
-    server = xmpplab.ProsodyServer(va.run_dir / "xmpp", up.netns, up.ip, cfg.xmpp.server_port)
+    server = xmpplab.ProsodyServer(va.run_dir / "xmpp", up.netns, up.ip, cfg.xmpp.server_port, ip6=up.ip6)
     services = ServiceSet(va)
     clients: dict[str, subprocess.Popen] = {}
     db = store.database(cfg.mongodb, "pisnoop-demo")
@@ -229,18 +229,21 @@ def _run(va: VirtualAppliance, opts: Options, tick: Callable[[str], None]) -> Re
         reports = va.run_dir / "clients"
         reports.mkdir()
         clients["sink"] = va.popen("upstream", xmpplab.client_command(
-            "sink", sink_jid, up.ip, cfg.xmpp.server_port, duration=total + 10, report=reports / "sink.json"),
+            "sink", sink_jid, up.ip, cfg.xmpp.server_port, cafile=server.cert, duration=total + 10,
+            report=reports / "sink.json"),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         xmpplab.wait_online(reports / "sink.json")
         for user, ip in zip(benign_users, benign_ips):
             clients[user] = va.popen("inside", xmpplab.client_command(
-                "chat", f"{user}@{server.domain}", up.ip, cfg.xmpp.server_port, source_ip=ip, to=sink_jid,
+                "chat", f"{user}@{server.domain}", up.ip, cfg.xmpp.server_port, cafile=server.cert, source_ip=ip,
+                to=sink_jid,
                 rate=opts.benign_per_minute / 60.0, duration=total, report=reports / f"{user}.json"),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait(opts.warmup, va, db, services, reports, tick, errors)
         timeline["flood_start"] = time.time()
         clients["mallory"] = va.popen("inside", xmpplab.client_command(
-            "chat", f"mallory@{server.domain}", up.ip, cfg.xmpp.server_port, source_ip=ABUSER_IP, to=sink_jid,
+            "chat", f"mallory@{server.domain}", up.ip, cfg.xmpp.server_port, cafile=server.cert, source_ip=ABUSER_IP,
+            to=sink_jid,
             rate=opts.abusive_per_second, duration=total, report=reports / "mallory.json"),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         blocked = False
