@@ -381,7 +381,9 @@ def test_where_for_the_table_the_real_controller_pushes(tmp_path, store_config):
         back = dict(eth_src="02:00:00:00:00:01", eth_dst="02:00:00:00:00:0a", eth_type=0x0800,
                     ipv4_src="10.0.0.1", ipv4_dst="10.0.0.10", ip_proto=6, tcp_src=5222, tcp_dst=40000)
         w = sw.where(1, **inside)
-        assert sorted(w.ports) == [2, 3], (w, sw.flows())
+        assert sorted(w.ports) == [2, 3] and w.meters == (1,), (w, sw.flows())   # XMPP passes the rate meter
+        w = sw.where(1, over_rate=True, **inside)
+        assert w.ports == (2,) and w.dropped_by == "meter"        # over the rate: mirrored, not forwarded
         w = sw.where(3, **back)
         assert sorted(w.ports) == [1, 2], (w, sw.flows())
         for f in sw.flows():
@@ -390,4 +392,4 @@ def test_where_for_the_table_the_real_controller_pushes(tmp_path, store_config):
                     assert ("output", 4) not in body, f
         assert sw.where(4, **inside).ports == ()
         c = sw.counters()
-        assert c["errors_sent"] == 0, sw.errors
+        assert c["errors_sent"] == 0 and c["overflows"] == 0 and c["max_burst"] <= sw.rx_buffer, (c, sw.errors)
