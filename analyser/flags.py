@@ -134,7 +134,7 @@ class FlagBook:
         previous = self.backend.offences_since(verdict.client_ip, now - memory)
         try:
             doc = flagdoc.build(
-                client_ip=verdict.client_ip, client_port=verdict.client_port, server_port=verdict.server_port,
+                client_ip=verdict.client_ip, client_port=verdict.client_port, server_ports=[verdict.server_port],
                 classifier=verdict.classifier or classifier.name, reason=verdict.reason,
                 action=verdict.action or classifier.action or self.enforce.action,
                 evidence=self._evidence(verdict.evidence), offence=previous + 1,

@@ -109,7 +109,8 @@ class Meter:
 
 @dataclass(frozen=True)
 class Xmpp:
-    server_port: int = field(default=5222, metadata=port_range())
+    server_ports: tuple[int, ...] = field(default=(5222,), metadata={
+        **port_range("a TCP port"), "items": (1, 8), "unique": True})
     threshold_ppm: int = field(default=100,
                                metadata=value_range(1, 10_000_000, "packets per minute from 1 to 10000000"))
     per_ip_threshold_ppm: int = field(default=300,
@@ -117,6 +118,11 @@ class Xmpp:
     window_seconds: float = field(default=60.0, metadata=value_range(1, 3600, "seconds from 1 to 3600"))
     meter: Meter = field(default_factory=Meter)
     penalty_meter: Meter = field(default_factory=lambda: Meter(rate=10, unit="pktps"))
+
+    @property
+    def server_port(self) -> int:
+        """The first XMPP port: only for code not yet taught ``server_ports``."""
+        return self.server_ports[0]
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,9 @@ class Enforce:
     ban_seconds: int = field(default=300, metadata=value_range(1, 31_536_000, "seconds from 1 to 31536000"))
     poll_interval: float = field(default=0.5, metadata=value_range(0.05, 60, "seconds from 0.05 to 60"))
     escalation: Escalation = field(default_factory=Escalation)
+    never_ban: tuple[str, ...] = field(default=(), metadata={"check": "ipnet", "items": (0, 256), "unique": True})
+    never_ban_servers: bool = True     # the XMPP server addresses the analyser has seen answering
+    never_ban_self: bool = True        # the controller's listen address and this machine's own addresses
 
 
 @dataclass(frozen=True)
@@ -245,10 +254,32 @@ def load(path: str | os.PathLike | None = None) -> Config:
     return from_dict(data, src)
 
 
+# Keys an older release wrote: (section, old key, new key, how the old value becomes the new one).
+RENAMED = (("xmpp", "server_port", "server_ports", lambda v: [v]),)
+
+
+def _renamed(data: Any, source: str) -> Any:
+    """The data with old keys under their new names, so an upgraded appliance keeps its config file."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for section, old, new, convert in RENAMED:
+        sec = out.get(section)
+        if isinstance(sec, dict) and old in sec:
+            if new in sec:
+                raise ConfigError(source, f"{section}.{old}", sec[old], f"only one of {section}.{old} (the old "
+                                  f"name) and {section}.{new}")
+            sec = dict(sec)
+            sec[new] = convert(sec.pop(old))
+            out[section] = sec
+    return out
+
+
 def from_dict(data: Any, source: str = "<dict>") -> Config:
     """Validate plain data (as parsed from YAML) into a ``Config``."""
     if data is None:
         data = {}
+    data = _renamed(data, source)
     cfg = build_section(Config, data, "", source)
     cfg = dataclasses.replace(cfg, source=source)
     _cross_checks(cfg)
@@ -257,7 +288,8 @@ def from_dict(data: Any, source: str = "<dict>") -> Config:
 
 def to_dict(cfg: Config) -> dict:
     """The plain-data form of a config, ready to be dumped as YAML."""
-    out = dataclasses.asdict(cfg)
+    out = dataclasses.asdict(cfg, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v
+                                                              for k, v in items})
     out.pop("source", None)
     return out
 
@@ -275,6 +307,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in args) + " or null"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
+    if origin is tuple:
+        return "a list"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -306,6 +340,8 @@ def _convert(tp: Any, value: Any, meta: Any, path: str, src: str):
         return _convert(args[0], value, meta, path, src) if len(args) == 1 else value
     if dataclasses.is_dataclass(tp):
         return build_section(tp, {} if value is None else value, path, src)
+    if origin is tuple:
+        return _convert_list(typing.get_args(tp)[0], value, meta, path, src)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices or isinstance(value, bool):
@@ -340,6 +376,30 @@ def _convert(tp: Any, value: Any, meta: Any, path: str, src: str):
     raise TypeError(f"config schema has an unsupported type at {path}: {tp!r}")
 
 
+def _convert_list(item: Any, value: Any, meta: Any, path: str, src: str) -> tuple:
+    """A YAML list into a tuple; each item checked like a scalar of type ``item`` (``path[i]`` in messages)."""
+    lo, hi = meta.get("items", (0, None))
+    count = f"{lo} to {hi}" if hi is not None else f"at least {lo}"
+    item_meta = {k: v for k, v in meta.items() if k not in ("items", "unique")}
+    if not isinstance(value, list):
+        raise ConfigError(src, path, value, f"a list of {count} items")
+    if len(value) < lo or (hi is not None and len(value) > hi):
+        raise ConfigError(src, path, value, f"a list of {count} items")
+    out = tuple(_convert(item, v, item_meta, f"{path}[{i}]", src) for i, v in enumerate(value))
+    if meta.get("unique"):
+        seen = set()
+        for i, v in enumerate(out):
+            key = _canonical(v, meta.get("check"))
+            if key in seen:
+                raise ConfigError(src, f"{path}[{i}]", value[i], "an item that is not already in the list")
+            seen.add(key)
+    return out
+
+
+def _canonical(value: Any, check: str | None) -> Any:
+    return ipaddress.ip_network(value, strict=False) if check == "ipnet" else value
+
+
 def _check_range(value: float, meta: Any, path: str, src: str) -> None:
     lo, hi = meta.get("min"), meta.get("max")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -352,6 +412,12 @@ def _check_string(value: str, check: str | None, path: str, src: str) -> None:
             ipaddress.ip_address(value)
         except ValueError:
             raise ConfigError(src, path, value, "an IPv4 or IPv6 address") from None
+    elif check == "ipnet":
+        try:
+            ipaddress.ip_network(value, strict=True)
+        except ValueError:
+            raise ConfigError(src, path, value, "an IPv4 or IPv6 address or prefix (ADDR or ADDR/LEN, no host bits "
+                              "set after LEN)") from None
     elif check == "ifname":
         if not _IFNAME.match(value):
             raise ConfigError(src, path, value, "an interface name of 1 to 15 characters (letters, digits, _ . - : @)")

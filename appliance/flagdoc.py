@@ -1,32 +1,63 @@
-"""The ``flags`` document: its one shape, built by the analyser, read by the controller and the commands.
+"""The ``flags`` document: its one shape, built by the analyser and ``pisnoop flags ban``, read by the controller.
 
-A flag is the only thing the analyser tells the controller, so its shape is
-defined here once: the field names and statuses, ``build`` (the document the
-analyser writes), ``ended`` (the document after a release or expiry) and
-``parse`` (a typed ``Flag``, or ``BadFlag`` naming the field that is wrong).
-Also the ``IP`` / ``IP:PORT`` / ``[v6]:PORT`` client argument of ``flags release``.
+A flag is the only thing the analyser (or an operator) tells the controller,
+so its shape is defined here once: the field names and statuses, ``build``
+(a new flag), ``ended`` (after a release or expiry) and ``parse`` (a typed
+``Flag``, or ``BadFlag`` naming the field that is wrong).
 
-Standard library only (and ``appliance.errors``): the controller's pure core
-imports this and must stay free of pymongo and os-ken.
+A flag says what it is about, so that every flag can be enforced:
+
+* the subject, exactly one of ``client_ip`` (an address, or a prefix
+  ``ADDR/LEN``) and ``client_mac`` (a host on the inside segment, whatever
+  addresses it uses); ``client_port`` narrows an address to one connection;
+* ``protocol`` (tcp or udp) and ``server_ports`` (1 to 8 destination ports);
+* ``direction``: ``outbound`` (the client is on the inside, its packets
+  toward the server ports are banned) or ``inbound`` (the client is on the
+  upstream side);
+* ``status``: ``flagged`` (banning), ``exempt`` (never banned: the subject is
+  on the never-ban list, ``exempt_reason`` says which entry), ``released``
+  or ``expired``; ``origin``: ``analyser`` or ``manual``.
+
+Documents written before these fields (one ``server_port``, no protocol,
+direction or origin) parse as TCP, outbound, from the analyser.
+
+Also the ``IP`` / ``IP:PORT`` / ``[v6]:PORT`` / ``IP/LEN`` / MAC argument of
+the ``flags`` commands. Standard library only (and ``appliance.errors``): the
+controller's pure core imports this and must stay free of pymongo and os-ken.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .errors import BadInput
 
-CLIENT_IP, CLIENT_PORT, SERVER_PORT = "client_ip", "client_port", "server_port"
+CLIENT_IP, CLIENT_MAC, CLIENT_PORT = "client_ip", "client_mac", "client_port"
+PROTOCOL, SERVER_PORTS, DIRECTION = "protocol", "server_ports", "direction"
+SERVER_PORT = "server_port"     # documents written before server_ports: read, never written
 CLASSIFIER, REASON, ACTION, EVIDENCE = "classifier", "reason", "action", "evidence"
-OFFENCE, BAN_SECONDS, SENSOR, STATUS = "offence", "ban_seconds", "sensor", "status"
+OFFENCE, BAN_SECONDS, SENSOR, STATUS, ORIGIN = "offence", "ban_seconds", "sensor", "status", "origin"
+EXEMPT_REASON = "exempt_reason"
 FLAGGED_AT, EXPIRES_AT, UPDATED_AT, RELEASED_AT = "flagged_at", "expires_at", "updated_at", "released_at"
 
-FLAGGED, RELEASED, EXPIRED = "flagged", "released", "expired"
-STATUSES = (FLAGGED, RELEASED, EXPIRED)
+FLAGGED, EXEMPT, RELEASED, EXPIRED = "flagged", "exempt", "released", "expired"
+STATUSES = (FLAGGED, EXEMPT, RELEASED, EXPIRED)
 ACTIONS = ("drop", "limit")
+PROTOCOLS = ("tcp", "udp")
+OUTBOUND, INBOUND = "outbound", "inbound"
+DIRECTIONS = (OUTBOUND, INBOUND)
+ANALYSER, MANUAL = "analyser", "manual"
+ORIGINS = (ANALYSER, MANUAL)
+MAX_SERVER_PORTS = 8
+# The widest prefix a flag may name: a ban wider than this is a firewall rule, not a verdict about a client.
+MIN_PREFIX = {4: 16, 6: 32}
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 class BadFlag(BadInput):
@@ -34,17 +65,25 @@ class BadFlag(BadInput):
 
 
 class BadClient(BadInput):
-    """A client argument that is neither ``IP`` nor ``IP:PORT``."""
+    """A client argument that is none of ``IP``, ``IP:PORT``, ``IP/LEN`` or a MAC address."""
 
 
 @dataclass(frozen=True)
 class Flag:
-    """A parsed flag; dates are aware (UTC). ``client_port`` None means the whole client IP."""
+    """A parsed flag; dates are aware (UTC).
+
+    ``client_net`` is the subject's network (a /32 or /128 for one address),
+    None for a MAC subject; ``client_port`` None means every connection.
+    """
     id: Any
     status: str
-    client_ip: str
+    client_ip: Optional[str]
+    client_net: Optional[Network]
+    client_mac: Optional[str]
     client_port: Optional[int]
-    server_port: int
+    protocol: str
+    server_ports: tuple
+    direction: str
     action: str
     classifier: str
     reason: str
@@ -55,20 +94,48 @@ class Flag:
     updated_at: dt.datetime
     released_at: Optional[dt.datetime]
     sensor: str
+    origin: str
+    exempt_reason: Optional[str]
     evidence: dict = field(hash=False)
 
+    @property
+    def scope(self) -> str:
+        """``host`` (a MAC), ``prefix``, ``connection`` (an address and port) or ``address``."""
+        if self.client_mac is not None:
+            return "host"
+        if self.client_net.prefixlen < self.client_net.max_prefixlen:
+            return "prefix"
+        return "connection" if self.client_port is not None else "address"
 
-def build(*, client_ip: str, client_port: Optional[int], server_port: int, classifier: str, reason: str,
-          action: str, evidence: dict, offence: int, ban_seconds: int, flagged_at: dt.datetime, sensor: str) -> dict:
-    """The document of a new flag: banning from ``flagged_at`` for ``ban_seconds``; BadFlag on a bad value."""
+    @property
+    def subject(self) -> str:
+        """The subject as ``parse_client`` reads it back (MAC, ADDR/LEN, ADDR or ADDR:PORT)."""
+        return self.client_mac or client_text(self.client_ip, self.client_port)
+
+    @property
+    def server_port(self) -> int:
+        """The first server port: only for code not yet taught ``server_ports``."""
+        return self.server_ports[0]
+
+
+def build(*, client_ip: Optional[str] = None, client_mac: Optional[str] = None, client_port: Optional[int] = None,
+          protocol: str = "tcp", server_ports, direction: str = OUTBOUND, classifier: str, reason: str,
+          action: str, evidence: dict, offence: int, ban_seconds: int, flagged_at: dt.datetime, sensor: str,
+          origin: str = ANALYSER, exempt_reason: Optional[str] = None) -> dict:
+    """The document of a new flag: banning from ``flagged_at`` for ``ban_seconds`` (``exempt_reason``: recorded,
+    never banning); subjects and ports come out canonical (``FD00::0001`` -> ``fd00::1``); BadFlag on a bad value."""
     computable = _is_int(ban_seconds) and isinstance(flagged_at, dt.datetime)
     doc = {
-        CLIENT_IP: client_ip, CLIENT_PORT: client_port, SERVER_PORT: server_port,
-        CLASSIFIER: classifier, REASON: reason, ACTION: action, EVIDENCE: evidence,
+        CLIENT_IP: _canonical_ip(client_ip), CLIENT_MAC: client_mac.lower() if isinstance(client_mac, str) else
+        client_mac, CLIENT_PORT: client_port, PROTOCOL: protocol,
+        SERVER_PORTS: sorted(server_ports) if isinstance(server_ports, (list, tuple)) else server_ports,
+        DIRECTION: direction, CLASSIFIER: classifier, REASON: reason, ACTION: action, EVIDENCE: evidence,
         OFFENCE: offence, BAN_SECONDS: ban_seconds, FLAGGED_AT: flagged_at, UPDATED_AT: flagged_at,
         EXPIRES_AT: flagged_at + dt.timedelta(seconds=ban_seconds) if computable else None,
-        STATUS: FLAGGED, SENSOR: sensor,
+        STATUS: EXEMPT if exempt_reason is not None else FLAGGED, SENSOR: sensor, ORIGIN: origin,
     }
+    if exempt_reason is not None:
+        doc[EXEMPT_REASON] = exempt_reason
     parse(doc)  # checks ban_seconds and flagged_at before expires_at, so it names the argument that is wrong
     return doc
 
@@ -91,25 +158,47 @@ def parse(doc: dict, default_action: Optional[str] = None) -> Flag:
     """
     g = doc.get
     _need(STATUS, g(STATUS), g(STATUS) in STATUSES, "one of " + ", ".join(STATUSES))
-    port, sport = g(CLIENT_PORT), g(SERVER_PORT)
-    _need(CLIENT_PORT, port, port is None or _is_port(port), "a port from 1 to 65535, or null (the whole IP)")
-    _need(SERVER_PORT, sport, _is_port(sport), "a port from 1 to 65535")
+    ip, mac, port = g(CLIENT_IP), g(CLIENT_MAC), g(CLIENT_PORT)
+    _need(CLIENT_IP, ip, (ip is None) != (mac is None), f"an address or prefix, or null with {CLIENT_MAC} set "
+          "(exactly one subject)")
+    net = None if ip is None else _net(ip)
+    if mac is not None:
+        _need(CLIENT_MAC, mac, isinstance(mac, str) and bool(_MAC.match(mac)), "a MAC address aa:bb:cc:dd:ee:ff")
+    _need(CLIENT_PORT, port, port is None or _is_port(port), "a port from 1 to 65535, or null (every connection)")
+    if port is not None:
+        _need(CLIENT_PORT, port, net is not None and net.prefixlen == net.max_prefixlen,
+              "null for a prefix or MAC subject (a port narrows one address)")
+    protocol, direction, origin = g(PROTOCOL, "tcp"), g(DIRECTION, OUTBOUND), g(ORIGIN, ANALYSER)
+    _need(PROTOCOL, protocol, protocol in PROTOCOLS, "one of " + ", ".join(PROTOCOLS))
+    _need(DIRECTION, direction, direction in DIRECTIONS, "one of " + ", ".join(DIRECTIONS))
+    _need(ORIGIN, origin, origin in ORIGINS, "one of " + ", ".join(ORIGINS))
+    sports = g(SERVER_PORTS) if SERVER_PORTS in doc else [g(SERVER_PORT)]
+    name = SERVER_PORTS if SERVER_PORTS in doc else SERVER_PORT
+    _need(name, g(name), isinstance(sports, (list, tuple)) and 1 <= len(sports) <= MAX_SERVER_PORTS
+          and all(_is_port(p) for p in sports) and len(set(sports)) == len(sports),
+          f"1 to {MAX_SERVER_PORTS} different ports from 1 to 65535")
+    if mac is not None:
+        _need(DIRECTION, direction, direction == OUTBOUND, f"{OUTBOUND} for a MAC subject (a host on the inside)")
     action = g(ACTION) or default_action
     _need(ACTION, g(ACTION), action in ACTIONS, "one of " + ", ".join(ACTIONS))
-    for name in (CLASSIFIER, REASON, SENSOR):
-        _need(name, g(name), isinstance(g(name), str), "a string")
+    for key in (CLASSIFIER, REASON, SENSOR):
+        _need(key, g(key), isinstance(g(key), str), "a string")
     _need(CLASSIFIER, g(CLASSIFIER), bool(g(CLASSIFIER)), "a classifier name")
     _need(EVIDENCE, g(EVIDENCE), isinstance(g(EVIDENCE), dict), "a mapping")
-    for name in (OFFENCE, BAN_SECONDS):
-        _need(name, g(name), _is_int(g(name)) and g(name) >= 1, "a whole number, at least 1")
+    for key in (OFFENCE, BAN_SECONDS):
+        _need(key, g(key), _is_int(g(key)) and g(key) >= 1, "a whole number, at least 1")
+    exempt = g(EXEMPT_REASON)
+    _need(EXEMPT_REASON, exempt, (exempt is None and g(STATUS) != EXEMPT) or isinstance(exempt, str),
+          f"a string naming the never-ban entry when {STATUS} is {EXEMPT}")
     released = g(RELEASED_AT)
     return Flag(
-        id=g("_id"), status=g(STATUS), client_ip=_ip(g(CLIENT_IP)), client_port=port, server_port=sport,
+        id=g("_id"), status=g(STATUS), client_ip=None if net is None else _text(net), client_net=net,
+        client_mac=mac, client_port=port, protocol=protocol, server_ports=tuple(sorted(sports)), direction=direction,
         action=action, classifier=g(CLASSIFIER), reason=g(REASON), offence=g(OFFENCE), ban_seconds=g(BAN_SECONDS),
         flagged_at=_date(FLAGGED_AT, g(FLAGGED_AT)), expires_at=_date(EXPIRES_AT, g(EXPIRES_AT)),
         updated_at=_date(UPDATED_AT, g(UPDATED_AT)),
         released_at=None if released is None else _date(RELEASED_AT, released),
-        sensor=g(SENSOR), evidence=g(EVIDENCE),
+        sensor=g(SENSOR), origin=origin, exempt_reason=exempt, evidence=g(EVIDENCE),
     )
 
 
@@ -127,19 +216,57 @@ def _is_port(value: Any) -> bool:
     return _is_int(value) and 1 <= value <= 65535
 
 
-def _ip(value: Any) -> str:
+def _net(value: Any) -> Network:
+    """An address (``/32``, ``/128``) or a prefix without host bits, no wider than ``MIN_PREFIX``."""
     try:
-        ip = ipaddress.ip_address(value) if isinstance(value, str) else None  # ip_address() would take an int too
+        net = ipaddress.ip_network(value, strict=True) if isinstance(value, str) else None  # not an int either
     except ValueError:
-        ip = None
-    _need(CLIENT_IP, value, ip is not None, "an IPv4 or IPv6 address")
-    return str(ip)
+        net = None
+    _need(CLIENT_IP, value, net is not None, "an IPv4 or IPv6 address, or a prefix ADDR/LEN without host bits")
+    _need(CLIENT_IP, value, net.prefixlen >= MIN_PREFIX[net.version],
+          f"a prefix of at least /{MIN_PREFIX[net.version]} for IPv{net.version}")
+    return net
+
+
+def _text(net: Network) -> str:
+    """An address as ``fd00::1``, a prefix as ``fd00::/64``."""
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
+def _canonical_ip(value: Any) -> Any:
+    try:
+        return _text(ipaddress.ip_network(value, strict=True)) if isinstance(value, str) else value
+    except ValueError:
+        return value        # parse() names it
 
 
 def _date(name: str, value: Any) -> dt.datetime:
     """Aware UTC: pymongo gives naive UTC datetimes unless its client is tz_aware."""
     _need(name, value, isinstance(value, dt.datetime), "a date")
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def parse_mac(text: str) -> Optional[str]:
+    """``aa:bb:cc:dd:ee:ff`` (or with ``-``, any case) in the canonical form, or None when ``text`` is no MAC."""
+    mac = text.strip().lower().replace("-", ":")
+    return mac if _MAC.match(mac) else None
+
+
+def parse_subject(text: str) -> tuple[Optional[str], Optional[str], Optional[int]]:
+    """A ``flags`` command's subject -> (ip or prefix, mac, port): ``IP``, ``IP:PORT``, ``[v6]:PORT``, ``IP/LEN``
+    or a MAC address; BadClient when it is none of them."""
+    mac = parse_mac(text)
+    if mac is not None:
+        return None, mac, None
+    if "/" in text:
+        try:
+            net = _net(text)
+        except BadFlag:
+            raise BadClient(f"client {text!r}: expected a prefix ADDR/LEN without host bits, at least "
+                            f"/{MIN_PREFIX[4]} (IPv4) or /{MIN_PREFIX[6]} (IPv6)") from None
+        return _text(net), None, None
+    ip, port = parse_client(text)
+    return ip, None, port
 
 
 def parse_client(text: str) -> tuple[str, Optional[int]]:

@@ -27,6 +27,7 @@ from .config import MongoDB
 from .errors import Failure
 
 FRAMES, FLOWS, FLAGS, STATUS, STATE = "frames", "flows", "flags", "status", "state"
+NEVER_BAN = "never_ban"     # the operator's never-ban entries (`pisnoop flags allow`): appliance.neverban
 
 
 class StoreUnavailable(Failure):

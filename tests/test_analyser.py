@@ -87,7 +87,7 @@ def test_only_the_fast_client_is_flagged_with_its_evidence(env):
     assert ev["last_packet"] == last.replace(microsecond=ev["last_packet"].microsecond)
     assert 1 <= len(ev["samples"]) <= 5 and all(frame_src(db, r) == (FAST, 5222) for r in ev["samples"])
     assert f["status"] == "flagged" and f["offence"] == 1 and f["ban_seconds"] == 300 and f["action"] == "drop"
-    assert f["server_port"] == 5222
+    assert f["server_ports"] == [5222] and f["protocol"] == "tcp" and f["direction"] == "outbound"
     assert f["expires_at"] - f["flagged_at"] == dt.timedelta(seconds=300)
     assert f["updated_at"] == f["flagged_at"]
     # one flag only while it is active, although the client goes on for the rest of the minute
@@ -462,8 +462,8 @@ def test_bandwidth_hog_flags_the_client_over_its_byte_rate(env, tmp_path):
     store_frames(db, frames)
     run_once(cfg, db)
     flags = flags_of(db)
-    assert [(f["client_ip"], f["client_port"], f["classifier"], f["server_port"]) for f in flags] == \
-        [(FAST, None, "bandwidth_hog", 443)]
+    assert [(f["client_ip"], f["client_port"], f["classifier"], f["server_ports"]) for f in flags] == \
+        [(FAST, None, "bandwidth_hog", [443])]
     assert flags[0]["evidence"]["count"] > 25000 and flags[0]["evidence"]["bytes_per_second"] > 5000
 
 

@@ -308,7 +308,7 @@ def test_module_request_xids_come_from_the_core_allocator():
 
 def flag(fid, ip, port=None, action="drop", status="flagged", left=120, server_port=5222):
     """A flag as the analyser writes it, banning for ``left`` seconds from NOW."""
-    doc = flagdoc.build(client_ip=ip, client_port=port, server_port=server_port, classifier="test", reason="test",
+    doc = flagdoc.build(client_ip=ip, client_port=port, server_ports=[server_port], classifier="test", reason="test",
                         action=action, evidence={}, offence=1, ban_seconds=left, sensor="test",
                         flagged_at=dt.datetime.fromtimestamp(NOW, dt.timezone.utc))
     return {**doc, "_id": fid, "status": status}

@@ -21,7 +21,7 @@ AT = dt.datetime(2026, 11, 21, 7, 0, 0, 250_000, tzinfo=dt.timezone.utc)   # who
 
 
 def good(**changes) -> dict:
-    doc = flagdoc.build(client_ip="10.0.0.10", client_port=40000, server_port=5222, classifier="xmpp_abuse",
+    doc = flagdoc.build(client_ip="10.0.0.10", client_port=40000, server_ports=[5222], classifier="xmpp_abuse",
                         reason="600 packets in 60 s", action="limit", evidence={"count": 600}, offence=2,
                         ban_seconds=600, flagged_at=AT, sensor="pi1")
     return {**doc, **changes}
@@ -30,14 +30,64 @@ def good(**changes) -> dict:
 def test_build_then_parse_gives_back_every_field():
     doc = good()
     f = flagdoc.parse(doc)
-    assert (f.status, f.client_ip, f.client_port, f.server_port) == ("flagged", "10.0.0.10", 40000, 5222)
+    assert (f.status, f.client_ip, f.client_port, f.server_ports) == ("flagged", "10.0.0.10", 40000, (5222,))
+    assert (f.protocol, f.direction, f.origin, f.client_mac, f.exempt_reason) == ("tcp", "outbound", "analyser",
+                                                                                   None, None)
+    assert (f.scope, f.subject, str(f.client_net)) == ("connection", "10.0.0.10:40000", "10.0.0.10/32")
     assert (f.action, f.classifier, f.reason) == ("limit", "xmpp_abuse", "600 packets in 60 s")
     assert (f.offence, f.ban_seconds, f.sensor) == (2, 600, "pi1")
     assert f.flagged_at == f.updated_at == AT and f.expires_at == AT + dt.timedelta(seconds=600)
     assert f.evidence == {"count": 600} and f.released_at is None and f.id is None
-    assert set(doc) == {flagdoc.CLIENT_IP, flagdoc.CLIENT_PORT, flagdoc.SERVER_PORT, flagdoc.CLASSIFIER,
-                        flagdoc.REASON, flagdoc.ACTION, flagdoc.EVIDENCE, flagdoc.OFFENCE, flagdoc.BAN_SECONDS,
-                        flagdoc.FLAGGED_AT, flagdoc.EXPIRES_AT, flagdoc.UPDATED_AT, flagdoc.STATUS, flagdoc.SENSOR}
+    assert set(doc) == {flagdoc.CLIENT_IP, flagdoc.CLIENT_MAC, flagdoc.CLIENT_PORT, flagdoc.PROTOCOL,
+                        flagdoc.SERVER_PORTS, flagdoc.DIRECTION, flagdoc.CLASSIFIER, flagdoc.REASON, flagdoc.ACTION,
+                        flagdoc.EVIDENCE, flagdoc.OFFENCE, flagdoc.BAN_SECONDS, flagdoc.FLAGGED_AT,
+                        flagdoc.EXPIRES_AT, flagdoc.UPDATED_AT, flagdoc.STATUS, flagdoc.SENSOR, flagdoc.ORIGIN}
+
+
+def test_a_document_written_before_server_ports_parses_as_tcp_outbound_from_the_analyser():
+    old = {k: v for k, v in good().items() if k not in (flagdoc.SERVER_PORTS, flagdoc.PROTOCOL, flagdoc.DIRECTION,
+                                                       flagdoc.ORIGIN, flagdoc.CLIENT_MAC)}
+    f = flagdoc.parse({**old, "server_port": 5223})
+    assert (f.server_ports, f.protocol, f.direction, f.origin, f.client_mac) == ((5223,), "tcp", "outbound",
+                                                                                 "analyser", None)
+    with pytest.raises(BadFlag, match="^server_port None"):
+        flagdoc.parse(old)
+
+
+def test_subjects_a_prefix_a_host_by_mac_and_udp_inbound():
+    args = dict(server_ports=[5223, 5222], classifier="c", reason="r", action="drop", evidence={}, offence=1,
+                ban_seconds=60, flagged_at=AT, sensor="pi1")
+    net = flagdoc.parse(flagdoc.build(client_ip="FD00:1::/64", **args))
+    assert (net.scope, net.client_ip, net.subject, net.server_ports) == ("prefix", "fd00:1::/64", "fd00:1::/64",
+                                                                        (5222, 5223))
+    host = flagdoc.parse(flagdoc.build(client_mac="02:AA:00:00:00:01", **args))
+    assert (host.scope, host.client_ip, host.client_net, host.subject) == ("host", None, None, "02:aa:00:00:00:01")
+    udp = flagdoc.parse(flagdoc.build(client_ip="10.0.0.9/32", protocol="udp", direction="inbound", origin="manual",
+                                      **args))
+    assert (udp.scope, udp.client_ip, udp.protocol, udp.direction, udp.origin) == ("address", "10.0.0.9", "udp",
+                                                                                   "inbound", "manual")
+    exempt = flagdoc.parse(flagdoc.build(client_ip="10.0.0.9", exempt_reason="enforce.never_ban 10.0.0.0/24", **args))
+    assert (exempt.status, exempt.exempt_reason) == ("exempt", "enforce.never_ban 10.0.0.0/24")
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"client_ip": "10.0.0.0/24", "client_port": 40000}, "client_port"),        # a port narrows one address
+    ({"client_ip": "10.0.0.1/24"}, "client_ip"),                               # host bits after the length
+    ({"client_ip": "10.0.0.0/8", "client_port": None}, "client_ip"),           # wider than a /16
+    ({"client_ip": "::/0", "client_port": None}, "client_ip"),
+    ({"client_mac": "02:00:00:00:00:01"}, "client_ip"),                         # two subjects
+    ({"client_ip": None, "client_mac": "02:00:00:00:00:01"}, "client_port"),   # a port on a MAC subject
+    ({"client_ip": None, "client_mac": "02-00-00-00-00-01", "client_port": None}, "client_mac"),
+    ({"client_ip": None, "client_mac": "02:00:00:00:00:01", "client_port": None, "direction": "inbound"},
+     "direction"),
+    ({"protocol": "icmp"}, "protocol"), ({"direction": "up"}, "direction"), ({"origin": "ids"}, "origin"),
+    ({"server_ports": []}, "server_ports"), ({"server_ports": [5222, 5222]}, "server_ports"),
+    ({"server_ports": list(range(1, 10))}, "server_ports"), ({"server_ports": 5222}, "server_ports"),
+    ({"status": "exempt"}, "exempt_reason"),
+])
+def test_subject_and_scope_rules_are_refused_by_name(changes, field):
+    with pytest.raises(BadFlag, match=f"^{field} "):
+        flagdoc.parse(good(**changes))
 
 
 def test_whole_ip_ipv6_and_naive_dates():
@@ -50,7 +100,7 @@ def test_whole_ip_ipv6_and_naive_dates():
     ("status", "active"), ("status", None),
     ("client_ip", "nope"), ("client_ip", 167772170), ("client_ip", None), ("client_ip", "10.0.0.300"),
     ("client_port", 0), ("client_port", 65536), ("client_port", "40000"), ("client_port", True),
-    ("server_port", None), ("server_port", 0), ("server_port", 5222.0),
+    ("server_ports", None), ("server_ports", [0]), ("server_ports", [5222.0]),
     ("action", "block"),
     ("flagged_at", "2026-11-21T07:00:00Z"), ("expires_at", None), ("updated_at", "2026-11-21 07:00:00"),
     ("released_at", 0),
@@ -65,7 +115,7 @@ def test_every_malformed_field_is_refused_by_name(name, value):
     assert isinstance(exc.value, BadInput)
 
 
-@pytest.mark.parametrize("name", ["status", "client_ip", "server_port", "action", "classifier", "reason", "evidence",
+@pytest.mark.parametrize("name", ["status", "client_ip", "action", "classifier", "reason", "evidence",
                                   "offence", "ban_seconds", "flagged_at", "expires_at", "updated_at", "sensor"])
 def test_a_missing_field_is_refused_by_name(name):
     doc = good()
@@ -84,9 +134,9 @@ def test_action_default_only_when_asked_for():
 
 
 @pytest.mark.parametrize("name,value", [("client_ip", "host"), ("ban_seconds", 0), ("ban_seconds", 1.5),
-                                        ("flagged_at", "now"), ("action", None), ("server_port", None)])
+                                        ("flagged_at", "now"), ("action", None), ("server_ports", None)])
 def test_build_refuses_a_bad_argument_by_name(name, value):
-    args = dict(client_ip="10.0.0.10", client_port=None, server_port=5222, classifier="c", reason="r",
+    args = dict(client_ip="10.0.0.10", client_port=None, server_ports=[5222], classifier="c", reason="r",
                 action="drop", evidence={}, offence=1, ban_seconds=60, flagged_at=AT, sensor="")
     flagdoc.build(**args)
     with pytest.raises(BadFlag, match=f"^{name} "):
@@ -174,6 +224,15 @@ def test_client_argument():
         with pytest.raises(BadClient):
             parse_client(bad)
     assert issubclass(BadClient, BadInput)
+
+
+def test_subject_argument_of_the_flags_commands():
+    assert flagdoc.parse_subject("10.0.0.10:5222") == ("10.0.0.10", None, 5222)
+    assert flagdoc.parse_subject("FD00:1::/64") == ("fd00:1::/64", None, None)
+    assert flagdoc.parse_subject("02-AA-00-00-00-01") == (None, "02:aa:00:00:00:01", None)
+    for bad in ("10.0.0.1/24", "10.0.0.0/8", "fd00::/16", "host", "02:aa:00:00:00"):
+        with pytest.raises(BadClient):
+            flagdoc.parse_subject(bad)
 
 
 @pytest.mark.parametrize("ip,port", [("10.0.0.10", None), ("10.0.0.10", 5222), ("fd00::1", 40000), ("fd00::1", None)])

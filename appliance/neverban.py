@@ -1,0 +1,122 @@
+"""The never-ban list: the addresses and prefixes no flag may ban, whoever raised it.
+
+Entries come from four places, each named in the exemption it causes:
+``enforce.never_ban`` (the config), ``flags allow`` (the ``never_ban``
+collection, whose document shape is owned here), the XMPP servers the
+analyser saw answering (``enforce.never_ban_servers``) and this machine's own
+and its controller's addresses (``enforce.never_ban_self``). A flag whose
+subject overlaps an entry (either contains the other: a /64 ban holding the
+admin's address is as harmful as banning the admin) is recorded as
+``exempt`` and installs no flow. A MAC subject is checked through the
+addresses the host was seen with.
+
+Pure apart from ``own_addresses`` (psutil, imported there): the controller's
+core imports this.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from .errors import BadInput
+from .flagdoc import Network
+
+NETWORK, REASON, ADDED_AT = "_id", "reason", "added_at"   # _id is the canonical network: one entry per network
+CONFIG, ALLOWED, SERVER, SELF = "enforce.never_ban", "flags allow", "an XMPP server seen answering", "this appliance"
+
+
+class BadEntry(BadInput):
+    """A never-ban entry (argument or stored document) that is not an address or prefix."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    network: Network
+    source: str         # CONFIG, ALLOWED, SERVER or SELF
+    reason: str = ""
+
+    def describe(self) -> str:
+        net = self.network
+        text = str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+        return f"{text} ({self.source}{': ' + self.reason if self.reason else ''})"
+
+
+def network(text: str) -> Network:
+    """``ADDR`` or ``ADDR/LEN`` without host bits; BadEntry otherwise."""
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except (ValueError, TypeError):
+        raise BadEntry(f"never-ban entry {text!r}: expected an IPv4 or IPv6 address or a prefix ADDR/LEN "
+                       "without host bits") from None
+
+
+def entry_doc(text: str, reason: str, now: dt.datetime) -> dict:
+    """The stored document of a ``flags allow`` entry."""
+    net = network(text)
+    return {NETWORK: str(net), REASON: reason, ADDED_AT: now}
+
+
+def parse_entry(doc: dict) -> Entry:
+    return Entry(network(doc.get(NETWORK)), ALLOWED, str(doc.get(REASON) or ""))
+
+
+class NeverBan:
+    """The entries in force; ``exempts`` names the one a subject overlaps."""
+
+    def __init__(self, entries: Iterable[Entry] = ()):
+        self.entries = tuple(entries)
+
+    @classmethod
+    def of(cls, cfg, stored: Iterable[dict] = (), servers: Iterable[str] = (), own: Iterable[str] = ()) -> "NeverBan":
+        """The list for ``cfg``: its ``never_ban``, stored entries, and servers / own addresses where enabled.
+
+        A stored document that is not an entry is skipped (the caller counts it
+        through ``parse_entry`` if it wants to); the config's entries were
+        validated with the config.
+        """
+        out = [Entry(ipaddress.ip_network(t), CONFIG) for t in cfg.enforce.never_ban]
+        for doc in stored:
+            try:
+                out.append(parse_entry(doc))
+            except BadEntry:
+                continue
+        if cfg.enforce.never_ban_servers:
+            out += [Entry(ipaddress.ip_network(a), SERVER) for a in servers]
+        if cfg.enforce.never_ban_self:
+            out += [Entry(ipaddress.ip_network(a), SELF) for a in own]
+        return cls(out)
+
+    def exempts(self, net: Optional[Network], addresses: Iterable[str] = ()) -> Optional[str]:
+        """The entry ``net`` (or, for a MAC subject, any of ``addresses``) overlaps, described; None if none."""
+        nets = [net] if net is not None else []
+        nets += [ipaddress.ip_network(a) for a in addresses]
+        for e in self.entries:
+            for n in nets:
+                if n.version == e.network.version and (n.subnet_of(e.network) or e.network.subnet_of(n)):
+                    return e.describe()
+        return None
+
+
+def own_addresses(cfg) -> list[str]:
+    """This machine's unicast addresses (not loopback, not link-local) and the controller's listen address."""
+    import socket
+
+    import psutil
+
+    out = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    ip = ipaddress.ip_address(a.address.split("%")[0])
+                except ValueError:
+                    continue
+                if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified):
+                    out.add(str(ip))
+    host = ipaddress.ip_address(cfg.switch.controller.listen_host)
+    if not (host.is_loopback or host.is_unspecified):
+        out.add(str(host))
+    return sorted(out)

@@ -1,0 +1,53 @@
+"""appliance/neverban.py: what the never-ban list exempts, and from which entry."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+
+import pytest
+
+from appliance import config, neverban
+from appliance.neverban import BadEntry, NeverBan
+
+NOW = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
+
+
+def net(text):
+    return ipaddress.ip_network(text)
+
+
+def test_overlap_either_way_exempts_and_names_the_entry():
+    cfg = config.from_dict({"enforce": {"never_ban": ["10.0.0.0/24", "fd00:1::5"]}})
+    nb = NeverBan.of(cfg, stored=[neverban.entry_doc("192.168.9.9", "admin", NOW)], servers=["10.9.9.9"],
+                     own=["10.8.8.8"])
+    assert nb.exempts(net("10.0.0.7/32")) == "10.0.0.0/24 (enforce.never_ban)"
+    assert nb.exempts(net("10.0.0.0/16")) == "10.0.0.0/24 (enforce.never_ban)"    # a wider ban holds the entry
+    assert nb.exempts(net("fd00:1::/64")) == "fd00:1::5 (enforce.never_ban)"
+    assert nb.exempts(net("192.168.9.9/32")) == "192.168.9.9 (flags allow: admin)"
+    assert nb.exempts(net("10.9.9.9/32")) == "10.9.9.9 (an XMPP server seen answering)"
+    assert nb.exempts(net("10.8.8.8/32")) == "10.8.8.8 (this appliance)"
+    assert nb.exempts(net("fd00:2::/64")) is None and nb.exempts(net("10.0.1.0/24")) is None
+    assert nb.exempts(None, ["10.0.1.1", "fd00:1::5"]) == "fd00:1::5 (enforce.never_ban)"   # a MAC's addresses
+    assert nb.exempts(None, []) is None
+
+
+def test_servers_and_own_addresses_only_where_enabled():
+    cfg = config.from_dict({"enforce": {"never_ban_servers": False, "never_ban_self": False}})
+    nb = NeverBan.of(cfg, servers=["10.9.9.9"], own=["10.8.8.8"])
+    assert nb.entries == () and nb.exempts(net("10.9.9.9/32")) is None
+
+
+def test_a_bad_stored_entry_is_skipped_and_a_bad_argument_refused():
+    nb = NeverBan.of(config.Config(), stored=[{"_id": "10.0.0.1/24"}, {"_id": None}, {"_id": "10.0.0.1"}])
+    assert [e.describe() for e in nb.entries] == ["10.0.0.1 (flags allow)"]
+    for bad in ("10.0.0.1/24", "host", ""):
+        with pytest.raises(BadEntry, match="never-ban entry"):
+            neverban.entry_doc(bad, "", NOW)
+
+
+def test_own_addresses_leave_out_loopback_and_link_local():
+    own = neverban.own_addresses(config.Config())
+    for a in own:
+        ip = ipaddress.ip_address(a)
+        assert not (ip.is_loopback or ip.is_link_local)
