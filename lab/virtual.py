@@ -16,11 +16,12 @@ directory. It brings up:
   (``interfaces.d``). Each is wired by a veth pair with TX checksum offload
   off on both ends. The switch's namespace has IPv6 off too (its veth ends
   would otherwise send MLD into the bridge);
-* with ``routed=True``, the inside segment becomes a LAN: a learning bridge
-  in ``<p>-ln`` joins port 1, the inside host and a router ``<p>-rt``, which
-  routes two client prefixes (10.1.N.0/24 and ``<ula>:N::/64``, N = 1, 2) of
-  hosts ``<p>-c1`` and ``<p>-c2`` behind it: their frames reach the switch
-  with the router's MAC;
+* with ``lan=True``, the inside segment becomes a LAN: a learning bridge in
+  ``<p>-ln`` joins port 1, the inside host, a neighbour host ``<p>-nb`` (its
+  own MAC, 10.0.0.20 and ``<ula>::20``: the attacker's seat) and a router
+  ``<p>-rt``, which routes two client prefixes (10.1.N.0/24 and
+  ``<ula>:N::/64``, N = 1, 2) of hosts ``<p>-c1`` and ``<p>-c2`` behind it:
+  their frames reach the switch with the router's MAC;
 * a relay carrying the switch's controller connection out of ``<p>-sw`` to
   the controller listening on 127.0.0.1 in the caller's namespace;
 * ovsdb-server and the embedded store (nx-27017) on 127.0.0.1.
@@ -61,6 +62,7 @@ SUBNET = "10.0.0"
 ADDRESSES = {"inside": f"{SUBNET}.10", "upstream": f"{SUBNET}.1"}
 HOST_SUFFIX6 = {"inside": 0x10, "upstream": 0x1}    # the hosts' IPv6 interface ids in the LAN /64
 ROUTER_IP, ROUTER_SUFFIX6 = f"{SUBNET}.254", 0xfe
+NEIGHBOUR_IP, NEIGHBOUR_SUFFIX6 = f"{SUBNET}.20", 0x20
 ROUTED_NETS = (1, 2)                                # client prefixes behind the router: 10.1.N.0/24, <ula>:N::/64
 MIRROR_ADDRESS = "169.254.77.2/16"
 HOST_IF = "eth0"
@@ -99,14 +101,14 @@ class VirtualAppliance:
     """Bring up with ``up()`` or ``with``; tear down with ``down()``."""
 
     def __init__(self, base: config_mod.Config | None = None, prefix: str | None = None,
-                 with_store: bool = True, root: str | os.PathLike | None = None, routed: bool = False):
+                 with_store: bool = True, root: str | os.PathLike | None = None, lan: bool = False):
         self.base = base or config_mod.Config()
         self.prefix = prefix or ("ps" + secrets.token_hex(2))
         if not self.prefix.isalnum() or len(self.prefix) > 8:
             raise VirtualApplianceError(f"prefix {self.prefix!r}: expected up to 8 letters or digits")
         self.run_dir = Path(root or base_dir()) / self.prefix
         self.with_store = with_store
-        self.routed = routed
+        self.lan = lan
         self.ula = ula_prefix()
         self.lan6 = self.prefix6(0)
         self.state: dict[str, Any] = {"prefix": self.prefix, "pids": {}, "namespaces": [], "links": [],
@@ -123,7 +125,9 @@ class VirtualAppliance:
             "upstream": Host("upstream", f"{p}-up", HOST_IF, ports.upstream, ADDRESSES["upstream"],
                              self.addr6(0, HOST_SUFFIX6["upstream"])),
         }
-        if routed:
+        if lan:
+            self.hosts["neighbour"] = Host("neighbour", f"{p}-nb", HOST_IF, None, NEIGHBOUR_IP,
+                                           self.addr6(0, NEIGHBOUR_SUFFIX6))
             self.hosts["router"] = Host("router", f"{p}-rt", HOST_IF, None, ROUTER_IP, self.addr6(0, ROUTER_SUFFIX6))
             for n in ROUTED_NETS:
                 self.hosts[f"client{n}"] = Host(f"client{n}", f"{p}-c{n}", HOST_IF, None, f"10.1.{n}.10",
@@ -165,7 +169,8 @@ class VirtualAppliance:
         return str(self.prefix6(n)[interface_id])
 
     def exec(self, role: str, cmd: list[str], check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:
-        """Run a command on one of the hosts (``inside``, ``mirror``, ``upstream``; ``router``, ``clientN``)."""
+        """Run a command on one of the hosts (``inside``, ``mirror``, ``upstream``; with a LAN ``neighbour``,
+        ``router``, ``clientN``)."""
         return run(cmd, ns=self.hosts[role].netns, check=check, timeout=timeout)
 
     def popen(self, role: str, cmd: list[str], **kw) -> subprocess.Popen:
@@ -227,7 +232,7 @@ class VirtualAppliance:
     def _bring_up(self) -> None:
         p = self.prefix
         self._add_ns(self.sw_ns)
-        if self.routed:
+        if self.lan:
             self._add_ns(self.lan_ns)
             run(["ip", "link", "add", LAN_BRIDGE, "type", "bridge", "stp_state", "0", "forward_delay", "0",
                  "mcast_snooping", "0"], ns=self.lan_ns)
@@ -239,7 +244,7 @@ class VirtualAppliance:
             if host.ofport is None:
                 continue
             sw_end, host_end = f"{p}-p{host.ofport}", f"{p}-h{host.ofport}"
-            if host.role == "inside" and self.routed:
+            if host.role == "inside" and self.lan:
                 self._veth(sw_end, self.sw_ns, host_end, self.lan_ns, f"{p}-h{host.ofport}")
                 self._lan_port(host_end)
                 self._veth(f"{p}-l1", self.lan_ns, f"{p}-i1", host.netns, host.ifname)
@@ -251,8 +256,8 @@ class VirtualAppliance:
                 run(["ip", "link", "set", host.ifname, "up"], ns=host.netns)
             else:
                 self._addresses(host)
-        if self.routed:
-            self._bring_up_router()
+        if self.lan:
+            self._bring_up_lan()
         self._start_ovs()
         cfg_ctl = self.base.switch.controller
         controller_port = free_port()
@@ -269,9 +274,12 @@ class VirtualAppliance:
     def _lan_port(self, ifname: str) -> None:
         run(["ip", "link", "set", ifname, "master", LAN_BRIDGE, "up"], ns=self.lan_ns)
 
-    def _bring_up_router(self) -> None:
-        """The router on the LAN and its two client prefixes; the upstream host routes them back through it."""
-        p, rt, up = self.prefix, self.hosts["router"], self.hosts["upstream"]
+    def _bring_up_lan(self) -> None:
+        """The neighbour and the router on the LAN, the router's two client prefixes, routed back by upstream."""
+        p, rt, up, nb = self.prefix, self.hosts["router"], self.hosts["upstream"], self.hosts["neighbour"]
+        self._veth(f"{p}-l3", self.lan_ns, f"{p}-n0", nb.netns, nb.ifname)
+        self._lan_port(f"{p}-l3")
+        self._addresses(nb)
         self._veth(f"{p}-l2", self.lan_ns, f"{p}-r0", rt.netns, rt.ifname)
         self._lan_port(f"{p}-l2")
         self._addresses(rt)
@@ -399,6 +407,10 @@ class VirtualAppliance:
 
     def status(self) -> dict[str, Any]:
         return status_of(self.run_dir)
+
+    def mac(self, role: str) -> str:
+        host = self.hosts[role]
+        return self.exec(role, ["cat", f"/sys/class/net/{host.ifname}/address"]).stdout.strip()
 
     def ping(self, src: str, dst_ip: str, count: int = 1, timeout: float = 1.0) -> bool:
         res = self.exec(src, ["ping", "-n", "-q", "-c", str(count), "-W", str(timeout), "-i", "0.2", dst_ip],
