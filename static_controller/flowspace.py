@@ -28,10 +28,17 @@ class Rel(enum.Enum):
 
 
 def _as_set(key: str, value: Any):
-    """A field value as something with containment: an IP network or a singleton."""
+    """A field value as something with containment: an IP network or a singleton.
+
+    A masked address is the pair os-ken uses, ``(address, mask)``; the mask of
+    an IPv6 pair is an address too (``ffff:ffff:ffff:ffff::``), which
+    ``ipaddress`` does not read as a netmask, so it is counted into a length.
+    """
     if key.startswith(("ipv4_", "ipv6_", "arp_spa", "arp_tpa")):
         if isinstance(value, tuple):
-            value = f"{value[0]}/{value[1]}"
+            addr, mask = value
+            bits = bin(int(ipaddress.ip_address(mask))).count("1") if not isinstance(mask, int) else mask
+            value = f"{addr}/{bits}"
         return ipaddress.ip_network(str(value), strict=False)
     return value
 

@@ -4,8 +4,10 @@ The pure core and the modules speak only these; ``glue.py`` turns them into
 os-ken messages at the very edge, so the planning logic runs in unit tests
 without a switch and the Ryu/os-ken dependency stays in one place.
 Match keys are OpenFlow 1.3 OXM names as os-ken spells them (``in_port``,
-``eth_type``, ``ip_proto``, ``ipv4_src``, ``tcp_dst`` ...); an IPv4 value may
-be ``"10.0.0.0/24"``.
+``eth_type``, ``ip_proto``, ``ipv4_src``, ``ipv6_src``, ``eth_src``, ``tcp_dst``
+...); an address is a string, a masked one the pair os-ken decodes from the
+switch, ``("fd00::", "ffff:ffff:ffff:ffff::")``, so a flow read back compares
+equal to the one sent.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-ETH_IPV4 = 0x0800
+ETH_IPV4, ETH_IPV6 = 0x0800, 0x86DD
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 
 # special ports (OpenFlow 1.3 numbering)
@@ -197,8 +199,14 @@ class Tick:
 
 @dataclass(frozen=True)
 class Flags:
-    """Flag documents from the store; ``snapshot`` means: this is every active flag."""
+    """Flag documents from the store; ``snapshot`` means: this is every active flag.
+
+    ``never_ban`` is the ``never_ban`` collection's documents when they were
+    (re)read, None when unchanged; ``own`` this machine's addresses (for
+    ``enforce.never_ban_self``), sent with every ``never_ban``."""
 
     docs: tuple
     snapshot: bool = False
     now: float = field(default=0.0)
+    never_ban: Optional[tuple] = None
+    own: tuple = ()

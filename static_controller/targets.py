@@ -2,8 +2,8 @@
 
 The Zodiac FX cannot run here, so its profile is a model built from its
 published limits (4 ports, port 4 management; 8 meters of at most 3 bands,
-KBPS/PKTPS only, no BURST/STATS; 480 flows; 10 tables; group type ALL). The
-plan is checked against the profile before anything is pushed, and each new
+KBPS/PKTPS only, no BURST/STATS; 480 flows; 10 tables; group type ALL; no
+IPv6 matching). The plan is checked against the profile before anything is pushed, and each new
 flow against the room left, so a plan the target cannot hold is refused with
 a clear message instead of failing half-way on the switch.
 """
@@ -15,7 +15,9 @@ from typing import Iterable, Optional
 
 from appliance.errors import BadInput
 
-from .messages import OFPP_CONTROLLER, OFPP_TABLE, Flow, Meter
+from .messages import ETH_IPV6, OFPP_CONTROLLER, OFPP_TABLE, Flow, Meter
+
+L3_L4 = ("ip_proto", "tcp_src", "tcp_dst", "udp_src", "udp_dst")
 
 
 class PlanRefused(BadInput):
@@ -33,10 +35,25 @@ class Profile:
     burst: bool
     data_ports: Optional[frozenset]     # None: any port number
     management_port: Optional[int]
+    ipv6: bool = True                   # matches IPv6 addresses, and protocol and ports behind IPv6
+
+    def match_problem(self, match) -> Optional[str]:
+        """Why the target cannot match ``match`` (a dict or frozen pairs), or None."""
+        m = dict(match)
+        if self.ipv6:
+            return None
+        for key in m:
+            if key.startswith("ipv6_") or (m.get("eth_type") == ETH_IPV6 and key in L3_L4):
+                return (f"cannot match {key} in IPv6: {self.name} matches IPv6 frames by eth_type only "
+                        "(no IPv6 address, protocol or port)")
+        return None
 
     def flow_problem(self, f: Flow) -> Optional[str]:
         if f.table >= self.max_tables or (f.goto is not None and f.goto >= self.max_tables):
             return f"uses table {max(f.table, f.goto or 0)}; {self.name} has tables 0 to {self.max_tables - 1}"
+        why = self.match_problem(f.match)
+        if why:
+            return why
         ports = [v for k, v in f.match if k == "in_port"] + [a[1] for a in f.actions if a[0] == "output"]
         for p in ports:
             if p in (OFPP_CONTROLLER, OFPP_TABLE):
@@ -78,7 +95,7 @@ OVS = Profile("ovs", max_flows=None, max_meters=None, max_bands=None, max_tables
 
 ZODIACFX = Profile("zodiacfx", max_flows=480, max_meters=8, max_bands=3, max_tables=10,
                    units=frozenset({"pktps", "kbps"}), burst=False, data_ports=frozenset({1, 2, 3}),
-                   management_port=4)
+                   management_port=4, ipv6=False)
 
 PROFILES = {"ovs": OVS, "zodiacfx": ZODIACFX}
 

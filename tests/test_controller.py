@@ -19,6 +19,7 @@ import pytest
 from appliance import config as config_mod
 from appliance import flagdoc, store
 from lab.virtual import VirtualAppliance
+from static_controller.modules.enforce import P_DROP, P_LIMIT
 from tests.conftest import assert_gone
 from tests.ctlutil import (
     ControllerProcess,
@@ -173,7 +174,8 @@ def test_a_flag_cuts_client_a_within_2s_client_b_keeps_working_release_restores(
             assert tcp_client(va, IN, 5222)["ok"] == 1 and tcp_client(va, CLIENT_B, 5222)["ok"] == 1
             t0 = time.monotonic()
             fid = db[store.FLAGS].insert_one(flag_doc(IN, action=action)).inserted_id
-            assert wait_for(lambda: flows_matching(va, f"nw_src={IN}", "priority=310"), 2.0), "no ban flow within 2 s"
+            prio = f"priority={P_DROP if action == 'drop' else P_LIMIT}"
+            assert wait_for(lambda: flows_matching(va, f"nw_src={IN}", prio), 2.0), "no ban flow within 2 s"
             assert time.monotonic() - t0 <= 2.0
             ban = flows_matching(va, f"nw_src={IN}")[0]
             assert "hard_timeout=12" in ban and ("actions=drop" in ban if action == "drop" else "meter:2" in ban)
@@ -216,7 +218,7 @@ def test_kill_keeps_forwarding_restart_leaves_an_identical_table():
         finally:
             ctl.kill(hard=False)
         assert after == before
-        assert len(before[0]) == 6 and len(before[1]) >= 2
+        assert len(before[0]) == 7 and len(before[1]) >= 2      # 5 mirror/patch flows, XMPP meter for v4 and v6
 
 
 def test_store_outage_logged_once_and_connect_still_pushes():
@@ -234,7 +236,7 @@ def test_store_outage_logged_once_and_connect_still_pushes():
         try:
             ms = ctl2.wait_pushed()
             assert ms < va.config.mongodb.timeout_ms, "the push waited for the store"
-            assert len(table_snapshot(va)[0]) == 6
+            assert len(table_snapshot(va)[0]) == 7      # the static set: mirror/patch 5, XMPP meter v4 and v6
             ctl2.wait_log("store unreachable", timeout=20)
             va.store.start()
             ctl2.wait_log("store reachable again", timeout=30)
@@ -341,7 +343,7 @@ def test_a_ban_released_while_the_controller_was_down_is_removed_on_restart():
             ctl = ControllerProcess(va).start()
             ctl.wait_pushed()
             assert wait_for(lambda: not flows_matching(va, f"nw_src={IN}"), 10), "stale ban survived the restart"
-            assert len(table_snapshot(va)[0]) == 6
+            assert len(table_snapshot(va)[0]) == 7      # the static set: mirror/patch 5, XMPP meter v4 and v6
         finally:
             ctl.kill(hard=False)
             db.client.close()

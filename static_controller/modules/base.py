@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import ClassVar
 
 from ..config_view import View
@@ -18,6 +19,11 @@ COOKIE_MASK = 0xFF << 56
 
 def cookie_base(module_id: int) -> int:
     return module_id << 56
+
+
+def digest(text: str, bits: int) -> int:
+    """A stable ``bits``-bit number for ``text``: cookie room for what does not fit (an IPv6 address)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> (64 - bits)
 
 
 class Module:
