@@ -494,6 +494,7 @@ def _run(va: VirtualAppliance, opts: Options, tick: Callable[[str], None]) -> Re
         for name, host, argv in p.generators:
             stage.generator(name, host, argv)
         deadline = time.monotonic() + (opts.spoof_seconds + 2 if not p.targets else opts.timeout)
+        done_at = None
         while time.monotonic() < deadline:
             stage.wait(0.5, tick)
             for tr in targets.values():
@@ -503,8 +504,11 @@ def _run(va: VirtualAppliance, opts: Options, tick: Callable[[str], None]) -> Re
             if stage.services.check_alive():
                 errors += stage.services.check_alive()
                 break
-            if not p.targets and all(stage.procs[n].poll() is not None for n, _h, _a in p.generators):
-                break
+            gens_done = p.generators and all(stage.procs[n].poll() is not None for n, _h, _a in p.generators)
+            if gens_done:     # the attack is over: what it was to trigger has a few seconds more to show
+                done_at = done_at or time.monotonic()
+                if time.monotonic() - done_at > (0 if not p.targets else 5):
+                    break
         blocked = bool(p.targets) and all(tr.blocked_at for tr in targets.values())
         received_at_block: dict[str, int] = {}
         if blocked:
