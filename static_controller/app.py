@@ -2,8 +2,10 @@
 
 Everything that decides lives in ``core`` and the modules; this file only
 decodes os-ken events (``glue``), calls the core from the app's single event
-thread, encodes and sends what the core returns, and publishes counters for
-the metrics endpoint, the status document and the systemd watchdog.
+thread, sends what the core returns through the target's pacer, and
+publishes counters for the metrics endpoint, the status document and the
+systemd watchdog. A connection's end reaches it at once (``ryu_api.Datapath``)
+and is counted and logged with its reason.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from . import glue
 from .core import Core
 from .flagwatch import FlagWatcher
 from .messages import BarrierReply, Tick
+from .pacer import Pacer
 from .ryu_api import (
     CONFIG_DISPATCHER,
     DEAD_DISPATCHER,
@@ -57,6 +60,10 @@ class ControllerApp(RyuApp):
         self.name = "pisnoop_controller"
         self.cfg = self.core.cfg
         self.dp = None
+        self.connected_at = 0.0
+        self.pacer = Pacer(None, len, self.core.next_xid)
+        self.disconnects = collections.Counter()      # reason -> n
+        self.last_disconnect: str | None = None
         self.of_messages = collections.Counter()
         self.of_errors = collections.Counter()
         self.ignored_datapaths = 0
@@ -88,7 +95,7 @@ class ControllerApp(RyuApp):
         dp = self.dp
         if dp is None:
             return
-        for msg in msgs:
+        for msg in self.pacer.send(msgs):
             ofp = glue.to_ofp(dp, msg)
             dp.send_msg(ofp)
             self.of_messages[("sent", type(ofp).__name__)] += 1
@@ -111,17 +118,33 @@ class ControllerApp(RyuApp):
             log.warning("ignoring datapath %016x: this controller drives only %016x (switch.datapath_id)",
                         dp.id, self.cfg.switch.datapath_id)
             return
+        old = self.dp
+        if old is not None:                 # the switch came back before its old connection was seen to end
+            self._lost(old, "replaced by a new connection")
+            old.close("replaced by a new connection")
         log.info("switch %016x connected from %s: pushing the full set", dp.id, dp.address)
-        self.dp = dp
+        self.dp, self.connected_at = dp, time.monotonic()
+        self.pacer = Pacer(self.core.profile.window_bytes, lambda msg: glue.encoded_len(dp, msg), self.core.next_xid)
         self._send(self.core.connect(dp.id, time.time()))
         self.watcher.request_snapshot()
 
     @set_ev_cls(ofp_event.EventOFPStateChange, [MAIN_DISPATCHER, DEAD_DISPATCHER])
     def on_state(self, ev):
         if ev.state == DEAD_DISPATCHER and ev.datapath is self.dp and self.dp is not None:
-            log.warning("switch %016x disconnected; it keeps its flows (secure fail mode)", self.dp.id)
+            self._lost(self.dp, getattr(self.dp, "end_reason", None) or "connection ended")
             self.dp = None
-            self.core.disconnect()
+
+    def _lost(self, dp, reason: str) -> None:
+        """One connection of our switch ended: count it, say why and what the switch does meanwhile."""
+        self.disconnects[reason] += 1
+        self.last_disconnect = reason
+        self.pacer.reset()
+        self.core.disconnect(reason)
+        profile = self.core.profile
+        meanwhile = ("it keeps its flows (secure fail mode)" if profile.keeps_flows else
+                     f"the {profile.name} wipes its flows and drops every packet until it reconnects")
+        log.warning("switch %016x disconnected (%s) after %.1f s; %s", dp.id, reason,
+                    time.monotonic() - self.connected_at, meanwhile)
 
     @set_ev_cls(ofp_event.EventOFPMeterConfigStatsReply, BOTH)
     def on_meter_config(self, ev):
@@ -142,6 +165,7 @@ class ControllerApp(RyuApp):
     def on_barrier(self, ev):
         if self._mine(ev):
             self._core(BarrierReply(ev.msg.xid))
+            self._send(self.pacer.reply(ev.msg.xid))
 
     @set_ev_cls(ofp_event.EventOFPErrorMsg, BOTH)
     def on_error(self, ev):
@@ -182,10 +206,15 @@ class ControllerApp(RyuApp):
             "meter_drops": dict(core.meter_drops), "store_outages": self.watcher.outages,
             "store_up": int(self.watcher.up), "connected": int(core.connected),
             "flows_installed": len(core.installed), "push_ms": core.push_ms,
+            "connects": core.counters["connects"], "disconnects": dict(self.disconnects),
+            "paced_chunks": self.pacer.chunks, "held_messages": self.pacer.held,
         }
         self.watcher.status_doc = {
             "component": "controller", "sensor": self.cfg.snooper.sensor, "counters": snap,
             "connected": core.connected,
             "datapath_id": f"{self.cfg.switch.datapath_id:016x}", "target": core.profile.name,
             "last_push_ms": core.push_ms, "modules": [m.name for m in core.modules],
+            "disconnect_reasons": dict(self.disconnects), "last_disconnect": self.last_disconnect,
+            "refused": {f"{mod}/{kind}": n for (mod, kind), n in core.refused.items()},
+            "meter_poll": core.meter_poll_off or ("on" if core.profile.meter_stats else "no meter stats on the target"),
         }

@@ -2,7 +2,8 @@
 
 The Zodiac FX cannot run here, so its profile is a model built from its
 published limits (4 ports, port 4 management; 8 meters of at most 3 bands,
-KBPS/PKTPS only, no BURST/STATS; 480 flows; 10 tables; group type ALL). The
+KBPS/PKTPS only, no BURST/STATS; 480 flows; 10 tables; group type ALL; a
+small receive buffer, so pushes are paced; flows wiped on disconnect). The
 plan is checked against the profile before anything is pushed, and each new
 flow against the room left, so a plan the target cannot hold is refused with
 a clear message instead of failing half-way on the switch.
@@ -33,6 +34,9 @@ class Profile:
     burst: bool
     data_ports: Optional[frozenset]     # None: any port number
     management_port: Optional[int]
+    meter_stats: bool = True            # its meter counters can be polled (the Zodiac's cannot)
+    window_bytes: Optional[int] = None  # at most this many bytes unconfirmed by a barrier reply; None: no pacing
+    keeps_flows: bool = True            # keeps its flows while no controller is connected (OVS secure fail mode)
 
     def flow_problem(self, f: Flow) -> Optional[str]:
         if f.table >= self.max_tables or (f.goto is not None and f.goto >= self.max_tables):
@@ -76,9 +80,11 @@ class Profile:
 OVS = Profile("ovs", max_flows=None, max_meters=None, max_bands=None, max_tables=254,
               units=frozenset({"pktps", "kbps"}), burst=True, data_ports=None, management_port=None)
 
+# The Zodiac's OpenFlow receive buffer is about 1,136 bytes; 1,024 leaves room for the echo replies and
+# other unpaced small messages (docs/ARCHITECTURE.md, "Facts: the Zodiac FX").
 ZODIACFX = Profile("zodiacfx", max_flows=480, max_meters=8, max_bands=3, max_tables=10,
                    units=frozenset({"pktps", "kbps"}), burst=False, data_ports=frozenset({1, 2, 3}),
-                   management_port=4)
+                   management_port=4, meter_stats=False, window_bytes=1024, keeps_flows=False)
 
 PROFILES = {"ovs": OVS, "zodiacfx": ZODIACFX}
 

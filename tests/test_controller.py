@@ -69,6 +69,39 @@ def metric(text: str, name: str, **labels) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+@pytest.mark.parametrize("end", ["fin", "rst", "controller"])
+def test_a_connection_end_is_an_event_at_once_and_leaves_no_thread_or_socket(end):
+    """os-ken 4.2's native hub cannot kill the send thread: ``ryu_api.Datapath`` makes the end complete."""
+    import socket
+    import threading
+
+    from static_controller import ryu_api
+    listener = socket.create_server(("127.0.0.1", 0))
+    switch = socket.create_connection(listener.getsockname())
+    sock, _ = listener.accept()
+    listener.close()
+    before = {t.ident for t in threading.enumerate()}
+    dp = ryu_api.Datapath(sock, ("127.0.0.1", 1))
+    serve = threading.Thread(target=dp.serve, daemon=True)
+    serve.start()
+    assert switch.recv(8)[1] == 0                                  # the controller's HELLO
+    if end == "rst":
+        switch.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if end == "controller":
+        dp.close("replaced by a new connection")
+    else:
+        switch.close()
+    serve.join(2.0)
+    try:
+        assert not serve.is_alive(), "serve() still blocked: its send thread was never woken"
+        assert {t.ident for t in threading.enumerate()} == before
+        assert dp.state == ryu_api.DEAD_DISPATCHER and sock.fileno() == -1
+        assert dp.end_reason == {"fin": "closed by the switch", "rst": "connection reset by peer",
+                                 "controller": "replaced by a new connection"}[end]
+    finally:
+        switch.close()
+
+
 def test_forwards_and_mirrors_every_frame_both_ways_with_metrics_and_status():
     with appliance() as va, ControllerProcess(va) as ctl:
         ctl.wait_pushed()
@@ -345,3 +378,39 @@ def test_a_ban_released_while_the_controller_was_down_is_removed_on_restart():
         finally:
             ctl.kill(hard=False)
             db.client.close()
+
+
+def test_ovs_answers_a_modify_of_a_missing_meter_with_unknown_meter_and_the_core_re_adds_it(va):
+    """What OVS 3.1 really sends (docs/ARCHITECTURE.md, "Facts: Open vSwitch"): (12, 3), not (12, 7)."""
+    import socket
+
+    from static_controller import glue
+    from static_controller.core import Core
+    from static_controller.messages import Error, Meter
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(va.run_dir / "ovs" / f"{va.bridge}.mgmt"))
+    sock.settimeout(5)
+    got: dict[int, tuple] = {}
+    try:
+        sock.sendall(struct.pack("!BBHI", 4, 0, 8, 1))                                   # HELLO, OpenFlow 1.3
+        band = struct.pack("!HHII4x", 1, 16, 10, 0)                                      # drop band, 10 pktps
+        for xid, command in ((2, 1), (3, 0), (4, 0)):                                    # MODIFY missing, ADD, ADD
+            sock.sendall(struct.pack("!BBHIHHI", 4, 29, 32, xid, command, 2, 5) + band)
+        sock.sendall(struct.pack("!BBHI", 4, 20, 8, 9))                                  # barrier
+        buf = b""
+        while 9 not in got:
+            while len(buf) < 8 or len(buf) < struct.unpack_from("!H", buf, 2)[0]:
+                buf += sock.recv(4096)
+            _v, kind, length, xid = struct.unpack_from("!BBHI", buf)
+            got[xid] = (kind,) + (struct.unpack_from("!HH", buf, 8) if kind == 1 else ())
+            buf = buf[length:]
+    finally:
+        sock.close()
+    assert got[2] == (1, 12, 3) and got[4] == (1, 12, 1) and 3 not in got and got[9] == (21,)
+    assert glue.ERROR_NAMES[got[2][1:]] == "OFPMMFC_UNKNOWN_METER"
+    core = Core(va.config)
+    req = core.connect(1, 0.0)[0]
+    from static_controller.messages import MeterConfig
+    core.handle(MeterConfig(req.xid, ((1, "pktps", (1,)),)), 0.0)                        # "meter 1 exists": MODIFY
+    err = Error(99, 12, 3, meter_id=1, request="meter_mod", name=glue.ERROR_NAMES[(12, 3)])
+    assert [m.command for m in core.handle(err, 0.0) if isinstance(m, Meter)] == ["add"]
