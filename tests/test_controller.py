@@ -414,3 +414,74 @@ def test_ovs_answers_a_modify_of_a_missing_meter_with_unknown_meter_and_the_core
     core.handle(MeterConfig(req.xid, ((1, "pktps", (1,)),)), 0.0)                        # "meter 1 exists": MODIFY
     err = Error(99, 12, 3, meter_id=1, request="meter_mod", name=glue.ERROR_NAMES[(12, 3)])
     assert [m.command for m in core.handle(err, 0.0) if isinstance(m, Meter)] == ["add"]
+
+
+class Tap:
+    """A Listener read by a thread of its own, so a long run does not overflow its socket buffer."""
+
+    def __init__(self, ns: str, ifname: str):
+        import threading
+        self.lis = Listener(ns, ifname)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.lis.drain(quiet=0.3, limit=0.5)
+
+    def close(self) -> list[bytes]:
+        self.stop.set()
+        self.thread.join(5)
+        frames = self.lis.drain()
+        self.lis.close()
+        return frames
+
+
+def test_50_abrupt_reconnects_with_traffic_flowing_leave_the_table_threads_and_sockets_as_they_were():
+    """Half the connections are cut within ~100 ms of the switch's features reply, half after a whole push.
+
+    Each cut is a RST (``ss -K``) followed by a new controller target string for the same relay, so OVS
+    opens a fresh connection at once: after a short-lived connection its rconn otherwise backs off 2, 4,
+    then 8 s whatever max_backoff says."""
+    import signal
+    import subprocess
+
+    from tests.ctlutil import established, kill_connections, settled_usage
+    with appliance() as va, ControllerProcess(va) as ctl:
+        port = va.config.switch.controller.listen_port
+        ctl.wait_pushed()
+        time.sleep(1.0)                                   # the first read-back (stale-flow removal) passes
+        before = table_snapshot(va)
+        usage = settled_usage(ctl.proc.pid)
+        mirror = Tap(va.hosts["mirror"].netns, "mirror0")
+        pinger = va.popen("inside", ["ping", "-n", "-q", "-i", "0.1", UP], stdout=subprocess.PIPE, text=True)
+        try:
+            targets = ['"tcp:127.0.0.1"', '"tcp:127.0.0.1:6653"']     # one endpoint, two spellings
+            for i in range(50):
+                pushes = ctl.pushes()
+                ctl.wait_log("connected from", count=i + 1, timeout=15)
+                if i % 2:
+                    assert wait_for(lambda: ctl.pushes() > pushes, 10), f"no push after connect {i + 1}"
+                    time.sleep(0.5)
+                assert kill_connections(port) == 1
+                va.vsctl("set", "controller", va.bridge, f"target={targets[i % 2]}")
+            ctl.wait_log("connected from", count=51, timeout=15)
+            assert wait_for(lambda: established(port) == 1 and ctl.pushes() >= 26, 10)
+            time.sleep(1.5)
+        finally:
+            pinger.send_signal(signal.SIGINT)
+            summary = pinger.communicate(timeout=10)[0]
+            seen = icmp_echo(mirror.close(), 8)
+        sent, got = (int(n) for n in re.search(r"(\d+) packets transmitted, (\d+) received", summary).groups())
+        assert sent > 100 and got == sent, f"forwarding stopped while the controller reconnected: {summary}"
+        assert len(seen) == sent, "the mirror missed frames while the controller reconnected"
+        assert table_snapshot(va) == before
+        assert settled_usage(ctl.proc.pid, want=usage) == usage, "threads or sockets grew with the reconnects"
+        log = ctl.log
+        assert log.count("connected from") == 51 and log.count(") after ") == 50
+        assert "it keeps its flows (secure fail mode)" in log and "connection reset by peer" in log
+        text = metrics(va)
+        assert metric(text, "pisnoop_controller_connects_total") == 51
+        assert sum(float(v) for v in re.findall(r'pisnoop_controller_disconnects_total\{reason="[^"]*"\} (\S+)',
+                                                text)) == 50
