@@ -11,6 +11,7 @@ and is counted and logged with its reason.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -37,6 +38,19 @@ log = logging.getLogger("pisnoop.controller")
 
 TICK_SECONDS = 0.2
 BOTH = [CONFIG_DISPATCHER, MAIN_DISPATCHER]
+
+
+def survives(handler):
+    """Log a handler's exception and carry on: with the native hub, os-ken's event loop re-raises any
+    exception (its ``TaskExit`` is ``Exception``) and the app would stop hearing events, silently."""
+    @functools.wraps(handler)
+    def guarded(self, ev):
+        try:
+            handler(self, ev)
+        except Exception:
+            self.handler_errors += 1
+            log.exception("%s failed on %s (the controller goes on)", handler.__name__, type(ev).__name__)
+    return guarded
 
 
 class EventTick(EventBase):
@@ -67,6 +81,7 @@ class ControllerApp(RyuApp):
         self.of_messages = collections.Counter()
         self.of_errors = collections.Counter()
         self.ignored_datapaths = 0
+        self.handler_errors = 0
         self.published: dict = {}
         self.watchdog = service.Watchdog()
         self.watcher = FlagWatcher(self.cfg, lambda flags: self.send_event(self.name, EventFlags(flags)),
@@ -92,10 +107,14 @@ class ControllerApp(RyuApp):
     # --- sending ---------------------------------------------------------------
 
     def _send(self, msgs) -> None:
+        """What the core decided, through the target's pacer."""
+        self._write(self.pacer.send(msgs))
+
+    def _write(self, msgs) -> None:
         dp = self.dp
         if dp is None:
             return
-        for msg in self.pacer.send(msgs):
+        for msg in msgs:
             ofp = glue.to_ofp(dp, msg)
             dp.send_msg(ofp)
             self.of_messages[("sent", type(ofp).__name__)] += 1
@@ -110,6 +129,7 @@ class ControllerApp(RyuApp):
     # --- switch events ------------------------------------------------------------
 
     @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
+    @survives
     def on_features(self, ev):
         dp = ev.msg.datapath
         self.of_messages[("received", "OFPSwitchFeatures")] += 1
@@ -129,6 +149,7 @@ class ControllerApp(RyuApp):
         self.watcher.request_snapshot()
 
     @set_ev_cls(ofp_event.EventOFPStateChange, [MAIN_DISPATCHER, DEAD_DISPATCHER])
+    @survives
     def on_state(self, ev):
         if ev.state == DEAD_DISPATCHER and ev.datapath is self.dp and self.dp is not None:
             self._lost(self.dp, getattr(self.dp, "end_reason", None) or "connection ended")
@@ -147,27 +168,32 @@ class ControllerApp(RyuApp):
                     time.monotonic() - self.connected_at, meanwhile)
 
     @set_ev_cls(ofp_event.EventOFPMeterConfigStatsReply, BOTH)
+    @survives
     def on_meter_config(self, ev):
         if self._mine(ev):
             self._core(glue.meter_config(ev.msg))
 
     @set_ev_cls(ofp_event.EventOFPMeterStatsReply, BOTH)
+    @survives
     def on_meter_stats(self, ev):
         if self._mine(ev):
             self._core(glue.meter_stats(ev.msg))
 
     @set_ev_cls(ofp_event.EventOFPFlowStatsReply, BOTH)
+    @survives
     def on_flow_stats(self, ev):
         if self._mine(ev):
             self._core(glue.flow_stats(ev.msg))
 
     @set_ev_cls(ofp_event.EventOFPBarrierReply, BOTH)
+    @survives
     def on_barrier(self, ev):
         if self._mine(ev):
             self._core(BarrierReply(ev.msg.xid))
-            self._send(self.pacer.reply(ev.msg.xid))
+            self._write(self.pacer.reply(ev.msg.xid))
 
     @set_ev_cls(ofp_event.EventOFPErrorMsg, BOTH)
+    @survives
     def on_error(self, ev):
         if self._mine(ev):
             err = glue.error(ev.msg)
@@ -175,11 +201,13 @@ class ControllerApp(RyuApp):
             self._core(err)
 
     @set_ev_cls(ofp_event.EventOFPFlowRemoved, BOTH)
+    @survives
     def on_flow_removed(self, ev):
         if self._mine(ev):
             self._core(glue.flow_removed(ev.msg))
 
     @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
+    @survives
     def on_packet_in(self, ev):
         if self._mine(ev):
             self._core(glue.packet_in(ev.msg))
@@ -187,10 +215,12 @@ class ControllerApp(RyuApp):
     # --- our own events ---------------------------------------------------------------
 
     @set_ev_cls(EventFlags)
+    @survives
     def on_flags(self, ev):
         self._core(ev.flags)
 
     @set_ev_cls(EventTick)
+    @survives
     def on_tick(self, ev):
         self._core(Tick(time.time()))
         self._publish()
@@ -199,7 +229,8 @@ class ControllerApp(RyuApp):
     def _publish(self) -> None:
         core = self.core
         snap = core.snapshot()
-        snap.update(ignored_datapaths=self.ignored_datapaths, store_outages=self.watcher.outages)
+        snap.update(ignored_datapaths=self.ignored_datapaths, store_outages=self.watcher.outages,
+                    handler_errors=self.handler_errors)
         self.published = {
             "of_messages": dict(self.of_messages), "of_errors": dict(self.of_errors),
             "pushed": dict(core.pushed_by_module), "refused": dict(core.refused),

@@ -58,6 +58,7 @@ log = logging.getLogger("pisnoop.controller.core")
 
 # OpenFlow 1.3 errors the core reacts to, by name (``Error.name``; numbers: os_ken.ofproto.ofproto_v1_3)
 METER_EXISTS, UNKNOWN_METER = "OFPMMFC_METER_EXISTS", "OFPMMFC_UNKNOWN_METER"
+TABLE_FULL = "OFPFMFC_TABLE_FULL"
 METER_POLL_SECONDS = 5.0
 
 
@@ -241,12 +242,27 @@ class Core:
             log.warning("switch refused the meter statistics request (%s): meter drops are not polled any more",
                         ev.describe())
             return []
+        if ev.name == TABLE_FULL and ev.cookie is not None:
+            return self._table_full(ev, now)
         if ev.meter_id in self.meters and ev.name in (METER_EXISTS, UNKNOWN_METER):
             m = self.meters[ev.meter_id]
             return [Meter(m.meter_id, m.unit, m.bands, "modify" if ev.name == METER_EXISTS else "add")]
         log.warning("switch error %s for a %s (cookie %s, meter %s)", ev.describe(),
                     ev.request or "message", f"{ev.cookie:#x}" if ev.cookie is not None else "-", ev.meter_id)
         owner = self.owner_of_cookie(ev.cookie) if ev.cookie is not None else None
+        return self._dispatch(owner, ev, now) if owner else []
+
+    def _table_full(self, ev: Error, now: float) -> list:
+        """The switch had no room for a flow (the Zodiac's block pool fills before its 480 flows): the flow
+        is not installed; counted and logged as refused, against the module whose cookie it carries."""
+        gone = [k for k, (_m, f, _exp) in self.installed.items() if f.cookie == ev.cookie]
+        for key in gone:
+            del self.installed[key]
+        owner = self.owner_of_cookie(ev.cookie)
+        name = owner.name if owner else "?"
+        self.refused[(name, "capacity")] += 1
+        log.warning("refused %s flow (the switch's table is full: %s): cookie %#x; %d flows installed", name,
+                    ev.describe(), ev.cookie, len(self.installed))
         return self._dispatch(owner, ev, now) if owner else []
 
     def _tick(self, ev: Tick, now: float) -> list:

@@ -80,6 +80,7 @@ class ControllerProcess:
     def __init__(self, va, config_path=None, env: dict | None = None):
         self.va = va
         self.extra_env = env or {}
+        self.extra_args: list[str] = []
         self.config_path = str(config_path or va.config_path)
         self.log_path = va.run_dir / f"controller-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen | None = None
@@ -91,7 +92,7 @@ class ControllerProcess:
         env.update(self.extra_env)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", self.config_path,
-                                      "controller"], cwd=str(REPO), stdin=subprocess.DEVNULL, stdout=log,
+                                      *self.extra_args, "controller"], cwd=str(REPO), stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT, env=env)
         log.close()
         return self

@@ -650,3 +650,14 @@ def test_ovs_keeps_its_fast_path():
     push = connected(core)
     pacer = Pacer(core.profile.window_bytes, wire_len(), core.next_xid)
     assert pacer.send(push) == push and pacer.send(push) == push and pacer.chunks == 0
+
+
+def test_a_table_full_answer_uninstalls_the_flow_and_counts_it_refused():
+    core = Core(cfg(**ZODIAC))
+    pushed(core)
+    bans = flows_of(core.handle(Flags((flag("a", "10.0.0.11"), flag("b", "10.0.0.12")), True, NOW), NOW))
+    before = len(core.installed)
+    err = Error(77, 5, 1, cookie=bans[1].cookie, request="flow_mod", name="OFPFMFC_TABLE_FULL")
+    assert core.handle(err, NOW) == []
+    assert len(core.installed) == before - 1 and bans[1].key not in core.installed and bans[0].key in core.installed
+    assert core.refused[("enforce", "capacity")] == 1 and core.snapshot()["refused_enforce_capacity"] == 1
