@@ -92,8 +92,8 @@ class ControllerProcess:
         env.update(self.extra_env)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", self.config_path,
-                                      *self.extra_args, "controller"], cwd=str(REPO), stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, env=env)
+                                      *self.extra_args, "controller"], cwd=str(REPO), stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         return self
 
