@@ -177,7 +177,11 @@ class MeterStats:
 
 @dataclass(frozen=True)
 class Error:
-    """An OFPT_ERROR, with what the glue could read back from the failed request."""
+    """An OFPT_ERROR, with what the glue could read back from the failed request.
+
+    ``name`` is the code's OpenFlow 1.3 name as os-ken's ofproto spells it
+    (``OFPMMFC_UNKNOWN_METER``, ``OFPBRC_BAD_MULTIPART``): the core reacts to
+    names, never to numbers."""
 
     xid: int
     type: int
@@ -185,6 +189,10 @@ class Error:
     cookie: Optional[int] = None
     meter_id: Optional[int] = None
     request: Optional[str] = None   # flow_mod | meter_mod | other
+    name: Optional[str] = None
+
+    def describe(self) -> str:
+        return self.name or f"type {self.type} code {self.code}"
 
 
 @dataclass(frozen=True)

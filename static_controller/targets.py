@@ -3,9 +3,11 @@
 The Zodiac FX cannot run here, so its profile is a model built from its
 published limits (4 ports, port 4 management; 8 meters of at most 3 bands,
 KBPS/PKTPS only, no BURST/STATS; 480 flows; 10 tables; group type ALL; no
-IPv6 matching). The plan is checked against the profile before anything is pushed, and each new
-flow against the room left, so a plan the target cannot hold is refused with
-a clear message instead of failing half-way on the switch.
+IPv6 matching; a small receive buffer, so pushes are paced; flows wiped on
+disconnect). The plan is checked against the profile before anything is
+pushed, and each new flow against the room left, so a plan the target cannot
+hold is refused with a clear message instead of failing half-way on the
+switch.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class Profile:
     data_ports: Optional[frozenset]     # None: any port number
     management_port: Optional[int]
     ipv6: bool = True                   # matches IPv6 addresses, and protocol and ports behind IPv6
+    meter_stats: bool = True            # its meter counters can be polled (the Zodiac's cannot)
+    window_bytes: Optional[int] = None  # at most this many bytes unconfirmed by a barrier reply; None: no pacing
+    keeps_flows: bool = True            # keeps its flows while no controller is connected (OVS secure fail mode)
 
     def match_problem(self, match) -> Optional[str]:
         """Why the target cannot match ``match`` (a dict or frozen pairs), or None."""
@@ -93,9 +98,11 @@ class Profile:
 OVS = Profile("ovs", max_flows=None, max_meters=None, max_bands=None, max_tables=254,
               units=frozenset({"pktps", "kbps"}), burst=True, data_ports=None, management_port=None)
 
+# The Zodiac's OpenFlow receive buffer is about 1,136 bytes; 1,024 leaves room for the echo replies and
+# other unpaced small messages (docs/ARCHITECTURE.md, "Facts: the Zodiac FX").
 ZODIACFX = Profile("zodiacfx", max_flows=480, max_meters=8, max_bands=3, max_tables=10,
                    units=frozenset({"pktps", "kbps"}), burst=False, data_ports=frozenset({1, 2, 3}),
-                   management_port=4, ipv6=False)
+                   management_port=4, ipv6=False, meter_stats=False, window_bytes=1024, keeps_flows=False)
 
 PROFILES = {"ovs": OVS, "zodiacfx": ZODIACFX}
 
