@@ -363,7 +363,7 @@ class Core:
             self._refuse(emitter.name, "target", f, why)
             return False
         for key, (other_mod, other, _exp) in self.installed.items():
-            if other_mod is emitter:
+            if other_mod is emitter or other_mod.name in emitter.flowspace.may_shadow:
                 continue
             why = conflict(f, other)
             if why:

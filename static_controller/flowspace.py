@@ -103,13 +103,19 @@ class Slice:
 
 @dataclass(frozen=True)
 class Flowspace:
-    """A module's declaration: cookie value/mask, slices, meters owned and meters it may use."""
+    """A module's declaration: cookie value/mask, slices, meters owned and meters it may use.
+
+    ``may_shadow`` names the modules whose flows this one may hide on purpose
+    (a ban overrides flowstats_ids' per-client allow flow of the same client);
+    every other overlap is still refused.
+    """
 
     cookie: int
     cookie_mask: int
     slices: tuple
     meters_owned: frozenset = field(default_factory=frozenset)
     meters_used: frozenset = field(default_factory=frozenset)
+    may_shadow: frozenset = field(default_factory=frozenset)
 
     def owns_cookie(self, cookie: int) -> bool:
         return cookie & self.cookie_mask == self.cookie

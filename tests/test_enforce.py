@@ -287,3 +287,18 @@ def test_zodiacfx_fits_474_single_port_bans_and_refuses_the_rest_by_capacity():
     out = ban(core, *docs)
     assert len(adds(out)) == 480 - static == 473
     assert core.refused[("enforce", "capacity")] == 2 * 240 - 473 and len(core.installed) == 480
+
+
+def test_a_flag_wins_over_the_flowstats_ids_allow_flow_of_the_same_client_and_nothing_else_is_shadowed():
+    """A ban is wider than flowstats_ids' per-connection allow flow and higher: it may hide it (on purpose);
+    a ban is still refused where it would hide another module's flow (ratelimit's band is below, not shadowed)."""
+    from tests.test_controller_core import tcp_frame
+
+    core = Core(cfg(flowstats_ids={"enabled": True}))
+    pushed = adds(connected(core))
+    ids_cookie = [f for f in pushed if f.priority == 150][0].cookie
+    allow = adds(core.handle(PacketIn(ids_cookie, 1, 1, tcp_frame("10.0.0.11")), NOW))
+    assert len(allow) == 1 and allow[0].priority == 160
+    bans = adds(core.handle(Flags((flag("f1", client_ip="10.0.0.11"),), True, NOW), NOW))
+    assert [(b.priority, dict(b.match)["ipv4_src"]) for b in bans] == [(P_DROP, "10.0.0.11")]
+    assert core.refused == {} or all(kind != "overlap" for (_m, kind) in core.refused)

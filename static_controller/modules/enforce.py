@@ -131,7 +131,8 @@ class Enforce(Module):
         """Any flow arriving on a data port, in the policy table's band above ratelimit's."""
         return Flowspace(self.cookie, COOKIE_MASK,
                          tuple(Slice.of(T_POLICY, *BAND, {"in_port": p}) for p in self.view.data_ports),
-                         meters_used=frozenset({PENALTY_METER}))
+                         meters_used=frozenset({PENALTY_METER}),
+                         may_shadow=frozenset({"flowstats_ids"}))   # a ban wins over the client's allow flow
 
     def ready(self) -> bool:
         """After the first full snapshot; the incremental poll keeps the cache right across reconnects."""
