@@ -256,9 +256,11 @@ class Core:
         """The switch had no room for a flow (the Zodiac's block pool fills before its 480 flows): the flow
         is not installed; counted and logged as refused, against the module whose cookie it carries."""
         gone = [k for k, (_m, f, _exp) in self.installed.items() if f.cookie == ev.cookie]
-        for key in gone:
-            del self.installed[key]
         owner = self.owner_of_cookie(ev.cookie)
+        for key in gone:
+            _m, f, _exp = self.installed.pop(key)
+            if owner is not None:
+                owner.refused(f, now)
         name = owner.name if owner else "?"
         self.refused[(name, "capacity")] += 1
         log.warning("refused %s flow (the switch's table is full: %s): cookie %#x; %d flows installed", name,
@@ -338,6 +340,8 @@ class Core:
                     continue
             elif isinstance(x, Flow):
                 if not self._flow_ok(x, now, emitter):
+                    if x.command == "add":
+                        emitter.refused(x, now)
                     continue
             out.append(x)
         return out

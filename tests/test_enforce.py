@@ -302,3 +302,20 @@ def test_a_flag_wins_over_the_flowstats_ids_allow_flow_of_the_same_client_and_no
     bans = adds(core.handle(Flags((flag("f1", client_ip="10.0.0.11"),), True, NOW), NOW))
     assert [(b.priority, dict(b.match)["ipv4_src"]) for b in bans] == [(P_DROP, "10.0.0.11")]
     assert core.refused == {} or all(kind != "overlap" for (_m, kind) in core.refused)
+
+
+def test_a_ban_refused_for_room_is_pushed_again_once_another_ends_not_on_every_poll():
+    core = Core(cfg(**ZODIAC))
+    static = len(adds(connected(core)))
+    docs = [flag(f"f{i}", client_ip=f"10.1.{i // 250}.{1 + i % 250}", left=600) for i in range(480 - static + 1)]
+    out = ban(core, *docs)
+    assert len(adds(out)) == 480 - static and core.refused[("enforce", "capacity")] == 1
+    enforce = [m for m in core.modules if m.name == "enforce"][0]
+    assert enforce.counters()["bans_refused"] == 1
+    assert adds(core.handle(Tick(NOW + 1), NOW + 1)) == []                 # no retry storm on every poll
+    released = {**docs[0], "status": "released"}
+    out = core.handle(Flags((released,), False, NOW + 2), NOW + 2)
+    assert len(deletes(out)) == 1 and adds(out) == []                     # room, but not yet the retry time
+    out = core.handle(Tick(NOW + 40), NOW + 40)
+    assert [dict(f.match)["ipv4_src"] for f in adds(out)] == [docs[-1]["client_ip"]]
+    assert len(core.installed) == 480 and core.refused[("enforce", "capacity")] == 1

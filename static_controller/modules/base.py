@@ -53,6 +53,9 @@ class Module:
         """This module's own messages for ``event``: the core vets them as this module's and merges."""
         return []
 
+    def refused(self, f, now: float) -> None:
+        """A flow of this module that the core or the switch refused: it is not on the switch (no reply needed)."""
+
     def ready(self) -> bool:
         """Whether the module knows its full flow set (stale flows may then be removed)."""
         return True

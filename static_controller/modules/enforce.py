@@ -41,6 +41,7 @@ log = logging.getLogger("pisnoop.controller.enforce")
 P_LIMIT, P_DROP = 310, 320
 BAND = (300, 399)
 MAX_TIMEOUT = 65535
+RETRY_SECONDS = 30.0       # a ban refused for want of room is pushed again after this long
 
 # The cookie of a ban: module 3 in bits 56-63, the subject's kind in 52-55, the subject in 0-51. IPv4 and MAC
 # subjects are there whole (``decode_cookie`` gives them back); an IPv6 subject, which cannot fit, is a 52-bit
@@ -123,9 +124,10 @@ class Enforce(Module):
         self.verdicts: dict[str, Optional[str]] = {}    # flag id -> the never-ban entry it is on, or None
         self.exempt: set[str] = set()          # flag ids refused as exempt (counted and logged once)
         self.unenforceable: set[str] = set()
+        self.retry_at: dict[tuple, float] = {}  # ban key -> when to push it again after a refusal for room
         self.snapshot_seen = False
         self.stats = {"flags_active": 0, "flags_bad": 0, "flags_exempt": 0, "flags_unenforceable": 0,
-                      "bans_installed": 0, "bans_removed": 0}
+                      "bans_installed": 0, "bans_removed": 0, "bans_refused": 0}
 
     def declare(self) -> Flowspace:
         """Any flow arriving on a data port, in the policy table's band above ratelimit's."""
@@ -185,6 +187,9 @@ class Enforce(Module):
         want = self._desired(now)
         msgs = []
         for key, (fl, fid, expires) in want.items():
+            if self.retry_at.get(key, 0.0) > now:
+                continue                  # refused for want of room: tried again later, not on every poll
+            self.retry_at.pop(key, None)
             old = self.installed.get(key)
             # re-push when new or the ban was extended (hard timeouts only count down)
             if old is None or abs(old[2] - expires) > 1:
@@ -203,7 +208,7 @@ class Enforce(Module):
     # --- the module API ---------------------------------------------------------
 
     def start(self, now: float) -> list:
-        self.installed = {}
+        self.installed, self.retry_at = {}, {}        # a new connection: a wiped table has room again
         return self._sync(now)
 
     def handle(self, event) -> list:
@@ -220,6 +225,15 @@ class Enforce(Module):
                 if fl.cookie == event.cookie and fl.match == event.match:
                     del self.installed[key]
         return []
+
+    def refused(self, f, now: float) -> None:
+        """A ban the core or the switch had no room for: forget it, so the next sync after RETRY_SECONDS
+        pushes it again (room frees as other bans end); the rest stays."""
+        for key, (fl, _fid, _exp) in list(self.installed.items()):
+            if fl.cookie == f.cookie and fl.match == f.match and fl.priority == f.priority:
+                del self.installed[key]
+                self.retry_at[key] = now + RETRY_SECONDS
+                self.stats["bans_refused"] += 1
 
     def _take(self, ev: Flags) -> None:
         if ev.never_ban is not None:
