@@ -134,10 +134,14 @@ class MongoFlags:
         return [d for d in self.coll.find(query).sort(FLAGGED_AT, 1) if since is None or d[FLAGGED_AT] >= since]
 
     def release(self, ip: str, port: Optional[int], now: dt.datetime) -> int:
-        query = {STATUS: FLAGGED, CLIENT_IP: ip}
+        query = {CLIENT_IP: ip}
         if port is not None:
             query[CLIENT_PORT] = port
-        return sum(self._end(d, RELEASED, now) for d in self.coll.find(query))
+        return len(self.release_where(query, now))
+
+    def release_where(self, query: dict, now: dt.datetime) -> list:
+        """Release the active flags ``query`` selects (by id, address, prefix or MAC); the ids released."""
+        return [d["_id"] for d in self.coll.find({**query, STATUS: FLAGGED}) if self._end(d, RELEASED, now)]
 
 
 class FlagBook:

@@ -2,10 +2,12 @@
 
 The Zodiac FX cannot run here, so its profile is a model built from its
 published limits (4 ports, port 4 management; 8 meters of at most 3 bands,
-KBPS/PKTPS only, no BURST/STATS; 480 flows; 10 tables; group type ALL). The
-plan is checked against the profile before anything is pushed, and each new
-flow against the room left, so a plan the target cannot hold is refused with
-a clear message instead of failing half-way on the switch.
+KBPS/PKTPS only, no BURST/STATS; 480 flows; 10 tables; group type ALL; no
+IPv6 matching; a small receive buffer, so pushes are paced; flows wiped on
+disconnect). The plan is checked against the profile before anything is
+pushed, and each new flow against the room left, so a plan the target cannot
+hold is refused with a clear message instead of failing half-way on the
+switch.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Iterable, Optional
 
 from appliance.errors import BadInput
 
-from .messages import OFPP_CONTROLLER, OFPP_TABLE, Flow, Meter
+from .messages import ETH_IPV6, OFPP_CONTROLLER, OFPP_TABLE, Flow, Meter
+
+L3_L4 = ("ip_proto", "tcp_src", "tcp_dst", "udp_src", "udp_dst")
 
 
 class PlanRefused(BadInput):
@@ -33,10 +37,28 @@ class Profile:
     burst: bool
     data_ports: Optional[frozenset]     # None: any port number
     management_port: Optional[int]
+    ipv6: bool = True                   # matches IPv6 addresses, and protocol and ports behind IPv6
+    meter_stats: bool = True            # its meter counters can be polled (the Zodiac's cannot)
+    window_bytes: Optional[int] = None  # at most this many bytes unconfirmed by a barrier reply; None: no pacing
+    keeps_flows: bool = True            # keeps its flows while no controller is connected (OVS secure fail mode)
+
+    def match_problem(self, match) -> Optional[str]:
+        """Why the target cannot match ``match`` (a dict or frozen pairs), or None."""
+        m = dict(match)
+        if self.ipv6:
+            return None
+        for key in m:
+            if key.startswith("ipv6_") or (m.get("eth_type") == ETH_IPV6 and key in L3_L4):
+                return (f"cannot match {key} in IPv6: {self.name} matches IPv6 frames by eth_type only "
+                        "(no IPv6 address, protocol or port)")
+        return None
 
     def flow_problem(self, f: Flow) -> Optional[str]:
         if f.table >= self.max_tables or (f.goto is not None and f.goto >= self.max_tables):
             return f"uses table {max(f.table, f.goto or 0)}; {self.name} has tables 0 to {self.max_tables - 1}"
+        why = self.match_problem(f.match)
+        if why:
+            return why
         ports = [v for k, v in f.match if k == "in_port"] + [a[1] for a in f.actions if a[0] == "output"]
         for p in ports:
             if p in (OFPP_CONTROLLER, OFPP_TABLE):
@@ -76,9 +98,11 @@ class Profile:
 OVS = Profile("ovs", max_flows=None, max_meters=None, max_bands=None, max_tables=254,
               units=frozenset({"pktps", "kbps"}), burst=True, data_ports=None, management_port=None)
 
+# The Zodiac's OpenFlow receive buffer is about 1,136 bytes; 1,024 leaves room for the echo replies and
+# other unpaced small messages (docs/ARCHITECTURE.md, "Facts: the Zodiac FX").
 ZODIACFX = Profile("zodiacfx", max_flows=480, max_meters=8, max_bands=3, max_tables=10,
                    units=frozenset({"pktps", "kbps"}), burst=False, data_ports=frozenset({1, 2, 3}),
-                   management_port=4)
+                   management_port=4, ipv6=False, meter_stats=False, window_bytes=1024, keeps_flows=False)
 
 PROFILES = {"ovs": OVS, "zodiacfx": ZODIACFX}
 
