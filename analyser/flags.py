@@ -78,6 +78,10 @@ class MemoryFlags:
         return sum(1 for d in self.docs if d.get(k) == v and d[FLAGGED_AT] >= since and d[STATUS] != EXEMPT)
 
     def active(self, now: dt.datetime) -> list[dict]:
+        return [d for d in self.docs if d[STATUS] == FLAGGED and d[EXPIRES_AT] > now]
+
+    def covering(self, now: dt.datetime) -> list[dict]:
+        """The flags that hold their subject now: banning, or recorded exempt (not recorded again meanwhile)."""
         return [d for d in self.docs if d[STATUS] in ACTIVE and d[EXPIRES_AT] > now]
 
     def never_ban(self) -> list[dict]:
@@ -108,6 +112,10 @@ class MongoFlags:
 
     # Date bounds a second wider, then exact in Python: nx-27017 compares dates at whole seconds.
     def active(self, now: dt.datetime) -> list[dict]:
+        docs = self.coll.find({STATUS: FLAGGED, EXPIRES_AT: {"$gte": now - SLACK}})
+        return [d for d in docs if d[EXPIRES_AT] > now]
+
+    def covering(self, now: dt.datetime) -> list[dict]:
         docs = self.coll.find({STATUS: {"$in": list(ACTIVE)}, EXPIRES_AT: {"$gte": now - SLACK}})
         return [d for d in docs if d[EXPIRES_AT] > now]
 
@@ -171,7 +179,7 @@ class FlagBook:
     def refresh(self, now: Optional[dt.datetime] = None) -> None:
         """Reload the active flags (another process may have released some) and the never-ban list."""
         self.covering, self.prefixes = {}, []
-        for d in self.backend.active(now or now_utc()):
+        for d in self.backend.covering(now or now_utc()):
             self._cover(d)
         self.stored = self.backend.never_ban()
         self._never()
