@@ -12,7 +12,8 @@ another's source address. A TCP connection is verified when the mirror saw
 its handshake complete both ways (SYN; SYN-ACK acknowledging it; the client's
 ACK acknowledging the server's sequence, from the SYN's source MAC) and then
 ``xmpp.settle_seconds`` of frame time passed without a contradiction (a second SYN-ACK
-with another sequence number, an RST from either end): the real server and
+with another sequence number, an RST that is not exactly at its sender's next sequence
+number): the real server and
 the real client answer a forged handshake within a round trip, a forger
 cannot stop them. A connection picked up mid-stream is verified after
 ``PICKUP_EXCHANGES`` exchanges each way (a segment of one side acknowledged
@@ -83,7 +84,7 @@ class Flow:
                  "pkts", "bytes", "max_size", "last_dir_ns", "iat_min", "iat_max", "flags", "closed",
                  "batches", "skip", "dirty", "mac", "tcp", "isn", "nxt", "win", "ws", "conf", "ends", "settle_ns",
                  "verified_by", "held", "counted", "status", "v6", "agg", "agg_gen", "ttl", "queued", "cov_gen",
-                 "settle_after")
+                 "settle_after", "reset")
 
     def __init__(self, key: tuple, p: Packet, server_ports=(), settle_after: int = SETTLE_NS):
         self.key = key
@@ -133,6 +134,7 @@ class Flow:
         self.agg, self.agg_gen = None, -1
         self.queued = False
         self.cov_gen = -1
+        self.reset = False
 
     def add(self, p: Packet, batch_id: str) -> int:
         """Count one packet; return its direction (0 client->server, 1 server->client); ``status`` says whether
@@ -220,10 +222,16 @@ class Flow:
         if st >= SPOOFED:
             return NO
         if st == SETTLING:
-            if f & RST or (f & SYN and p.seq != self.isn[d]):
+            if f & SYN and p.seq != self.isn[d]:
                 return self._contradicted()
-            if f & SYN or not self._fits(p, d) or len(self.held) >= HELD_MAX or (d == 0 and p.mac != self.mac):
+            if self.reset or f & SYN or not self._fits(p, d) or len(self.held) >= HELD_MAX or (
+                    d == 0 and p.mac != self.mac):
                 return NO
+            if f & RST:
+                if p.seq != self.nxt[d]:
+                    return self._contradicted()     # not the end's own RST (RFC 5961: exactly its next sequence)
+                self.reset = self.closed = True     # a client closing with unread data: nothing after it counts
+                return HELD
             self._advance(p, d)
             if f & FIN:
                 self.closed = True
@@ -316,7 +324,7 @@ class Flow:
         """The settling time passed: verified unless contradicted meanwhile; return whether it is verified."""
         if self.tcp != SETTLING:
             return False
-        self.tcp = VERIFIED
+        self.tcp = RESET if self.reset else VERIFIED
         return True
 
     @property
@@ -369,7 +377,7 @@ class Flow:
         f.verified_by = t[1]
         f.isn, f.nxt, f.win, f.ws = list(t[2:4]), list(t[4:6]), list(t[6:8]), list(t[8:10])
         f.conf, f.ends, f.settle_ns, f.held, f.status = [0, 0], ([], []), 0, [], NO
-        f.agg, f.agg_gen, f.queued, f.cov_gen, f.settle_after = None, -1, False, -1, SETTLE_NS
+        f.agg, f.agg_gen, f.queued, f.cov_gen, f.settle_after, f.reset = None, -1, False, -1, SETTLE_NS, False
         # Written by a step that never committed its resume point: those batches are in already.
         f.skip = frozenset(doc.get("step_batches", ())) if doc.get("step", 0) > committed_step else frozenset()
         f.batches, f.dirty = set(), False

@@ -179,7 +179,7 @@ def render_text(r: Report) -> str:
     total = sum(n for _, n in r.unverified)
     lines.append(f"Unverified traffic per claimed source ({total} packets; counted, never a ban of the source)")
     for src, n in r.unverified:
-        lines.append(f"  {src:<40} {n:>9}")
+        lines.append(f"  {src:<40} {n:>9} unverified packets")
     lines.append(f"  defence: {DEFENCE}" if r.unverified else "  (none)")
     return "\n".join(lines) + "\n"
 

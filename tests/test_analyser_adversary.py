@@ -94,6 +94,25 @@ def test_a_forged_handshake_is_contradicted_by_the_real_ends_and_never_counts(an
     assert off.engine.counters["connections_verified"] == 1          # the victim's own
 
 
+def test_a_short_connection_closed_by_its_clients_rst_before_it_settled_still_counts():
+    """A client that sends and closes with unread data (Linux then sends an RST at its next sequence number)."""
+    frames = []
+    for k in range(12):
+        c = Conn(FLOODER, 41000 + k)
+        t = T0 + k * 300_000_000
+        frames += c.handshake(t) + [f for j in range(30) for f in c.data(t + 3_000_000 + j * 4_000_000, b" ")]
+        frames += c.data(t + 130_000_000, b"<stream/>", to_server=False) + c.rst(t + 140_000_000)
+    off = analyse(frames + chat(VICTIM, 40000, seconds=10))          # the chat goes on past the last settling
+    assert off.engine.counters["connections_verified"] == 13 and off.engine.counters["connections_contradicted"] == 0
+    assert flags(off) == [(FLOODER, None, None, "flagged")]          # 12 x (33 + 10) packets in 3.6 s
+    # an RST that is not at the sender's next sequence number is not its own: the connection never counts
+    c = Conn(VICTIM, 40000)
+    stray = frame(VICTIM, 40000, "10.0.0.1", 5222, 0x04, seq=1001 + 7, mac=CLIENT_MAC)
+    off = analyse(c.handshake(T0) + c.data(T0 + 3_000_000) + [(T0 + 4_000_000, len(stray), stray)]
+                  + c.data(T0 + S))
+    assert off.engine.counters["connections_contradicted"] == 1 and off.engine.counters["verified"] == 0
+
+
 def test_a_connection_picked_up_mid_stream_is_verified_after_exchanges_both_ways():
     c = Conn(FLOODER, 40000)
     c.handshake(T0 - 60 * S)                                     # before the analyser started: not captured
