@@ -372,7 +372,9 @@ class Flow:
         f.flags, f.closed = dict(doc["tcp_flags"]), doc["closed"]
         f.mac = bytes.fromhex(doc["client_mac"].replace(":", "")) if doc.get("client_mac") else b""
         f.v6, f.ttl = ":" in f.client, doc.get("client_ttl", 0)
-        t = doc.get("tcp") or [NONE, None, 0, 0, 0, 0, 0, 0, None, None]
+        t = doc.get("tcp")
+        if not (isinstance(t, list) and len(t) == 10 and t[0] in range(len(STATE_NAMES))):
+            t = [NONE, None, 0, 0, 0, 0, 0, 0, None, None]       # written before verification: picked up anew
         f.tcp = VERIFIED if t[0] == SETTLING else t[0]          # its held packets were not stored
         f.verified_by = t[1]
         f.isn, f.nxt, f.win, f.ws = list(t[2:4]), list(t[4:6]), list(t[6:8]), list(t[8:10])

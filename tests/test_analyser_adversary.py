@@ -295,3 +295,19 @@ def test_an_ipv6_flooder_through_analyse_pcap(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "[2001:db8:1::10]:40000" in r.stdout and "IPv6 2 flows" in r.stdout and "IPv4 1 flows" in r.stdout
     assert "Flagged clients (1)" in r.stdout and "connection" in r.stdout
+
+
+def test_a_flow_document_written_before_verification_is_picked_up_mid_stream():
+    from analyser.flows import NONE, Flow, FlowTable, MemoryFlows
+    from analyser.parse import parse
+    c = Conn(FLOODER, 40000)
+    frames = c.handshake(T0) + c.data(T0 + S)
+    table = FlowTable(MemoryFlows(), "s")
+    for f in frames:
+        table.update(parse(*f), "b1")
+    doc = next(iter(table.flows.values())).document("s", 1)
+    for key in ("tcp", "verified_packets", "verified_by", "client_mac", "client_ttl", "family"):
+        doc.pop(key)
+    old = Flow.from_document(doc, 1)
+    assert (old.tcp, old.counted, old.mac) == (NONE, [0, 0], b"")
+    assert old.pkts == [3, 1] and old.client == FLOODER
