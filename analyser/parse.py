@@ -20,6 +20,7 @@ FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 _inet_ntoa = socket.inet_ntoa
 _inet_ntop = socket.inet_ntop
 _AF6 = socket.AF_INET6
+_new = tuple.__new__
 
 
 class Packet(NamedTuple):
@@ -59,11 +60,12 @@ def parse(ts_ns: int, wire_len: int, data: bytes):
     if h.__class__ is str:
         return h
     version, src, dst, proto, sport, dport, flags, seq, ack, win, l4, poff, end, ttl = h
+    # tuple.__new__ with the fields in order: the NamedTuple's own __new__ parses arguments, ~0.2 µs more
     if version == 4:
-        return Packet(ts_ns, wire_len, _inet_ntoa(src), _inet_ntoa(dst), proto, sport, dport, flags, poff,
-                      end - poff, data, ttl, seq, ack, win, l4, False)
-    return Packet(ts_ns, wire_len, _inet_ntop(_AF6, src), _inet_ntop(_AF6, dst), proto, sport, dport, flags, poff,
-                  end - poff, data, ttl, seq, ack, win, l4, True)
+        return _new(Packet, (ts_ns, wire_len, _inet_ntoa(src), _inet_ntoa(dst), proto, sport, dport, flags, poff,
+                             end - poff, data, ttl, seq, ack, win, l4, False))
+    return _new(Packet, (ts_ns, wire_len, _inet_ntop(_AF6, src), _inet_ntop(_AF6, dst), proto, sport, dport, flags,
+                         poff, end - poff, data, ttl, seq, ack, win, l4, True))
 
 
 def payload(pkt: Packet) -> bytes:
