@@ -373,11 +373,12 @@ class Core:
             if why:
                 self._refuse(emitter.name, "overlap", f, f"{why} against {other_mod.name}'s {other.describe()}")
                 return False
-        if f.key not in self.installed and self.profile.max_flows is not None \
-                and len(self.installed) >= self.profile.max_flows:
-            self._refuse(emitter.name, "capacity", f,
-                         f"{self.profile.name} holds at most {self.profile.max_flows} flows")
-            return False
+        if f.key not in self.installed and (self.profile.max_flows is not None or self.profile.pool):
+            why = self.profile.room_problem([*(x for _m, x, _e in self.installed.values()), f],
+                                            self.meters.values())
+            if why:
+                self._refuse(emitter.name, "capacity", f, f"{self.profile.name} has no room: it {why}")
+                return False
         self.installed[f.key] = (emitter, f, now + f.hard_timeout if f.hard_timeout else None)
         self.pushed_by_module[emitter.name] += 1
         self.counters["flows_pushed"] += 1

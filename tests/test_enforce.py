@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import socket
@@ -11,7 +12,7 @@ import pytest
 
 from appliance import config as config_mod
 from appliance import flagdoc, neverban
-from static_controller import packet
+from static_controller import packet, targets
 from static_controller.core import Core
 from static_controller.messages import (
     ETH_IPV4,
@@ -278,8 +279,9 @@ def test_zodiacfx_plan_is_ipv4_only_and_ipv6_flags_are_counted_unenforceable(cap
     assert len([r for r in caplog.records if "not enforced on zodiacfx" in r.getMessage()]) == 2
 
 
-def test_zodiacfx_fits_474_single_port_bans_and_refuses_the_rest_by_capacity():
+def test_zodiacfx_flow_count_fits_473_two_port_ban_flows_and_refuses_the_rest_by_capacity():
     core = Core(cfg(**ZODIAC, xmpp={"server_ports": [5222, 5223]}))
+    core.profile = dataclasses.replace(core.profile, pool=None)   # the 480-flow count alone; the pool: below
     static = len(adds(connected(core)))
     assert static == 7                      # 2 mirror copies, 1 policy default, 2 patches, 2 XMPP meter flows
     docs = tuple(flag(f"f{i}", client_ip=f"10.1.{i // 250}.{1 + i % 250}", server_ports=[5222, 5223])
@@ -304,8 +306,22 @@ def test_a_flag_wins_over_the_flowstats_ids_allow_flow_of_the_same_client_and_no
     assert core.refused == {} or all(kind != "overlap" for (_m, kind) in core.refused)
 
 
+def test_zodiacfx_block_pool_fits_314_address_bans_and_refuses_the_315th_before_sending():
+    """Each drop ban takes two blocks of 56 bytes or more (its flow_mod; a 33-byte match; no instructions) of
+    the 640 such blocks; the static set (6 flows, 2 one-band meters) takes 12 of them: (640 - 12) / 2 = 314.
+    tests/test_zodiac_controller.py checks the same number against the model of the firmware."""
+    core = Core(cfg(**ZODIAC))
+    assert len(adds(connected(core))) == 6
+    docs = [flag(f"f{i}", client_ip=f"10.1.{i // 250}.{1 + i % 250}") for i in range(315)]
+    out = ban(core, *docs)
+    assert len(adds(out)) == 314 and core.refused[("enforce", "capacity")] == 1 and len(core.installed) == 320
+    with pytest.raises(targets.PlanRefused, match="blocks of 56 bytes or more; zodiacfx's pool has 640"):
+        core.profile.validate([f for _m, f, _e in core.installed.values()] + adds(out)[:1], core.meters.values())
+
+
 def test_a_ban_refused_for_room_is_pushed_again_once_another_ends_not_on_every_poll():
     core = Core(cfg(**ZODIAC))
+    core.profile = dataclasses.replace(core.profile, pool=None)
     static = len(adds(connected(core)))
     docs = [flag(f"f{i}", client_ip=f"10.1.{i // 250}.{1 + i % 250}", left=600) for i in range(480 - static + 1)]
     out = ban(core, *docs)
