@@ -134,11 +134,6 @@ class Xmpp:
     meter: Meter = field(default_factory=Meter)
     penalty_meter: Meter = field(default_factory=lambda: Meter(rate=10, unit="pktps"))
 
-    @property
-    def server_port(self) -> int:
-        """The first XMPP port: only for code not yet taught ``server_ports``."""
-        return self.server_ports[0]
-
 
 @dataclass(frozen=True)
 class Escalation:
@@ -290,12 +285,24 @@ def _renamed(data: Any, source: str) -> Any:
     return out
 
 
+def _as_written(exc: ConfigError, data: Any) -> ConfigError:
+    """A refusal of a renamed key's value, named as the file wrote it (``xmpp.server_port: got 70000``)."""
+    for section, old, new, _convert in RENAMED:
+        sec = data.get(section) if isinstance(data, dict) else None
+        if isinstance(sec, dict) and old in sec and exc.key.split("[")[0] == f"{section}.{new}":
+            return ConfigError(exc.source, f"{section}.{old}", sec[old], exc.expected)
+    return exc
+
+
 def from_dict(data: Any, source: str = "<dict>") -> Config:
     """Validate plain data (as parsed from YAML) into a ``Config``."""
     if data is None:
         data = {}
-    data = _renamed(data, source)
-    cfg = build_section(Config, data, "", source)
+    renamed = _renamed(data, source)
+    try:
+        cfg = build_section(Config, renamed, "", source)
+    except ConfigError as exc:
+        raise _as_written(exc, data) from None
     cfg = dataclasses.replace(cfg, source=source)
     _cross_checks(cfg)
     return cfg

@@ -81,11 +81,6 @@ def test_ipv6_flooder_dropped_within_2s_while_ipv4_and_ipv6_clients_chat(tmp_pat
         assert not va.down()
 
 
-NEEDS_ANALYSER = pytest.mark.xfail(reason="aggregation by MAC/prefix and spoof-resistant counting (dualstack-analyser "
-                                   "branch) are not on main yet", strict=True)
-
-
-@NEEDS_ANALYSER
 def test_rotating_privacy_addresses_caught_as_the_host_on_the_lan_and_as_the_prefix_behind_the_router(tmp_path):
     result, va = run_attack(tmp_path, "rotate")
     try:
@@ -107,7 +102,6 @@ def test_rotating_privacy_addresses_caught_as_the_host_on_the_lan_and_as_the_pre
         assert not va.down()
 
 
-@NEEDS_ANALYSER
 def test_a_spoofed_syn_flood_and_spoofed_segments_never_get_the_victim_banned(tmp_path):
     result, va = run_attack(tmp_path, "spoof")
     try:
@@ -259,7 +253,6 @@ def test_a_flag_against_a_never_ban_address_installs_no_flow_and_flags_ban_recor
     assert st.received().get(st.jid("exempt"), 0) > before + 20, "its messages keep reaching the server"
 
 
-@pytest.mark.xfail(reason="the analyser's never-ban (dualstack-analyser branch) is not on main yet", strict=True)
 def test_the_analyser_records_its_flag_against_a_never_ban_address_as_exempt(stage):
     """Runs after the flood above: every analyser flag for the never-ban address is exempt."""
     flags = wait_for(lambda: list(stage.db[store.FLAGS].find({"client_ip": EXEMPT_IP, "origin": {"$ne": "manual"}})))
