@@ -188,8 +188,21 @@ class Snooper:
 
 @dataclass(frozen=True)
 class Retention:
+    """Age (TTL indexes, appliance/indexes.py) and size (the snooper's trimming, appliance/retention.py).
+
+    The size defaults fit a 32 GB SD card holding the OS and a local store: frames up to 8 GB, and at
+    least 2 GB left free on the store's file system; flows and flags are kept longer than frames.
+    """
     frames_hours: float = field(default=168.0, metadata=value_range(0, 87600, "hours from 0 (keep forever) to 87600"))
     flows_hours: float = field(default=720.0, metadata=value_range(0, 87600, "hours from 0 (keep forever) to 87600"))
+    flags_days: float = field(default=90.0, metadata=value_range(
+        0, 36500, "days after a flag's end from 0 (keep forever) to 36500"))
+    status_hours: float = field(default=168.0, metadata=value_range(
+        0, 87600, "hours after a component's last status from 0 (keep forever) to 87600"))
+    frames_max_gb: float = field(default=8.0, metadata=value_range(
+        0, 1_000_000, "gigabytes (10^9 bytes) of frames from 0 (no cap) to 1000000"))
+    min_free_gb: float = field(default=2.0, metadata=value_range(
+        0, 1_000_000, "gigabytes (10^9 bytes) left free on the store's file system from 0 (no floor) to 1000000"))
 
 
 @dataclass(frozen=True)
@@ -197,6 +210,9 @@ class MongoDB:
     uri: str = field(default="mongodb://127.0.0.1:27017", metadata={"check": "mongo_uri"})
     database: str = field(default="pisnoop", metadata={"check": "name"})
     timeout_ms: int = field(default=2000, metadata=value_range(100, 120_000, "milliseconds from 100 to 120000"))
+    # the store's data directory when it is on this machine (pisnoop-store: /var/lib/pisnoop-store): the free-space
+    # floor reads its file system; null: the file system the store reports (dbStats fsTotalSize - fsUsedSize)
+    data_dir: Optional[str] = field(default=None, metadata={"check": "abspath"})
     retention: Retention = field(default_factory=Retention)
 
 
@@ -502,6 +518,11 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.enforce.escalation.max_seconds < cfg.enforce.ban_seconds:
         raise ConfigError(src, "enforce.escalation.max_seconds", cfg.enforce.escalation.max_seconds,
                           f"at least enforce.ban_seconds ({cfg.enforce.ban_seconds})")
+    flags_days, memory = cfg.mongodb.retention.flags_days, cfg.enforce.escalation.memory_seconds
+    if flags_days and flags_days * 86400 < memory:
+        raise ConfigError(src, "mongodb.retention.flags_days", flags_days, f"0 (keep) or at least "
+                          f"enforce.escalation.memory_seconds ({memory} s = {memory / 86400:g} days): "
+                          "escalation counts the offences kept")
     m = cfg.metrics
     mports = {"controller_port": m.controller_port, "snooper_port": m.snooper_port, "analyser_port": m.analyser_port}
     if m.enabled and len(set(mports.values())) != 3:

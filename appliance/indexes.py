@@ -8,7 +8,7 @@ same key pattern or the same name, other options) is dropped and made again,
 and one that earlier versions made and none needs now (``LEGACY``: the
 ``t0``/``t1`` indexes of ``frames``) is dropped. Any other index is not
 pisnoop's (an operator's, say) and is left alone. ``status`` and ``state`` are
-only read by ``_id`` and need no index.
+only read by ``_id``; ``status`` has its retention index.
 
 Names follow ``idx_<collection>_<fields>``: nx-27017 ignores the name it is
 given and uses exactly that, so with it both servers show the same names, and
@@ -16,7 +16,12 @@ a name tells which index it is. ``conflicts`` checks the declaration for what
 real MongoDB refuses and nx-27017 lets through (the same key pattern twice, a
 name with other keys).
 
-Retention is a TTL (``expireAfterSeconds``) from ``mongodb.retention``. On
+Retention by age is a TTL (``expireAfterSeconds``) from ``mongodb.retention``:
+frames from when they reached the store, flows from when last seen, a flag
+from its end (``expires_at``: an active ban is never removed under the
+controller, and a flag is kept ``flags_days`` after it ends, for
+escalation and the report), a status document from its last update (a
+component gone for good). Retention by size is appliance/retention.py. On
 MongoDB 4.4 ``collMod`` can change the seconds of a TTL index, but it can
 neither make an index TTL (5.1 can) nor take the TTL away. So the retention
 indexes are TTL indexes always, and a retention of 0 (keep) is
@@ -53,12 +58,13 @@ class Index:
     name: str
     keys: tuple[tuple[str, int], ...]
     why: str
-    retention: Optional[str] = None   # the mongodb.retention field (hours) that makes it a TTL index
+    retention: Optional[str] = None   # the mongodb.retention field (_hours or _days) that makes it a TTL index
 
     def options(self, retention) -> dict:
         if self.retention is None:
             return {}
-        return {"expireAfterSeconds": ttl_seconds(getattr(retention, self.retention))}
+        value = getattr(retention, self.retention)
+        return {"expireAfterSeconds": ttl_seconds(value * 24 if self.retention.endswith("_days") else value)}
 
 
 INDEXES: tuple[Index, ...] = (
@@ -85,6 +91,10 @@ INDEXES: tuple[Index, ...] = (
           "a host's (MAC subject's) earlier offences (escalation)"),
     Index(FLAGS, "idx_flags_flagged_at", (("flagged_at", 1),),
           "flags since a time in flag order (report, flags list --all)"),
+    Index(FLAGS, "idx_flags_expires_at", (("expires_at", 1),),
+          "retention, counted from a flag's end: an active ban is never removed", "flags_days"),
+    Index(STATUS, "idx_status_updated_at", (("updated_at", 1),),
+          "retention: the status of a component gone for good", "status_hours"),
 )
 
 

@@ -8,6 +8,8 @@ nothing else.
 
 from __future__ import annotations
 
+from appliance.retention import COUNTERS as RETENTION
+
 NAMES = {
     "captured": "frames read from the capture ring (or from a pcap by import-pcap)",
     "kernel_packets": "frames the kernel offered to the socket (PACKET_STATISTICS tp_packets, incl. drops)",
@@ -28,6 +30,7 @@ NAMES = {
     "spool_inherited": "frames found in the spool at start (left by an earlier run, replayed by this one)",
     "queue_overflows": "batches sent straight to the spool because the writer queue was full",
     "store_errors": "failed store writes (each then spooled)",
+    **RETENTION,   # the snooper owns frames, so it trims them (appliance/retention.py)
 }
 
 

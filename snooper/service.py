@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 
-from appliance import service, store
+from appliance import retention, service, store
 from appliance.errors import UsageError
 
 from . import counters as counters_mod
@@ -54,7 +54,9 @@ def run(cfg, log, duration: float | None = None) -> int:
     dedupe = Dedupe(sc.dedupe_window)
     stop = threading.Event()
     capture = Capture(ring, dedupe, writer, c, sc.sensor, run_id, sc.batch_size, sc.batch_interval, stop)
-    snapshot = snapshot_of(c, writer, spool, ring, dedupe, run_id, sc.interface, capture.in_batch)
+    live = {"cfg": cfg}    # the config in force: a reload (SIGHUP) swaps it for what can change while running
+    trimmer = retention.Trimmer(db, lambda: live["cfg"], c, sc.status_interval, threading.Event(), log)
+    snapshot = snapshot_of(c, writer, spool, ring, dedupe, run_id, sc.interface, capture.in_batch, trimmer)
     reporter = Reporter(db, sc.sensor, sc.status_interval, snapshot, log, threading.Event())
     _metrics(cfg, c, snapshot, log)
 
@@ -68,6 +70,7 @@ def run(cfg, log, duration: float | None = None) -> int:
         timer.start()
     writer.start()
     reporter.start()
+    trimmer.start()
     log.info("capturing on %s%s, run %s, dedupe window %.3g s, batches of %d, spool %s", sc.interface,
              f" (netns {sc.netns})" if sc.netns else "", run_id, sc.dedupe_window, sc.batch_size, sc.spool_dir)
     try:
@@ -77,6 +80,7 @@ def run(cfg, log, duration: float | None = None) -> int:
         for s, h in old.items():
             signal.signal(s, h)
         t0 = time.monotonic()
+        trimmer.stop_event.set()
         writer.stop()
         reporter.stop_event.set()
         reporter.publish(final=True)

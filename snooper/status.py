@@ -49,7 +49,7 @@ class Reporter(threading.Thread):
         return doc
 
 
-def snapshot_of(c: dict, writer, spool, ring, dedupe, run: str, interface: str, in_batch=lambda: 0):
+def snapshot_of(c: dict, writer, spool, ring, dedupe, run: str, interface: str, in_batch=lambda: 0, trimmer=None):
     """A consistent-enough view for one status publication (reads the kernel counters too)."""
 
     def snapshot():
@@ -62,6 +62,10 @@ def snapshot_of(c: dict, writer, spool, ring, dedupe, run: str, interface: str, 
                  "spool_batches": len(spool), "spool_bytes": spool.used, "pending_frames": pending,
                  "dedupe_entries": len(dedupe) if dedupe else 0,
                  "unaccounted": counters_mod.unaccounted(c, pending, spool_frames)}
+        if trimmer is not None:   # the store's size and free space as the last retention round measured them
+            sizes = trimmer.status()
+            extra["retention"] = sizes
+            extra.update({f"store_{k}": v for k, v in sizes.items() if v is not None})
         return dict(c), extra
 
     return snapshot

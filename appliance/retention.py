@@ -1,0 +1,227 @@
+"""Retention by size: the oldest ``frames`` batches go when the frames pass a cap or the store's disk fills.
+
+Age is the TTL indexes' job (appliance/indexes.py); this is the size side
+(``mongodb.retention.frames_max_gb`` and ``min_free_gb``). Only ``frames``
+is trimmed: flows and flags are small and kept for their own (longer)
+times. The decision is pure, given sizes (``bytes_to_free``, ``choose``);
+``measure`` reads the sizes from the store, ``trim`` removes the oldest
+batches (by ``ins``) one by one, so that every removed batch and its frames
+are counted exactly; ``Trimmer`` runs a round every interval in the service
+that owns ``frames`` (the snooper).
+
+Sizes follow MongoDB's semantics (docs/ARCHITECTURE.md, "Facts: store sizes"):
+
+* the frames' size is ``collStats.size``, the uncompressed BSON size of the
+  documents (what was stored, whatever the engine compresses); a server that
+  leaves it out gets the sum of ``$bsonSize``, which is what it means;
+* the free space is that of the store's file system (``mongodb.data_dir``
+  when the store is on this machine: what an unprivileged writer may use;
+  else dbStats ``fsTotalSize - fsUsedSize``, which counts the blocks
+  reserved for root as free) plus the space the store holds for reuse
+  (dbStats ``freeStorageSize``, MongoDB 4.4+; else dbStats ``storageSize``
+  less the collections' ``storageSize``). WiredTiger and SQLite keep the
+  pages of removed documents and reuse them: without that term the disk's
+  free space would not rise after a trim and the floor would empty the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from pymongo.errors import OperationFailure, PyMongoError
+
+from .store import FRAMES
+
+GB = 10**9
+HEADROOM = 0.05     # a trim goes this share of the cap below it, so that not every round has to trim
+PAGE = 200          # batches read per query while choosing what to remove
+
+log = logging.getLogger("pisnoop.retention")
+
+
+# --- the decision ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sizes:
+    frames_bytes: int
+    free_bytes: Optional[int]       # free on the store's file system, reusable space included; None: not known
+
+
+def bytes_to_free(sizes: Sizes, max_bytes: int, min_free: int) -> int:
+    """How many bytes of frames to remove (0: none); a cap or floor of 0 is off."""
+    need = 0
+    if max_bytes and sizes.frames_bytes > max_bytes:
+        need = sizes.frames_bytes - int(max_bytes * (1 - HEADROOM))
+    if min_free and sizes.free_bytes is not None and sizes.free_bytes < min_free:
+        need = max(need, min_free - sizes.free_bytes + int(min_free * HEADROOM))
+    return min(need, sizes.frames_bytes)
+
+
+def choose(batches: Iterable[tuple[str, int]], need: int) -> list[str]:
+    """The ids of the first (oldest) ``(id, size)`` batches whose sizes add up to at least ``need``."""
+    out, total = [], 0
+    for bid, size in batches:
+        if total >= need:
+            break
+        out.append(bid)
+        total += size
+    return out
+
+
+def limits(retention) -> tuple[int, int]:
+    """``(frames cap, free-space floor)`` in bytes from ``mongodb.retention`` (0: off)."""
+    return int(retention.frames_max_gb * GB), int(retention.min_free_gb * GB)
+
+
+# --- the store side ----------------------------------------------------------------------------
+
+def frames_bytes(db) -> int:
+    stats = db.command("collStats", FRAMES)
+    if "size" in stats:
+        return int(stats["size"])
+    rows = list(db[FRAMES].aggregate([{"$group": {"_id": None, "size": {"$sum": {"$bsonSize": "$$ROOT"}}}}]))
+    return int(rows[0]["size"]) if rows else 0
+
+
+def free_bytes(db, data_dir: Optional[str]) -> Optional[int]:
+    """Free space for the store: its file system's, plus what it holds for reuse; None when neither is known."""
+    stats = db.command("dbStats", freeStorage=1)
+    if data_dir:
+        try:
+            disk = shutil.disk_usage(data_dir).free
+        except OSError as exc:
+            log.warning("mongodb.data_dir %s: %s; using the file system the store reports", data_dir, exc.strerror)
+            disk = None
+    else:
+        disk = None
+    if disk is None and "fsTotalSize" in stats and "fsUsedSize" in stats:
+        disk = int(stats["fsTotalSize"]) - int(stats["fsUsedSize"])
+    if disk is None:
+        return None
+    return disk + reusable_bytes(db, stats)
+
+
+def reusable_bytes(db, stats: Optional[dict] = None) -> int:
+    """Space the store holds in its files for new documents (dbStats ``freeStorageSize``, or its fallback)."""
+    stats = stats or db.command("dbStats", freeStorage=1)
+    if "freeStorageSize" in stats:
+        return int(stats["freeStorageSize"])
+    held = sum(int(db.command("collStats", name).get("storageSize", 0)) for name in db.list_collection_names())
+    return max(0, int(stats.get("storageSize", 0)) - held)
+
+
+def measure(db, mcfg) -> Sizes:
+    return Sizes(frames_bytes(db), free_bytes(db, mcfg.data_dir))
+
+
+@dataclass
+class Removed:
+    batches: int = 0
+    frames: int = 0
+    bytes: int = 0
+
+
+def oldest(db, skip_ids: set) -> list[dict]:
+    """The next page of oldest batches: ``_id``, frames ``n`` and BSON ``size`` (``$bsonSize``, MongoDB 4.4+)."""
+    pipeline = [{"$sort": {"ins": 1}}, {"$limit": PAGE + len(skip_ids)},
+                {"$project": {"n": 1, "size": {"$bsonSize": "$$ROOT"}}}]
+    return [d for d in db[FRAMES].aggregate(pipeline) if d["_id"] not in skip_ids]
+
+
+def trim(db, need: int) -> Removed:
+    """Remove the oldest batches until ``need`` bytes are gone (or no batch is left); count each one removed.
+
+    Each batch is its own ``delete_one``: a batch that the TTL or another
+    trimmer removed first is not counted here, so the counts are exact.
+    """
+    done = Removed()
+    gone: set = set()       # chosen ones another remover took first: not to be read again
+    while done.bytes < need:
+        page = oldest(db, gone)
+        if not page:
+            break
+        sizes = {d["_id"]: (int(d.get("size", 0)), int(d.get("n", 0))) for d in page}
+        for bid in choose(((d["_id"], sizes[d["_id"]][0]) for d in page), need - done.bytes):
+            if db[FRAMES].delete_one({"_id": bid}).deleted_count:
+                size, n = sizes[bid]
+                done.batches += 1
+                done.frames += n
+                done.bytes += size
+            else:
+                gone.add(bid)
+    return done
+
+
+class Trimmer(threading.Thread):
+    """A trimming round every ``interval`` seconds; ``config()`` gives the config in force (a reload changes it).
+
+    ``counters`` gets ``retention_batches``, ``retention_frames`` and
+    ``retention_bytes`` (this thread alone writes them); ``status()`` is the
+    last measurement for the owning service's status document.
+    """
+
+    def __init__(self, db, config: Callable, counters: dict, interval: float, stop_event: threading.Event,
+                 log: logging.Logger = log):
+        super().__init__(name="pisnoop-retention", daemon=True)
+        self.db, self.config, self.counters, self.interval = db, config, counters, interval
+        self.stop_event = stop_event
+        self.log = log
+        self.last: dict = {}
+        self._failing = False
+        for key in COUNTERS:
+            counters.setdefault(key, 0)
+
+    def run(self) -> None:
+        self.round()
+        while not self.stop_event.wait(self.interval):
+            self.round()
+
+    def round(self) -> Removed:
+        """Measure, and trim when due; a store error is logged once per outage and retried next round."""
+        retention = self.config().mongodb.retention
+        max_bytes, min_free = limits(retention)
+        try:
+            sizes = measure(self.db, self.config().mongodb)
+            need = bytes_to_free(sizes, max_bytes, min_free)
+            removed = trim(self.db, need) if need else Removed()
+            if removed.batches:
+                sizes = measure(self.db, self.config().mongodb)
+        except (OperationFailure, PyMongoError) as exc:
+            if not self._failing:
+                self.log.warning("retention: store sizes not read (%s: %s); trying again every %.3g s",
+                                 exc.__class__.__name__, str(exc)[:160], self.interval)
+            self._failing = True
+            return Removed()
+        self._failing = False
+        c = self.counters
+        c["retention_batches"] += removed.batches
+        c["retention_frames"] += removed.frames
+        c["retention_bytes"] += removed.bytes
+        self.last = {"frames_bytes": sizes.frames_bytes, "free_bytes": sizes.free_bytes,
+                     "frames_max_bytes": max_bytes, "min_free_bytes": min_free}
+        if removed.batches:
+            self.log.info("retention: removed the %d oldest batches (%d frames, %d bytes): frames now %d bytes "
+                          "(cap %s), %s free (floor %s)", removed.batches, removed.frames, removed.bytes,
+                          sizes.frames_bytes, max_bytes or "off", _shown(sizes.free_bytes), min_free or "off")
+        if need and removed.bytes < need:
+            self.log.warning("retention: %d bytes to free, only %d could go (no older batch left)", need,
+                             removed.bytes)
+        return removed
+
+    def status(self) -> dict:
+        return dict(self.last)
+
+
+COUNTERS = {
+    "retention_batches": "batches removed by retention by size (frames_max_gb, min_free_gb), oldest first",
+    "retention_frames": "frames in the batches removed by retention by size",
+    "retention_bytes": "BSON bytes of the batches removed by retention by size",
+}
+
+
+def _shown(n: Optional[int]) -> str:
+    return "unknown" if n is None else f"{n} bytes"
