@@ -16,6 +16,7 @@ import time
 import pymongo.errors
 
 from appliance import indexes, service, store
+from appliance.errors import UsageError
 from appliance.neverban import own_addresses
 
 from . import flags as flags_mod
@@ -26,6 +27,11 @@ from .reader import Follower
 from .status import Status
 
 log = logging.getLogger("pisnoop.analyser")
+# What a reload (SIGHUP) changes in a running analyser; anything else (server ports, sensor, neighbours, the store,
+# metrics) is named in the reload's log line as needing a restart.
+LIVE = ("xmpp.threshold_ppm", "xmpp.per_ip_threshold_ppm", "xmpp.per_host_threshold_ppm",
+        "xmpp.per_prefix_threshold_ppm", "xmpp.connection_cost", "xmpp.window_seconds", "enforce",
+        "analyser.policy_file", "analyser.poll_interval", "analyser.status_interval", "mongodb.retention")
 
 
 class Analyser:
@@ -39,6 +45,27 @@ class Analyser:
         self.engine = Engine(cfg, self.policy, self.flows, self.book)
         self.status = Status(db, cfg, self.follower, self.engine)
         self.stop = threading.Event()
+        self.reloader: service.Reloader | None = None
+
+    def apply(self, cfg) -> list[str]:
+        """Take a reloaded config (``service.Reloader``): the policy is read again and the classifiers are built
+        anew with the new thresholds (their windows start empty); flows, flags and the position are kept."""
+        policy = policy_mod.load(cfg.analyser.policy_file)
+        ports = frozenset(policy_mod.server_ports(policy, cfg))
+        if ports != self.engine.server_ports:
+            raise UsageError(f"the policy's server ports would be {sorted(ports)}, not "
+                             f"{sorted(self.engine.server_ports)}: a change of ports needs a restart")
+        classifiers = policy_mod.build(policy, cfg, self.engine.neighbours)
+        self.cfg = self.engine.cfg = cfg
+        self.policy = self.engine.policy = policy
+        self.engine.classifiers = classifiers
+        self.book.cfg, self.book.enforce = cfg, cfg.enforce     # the never-ban list: at the next refresh
+        try:
+            indexes.ensure_indexes(self.db, cfg)                # retention TTLs
+        except pymongo.errors.PyMongoError as exc:
+            log.warning("reload: indexes not ensured (%s); the retention TTLs change at the next start",
+                        exc.__class__.__name__)
+        return [f"classifiers rebuilt from {policy.source}"]
 
     def step(self) -> int:
         """Analyse the next batches; return how many were read (0: caught up)."""
@@ -65,7 +92,6 @@ class Analyser:
         self.status.follower = self.follower
 
     def run(self, once: bool = False) -> int:
-        cfg = self.cfg.analyser
         wd = service.Watchdog()
         next_status = next_house = 0.0
         service.notify("READY=1")
@@ -75,6 +101,9 @@ class Analyser:
         self.follower.rescan()
         while not self.stop.is_set():
             wd.kick()
+            if self.reloader is not None:
+                self.reloader.check()
+            cfg = self.cfg.analyser
             try:
                 read = self.step()
                 now = time.monotonic()
@@ -118,6 +147,7 @@ def serve(cfg, log_level: str = "INFO", once: bool = False) -> int:
     store.ping(db)
     indexes.ensure_indexes(db, cfg)
     analyser = Analyser(cfg, db, policy)
+    analyser.reloader = service.Reloader(cfg, LIVE, analyser.apply, log).install()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: analyser.stop.set())
     if not once:

@@ -7,18 +7,26 @@
 * ``setup_logging()`` logs to journald (with the service's identifier) when
   running under systemd, to stderr otherwise.
 * ``health()`` is the psutil snapshot that goes into each status document.
+* ``Reloader`` is SIGHUP (``systemctl reload``, ``ExecReload=``): the config
+  file read again, what the service can change while running applied, one
+  log line saying what changed and what waits for a restart; a bad file
+  keeps the config in force.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from typing import Callable, Iterable, Optional
 
 import psutil
 
-from .errors import Failure
+from . import config as config_mod
+from .errors import BadInput, Failure
 
 try:
     from systemd import daemon as _sd_daemon
@@ -117,3 +125,123 @@ def health() -> dict:
     vm = psutil.virtual_memory()
     out["host"] = {"load1": os.getloadavg()[0], "mem_available_bytes": vm.available, "mem_percent": vm.percent}
     return out
+
+
+# --- reload ------------------------------------------------------------------------------------
+
+
+def flat(cfg) -> dict:
+    """A config as ``{"xmpp.threshold_ppm": 100, ...}`` (lists are values, not sections)."""
+    out = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+    walk(config_mod.to_dict(cfg), "")
+    return out
+
+
+def changed_keys(old, new) -> list[str]:
+    a, b = flat(old), flat(new)
+    return [k for k in b if a.get(k) != b[k]]
+
+
+def merged(old, new, keys: Iterable[str]):
+    """``old`` with the values of ``keys`` taken from ``new``, validated again (cross-checks) as one config."""
+    data, fresh = config_mod.to_dict(old), flat(new)
+    for key in keys:
+        *sections, leaf = key.split(".")
+        d = data
+        for s in sections:
+            d = d[s]
+        d[leaf] = fresh[key]
+    return config_mod.from_dict(data, new.source)
+
+
+def _shown(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class Reloader:
+    """SIGHUP re-reads the config file; ``apply(cfg)`` takes what this service changes while running.
+
+    ``live`` names the keys (or sections, ``"enforce"``) the service applies;
+    any other changed key is kept as it was and named in the log line as
+    needing a restart, so the config in force (``cfg``) is always one the
+    service runs. ``apply`` gets the merged config and may refuse it with a
+    ``BadInput`` (a bad policy file, say): then nothing changes. It may
+    return notes for the log line (``"policy re-read"``). The signal only
+    sets ``requested``; ``check()`` does the work on the service's own
+    thread (its loop, or ``watch()``'s thread).
+    """
+
+    def __init__(self, cfg, live: tuple[str, ...], apply: Callable, log: logging.Logger,
+                 path: Optional[str] = None):
+        self.cfg, self.live, self.apply, self.log = cfg, live, apply, log
+        self.path = path or cfg.source
+        self.requested = threading.Event()
+        self.reloads = 0           # successful reloads
+        self.refused = 0
+
+    def install(self) -> "Reloader":
+        signal.signal(signal.SIGHUP, lambda *_: self.requested.set())
+        return self
+
+    def check(self) -> bool:
+        """Reload when a SIGHUP came since the last check; return whether one did."""
+        if not self.requested.is_set():
+            return False
+        self.requested.clear()
+        self.reload()
+        return True
+
+    def watch(self, stop: threading.Event, every: float = 0.2) -> threading.Thread:
+        """A thread that checks until ``stop`` is set, for a service whose main loop is not pisnoop's."""
+        def loop() -> None:
+            while not stop.is_set():
+                if self.requested.wait(every):
+                    self.check()
+        t = threading.Thread(target=loop, name="pisnoop-reload", daemon=True)
+        t.start()
+        return t
+
+    def reload(self):
+        """Read the file and apply it; return the config now in force, or None when the file was refused."""
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            return self._reload()
+        finally:
+            notify("READY=1")
+
+    def _reload(self):
+        try:
+            new = config_mod.load(self.path)
+            changed = changed_keys(self.cfg, new)
+            applied = [k for k in changed if any(k == p or k.startswith(p + ".") for p in self.live)]
+            restart = [k for k in changed if k not in applied]
+            cfg = merged(self.cfg, new, applied)
+            notes = list(self.apply(cfg) or ())
+        except BadInput as exc:
+            self.refused += 1
+            self.log.error("reload refused, the config in force is unchanged: %s", exc)
+            return None
+        except Exception as exc:   # a fault in applying must not end the service: it goes on as it was
+            self.refused += 1
+            self.log.error("reload failed, the config in force is unchanged: %s: %s", exc.__class__.__name__,
+                           str(exc)[:200])
+            return None
+        old = flat(self.cfg)
+        self.cfg = cfg
+        self.reloads += 1
+        fresh = flat(new)
+        parts = [("applied " + ", ".join(f"{k} {_shown(old[k])} -> {_shown(fresh[k])}" for k in applied))
+                 if applied else "nothing changed" if not restart else "nothing applied"]
+        parts += notes
+        if restart:
+            parts.append("needs a restart: " + ", ".join(f"{k} {_shown(fresh[k])}" for k in restart))
+        self.log.info("reload of %s: %s", self.path, "; ".join(parts))
+        return cfg

@@ -1,4 +1,4 @@
-"""``pisnoop snooper``: wire the parts together, run until SIGTERM/SIGINT, flush, exit.
+"""``pisnoop snooper``: wire the parts together, run until SIGTERM/SIGINT, flush, exit; SIGHUP reloads.
 
 The capture loop runs on the main thread (signals only set an event it
 checks at least every 100 ms); the writer and the status reporter run on
@@ -34,6 +34,11 @@ def open_spool(sc, counters: dict, log, replay: bool = True) -> Spool:
         raise UsageError(str(exc)) from None
 
 
+# What a reload (SIGHUP) changes in a running snooper: retention (the trimmer's cap and floor, the TTLs, ensured
+# again by the writer); the capture (interface, ring, filter, dedupe, batches), the spool and the store need a restart.
+LIVE = ("mongodb.retention",)
+
+
 def run(cfg, log, duration: float | None = None) -> int:
     sc = cfg.snooper
     try:
@@ -60,10 +65,16 @@ def run(cfg, log, duration: float | None = None) -> int:
     reporter = Reporter(db, sc.sensor, sc.status_interval, snapshot, log, threading.Event())
     _metrics(cfg, c, snapshot, log)
 
+    def apply(new) -> None:
+        live["cfg"] = writer.cfg = new
+        writer.indexed = False           # the writer ensures the indexes (the retention TTLs) at its next insert
+
     def on_signal(signum, _frame):
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    old[signal.SIGHUP] = signal.getsignal(signal.SIGHUP)
+    service.Reloader(cfg, LIVE, apply, log).install().watch(stop)
     if duration:
         timer = threading.Timer(duration, stop.set)
         timer.daemon = True

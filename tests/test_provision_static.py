@@ -63,6 +63,9 @@ def verify_root(tmp_path_factory) -> Path:
     for exe in ("pisnoop", "nx-27017"):
         (venv_bin / exe).write_text("#!/bin/sh\n")
         (venv_bin / exe).chmod(0o755)
+    (root / "bin").mkdir()
+    (root / "bin/kill").write_text("#!/bin/sh\n")     # ExecReload=/bin/kill -HUP $MAINPID (procps, on every Debian)
+    (root / "bin/kill").chmod(0o755)
     return root
 
 
