@@ -3,11 +3,12 @@
 Age is the TTL indexes' job (appliance/indexes.py); this is the size side
 (``mongodb.retention.frames_max_gb`` and ``min_free_gb``). Only ``frames``
 is trimmed: flows and flags are small and kept for their own (longer)
-times. The decision is pure, given sizes (``bytes_to_free``, ``choose``);
+times. The decision is pure, given sizes (``bytes_to_free``, ``how_many``);
 ``measure`` reads the sizes from the store, ``trim`` removes the oldest
 batches (by ``ins``) one by one, so that every removed batch and its frames
-are counted exactly; ``Trimmer`` runs a round every interval in the service
-that owns ``frames`` (the snooper).
+are counted exactly (the bytes are what the store's measure fell by);
+``Trimmer`` runs a round every interval in the service that owns
+``frames`` (the snooper).
 
 Sizes follow MongoDB's semantics (docs/ARCHITECTURE.md, "Facts: store sizes"):
 
@@ -27,10 +28,12 @@ Sizes follow MongoDB's semantics (docs/ARCHITECTURE.md, "Facts: store sizes"):
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import threading
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 from pymongo.errors import OperationFailure, PyMongoError
 
@@ -38,7 +41,8 @@ from .store import FRAMES
 
 GB = 10**9
 HEADROOM = 0.05     # a trim goes this share of the cap below it, so that not every round has to trim
-PAGE = 200          # batches read per query while choosing what to remove
+BUSY_SHARE = 10         # the next round waits at least this many times as long as the last one took
+MAX_BATCHES = 20_000   # removed in one round at most (the next round goes on): a round stays seconds long
 
 log = logging.getLogger("pisnoop.retention")
 
@@ -61,15 +65,11 @@ def bytes_to_free(sizes: Sizes, max_bytes: int, min_free: int) -> int:
     return min(need, sizes.frames_bytes)
 
 
-def choose(batches: Iterable[tuple[str, int]], need: int) -> list[str]:
-    """The ids of the first (oldest) ``(id, size)`` batches whose sizes add up to at least ``need``."""
-    out, total = [], 0
-    for bid, size in batches:
-        if total >= need:
-            break
-        out.append(bid)
-        total += size
-    return out
+def how_many(need: int, avg_batch: float) -> int:
+    """Batches to remove for ``need`` bytes at ``avg_batch`` bytes a batch (at least one when anything is needed)."""
+    if need <= 0:
+        return 0
+    return max(1, math.ceil(need / avg_batch)) if avg_batch > 0 else 1
 
 
 def limits(retention) -> tuple[int, int]:
@@ -79,80 +79,95 @@ def limits(retention) -> tuple[int, int]:
 
 # --- the store side ----------------------------------------------------------------------------
 
-def frames_bytes(db) -> int:
+@dataclass(frozen=True)
+class FramesStats:
+    bytes: int
+    count: int
+    avg: float            # bytes a batch, on average
+    storage: int          # what the collection holds in the store's files
+
+
+def frames_stats(db) -> FramesStats:
+    """``collStats`` of ``frames``; without ``size`` (a laxer server), the sum of ``$bsonSize``, its meaning."""
     stats = db.command("collStats", FRAMES)
+    count = int(stats.get("count", 0))
     if "size" in stats:
-        return int(stats["size"])
-    rows = list(db[FRAMES].aggregate([{"$group": {"_id": None, "size": {"$sum": {"$bsonSize": "$$ROOT"}}}}]))
-    return int(rows[0]["size"]) if rows else 0
+        size = int(stats["size"])
+    else:
+        rows = list(db[FRAMES].aggregate([{"$group": {"_id": None, "size": {"$sum": {"$bsonSize": "$$ROOT"}},
+                                                      "count": {"$sum": 1}}}]))
+        size, count = (int(rows[0]["size"]), int(rows[0]["count"])) if rows else (0, 0)
+    avg = float(stats.get("avgObjSize") or (size / count if count else 0))
+    return FramesStats(size, count, avg, int(stats.get("storageSize", 0)))
 
 
-def free_bytes(db, data_dir: Optional[str]) -> Optional[int]:
+def frames_bytes(db) -> int:
+    return frames_stats(db).bytes
+
+
+def free_bytes(db, data_dir: Optional[str], frames: Optional[FramesStats] = None) -> Optional[int]:
     """Free space for the store: its file system's, plus what it holds for reuse; None when neither is known."""
     stats = db.command("dbStats", freeStorage=1)
+    disk = None
     if data_dir:
         try:
             disk = shutil.disk_usage(data_dir).free
         except OSError as exc:
             log.warning("mongodb.data_dir %s: %s; using the file system the store reports", data_dir, exc.strerror)
-            disk = None
-    else:
-        disk = None
     if disk is None and "fsTotalSize" in stats and "fsUsedSize" in stats:
         disk = int(stats["fsTotalSize"]) - int(stats["fsUsedSize"])
     if disk is None:
         return None
-    return disk + reusable_bytes(db, stats)
+    return disk + reusable_bytes(db, stats, frames)
 
 
-def reusable_bytes(db, stats: Optional[dict] = None) -> int:
+def reusable_bytes(db, stats: Optional[dict] = None, frames: Optional[FramesStats] = None) -> int:
     """Space the store holds in its files for new documents (dbStats ``freeStorageSize``, or its fallback)."""
     stats = stats or db.command("dbStats", freeStorage=1)
     if "freeStorageSize" in stats:
         return int(stats["freeStorageSize"])
-    held = sum(int(db.command("collStats", name).get("storageSize", 0)) for name in db.list_collection_names())
+    held = sum(frames.storage if frames is not None and name == FRAMES
+               else int(db.command("collStats", name).get("storageSize", 0)) for name in db.list_collection_names())
     return max(0, int(stats.get("storageSize", 0)) - held)
 
 
 def measure(db, mcfg) -> Sizes:
-    return Sizes(frames_bytes(db), free_bytes(db, mcfg.data_dir))
+    frames = frames_stats(db)
+    return Sizes(frames.bytes, free_bytes(db, mcfg.data_dir, frames))
 
 
 @dataclass
 class Removed:
     batches: int = 0
     frames: int = 0
-    bytes: int = 0
+    bytes: int = 0        # by how much the frames' size fell (collStats.size before and after)
 
 
-def oldest(db, skip_ids: set) -> list[dict]:
-    """The next page of oldest batches: ``_id``, frames ``n`` and BSON ``size`` (``$bsonSize``, MongoDB 4.4+)."""
-    pipeline = [{"$sort": {"ins": 1}}, {"$limit": PAGE + len(skip_ids)},
-                {"$project": {"n": 1, "size": {"$bsonSize": "$$ROOT"}}}]
-    return [d for d in db[FRAMES].aggregate(pipeline) if d["_id"] not in skip_ids]
+def trim(db, need: int, max_batches: int = MAX_BATCHES) -> Removed:
+    """Remove the oldest batches (by ``ins``) until ``need`` bytes are gone, no batch is left or ``max_batches``.
 
-
-def trim(db, need: int) -> Removed:
-    """Remove the oldest batches until ``need`` bytes are gone (or no batch is left); count each one removed.
-
-    Each batch is its own ``delete_one``: a batch that the TTL or another
-    trimmer removed first is not counted here, so the counts are exact.
+    How many go is ``need`` over the average batch size, then measured again
+    (batches differ in size). The oldest are read through ``idx_frames_ins``
+    (``find().sort().limit()``: an aggregation ``$sort`` scans the whole
+    collection on nx-27017), ids and frame counts only. Each batch is its own
+    ``delete_one``: one that the TTL or another trimmer removed first is not
+    counted here, so the counts are exact.
     """
     done = Removed()
-    gone: set = set()       # chosen ones another remover took first: not to be read again
-    while done.bytes < need:
-        page = oldest(db, gone)
-        if not page:
+    stats = frames_stats(db)
+    while done.bytes < need and done.batches < max_batches and stats.count:
+        k = min(how_many(need - done.bytes, stats.avg), max_batches - done.batches)
+        removed = 0
+        for d in db[FRAMES].find({}, {"n": 1}).sort("ins", 1).limit(k):
+            if db[FRAMES].delete_one({"_id": d["_id"]}).deleted_count:
+                removed += 1
+                done.frames += int(d.get("n", 0))
+        done.batches += removed
+        after = frames_stats(db)
+        done.bytes += max(0, stats.bytes - after.bytes)
+        stats = after
+        if not removed:
             break
-        sizes = {d["_id"]: (int(d.get("size", 0)), int(d.get("n", 0))) for d in page}
-        for bid in choose(((d["_id"], sizes[d["_id"]][0]) for d in page), need - done.bytes):
-            if db[FRAMES].delete_one({"_id": bid}).deleted_count:
-                size, n = sizes[bid]
-                done.batches += 1
-                done.frames += n
-                done.bytes += size
-            else:
-                gone.add(bid)
     return done
 
 
@@ -176,9 +191,13 @@ class Trimmer(threading.Thread):
             counters.setdefault(key, 0)
 
     def run(self) -> None:
-        self.round()
-        while not self.stop_event.wait(self.interval):
+        while True:
+            t0 = time.monotonic()
             self.round()
+            # a store whose statistics cost time (nx-27017 reads every document for collStats) is asked at most a
+            # tenth of the time
+            if self.stop_event.wait(max(self.interval, BUSY_SHARE * (time.monotonic() - t0))):
+                return
 
     def round(self) -> Removed:
         """Measure, and trim when due; a store error is logged once per outage and retried next round."""
@@ -219,7 +238,7 @@ class Trimmer(threading.Thread):
 COUNTERS = {
     "retention_batches": "batches removed by retention by size (frames_max_gb, min_free_gb), oldest first",
     "retention_frames": "frames in the batches removed by retention by size",
-    "retention_bytes": "BSON bytes of the batches removed by retention by size",
+    "retention_bytes": "bytes by which retention by size brought the frames' size down (collStats.size)",
 }
 
 

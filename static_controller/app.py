@@ -38,6 +38,11 @@ log = logging.getLogger("pisnoop.controller")
 
 TICK_SECONDS = 0.2
 BOTH = [CONFIG_DISPATCHER, MAIN_DISPATCHER]
+# What a reload (SIGHUP) changes in a running controller: the never-ban list and a flag's default action, the
+# flowstats IDS's threshold and ban length, retention; the plan (ports, mirror, meters, forwarding, server ports),
+# the switch, the listen address, the poll interval and the store need a restart.
+LIVE = ("enforce.never_ban", "enforce.never_ban_servers", "enforce.action", "flowstats_ids.threshold_ppm",
+        "flowstats_ids.drop_seconds", "mongodb.retention")
 
 
 def survives(handler):
@@ -68,6 +73,7 @@ class ControllerApp(RyuApp):
     # set by the launcher before os-ken instantiates the app
     core: Core = None
     sensor_status_id = "controller:pisnoop"
+    reloader: service.Reloader | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -222,9 +228,22 @@ class ControllerApp(RyuApp):
     @set_ev_cls(EventTick)
     @survives
     def on_tick(self, ev):
+        if self.reloader is not None:
+            self.reloader.check()     # here, on the event thread: the core and the modules are never read meanwhile
         self._core(Tick(time.time()))
         self._publish()
         self.watchdog.kick()
+
+    def apply(self, cfg) -> list[str]:
+        """A reloaded config (``service.Reloader``): the core and its modules read it from now on; a fresh snapshot
+        of the flags goes through enforcement, so that a changed never-ban list applies to the active bans."""
+        self.cfg = self.core.cfg = cfg
+        for m in self.core.modules:
+            m.cfg = cfg
+        self.watcher.cfg = cfg
+        self.watcher._indexed = False          # the retention TTLs: ensured again at the next poll
+        self.watcher.request_snapshot()
+        return ["active flags read again"]
 
     def _publish(self) -> None:
         core = self.core

@@ -4,7 +4,7 @@ os-ken 4 ships no manager command, so this does what one would: validate the
 plan against the target (exit 2 with one line if the target cannot hold it),
 check the listen address, start the metrics endpoint, point os-ken's
 OpenFlow listener at ``switch.controller``, run the app, tell systemd
-READY=1 once the socket listens and STOPPING=1 on SIGTERM.
+READY=1 once the socket listens and STOPPING=1 on SIGTERM; SIGHUP reloads (``app.LIVE``).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _await_listening(port: int, timeout: float = 15.0) -> None:
 
 def run(cfg, core: Core, host: str, port: int) -> int:
     from . import metrics
-    from .app import ControllerApp
+    from .app import LIVE, ControllerApp
     from .ryu_api import CONF, app_manager, install_datapath
 
     service.start_metrics(cfg.metrics, cfg.metrics.controller_port, log)
@@ -102,6 +102,7 @@ def run(cfg, core: Core, host: str, port: int) -> int:
     ControllerApp.core = core
     ControllerApp.sensor_status_id = f"controller:{cfg.snooper.sensor}"
     apps: list = []
+    ControllerApp.reloader = service.Reloader(cfg, LIVE, lambda new: apps[0].apply(new), log).install()
     metrics.register(lambda: apps[0].published if apps else {})
 
     def stop(signum, _frame):

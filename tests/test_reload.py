@@ -226,3 +226,47 @@ def test_the_snooper_reloads_retention_and_names_the_capture_keys_as_needing_a_r
         rc = svc.stop()
     assert rc == 0 and not svc.lines("Traceback")
     assert len(svc.lines("reload of")) == 1 and len(svc.lines("reload refused")) == 1
+
+
+# --- the controller --------------------------------------------------------------------------------
+
+@root
+def test_the_controller_applies_a_new_never_ban_entry_to_an_active_ban_and_keeps_its_listen_port():
+    """A ban is installed; the client's address put on enforce.never_ban and SIGHUP: the ban flow goes, the listen
+    port change waits for a restart (the switch stays connected), a bad file changes nothing."""
+    from lab.virtual import VirtualAppliance
+    from tests.conftest import assert_gone
+    from tests.ctlutil import ControllerProcess, connected, flows_matching, table_snapshot
+    from tests.ctlutil import wait_for as wait_until
+    from tests.test_controller import IN, flag_doc
+
+    va = VirtualAppliance()
+    with va, ControllerProcess(va) as ctl:
+        ctl.wait_pushed()
+        db = store.database(va.config.mongodb)
+        try:
+            db[store.FLAGS].insert_one(flag_doc(IN))
+            assert wait_until(lambda: flows_matching(va, f"nw_src={IN}"), 5.0), "no ban flow"
+            path = Path(va.config_path)
+            port = va.config.switch.controller.listen_port
+            edit(path, enforce={"never_ban": [f"{IN}/32"]}, switch={"controller": {"listen_port": port + 1}})
+            ctl.proc.send_signal(signal.SIGHUP)
+            ctl.wait_log("reload of")
+            [line] = [x for x in ctl.log.splitlines() if "reload of" in x]
+            assert f"applied enforce.never_ban [] -> ['{IN}/32']; active flags read again; " in line
+            assert line.endswith(f"needs a restart: switch.controller.listen_port {port + 1}")
+            assert wait_until(lambda: not flows_matching(va, f"nw_src={IN}"), 5.0), "the exempt ban stayed"
+            assert wait_until(lambda: connected(va), 5.0) and "disconnect" not in ctl.log.lower(), ctl.log[-2000:]
+            table = table_snapshot(va)
+
+            path.write_text("enforce: {never_ban: [not-an-address]}\n")
+            ctl.proc.send_signal(signal.SIGHUP)
+            ctl.wait_log("reload refused")
+            [bad] = [x for x in ctl.log.splitlines() if "reload refused" in x]
+            assert "enforce.never_ban[0]: got 'not-an-address'" in bad
+            time.sleep(1.0)
+            assert ctl.proc.poll() is None and connected(va) and table_snapshot(va) == table, ctl.log[-2000:]
+            assert ctl.log.count("reload of") == 1 and "Traceback" not in ctl.log
+        finally:
+            db.client.close()
+    assert_gone(va)

@@ -13,7 +13,7 @@ import yaml
 
 from appliance import config as config_mod
 from appliance import flagdoc, indexes, retention, store
-from appliance.retention import Sizes, bytes_to_free, choose
+from appliance.retention import Sizes, bytes_to_free
 from snooper import counters
 from snooper.batch import Batch
 from snooper.spool import Spool
@@ -46,13 +46,11 @@ def test_under_the_floor_frees_the_deficit_and_never_more_than_the_frames():
     assert bytes_to_free(Sizes(30 * MB, 19 * MB), 10 * MB, 20 * MB) == 30 * MB - int(10 * MB * 0.95)
 
 
-def test_choose_takes_the_oldest_until_the_need_is_met():
-    batches = [("a", 4), ("b", 4), ("c", 4), ("d", 4)]
-    assert choose(batches, 0) == []
-    assert choose(batches, 1) == ["a"]
-    assert choose(batches, 4) == ["a"]
-    assert choose(batches, 5) == ["a", "b"]
-    assert choose(batches, 100) == ["a", "b", "c", "d"]
+def test_how_many_batches_for_a_need_at_an_average_size():
+    assert retention.how_many(0, 100.0) == 0 and retention.how_many(-5, 100.0) == 0
+    assert retention.how_many(1, 100.0) == 1 and retention.how_many(100, 100.0) == 1
+    assert retention.how_many(101, 100.0) == 2 and retention.how_many(10_000, 100.0) == 100
+    assert retention.how_many(50, 0.0) == 1                                  # no average known: one at a time
 
 
 def test_the_keys_are_validated_and_flags_outlive_the_escalation_memory():
@@ -123,9 +121,6 @@ def test_filling_past_the_cap_removes_the_oldest_batches_counts_them_and_keeps_f
     assert oversize > 10 * MB, oversize
     order = [d["_id"] for d in db[store.FRAMES].find({}, {"_id": 1}).sort("ins", 1)]
     assert len(order) == 120
-    sizes = {d["_id"]: (d["size"], d["n"]) for d in db[store.FRAMES].aggregate(
-        [{"$project": {"n": 1, "size": {"$bsonSize": "$$ROOT"}}}])}
-
     trimmer = retention.Trimmer(db, lambda: cfg, c, 5.0, threading.Event(), LOG)
     removed = trimmer.round()
 
@@ -136,9 +131,9 @@ def test_filling_past_the_cap_removes_the_oldest_batches_counts_them_and_keeps_f
     assert left == order[len(gone):]                                    # the oldest went, the rest are intact
     assert removed.batches == len(gone) == c["retention_batches"] > 0
     assert removed.frames == c["retention_frames"] == 100 * len(gone)
-    assert removed.bytes == c["retention_bytes"] == sum(sizes[b][0] for b in gone)
+    assert removed.bytes == c["retention_bytes"] == oversize - after
     # just enough: one batch fewer would have left it over the target
-    assert after + sizes[gone[-1]][0] > 10 * MB * (1 - retention.HEADROOM)
+    assert after + removed.bytes / len(gone) > 10 * MB * (1 - retention.HEADROOM)
     assert db[store.FLOWS].count_documents({}) == 5 and db[store.FLAGS].count_documents({}) == 5
     # a second round has nothing to do: the headroom
     assert trimmer.round().batches == 0 and c["retention_batches"] == len(gone)
@@ -162,12 +157,15 @@ def test_a_free_space_floor_frees_the_deficit_and_counts_the_reused_space(store_
     cfg = with_retention(path, frames_max_gb=0, min_free_gb=0)
     c, writer, spool = fill(cfg, db, tmp_path, batches=30)
     reusable = retention.reusable_bytes(db)
-    # sizes as the store counts them ($bsonSize; nx-27017 counts a binary as its base64 text, about 4/3 of MongoDB)
-    [first] = db[store.FRAMES].aggregate([{"$sort": {"ins": 1}}, {"$limit": 1},
-                                          {"$project": {"size": {"$bsonSize": "$$ROOT"}}}])
-    need = 4 * first["size"] + 1
+    # sizes as the store counts them (nx-27017 counts a binary as its base64 text, about 4/3 of MongoDB)
+    before = retention.frames_stats(db)
+    assert before.count == 30 and before.avg > 100_000
+    need = int(4 * before.avg) + 1
     removed = retention.trim(db, need)
     assert removed.batches == 5 and removed.frames == 500 and removed.bytes >= need
+    assert removed.bytes == before.bytes - retention.frames_bytes(db)
+    oldest_left = db[store.FRAMES].find_one({}, {"seq": 1}, sort=[("ins", 1)])
+    assert oldest_left["seq"] == 5                                       # seq 0-4, the oldest, went
     assert db[store.FRAMES].count_documents({}) == 25
     assert retention.reusable_bytes(db) - reusable >= removed.bytes * 0.9
     spool.close()
