@@ -89,7 +89,12 @@ class FramesStats:
 
 def frames_stats(db) -> FramesStats:
     """``collStats`` of ``frames``; without ``size`` (a laxer server), the sum of ``$bsonSize``, its meaning."""
-    stats = db.command("collStats", FRAMES)
+    try:
+        stats = db.command("collStats", FRAMES)
+    except OperationFailure:
+        if FRAMES in db.list_collection_names():
+            raise
+        return FramesStats(0, 0, 0.0, 0)           # nothing stored yet (nx-27017 refuses collStats then)
     count = int(stats.get("count", 0))
     if "size" in stats:
         size = int(stats["size"])
@@ -105,7 +110,8 @@ def frames_bytes(db) -> int:
     return frames_stats(db).bytes
 
 
-def free_bytes(db, data_dir: Optional[str], frames: Optional[FramesStats] = None) -> Optional[int]:
+def free_bytes(db, data_dir: Optional[str], frames: Optional[FramesStats] = None,
+               warn: Callable[[str], None] = log.warning) -> Optional[int]:
     """Free space for the store: its file system's, plus what it holds for reuse; None when neither is known."""
     stats = db.command("dbStats", freeStorage=1)
     disk = None
@@ -113,7 +119,7 @@ def free_bytes(db, data_dir: Optional[str], frames: Optional[FramesStats] = None
         try:
             disk = shutil.disk_usage(data_dir).free
         except OSError as exc:
-            log.warning("mongodb.data_dir %s: %s; using the file system the store reports", data_dir, exc.strerror)
+            warn(f"retention: mongodb.data_dir {data_dir}: {exc.strerror}; using the file system the store reports")
     if disk is None and "fsTotalSize" in stats and "fsUsedSize" in stats:
         disk = int(stats["fsTotalSize"]) - int(stats["fsUsedSize"])
     if disk is None:
@@ -131,9 +137,9 @@ def reusable_bytes(db, stats: Optional[dict] = None, frames: Optional[FramesStat
     return max(0, int(stats.get("storageSize", 0)) - held)
 
 
-def measure(db, mcfg) -> Sizes:
+def measure(db, mcfg, warn: Callable[[str], None] = log.warning) -> Sizes:
     frames = frames_stats(db)
-    return Sizes(frames.bytes, free_bytes(db, mcfg.data_dir, frames))
+    return Sizes(frames.bytes, free_bytes(db, mcfg.data_dir, frames, warn))
 
 
 @dataclass
@@ -187,6 +193,7 @@ class Trimmer(threading.Thread):
         self.log = log
         self.last: dict = {}
         self._failing = False
+        self._warned: set = set()
         for key in COUNTERS:
             counters.setdefault(key, 0)
 
@@ -204,11 +211,11 @@ class Trimmer(threading.Thread):
         retention = self.config().mongodb.retention
         max_bytes, min_free = limits(retention)
         try:
-            sizes = measure(self.db, self.config().mongodb)
+            sizes = measure(self.db, self.config().mongodb, self._warn_once)
             need = bytes_to_free(sizes, max_bytes, min_free)
             removed = trim(self.db, need) if need else Removed()
             if removed.batches:
-                sizes = measure(self.db, self.config().mongodb)
+                sizes = measure(self.db, self.config().mongodb, self._warn_once)
         except (OperationFailure, PyMongoError) as exc:
             if not self._failing:
                 self.log.warning("retention: store sizes not read (%s: %s); trying again every %.3g s",
@@ -233,6 +240,11 @@ class Trimmer(threading.Thread):
 
     def status(self) -> dict:
         return dict(self.last)
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            self.log.warning("%s", message)
 
 
 COUNTERS = {

@@ -182,4 +182,23 @@ def test_free_space_comes_from_the_data_dir_when_set_else_from_what_the_store_re
     # dbStats counts blocks reserved for root (or by a quota) as free: the reason data_dir comes first
     assert abs(reported - (stats["fsTotalSize"] - stats["fsUsedSize"])) < 200 * MB
     assert reported >= local - 200 * MB
-    assert retention.free_bytes(db, "/nonexistent/dir") == reported   # a wrong data_dir: one warning, the fallback
+    warned = []
+    assert retention.free_bytes(db, "/nonexistent/dir", warn=warned.append) == reported   # the fallback
+    assert warned == ["retention: mongodb.data_dir /nonexistent/dir: No such file or directory; "
+                      "using the file system the store reports"]
+
+
+def test_the_trimmer_warns_once_about_a_data_dir_it_cannot_read(store_config, caplog):
+    path, db = store_config
+    edit_cfg = yaml.safe_load(path.read_text())
+    edit_cfg["mongodb"]["data_dir"] = "/nonexistent/dir"
+    path.write_text(yaml.safe_dump(edit_cfg))
+    cfg = config_mod.load(path)
+    trimmer = retention.Trimmer(db, lambda: cfg, counters.new(), 5.0, threading.Event(), LOG)
+    with caplog.at_level(logging.WARNING, "test"):
+        for _ in range(3):
+            trimmer.round()
+    assert [r.getMessage() for r in caplog.records].count(
+        "retention: mongodb.data_dir /nonexistent/dir: No such file or directory; "
+        "using the file system the store reports") == 1
+    assert trimmer.status()["free_bytes"] > 0
