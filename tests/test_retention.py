@@ -183,7 +183,8 @@ def test_free_space_comes_from_the_data_dir_when_set_else_from_what_the_store_re
     assert abs(reported - (stats["fsTotalSize"] - stats["fsUsedSize"])) < 200 * MB
     assert reported >= local - 200 * MB
     warned = []
-    assert retention.free_bytes(db, "/nonexistent/dir", warn=warned.append) == reported   # the fallback
+    fallback = retention.free_bytes(db, "/nonexistent/dir", warn=warned.append)
+    assert abs(fallback - reported) < 200 * MB                     # the fallback (others write to this disk too)
     assert warned == ["retention: mongodb.data_dir /nonexistent/dir: No such file or directory; "
                       "using the file system the store reports"]
 
