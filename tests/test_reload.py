@@ -194,6 +194,9 @@ def test_the_snooper_reloads_retention_and_names_the_capture_keys_as_needing_a_r
     c = Conn(SLOW, 40001)
     store_frames(db, steady(c, T0, 600, 120, payload=b"x" * 900), sensor="other", batch_size=50)
     before = db[store.FRAMES].count_documents({})
+    from tests.test_retention import flows_and_flags, oldest_went
+    ins = {d["_id"]: d["ins"] for d in db[store.FRAMES].find({}, {"ins": 1})}
+    flows_and_flags(db)
     svc = Service(path, "snooper", tmp_path / "snooper.log")
     try:
         status = wait_for(lambda: (lambda d: d if d and d.get("retention") else None)(
@@ -214,6 +217,8 @@ def test_the_snooper_reloads_retention_and_names_the_capture_keys_as_needing_a_r
         assert status["counters"]["retention_batches"] == before - left > 0
         assert status["retention"]["frames_bytes"] <= size / 2
         assert status["interface"] == "mirror0"                      # still capturing where it started
+        assert db[store.FLOWS].count_documents({}) == 5 and db[store.FLAGS].count_documents({}) == 5
+        oldest_went(db, ins)
 
         path.write_text("mongodb: {retention: {frames_max_gb: -1}}\n")
         svc.hup()

@@ -111,6 +111,16 @@ def flows_and_flags(db, n: int = 5) -> None:
             action="drop", evidence={}, offence=1, ban_seconds=300, flagged_at=now, sensor="s1"))
 
 
+def oldest_went(db, ins: dict) -> set:
+    """The batches gone since ``ins`` ({id: ins}) was read are the oldest: none left is older than one gone
+    (batches stored in the same millisecond tie); returns the ids gone."""
+    left = {d["_id"] for d in db[store.FRAMES].find({}, {"_id": 1})}
+    gone = set(ins) - left
+    assert gone and left <= set(ins)
+    assert max(ins[b] for b in gone) <= min(ins[b] for b in left)
+    return gone
+
+
 def test_filling_past_the_cap_removes_the_oldest_batches_counts_them_and_keeps_flows_and_flags(store_config,
                                                                                                tmp_path):
     path, db = store_config
@@ -119,16 +129,14 @@ def test_filling_past_the_cap_removes_the_oldest_batches_counts_them_and_keeps_f
     flows_and_flags(db)
     oversize = retention.frames_bytes(db)
     assert oversize > 10 * MB, oversize
-    order = [d["_id"] for d in db[store.FRAMES].find({}, {"_id": 1}).sort("ins", 1)]
-    assert len(order) == 120
+    ins = {d["_id"]: d["ins"] for d in db[store.FRAMES].find({}, {"ins": 1})}
+    assert len(ins) == 120
     trimmer = retention.Trimmer(db, lambda: cfg, c, 5.0, threading.Event(), LOG)
     removed = trimmer.round()
 
     after = retention.frames_bytes(db)
     assert after <= 10 * MB * (1 - retention.HEADROOM), after
-    left = [d["_id"] for d in db[store.FRAMES].find({}, {"_id": 1}).sort("ins", 1)]
-    gone = order[:len(order) - len(left)]
-    assert left == order[len(gone):]                                    # the oldest went, the rest are intact
+    gone = oldest_went(db, ins)                                         # the oldest went, the rest are intact
     assert removed.batches == len(gone) == c["retention_batches"] > 0
     assert removed.frames == c["retention_frames"] == 100 * len(gone)
     assert removed.bytes == c["retention_bytes"] == oversize - after
@@ -157,6 +165,7 @@ def test_a_free_space_floor_frees_the_deficit_and_counts_the_reused_space(store_
     cfg = with_retention(path, frames_max_gb=0, min_free_gb=0)
     c, writer, spool = fill(cfg, db, tmp_path, batches=30)
     reusable = retention.reusable_bytes(db)
+    ins = {d["_id"]: d["ins"] for d in db[store.FRAMES].find({}, {"ins": 1})}
     # sizes as the store counts them (nx-27017 counts a binary as its base64 text, about 4/3 of MongoDB)
     before = retention.frames_stats(db)
     assert before.count == 30 and before.avg > 100_000
@@ -164,8 +173,7 @@ def test_a_free_space_floor_frees_the_deficit_and_counts_the_reused_space(store_
     removed = retention.trim(db, need)
     assert removed.batches == 5 and removed.frames == 500 and removed.bytes >= need
     assert removed.bytes == before.bytes - retention.frames_bytes(db)
-    oldest_left = db[store.FRAMES].find_one({}, {"seq": 1}, sort=[("ins", 1)])
-    assert oldest_left["seq"] == 5                                       # seq 0-4, the oldest, went
+    assert len(oldest_went(db, ins)) == 5
     assert db[store.FRAMES].count_documents({}) == 25
     assert retention.reusable_bytes(db) - reusable >= removed.bytes * 0.9
     spool.close()
