@@ -149,7 +149,7 @@ class Removed:
     bytes: int = 0        # by how much the frames' size fell (collStats.size before and after)
 
 
-def trim(db, need: int, max_batches: int = MAX_BATCHES) -> Removed:
+def trim(db, need: int, max_batches: int = MAX_BATCHES, done: Optional[Removed] = None) -> Removed:
     """Remove the oldest batches (by ``ins``) until ``need`` bytes are gone, no batch is left or ``max_batches``.
 
     How many go is ``need`` over the average batch size, then measured again
@@ -157,9 +157,10 @@ def trim(db, need: int, max_batches: int = MAX_BATCHES) -> Removed:
     (``find().sort().limit()``: an aggregation ``$sort`` scans the whole
     collection on nx-27017), ids and frame counts only. Each batch is its own
     ``delete_one``: one that the TTL or another trimmer removed first is not
-    counted here, so the counts are exact.
+    counted here, so the counts are exact. ``done`` is filled as it goes:
+    after a store error it still holds what was removed before it.
     """
-    done = Removed()
+    done = Removed() if done is None else done
     stats = frames_stats(db)
     while done.bytes < need and done.batches < max_batches and stats.count:
         k = min(how_many(need - done.bytes, stats.avg), max_batches - done.batches)
@@ -167,8 +168,8 @@ def trim(db, need: int, max_batches: int = MAX_BATCHES) -> Removed:
         for d in db[FRAMES].find({}, {"n": 1}).sort("ins", 1).limit(k):
             if db[FRAMES].delete_one({"_id": d["_id"]}).deleted_count:
                 removed += 1
+                done.batches += 1
                 done.frames += int(d.get("n", 0))
-        done.batches += removed
         after = frames_stats(db)
         done.bytes += max(0, stats.bytes - after.bytes)
         stats = after
@@ -193,6 +194,7 @@ class Trimmer(threading.Thread):
         self.log = log
         self.last: dict = {}
         self._failing = False
+        self._short = False
         self._warned: set = set()
         for key in COUNTERS:
             counters.setdefault(key, 0)
@@ -208,34 +210,40 @@ class Trimmer(threading.Thread):
 
     def round(self) -> Removed:
         """Measure, and trim when due; a store error is logged once per outage and retried next round."""
-        retention = self.config().mongodb.retention
-        max_bytes, min_free = limits(retention)
+        mcfg = self.config().mongodb
+        max_bytes, min_free = limits(mcfg.retention)
+        removed = Removed()
         try:
-            sizes = measure(self.db, self.config().mongodb, self._warn_once)
+            sizes = measure(self.db, mcfg, self._warn_once)
             need = bytes_to_free(sizes, max_bytes, min_free)
-            removed = trim(self.db, need) if need else Removed()
-            if removed.batches:
-                sizes = measure(self.db, self.config().mongodb, self._warn_once)
-        except (OperationFailure, PyMongoError) as exc:
+            if need:
+                trim(self.db, need, done=removed)
+                sizes = measure(self.db, mcfg, self._warn_once)
+        except PyMongoError as exc:
             if not self._failing:
-                self.log.warning("retention: store sizes not read (%s: %s); trying again every %.3g s",
+                self.log.warning("retention: the store failed (%s: %s); trying again every %.3g s",
                                  exc.__class__.__name__, str(exc)[:160], self.interval)
             self._failing = True
-            return Removed()
+            return removed
+        finally:
+            c = self.counters     # what went before a store error is counted too
+            c["retention_batches"] += removed.batches
+            c["retention_frames"] += removed.frames
+            c["retention_bytes"] += removed.bytes
         self._failing = False
-        c = self.counters
-        c["retention_batches"] += removed.batches
-        c["retention_frames"] += removed.frames
-        c["retention_bytes"] += removed.bytes
         self.last = {"frames_bytes": sizes.frames_bytes, "free_bytes": sizes.free_bytes,
                      "frames_max_bytes": max_bytes, "min_free_bytes": min_free}
         if removed.batches:
             self.log.info("retention: removed the %d oldest batches (%d frames, %d bytes): frames now %d bytes "
                           "(cap %s), %s free (floor %s)", removed.batches, removed.frames, removed.bytes,
                           sizes.frames_bytes, max_bytes or "off", _shown(sizes.free_bytes), min_free or "off")
-        if need and removed.bytes < need:
-            self.log.warning("retention: %d bytes to free, only %d could go (no older batch left)", need,
-                             removed.bytes)
+        under_floor = bool(min_free) and sizes.free_bytes is not None and sizes.free_bytes < min_free
+        short = (bool(need) and removed.bytes < need) or under_floor
+        if short and not self._short:     # once until it is met again: a full disk must not fill the journal too
+            self.log.warning("retention: %d bytes to free, %d could go (no batch left, or the round's limit); "
+                             "frames now %d bytes, %s free (floor %s)", need, removed.bytes, sizes.frames_bytes,
+                             _shown(sizes.free_bytes), min_free or "off")
+        self._short = short
         return removed
 
     def status(self) -> dict:

@@ -211,3 +211,22 @@ def test_the_trimmer_warns_once_about_a_data_dir_it_cannot_read(store_config, ca
         "retention: mongodb.data_dir /nonexistent/dir: No such file or directory; "
         "using the file system the store reports") == 1
     assert trimmer.status()["free_bytes"] > 0
+
+
+def test_a_floor_that_cannot_be_met_removes_every_batch_counts_them_and_warns_once(store_config, tmp_path, caplog):
+    """A disk that something else fills: the floor takes every batch (the store must not fill the disk), says so once,
+    and keeps flows and flags."""
+    path, db = store_config
+    cfg = with_retention(path, frames_max_gb=0, min_free_gb=1_000_000)     # far more than any disk here
+    c, writer, spool = fill(cfg, db, tmp_path, batches=12)
+    flows_and_flags(db)
+    trimmer = retention.Trimmer(db, lambda: cfg, c, 5.0, threading.Event(), LOG)
+    with caplog.at_level(logging.WARNING, "test"):
+        for _ in range(3):
+            trimmer.round()
+    assert db[store.FRAMES].count_documents({}) == 0
+    assert c["retention_batches"] == 12 and c["retention_frames"] == 1200
+    assert db[store.FLOWS].count_documents({}) == 5 and db[store.FLAGS].count_documents({}) == 5
+    short = [r.getMessage() for r in caplog.records if "bytes to free" in r.getMessage()]
+    assert len(short) == 1 and "frames now 0 bytes" in short[0], short
+    spool.close()
