@@ -61,6 +61,12 @@ def dir_bytes(path: str) -> Optional[int]:
     return total
 
 
+def status_ids(sensor: str) -> dict[str, str]:
+    """Each service's status document ``_id`` (each service writes its own: snooper/status.py, analyser/status.py,
+    static_controller/command.py)."""
+    return {name: f"{name}:{sensor}" for name in SERVICES}
+
+
 def read(cfg, db, now: Optional[dt.datetime] = None, use_systemd: Optional[bool] = None) -> dict:
     """Every raw input of ``facts``; a store that does not answer is ``store_error`` (the rest still read)."""
     import pymongo
@@ -74,8 +80,7 @@ def read(cfg, db, now: Optional[dt.datetime] = None, use_systemd: Optional[bool]
     raw["spool_dir_bytes"] = dir_bytes(cfg.snooper.spool_dir)
     try:
         db.client.admin.command("ping")
-        ids = {"snooper": f"snooper:{sensor}", "analyser": f"analyser:{sensor}", "controller": f"controller:{sensor}"}
-        for name, sid in ids.items():
+        for name, sid in status_ids(sensor).items():
             raw["docs"][name] = db[store.STATUS].find_one({"_id": sid})
         newest = db[store.FRAMES].find_one({"sensor": sensor}, {"ins": 1, "t1": 1}, sort=[("ins", -1)])
         raw["newest_ins"] = newest.get("ins") if newest else None
