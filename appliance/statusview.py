@@ -232,7 +232,19 @@ def analyser_lines(cfg, raw: dict) -> list[dict]:
     lag = max(0.0, (newest - analysed).total_seconds())
     return [line("analyser lag", f"{lag:.1f} s (newest stored {newest:%H:%M:%S}, analysed up to {analysed:%H:%M:%S}"
                  " UTC)", problem=f"more than {LAG_PROBLEM_SECONDS:.0f} s behind" if lag > LAG_PROBLEM_SECONDS
-                 else "")]
+                 else ""), alert_line(cfg, raw)]
+
+
+def alert_line(cfg, raw: dict) -> dict:
+    """The analyser's alert sender (``appliance/alerts.py``), from its status document."""
+    a = (raw["docs"].get("analyser") or {}).get("alerts")
+    if a is None:
+        return line("alerts", "unknown (no analyser status document with alert counters)")
+    hooks = len(cfg.alerts.webhooks)
+    dropped = a.get("dropped_queue_full", 0) + a.get("dropped_gave_up", 0)
+    return line("alerts", f"{a.get('events', 0)} events, {hooks} webhook(s): {a.get('sent', 0)} sent, "
+                f"{a.get('failed_attempts', 0)} failed attempts, {dropped} dropped, {a.get('pending', 0)} pending",
+                warning=f"{dropped} alerts never reached a webhook" if dropped else "")
 
 
 def flag_lines(cfg, raw: dict) -> list[dict]:

@@ -263,3 +263,33 @@ def test_alerts_config_is_validated_like_every_key():
         with pytest.raises(config.ConfigError) as exc:
             config.from_dict({"alerts": bad}, "f.yaml")
         assert str(exc.value).startswith(f"f.yaml: {where}: got ")
+
+
+def test_the_analyser_alerts_a_stale_service_and_capture_drops_from_the_status_documents(env):
+    cfg, _path, db, port = env
+    sensor = cfg.snooper.sensor
+    now = dt.datetime.now(dt.timezone.utc)
+    rx = Receiver(port)
+    a = Analyser(cfg, db)
+    try:
+        def put(name, age, **extra):
+            db[store.STATUS].replace_one({"_id": f"{name}:{sensor}"}, {
+                "_id": f"{name}:{sensor}", "updated_at": now - dt.timedelta(seconds=age), **extra}, upsert=True)
+        put("controller", 1)
+        put("snooper", 1, run="r1", counters={"kernel_dropped": 0})
+        a.look(store_up=True)
+        put("controller", cfg.alerts.service_down_seconds + 5)
+        put("snooper", 1, run="r1", counters={"kernel_dropped": 7})
+        a.look(store_up=True)
+        a.look(store_up=True)             # nothing new: no second alert
+        got = rx.wait(2)
+        time.sleep(0.3)
+        assert len(rx.got) == 2
+        assert sorted(b["event"] for b in got) == ["capture_drops", "service_down"]
+        down = next(b for b in got if b["event"] == "service_down")
+        assert down["service"] == "controller" and down["seconds"] >= cfg.alerts.service_down_seconds
+        drops = next(b for b in got if b["event"] == "capture_drops")
+        assert drops["counters"] == {"kernel_dropped": 7}
+    finally:
+        a.alerts.close(wait=1)
+        rx.close()
