@@ -83,7 +83,8 @@ def command_logger(component: str) -> logging.Logger:
 
 
 def flag_fields(doc: dict) -> dict:
-    """A flag document as an alert: the line's subject, scope, classifier and id; the whole flag for the webhook."""
+    """A flag document as an alert: the line's subject, scope, classifier and id; the whole flag (its evidence
+    also at the top, ``emit``) for the webhook."""
     from .flagdoc import BadFlag, parse
     try:
         f = parse(doc)
@@ -92,7 +93,7 @@ def flag_fields(doc: dict) -> dict:
         subject, scope = doc.get("client_mac") or doc.get("client_ip"), None
     return {"subject": subject, "scope": scope, "classifier": doc.get("classifier"), "action": doc.get("action"),
             "status": doc.get("status"), "id": str(doc.get("_id")), "reason": doc.get("reason"),
-            "flag": plain(doc), "evidence": plain(doc.get("evidence") or {})}
+            "flag": doc}
 
 
 class Alerter:
@@ -119,6 +120,8 @@ class Alerter:
         """Log the event's line and queue its JSON for the webhooks; never blocks, never raises."""
         alert = {"event": event, "sensor": self.sensor, "at": dt.datetime.now(dt.timezone.utc).isoformat(),
                  **{k: plain(v) for k, v in fields.items()}}
+        if isinstance(alert.get("flag"), dict):         # a flag's evidence at the top too, converted once
+            alert.setdefault("evidence", alert["flag"].get("evidence") or {})
         self.counters["events"] += 1
         self.log.warning("%s", log_line(event, alert))
         if not self.webhooks:
