@@ -214,6 +214,12 @@ def store_lines(cfg, raw: dict) -> list[dict]:
                     problem="" if store_up else "the snooper cannot write to the store (spooling)",
                     warning="less than 5 % of the store's disk is free" if low else "")]
     snooper = raw["docs"].get("snooper") or {}
+    c = snooper.get("counters") or {}
+    if "retention_batches" in c:          # the snooper trims frames by size (mongodb.retention)
+        cap = getattr(cfg.mongodb.retention, "frames_max_gb", None)
+        out.append(line("retention", f"{c['retention_batches']} batches ({c.get('retention_frames', 0)} frames, "
+                        f"{_size(c.get('retention_bytes', 0))}) removed by size"
+                        + (f"; frames capped at {cap:g} GB" if cap else "")))
     out.append(line("spool", f"{snooper.get('spool_frames', 0)} frames in {snooper.get('spool_batches', 0)} "
                     f"batches ({_size(snooper.get('spool_bytes', 0))}); {cfg.snooper.spool_dir} holds "
                     f"{_size(spool_dir) if spool_dir is not None else 'nothing (no such directory)'}"))

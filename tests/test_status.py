@@ -161,6 +161,14 @@ def raw_inputs(**over) -> dict:
     return raw
 
 
+def test_the_snoopers_retention_counters_are_shown_when_it_has_them():
+    raw = raw_inputs()
+    raw["docs"]["snooper"]["counters"].update(retention_batches=3, retention_frames=3000, retention_bytes=2048)
+    text = statusview.render(statusview.facts(config_mod.Config(), raw))
+    assert "    retention     3 batches (3000 frames, 2.0 KB) removed by size" in text
+    assert "retention" not in statusview.render(statusview.facts(config_mod.Config(), raw_inputs()))
+
+
 def test_a_failed_unit_under_systemd_is_named_with_its_restarts():
     unit = {"LoadState": "loaded", "ActiveState": "failed", "SubState": "failed", "NRestarts": "4"}
     running = {"LoadState": "loaded", "ActiveState": "active", "SubState": "running", "NRestarts": "0"}
