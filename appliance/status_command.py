@@ -45,13 +45,18 @@ def cmd_status(args) -> int:
             sys.stdout.write(show(f, args.json))
             return 0 if f["ok"] else 1
         shown = 0
-        while True:
-            f = once(cfg, db)
-            sys.stdout.write(("" if args.json else CLEAR) + show(f, args.json))
-            sys.stdout.flush()
-            shown += 1
-            if args.count is not None and shown >= args.count:
-                return 0 if f["ok"] else 1
-            time.sleep(args.watch)
+        try:
+            while True:
+                f = once(cfg, db)
+                sys.stdout.write(("" if args.json else CLEAR) + show(f, args.json))
+                sys.stdout.flush()
+                shown += 1
+                if args.count is not None and shown >= args.count:
+                    break
+                time.sleep(args.watch)
+        except KeyboardInterrupt:         # Ctrl-C is how a watch ends: the last picture's verdict, no complaint
+            if not shown:
+                raise
+        return 0 if f["ok"] else 1
     finally:
         db.client.close()

@@ -17,7 +17,7 @@ from appliance import config as config_mod
 from appliance import statusview
 from lab import scenario
 from lab.virtual import VirtualAppliance
-from tests.conftest import assert_gone, pisnoop
+from tests.conftest import PISNOOP, REPO, assert_gone, pisnoop
 
 HELPERS = Path("/work/helpers")
 SECTIONS = ("services", "switch", "capture", "store", "analyser", "flags")
@@ -117,6 +117,14 @@ def test_status_healthy_then_snooper_stopped_then_store_stopped(running):
     watched = status(va, "--watch", "0.2", "--count", "3")
     assert watched.returncode == 0, watched.stderr
     assert watched.stdout.count("\x1b[H\x1b[2J") == 3 and watched.stdout.count("pisnoop status of sensor") == 3
+    watching = subprocess.Popen([*PISNOOP, "--config", str(va.config_path), "status", "--watch", "0.2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+    try:
+        time.sleep(3)
+    finally:
+        watching.send_signal(signal.SIGINT)                   # Ctrl-C ends a watch: the last verdict, no complaint
+        out, err = watching.communicate(timeout=30)
+    assert watching.returncode == 0 and err == "" and out.count("pisnoop status of sensor") >= 2, (out[-500:], err)
 
     # the snooper stops: its heartbeat goes stale, the line naming it says so
     proc = services.procs["snooper"]
