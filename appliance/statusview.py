@@ -228,17 +228,21 @@ def store_lines(cfg, raw: dict) -> list[dict]:
 
 def analyser_lines(cfg, raw: dict) -> list[dict]:
     if raw["store_error"]:
-        return [unknown("analyser lag")]
+        return [unknown("analyser lag"), unknown("alerts")]
+    return [lag_line(raw), alert_line(cfg, raw)]
+
+
+def lag_line(raw: dict) -> dict:
+    """Newest stored batch against the analyser's resume point (both ``ins``: when a batch reached the store)."""
     newest, analysed = raw.get("newest_ins"), raw.get("analysed_ins")
     if newest is None:
-        return [line("analyser lag", "no frames stored yet")]
+        return line("analyser lag", "no frames stored yet")
     if analysed is None:
-        return [line("analyser lag", f"nothing analysed yet; newest batch stored {newest:%H:%M:%S} UTC",
-                     problem="the analyser has read nothing")]
+        return line("analyser lag", f"nothing analysed yet; newest batch stored {newest:%H:%M:%S} UTC",
+                    problem="the analyser has read nothing")
     lag = max(0.0, (newest - analysed).total_seconds())
-    return [line("analyser lag", f"{lag:.1f} s (newest stored {newest:%H:%M:%S}, analysed up to {analysed:%H:%M:%S}"
-                 " UTC)", problem=f"more than {LAG_PROBLEM_SECONDS:.0f} s behind" if lag > LAG_PROBLEM_SECONDS
-                 else ""), alert_line(cfg, raw)]
+    return line("analyser lag", f"{lag:.1f} s (newest stored {newest:%H:%M:%S}, analysed up to {analysed:%H:%M:%S}"
+                " UTC)", problem=f"more than {LAG_PROBLEM_SECONDS:.0f} s behind" if lag > LAG_PROBLEM_SECONDS else "")
 
 
 def alert_line(cfg, raw: dict) -> dict:
