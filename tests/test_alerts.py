@@ -9,7 +9,10 @@ import datetime as dt
 import http.server
 import json
 import logging
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -21,7 +24,7 @@ from analyser.live import Analyser
 from appliance import alerts, config, store, watch
 from lab.procs import free_port
 from tests.analyser_frames import T0, Conn, steady, store_frames
-from tests.conftest import pisnoop
+from tests.conftest import PISNOOP, REPO, pisnoop
 
 CLIENTS = ("10.0.0.10", "10.0.0.20", "10.0.0.30")
 
@@ -293,3 +296,34 @@ def test_the_analyser_alerts_a_stale_service_and_capture_drops_from_the_status_d
     finally:
         a.alerts.close(wait=1)
         rx.close()
+
+
+def test_the_analyser_service_alerts_its_flags_and_a_stale_service_and_counts_them_in_its_status(env):
+    cfg, path, db, port = env
+    sensor = cfg.snooper.sensor
+    stale = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=cfg.alerts.service_down_seconds + 5)
+    db[store.STATUS].insert_one({"_id": f"controller:{sensor}", "updated_at": stale})
+    frames = []
+    for i, ip in enumerate(CLIENTS):
+        frames += steady(Conn(ip, 40000 + i), T0, 600, 30)
+    store_frames(db, frames)
+    rx = Receiver(port)
+    proc = subprocess.Popen([*PISNOOP, "--config", str(path), "analyser"], cwd=str(REPO), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        got = rx.wait(4, timeout=60)
+        deadline = time.monotonic() + 30
+        counted = {}
+        while time.monotonic() < deadline:
+            counted = (db[store.STATUS].find_one({"_id": f"analyser:{sensor}"}) or {}).get("alerts") or {}
+            if counted.get("sent") == 4:
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        rx.close()
+    assert proc.returncode == 0, out[-2000:]
+    assert sorted(b["event"] for b in got) == ["flag_raised"] * 3 + ["service_down"], got
+    assert counted["sent"] == 4 and counted["dropped_queue_full"] == 0 and counted["pending"] == 0, counted
+    assert out.count("pisnoop-alert: flag_raised ") == 3 and out.count("pisnoop-alert: service_down ") == 1, out
