@@ -1,6 +1,6 @@
 """Alerts: a webhook receiver on 127.0.0.1 gets one JSON alert per flag raised, released and expired, with its
-evidence; a receiver that hangs delays nothing, and what waited arrives once it is back (or is counted dropped past
-the queue's bound); the watcher's events; the config keys."""
+evidence; a receiver that hangs for 30 s delays nothing, and what waited arrives once it is back (or is counted
+dropped past the queue's bound); the watcher's events; the config keys."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from tests.analyser_frames import T0, Conn, steady, store_frames
 from tests.conftest import PISNOOP, REPO, pisnoop
 
 CLIENTS = ("10.0.0.10", "10.0.0.20", "10.0.0.30")
+DOWN_SECONDS = 30          # how long the webhook hangs in the flag test
 
 
 class Receiver:
@@ -120,6 +121,7 @@ def test_flag_alerts_with_evidence_arrive_once_the_webhook_is_back_and_never_del
     store_frames(db, frames)
     caplog.set_level(logging.WARNING, logger="pisnoop.alerts")
     with hanging(port):
+        down_since = time.monotonic()
         a = Analyser(cfg, db)
         a.alerts.emit, took = timed(a.alerts.emit)
         t = time.perf_counter()
@@ -133,7 +135,9 @@ def test_flag_alerts_with_evidence_arrive_once_the_webhook_is_back_and_never_del
         while a.alerts.counters["failed_attempts"] < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert a.alerts.counters["failed_attempts"] >= 2 and a.alerts.counters["sent"] == 0
-        assert a.alerts.pending() == 3
+        time.sleep(max(0.0, DOWN_SECONDS - (time.monotonic() - down_since)))   # the webhook stays down this long
+        assert a.alerts.pending() == 3 and a.alerts.counters["sent"] == 0
+        assert a.alerts.counters["failed_attempts"] >= DOWN_SECONDS // 2    # retried all along (1 s + back-off each)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pisnoop-alert:")]
     flags = {d["client_ip"]: d for d in db[store.FLAGS].find()}
     assert sorted(lines) == sorted(f"pisnoop-alert: flag_raised subject={ip}:{40000 + i} scope=connection "
