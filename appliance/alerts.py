@@ -116,6 +116,18 @@ class Alerter:
             self.thread = threading.Thread(target=self._run, name="pisnoop-alerts", daemon=True)
             self.thread.start()
 
+    def configure(self, acfg) -> None:
+        """A reloaded ``alerts`` section: new webhooks, timeouts and bounds from the next alert on (what is queued
+        stays queued); the sender thread starts when the first webhook appears."""
+        with self.cond:
+            self.cfg = acfg
+            self.webhooks = tuple(acfg.webhooks)
+            start = self.webhooks and self.thread is None and not self.stopping
+            if start:
+                self.thread = threading.Thread(target=self._run, name="pisnoop-alerts", daemon=True)
+        if start:
+            self.thread.start()
+
     def emit(self, event: str, **fields) -> dict:
         """Log the event's line and queue its JSON for the webhooks; never blocks, never raises."""
         alert = {"event": event, "sensor": self.sensor, "at": dt.datetime.now(dt.timezone.utc).isoformat(),

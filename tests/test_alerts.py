@@ -223,6 +223,23 @@ def test_an_alert_is_given_up_after_retry_seconds_and_counted():
     assert 4 <= c["failed_attempts"] <= 10, c          # 0.5 s first, then 0.2 s steps within 1 s: not a busy loop
 
 
+def test_a_reloaded_alerts_section_takes_effect_from_the_next_alert():
+    port = free_port()
+    sender = alerts.Alerter(config.Alerts(), "s")              # no webhook: lines only, no thread
+    sender.emit("test", id="before")
+    assert sender.thread is None and sender.pending() == 0
+    rx = Receiver(port)
+    try:
+        sender.configure(alert_cfg(port))
+        sender.emit("test", id="after")
+        assert [b["id"] for b in rx.wait(1)] == ["after"]
+        time.sleep(0.3)
+        assert len(rx.got) == 1
+    finally:
+        sender.close()
+        rx.close()
+
+
 def test_the_log_line_is_one_line_with_quoted_values_and_no_webhook_means_no_thread(caplog):
     caplog.set_level(logging.WARNING, logger="pisnoop.alerts")
     sender = alerts.Alerter(config.Alerts(), "s")
