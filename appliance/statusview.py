@@ -168,12 +168,18 @@ def switch_lines(cfg, raw: dict) -> list[dict]:
     out = [line("switch", f"{'connected' if connected else 'NOT connected'} (datapath {doc.get('datapath_id')}, "
                 f"{doc.get('target')}), connects {c.get('connects', 0)}, last disconnect "
                 f"{doc.get('last_disconnect') or 'none'}{as_of(cfg, raw, 'controller')}",
-                problem="" if connected else "the switch is not connected to the controller")]
+                problem="" if connected else "the switch is not connected to the controller" + _why_not(c))]
     short = connected and (flows < planned or meters < mplanned)
     out.append(line("flows", f"{flows} flows installed (plan {planned} + bans), {meters}/{mplanned} meters, "
                     f"{refused} refused", problem="fewer flows or meters installed than planned" if short else "",
                     warning=f"{refused} flows refused" if refused else ""))
     return out
+
+
+def _why_not(c: dict) -> str:
+    ignored = c.get("ignored_datapaths", 0)
+    return (f" (a switch with another datapath id was ignored {ignored} times: switch.datapath_id)" if ignored
+            else "")
 
 
 def capture_lines(cfg, raw: dict) -> list[dict]:

@@ -190,6 +190,8 @@ def test_a_failed_unit_under_systemd_is_named_with_its_restarts():
 
 @pytest.mark.parametrize("change, problem", [
     ({"docs": {"controller": {"updated_at": NOW, "connected": False}}}, "switch: the switch is not connected"),
+    ({"docs": {"controller": {"updated_at": NOW, "connected": False, "counters": {"ignored_datapaths": 2}}}},
+     "switch: the switch is not connected to the controller (a switch with another datapath id was ignored 2 times"),
     ({"analysed_ins": NOW - dt.timedelta(seconds=300)}, "analyser lag: more than 120 s behind"),
     ({"docs": {"snooper": {"updated_at": NOW, "counters": {}, "unaccounted": 3}}}, "drops: 3 frames unaccounted"),
     ({"docs": {"snooper": {"updated_at": NOW, "counters": {}, "unaccounted": 0, "store_up": False}}},
