@@ -212,6 +212,8 @@ def test_status_reads_the_services_from_systemd(provisioned):
     status = "/opt/pisnoop/venv/bin/pisnoop --config /etc/pisnoop/pisnoop.yaml status"
     res = ct.sh(status, check=False)
     print("\n" + res.stdout + res.stderr)
+    print(ct.sh("journalctl -b --no-pager -n 15 -u pisnoop-controller; ovs-vsctl show; "
+                "ovs-vsctl get bridge ovsbr0 datapath_id", check=False).stdout)
     lines = {ln[4:17].strip(): ln for ln in res.stdout.splitlines() if ln.startswith(" ")}
     for s in SERVICES:
         restarts = _service_state(ct, f"pisnoop-{s}.service")["NRestarts"]
