@@ -79,12 +79,34 @@ def _one_shot(cfg, args) -> int:
     off = Offline(cfg, policy_mod.load(cfg.analyser.policy_file))
     service.setup_logging("analyser", args.log_level)
     db = _db(cfg)
+    progress = _range_progress("analyser --once", since, until)
     for batches in reader.time_range(db, cfg.snooper.sensor, since, until):
+        batches = [(bid, start, list(frames)) for bid, start, frames in batches]
         off.run(batches)
+        _advance(progress, batches, since)
+    progress.done()
     title = (f"analysis of sensor {cfg.snooper.sensor} from {timespec.utc(since):%Y-%m-%d %H:%M:%S} to "
              + (f"{timespec.utc(until):%Y-%m-%d %H:%M:%S}" if until is not None else "now") + " (nothing stored)")
     print(report.write(off.report(title), Path(args.output) if args.output else None, "range"), end="")
     return 0
+
+
+def _range_progress(what: str, since_ns: int, until_ns):
+    """A progress line over capture time: from ``since_ns`` to ``until_ns`` (None: now)."""
+    import time
+
+    from appliance.progress import Progress
+    return Progress(what, (until_ns if until_ns is not None else time.time_ns()) - since_ns)
+
+
+def _advance(progress, batches, since_ns: int) -> None:
+    """After a chunk of ``(batch id, start, frames)``: frames so far, and how far into the range the last one is."""
+    last = since_ns
+    for _bid, _start, frames in batches:
+        inside = [f[0] for f in frames if f[2]]        # frames outside the range are kept empty (reader)
+        progress.frames += len(inside)
+        last = max([last, *inside])
+    progress.update(progress.frames, last - since_ns)
 
 
 def cmd_analyse(args) -> int:
@@ -96,17 +118,22 @@ def cmd_analyse(args) -> int:
     cfg = _config_or_defaults(args)
     policy = policy_mod.load(args.policy or cfg.analyser.policy_file)
     service.setup_logging("analyser", args.log_level)
+    from appliance.progress import Progress, file_size
     off = Offline(cfg, policy)
     name = Path(args.pcap).name
-    chunk, index, start = [], 0, 0
+    progress = Progress("analyse", file_size(args.pcap))
+    chunk, index, start, at = [], 0, 0, 0
     for fr in pcapfile.read(args.pcap):
         chunk.append(fr)
         index += 1
         if len(chunk) >= PCAP_CHUNK:
             off.run([(name, start, chunk)])
+            at += sum(16 + len(x[2]) for x in chunk)   # bytes read, estimated: a record header and its data
+            progress.update(index, at)
             chunk, start = [], index
     if chunk:
         off.run([(name, start, chunk)])
+    progress.done()
     if args.json:
         for f in off.book.backend.all():
             print(json.dumps(f, default=str, sort_keys=True))
@@ -139,12 +166,16 @@ def cmd_report(args) -> int:
     if until:
         flags = [f for f in flags if f["flagged_at"] < until]
     series = report.XmppSeries(ports)
+    progress = _range_progress("report", since_ns, until_ns)
     for batches in reader.time_range(db, cfg.snooper.sensor, since_ns, until_ns):
+        batches = [(bid, start, list(frames)) for bid, start, frames in batches]
         for _bid, _start, frames in batches:
             for ts, wl, data in frames:
                 p = parse(ts, wl, data) if data else None
                 if p.__class__ is Packet:
                     series(p)
+        _advance(progress, batches, since_ns)
+    progress.done()
     r = report.Report(f"report for sensor {cfg.snooper.sensor} since {since:%Y-%m-%d %H:%M:%S} UTC", talkers, flags,
                       series, policy_mod.threshold_ppm(policy, cfg), policy_mod.window_seconds(policy, cfg),
                       ip_threshold_ppm=policy_mod.ip_threshold_ppm(policy, cfg), families=families,

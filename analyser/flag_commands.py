@@ -150,6 +150,7 @@ def cmd_ban(args) -> int:
     exempt = _never_ban(cfg, db).exempts(_net_of(doc_of(ip))) if ip else None
     doc = flagdoc.build(offence=earlier + 1, exempt_reason=exempt, **fields)
     fid = flags_mod.MongoFlags(db).coll.insert_one(doc).inserted_id
+    _alert(cfg, "flag_exempt" if exempt else "flag_raised", [doc])
     f = flagdoc.parse(doc)
     if exempt:
         raise BadInput(f"{f.subject} is on the never-ban list ({exempt}): flag {fid} recorded as exempt, "
@@ -180,8 +181,19 @@ def cmd_release(args) -> int:
     if not released:
         print(f"pisnoop: no active flag for {text}", file=sys.stderr)
         return 1
-    print(f"released {len(released)} flag(s) of {text}: {', '.join(map(str, released))}")
+    _alert(cfg, "flag_released", released)
+    print(f"released {len(released)} flag(s) of {text}: {', '.join(str(d['_id']) for d in released)}")
     return 0
+
+
+def _alert(cfg, event: str, docs: list) -> None:
+    """One alert per flag written by hand: the log line now, the webhooks given up to their timeout to take it
+    (a command does not wait out a webhook that is down: the alert is then counted dropped and logged)."""
+    from appliance import alerts
+    sender = alerts.Alerter(cfg.alerts, cfg.snooper.sensor, logger=alerts.command_logger("flags"))
+    for doc in docs:
+        sender.emit(event, **alerts.flag_fields(doc))
+    sender.close(wait=cfg.alerts.timeout_seconds)
 
 
 # --- allow --------------------------------------------------------------------------------------------------

@@ -87,11 +87,12 @@ class MemoryFlags:
     def never_ban(self) -> list[dict]:
         return []
 
-    def expire(self, now: dt.datetime) -> int:
+    def expire(self, now: dt.datetime) -> list[dict]:
+        """The flags past their time, now ``expired``: their new documents."""
         due = [d for d in self.docs if d[STATUS] == FLAGGED and d[EXPIRES_AT] <= now]
         for d in due:
             d.update(flagdoc.ended(d, EXPIRED, now))
-        return len(due)
+        return due
 
     def all(self) -> list[dict]:
         return list(self.docs)
@@ -123,19 +124,20 @@ class MongoFlags:
         """The operator's entries (``flags allow``), re-read at every refresh."""
         return list(self.allowed.find())
 
-    def expire(self, now: dt.datetime) -> int:
+    def expire(self, now: dt.datetime) -> list[dict]:
+        """The flags past their time, now ``expired`` (by this call, not by another process): their new documents."""
         due = [d for d in self.coll.find({STATUS: FLAGGED, EXPIRES_AT: {"$lt": now + SLACK}}) if d[EXPIRES_AT] <= now]
-        return sum(self._end(d, EXPIRED, now) for d in due)
+        return [new for new in (self._end(d, EXPIRED, now) for d in due) if new]
 
-    def _end(self, doc: dict, status: str, now: dt.datetime) -> int:
-        """Replace the whole document, only if its status did not change meanwhile.
+    def _end(self, doc: dict, status: str, now: dt.datetime) -> Optional[dict]:
+        """Replace the whole document, only if its status did not change meanwhile; the new document, or None.
 
         Not ``$set``: nx-27017 stores a datetime given to ``$set`` on an
         existing document as a string, which would break the controller's
         ``updated_at`` query; a replacement keeps it a date (also on MongoDB).
         """
         new = flagdoc.ended(doc, status, now)
-        return self.coll.replace_one({"_id": doc["_id"], STATUS: doc[STATUS]}, new).modified_count
+        return new if self.coll.replace_one({"_id": doc["_id"], STATUS: doc[STATUS]}, new).modified_count else None
 
     def all(self, since: Optional[dt.datetime] = None) -> list[dict]:
         query = {FLAGGED_AT: {"$gte": since - SLACK}} if since else {}
@@ -147,9 +149,10 @@ class MongoFlags:
             query[CLIENT_PORT] = port
         return len(self.release_where(query, now))
 
-    def release_where(self, query: dict, now: dt.datetime) -> list:
-        """Release the active flags ``query`` selects (by id, address, prefix or MAC); the ids released."""
-        return [d["_id"] for d in self.coll.find({**query, STATUS: FLAGGED}) if self._end(d, RELEASED, now)]
+    def release_where(self, query: dict, now: dt.datetime) -> list[dict]:
+        """Release the active flags ``query`` selects (by id, address, prefix or MAC); their new documents."""
+        return [new for new in (self._end(d, RELEASED, now) for d in self.coll.find({**query, STATUS: FLAGGED}))
+                if new]
 
 
 class FlagBook:
@@ -286,5 +289,6 @@ class FlagBook:
                 out[k.replace("_ns", "")] = timespec.utc(out[k])
         return out
 
-    def expire(self, now: Optional[dt.datetime] = None) -> int:
+    def expire(self, now: Optional[dt.datetime] = None) -> list[dict]:
+        """End the flags past their time; the documents of those this call expired (one alert each)."""
         return self.backend.expire(now or now_utc())

@@ -15,7 +15,7 @@ import time
 
 import pymongo.errors
 
-from appliance import indexes, service, store
+from appliance import alerts, indexes, service, statusview, store, watch
 from appliance.errors import UsageError
 from appliance.neverban import own_addresses
 
@@ -31,7 +31,8 @@ log = logging.getLogger("pisnoop.analyser")
 # metrics) is named in the reload's log line as needing a restart.
 LIVE = ("xmpp.threshold_ppm", "xmpp.per_ip_threshold_ppm", "xmpp.per_host_threshold_ppm",
         "xmpp.per_prefix_threshold_ppm", "xmpp.connection_cost", "xmpp.window_seconds", "enforce",
-        "analyser.policy_file", "analyser.poll_interval", "analyser.status_interval", "mongodb.retention")
+        "analyser.policy_file", "analyser.poll_interval", "analyser.status_interval", "mongodb.retention",
+        "alerts")
 
 
 class Analyser:
@@ -42,8 +43,10 @@ class Analyser:
         self.follower = Follower(db, cfg.snooper.sensor)
         self.flows = FlowTable(MongoFlows(db), cfg.snooper.sensor, self.follower.step)
         self.book = flags_mod.FlagBook(cfg, flags_mod.MongoFlags(db), cfg.snooper.sensor, own_addresses(cfg))
-        self.engine = Engine(cfg, self.policy, self.flows, self.book)
-        self.status = Status(db, cfg, self.follower, self.engine)
+        self.alerts = alerts.Alerter(cfg.alerts, cfg.snooper.sensor)
+        self.watch = watch.Watch(cfg.alerts)
+        self.engine = Engine(cfg, self.policy, self.flows, self.book, on_flag=self.flagged)
+        self.status = Status(db, cfg, self.follower, self.engine, self.alerts)
         self.stop = threading.Event()
         self.reloader: service.Reloader | None = None
 
@@ -60,6 +63,8 @@ class Analyser:
         self.policy = self.engine.policy = policy
         self.engine.classifiers = classifiers
         self.book.cfg, self.book.enforce = cfg, cfg.enforce     # the never-ban list: at the next refresh
+        self.alerts.configure(cfg.alerts)                       # webhooks, queue and retry for what comes next
+        self.watch.cfg = cfg.alerts
         try:
             indexes.ensure_indexes(self.db, cfg)                # retention TTLs
         except pymongo.errors.PyMongoError as exc:
@@ -77,11 +82,28 @@ class Analyser:
         self.follower.commit(docs, step)
         return len(docs)
 
+    def flagged(self, doc: dict) -> None:
+        """A flag (or an exempt record) was written: its alert."""
+        event = "flag_raised" if doc.get("status") == "flagged" else "flag_exempt"
+        self.alerts.emit(event, **alerts.flag_fields(doc))
+
     def housekeeping(self) -> None:
-        n = self.book.expire()
-        if n:
-            log.info("%d flag(s) expired", n)
+        ended = self.book.expire()
+        if ended:
+            log.info("%d flag(s) expired", len(ended))
+        for doc in ended:
+            self.alerts.emit("flag_expired", **alerts.flag_fields(doc))
         self.book.refresh()
+
+    def look(self, store_up: bool) -> None:
+        """The watcher's turn: the store's state and, when it answers, the other services' status documents."""
+        events = self.watch.store(store_up, time.monotonic())
+        if store_up:
+            ids = statusview.status_ids(self.cfg.snooper.sensor)
+            docs = {name: self.db[store.STATUS].find_one({"_id": ids[name]}) for name in watch.WATCHED}
+            events += self.watch.documents(docs, flags_mod.now_utc())
+        for event, fields in events:
+            self.alerts.emit(event, **fields)
 
     def recover(self) -> None:
         """After a failed step: forget unwritten flows and window state; reload the position."""
@@ -111,6 +133,7 @@ class Analyser:
                     self.housekeeping()
                     next_house = now + cfg.poll_interval
                 if now >= next_status:
+                    self.look(store_up=True)
                     self.status.report()
                     next_status = now + cfg.status_interval
                 if failing:
@@ -121,6 +144,7 @@ class Analyser:
                     log.warning("store unavailable (%s: %s); retrying every %.1f s", exc.__class__.__name__,
                                 str(exc)[:160], cfg.poll_interval)
                 failing = True
+                self.look(store_up=False)
                 self.stop.wait(cfg.poll_interval)
                 try:
                     self.recover()
@@ -137,6 +161,7 @@ class Analyser:
             self.status.report()
         except pymongo.errors.PyMongoError as exc:
             log.warning("final status not written: %s", exc.__class__.__name__)
+        self.alerts.close(wait=self.cfg.alerts.timeout_seconds)
         return 0
 
 

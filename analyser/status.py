@@ -39,11 +39,12 @@ SKIP_REASONS = ("malformed", "not_ip", "corrupt_batches", "replayed")
 
 
 class Status:
-    def __init__(self, db, cfg, follower, engine):
+    def __init__(self, db, cfg, follower, engine, alerts=None):
         self.coll = db[store.STATUS]
         self.sensor = cfg.snooper.sensor
         self.id = f"analyser:{self.sensor}"
         self.follower, self.engine = follower, engine
+        self.alerts = alerts
         self.metrics = _metrics() if cfg.metrics.enabled else None
         self.last_t = time.monotonic()
         self.last = dict(engine.counters)
@@ -84,6 +85,8 @@ class Status:
             "servers_exempt": self.engine.servers.addresses()[:32],
             "health": service.health(),
         }
+        if self.alerts is not None:
+            doc["alerts"] = {**self.alerts.counters, "pending": self.alerts.pending()}
         self.coll.replace_one({"_id": self.id}, doc, upsert=True)
         log.info("%d frames (%.0f/s), lag %.1f s, skipped %s, flags %d, exempt %d, unverified %d", c.get("frames", 0),
                  self.fps, lag, {r: c.get(r, 0) for r in SKIP_REASONS if c.get(r)} or 0, c.get("flags", 0),

@@ -26,6 +26,8 @@ LAB_HINT = "the lab is not installed: from a pisnoop checkout, pip install ./lab
 # name, module, help: the order is the order of `pisnoop --help`
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("check-config", "appliance.commands", "validate a config file and exit (0 good, 2 bad)"),
+    ("status", "appliance.status_command",
+     "this appliance at a glance: services, switch, capture, store, analyser lag, bans (exit 1: something is wrong)"),
     ("controller", "static_controller.command",
      "run the static controller (OpenFlow 1.3, os-ken) for switch.datapath_id"),
     ("snooper", "snooper.cli", "capture the mirror interface into the store (the pisnoop-snooper service)"),

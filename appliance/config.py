@@ -234,6 +234,19 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Alerts:
+    """Where events go (``appliance/alerts.py``): a log line always, a JSON POST to each webhook when any."""
+    webhooks: tuple[str, ...] = field(default=(), metadata={"check": "http_url", "items": (0, 8), "unique": True})
+    timeout_seconds: float = field(default=5.0, metadata=value_range(0.1, 120, "seconds from 0.1 to 120"))
+    queue_size: int = field(default=1000, metadata=value_range(1, 100_000, "alerts from 1 to 100000"))
+    # one alert is retried (back-off doubling up to retry_max_seconds) for this long, then counted dropped
+    retry_seconds: float = field(default=3600.0, metadata=value_range(0, 604_800, "seconds from 0 to 604800"))
+    retry_max_seconds: float = field(default=60.0, metadata=value_range(0.1, 3600, "seconds from 0.1 to 3600"))
+    store_down_seconds: float = field(default=60.0, metadata=value_range(1, 86400, "seconds from 1 to 86400"))
+    service_down_seconds: float = field(default=60.0, metadata=value_range(1, 86400, "seconds from 1 to 86400"))
+
+
+@dataclass(frozen=True)
 class Config:
     switch: Switch = field(default_factory=Switch)
     mirror: Mirror = field(default_factory=Mirror)
@@ -244,6 +257,7 @@ class Config:
     mongodb: MongoDB = field(default_factory=MongoDB)
     analyser: Analyser = field(default_factory=Analyser)
     metrics: Metrics = field(default_factory=Metrics)
+    alerts: Alerts = field(default_factory=Alerts)
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
 
 
@@ -471,6 +485,9 @@ def _check_string(value: str, check: str | None, path: str, src: str) -> None:
     elif check == "abspath":
         if not value.startswith("/"):
             raise ConfigError(src, path, value, "an absolute path")
+    elif check == "http_url":
+        if not re.match(r"^https?://[^\s/]+(/\S*)?$", value):
+            raise ConfigError(src, path, value, "an http:// or https:// URL")
     elif check == "mongo_uri":
         if not re.match(r"^mongodb(\+srv)?://[^\s]+$", value):
             raise ConfigError(src, path, value, "a MongoDB URI starting with mongodb:// or mongodb+srv://")

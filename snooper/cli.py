@@ -70,20 +70,28 @@ def cmd_export(args) -> int:
         out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
     except OSError as exc:
         raise UsageError(f"export-pcap: {args.output}: {exc.strerror}") from None
+    from appliance.progress import Progress
+    progress = Progress("export-pcap", until - since)
     with out:
         n = export(db, out, since, until, host=args.host, port=args.port, sensor=args.sensor, run=args.run,
-                   nano=args.ns)
+                   nano=args.ns, progress=progress)
+    progress.done()
     print(f"{n} frames written to {args.output}", file=sys.stderr)
     return 0
 
 
 def cmd_import(args) -> int:
     from appliance import service
+    from appliance.progress import Progress, file_size
 
     from .pcap import import_file
     cfg = load_config_file(args.config)
     log = service.setup_logging("import", args.log_level)
-    c, run, left = import_file(cfg, args.file, log, dedupe=args.dedupe, sensor=args.sensor)
+    progress = Progress("import-pcap", file_size(args.file))
+    try:
+        c, run, left = import_file(cfg, args.file, log, dedupe=args.dedupe, sensor=args.sensor, progress=progress)
+    finally:
+        progress.done()
     print(f"run {run}: read {c['captured']} frames, stored {c['stored']}, duplicates {c['duplicates']}, "
           f"unreadable records {c['dropped_parse']}, waiting in the spool {left}")
     return 0 if not left else 1

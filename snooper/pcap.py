@@ -51,8 +51,10 @@ def _merged(docs) -> Iterator[tuple[int, int, bytes]]:
 
 
 def export(db, out: BinaryIO, since_ns: int, until_ns: int, host: str | None = None, port: int | None = None,
-           sensor: str | None = None, run: str | None = None, nano: bool = False) -> int:
-    """Write the matching frames as a classic pcap (µs, or ns with ``nano``) to ``out``; return how many."""
+           sensor: str | None = None, run: str | None = None, nano: bool = False, progress=None) -> int:
+    """Write the matching frames as a classic pcap (µs, or ns with ``nano``) to ``out``; return how many.
+
+    ``progress`` (``appliance.progress.Progress``, total: the range in ns) hears of every 1,024 frames read."""
     query: dict = {"t0": {"$lte": timespec.utc(until_ns) + dt.timedelta(milliseconds=1)},
                    "t1": {"$gte": timespec.utc(since_ns) - dt.timedelta(milliseconds=1)}}
     if sensor:
@@ -61,8 +63,11 @@ def export(db, out: BinaryIO, since_ns: int, until_ns: int, host: str | None = N
         query["run"] = run
     host_b = ipaddress.ip_address(host).packed if host else None
     writer = pcapfile.Writer(out, nano=nano)
-    count = 0
+    count = seen = 0
     for ts, wire, data in _merged(db[store.FRAMES].find(query).sort("first_ns", 1)):
+        seen += 1
+        if progress is not None and not seen & 1023:
+            progress.update(seen, ts - since_ns)
         if ts < since_ns or ts > until_ns or not matches(data, host_b, port):
             continue
         writer.write(ts, wire, data)
@@ -72,8 +77,12 @@ def export(db, out: BinaryIO, since_ns: int, until_ns: int, host: str | None = N
 
 # --- import -----------------------------------------------------------------------
 
-def import_file(cfg, path: str | Path, log, dedupe: bool = False, sensor: str | None = None, chunk: int = 1000):
+def import_file(cfg, path: str | Path, log, dedupe: bool = False, sensor: str | None = None, chunk: int = 1000,
+                progress=None):
     """Store a capture file's frames as if captured; return (counters, run id, spooled frames still waiting).
+
+    ``progress`` (``appliance.progress.Progress``, total: the file's size) hears of every chunk, with the
+    bytes read so far estimated from the records (a record header and its data).
 
     A file that fails before its first record raises ``PcapError`` before anything starts. A fault after it
     (a capture cut off mid-write) keeps the frames read so far and is counted and logged.
@@ -97,10 +106,14 @@ def import_file(cfg, path: str | Path, log, dedupe: bool = False, sensor: str | 
     try:
         frames: list = [] if first is None else [first]
         try:
+            at = 0
             for f in records:
                 frames.append(f)
                 if len(frames) >= chunk:
                     cap.add(frames)
+                    if progress is not None:
+                        at += sum(16 + len(x[2]) for x in frames)
+                        progress.update(c["captured"], at)
                     frames = []
         except pcapfile.PcapError as exc:
             c["dropped_parse"] += 1

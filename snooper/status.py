@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 
 from pymongo.errors import PyMongoError
 
@@ -24,6 +25,7 @@ class Reporter(threading.Thread):
         self.snapshot = snapshot
         self.log = log
         self.stop_event = stop_event
+        self._last: tuple[float, int] | None = None    # (monotonic time, captured) of the last publication
 
     def run(self) -> None:
         self.publish()
@@ -38,10 +40,15 @@ class Reporter(threading.Thread):
                       c["duplicates"], c["kernel_dropped"], c["dropped_spool_full"], c["spooled"], c["replayed"],
                       extra["spool_frames"], extra["unaccounted"])
         sid = f"snooper:{self.sensor}"
+        now_m = time.monotonic()
+        rate = 0.0
+        if self._last is not None and now_m > self._last[0]:
+            rate = (c["captured"] - self._last[1]) / (now_m - self._last[0])
+        self._last = (now_m, c["captured"])
         # _id in the replacement too: nx-27017 gives an upserted document a fresh ObjectId otherwise
         doc = {"_id": sid, "component": "snooper", "sensor": self.sensor,
                "updated_at": dt.datetime.now(dt.timezone.utc),
-               "counters": counters, "health": service.health(), **extra}
+               "counters": counters, "captured_per_second": round(rate, 1), "health": service.health(), **extra}
         try:
             self.db[store.STATUS].replace_one({"_id": sid}, doc, upsert=True)
         except PyMongoError as exc:

@@ -89,6 +89,7 @@ class Core:
         self.counters = collections.Counter()
         self.refused = collections.Counter()          # (module, reason kind) -> n
         self.pushed_by_module = collections.Counter()
+        self.planned = (0, 0)                         # (flows, meters) of the plan at start: `pisnoop status`
 
     # --- the plan -------------------------------------------------------------
 
@@ -116,6 +117,7 @@ class Core:
             why = owner.flowspace.outside(f) if owner else "no module owns its cookie"
             if why:
                 raise PlanRefused(f"flow {f.describe()}: {why}")
+        self.planned = (len(flows), len(meters))
         return msgs
 
     # --- connect and push --------------------------------------------------------
@@ -389,6 +391,8 @@ class Core:
     def snapshot(self) -> dict:
         out = {k: int(v) for k, v in self.counters.items()}
         out["flows_installed"] = len(self.installed)
+        out["flows_planned"], out["meters_planned"] = self.planned
+        out["meters_installed"] = len(self.meters) if self.pushed else 0
         out["refused"] = sum(self.refused.values())
         for (module, kind), n in self.refused.items():
             out[f"refused_{module}_{kind}"] = int(n)

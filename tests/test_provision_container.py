@@ -202,3 +202,30 @@ def test_bad_variable_fails_the_play_with_the_message(provisioned):
 
 def test_watchdog_restarts_a_frozen_service(provisioned):
     check_watchdog_restarts_frozen_service(provisioned, "controller")
+
+
+def test_status_reads_the_services_from_systemd(provisioned):
+    """`pisnoop status` on the provisioned appliance: each service's state and restarts come from systemd, and a
+    stopped unit is the line that says so (exit 1)."""
+    ct, first, _ = provisioned
+    check_services_ready(provisioned)
+    status = "/opt/pisnoop/venv/bin/pisnoop --config /etc/pisnoop/pisnoop.yaml status"
+    res = ct.sh(status, check=False)
+    print("\n" + res.stdout + res.stderr)
+    print(ct.sh("journalctl -b --no-pager -n 15 -u pisnoop-controller; ovs-vsctl show; "
+                "ovs-vsctl get bridge ovsbr0 datapath_id", check=False).stdout)
+    lines = {ln[4:17].strip(): ln for ln in res.stdout.splitlines() if ln.startswith(" ")}
+    for s in SERVICES:
+        restarts = _service_state(ct, f"pisnoop-{s}.service")["NRestarts"]
+        assert "up (running), ready, last heartbeat" in lines[s], res.stdout
+        assert lines[s].endswith(f"restarts {restarts} (systemd)"), res.stdout
+    ct.sh("systemctl stop pisnoop-snooper.service")
+    try:
+        res = ct.sh(status + " --json", check=False)
+        doc = json.loads(res.stdout)
+        assert res.returncode == 1 and "snooper: pisnoop-snooper.service is inactive" in doc["problems"], res.stdout
+        text = ct.sh(status, check=False).stdout
+        assert " !! snooper       inactive (dead), not ready" in text, text
+    finally:
+        ct.sh("systemctl start pisnoop-snooper.service")
+    check_services_ready(provisioned)

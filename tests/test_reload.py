@@ -3,6 +3,7 @@ restart, and keeps the config in force when the file is bad. The real services a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -275,3 +276,20 @@ def test_the_controller_applies_a_new_never_ban_entry_to_an_active_ban_and_keeps
         finally:
             db.client.close()
     assert_gone(va)
+
+
+def test_a_reload_gives_the_alerter_and_the_watcher_the_new_alerts_section(store_config):
+    from analyser import live
+
+    path, db = store_config
+    cfg = config_mod.load(path)
+    analyser = live.Analyser(cfg, db)
+    try:
+        new = dataclasses.replace(cfg, alerts=dataclasses.replace(
+            cfg.alerts, webhooks=("http://127.0.0.1:9/hook",), store_down_seconds=5.0))
+        assert "alerts" in live.LIVE
+        analyser.apply(new)
+        assert analyser.alerts.webhooks == ("http://127.0.0.1:9/hook",)
+        assert analyser.watch.cfg.store_down_seconds == 5.0
+    finally:
+        analyser.alerts.close(wait=0)
