@@ -229,3 +229,40 @@ def test_status_reads_the_services_from_systemd(provisioned):
     finally:
         ct.sh("systemctl start pisnoop-snooper.service")
     check_services_ready(provisioned)
+
+
+def test_systemctl_reload_applies_a_threshold_and_a_bad_file_keeps_the_running_config(provisioned):
+    """`systemctl reload` (ExecReload: SIGHUP) in the booted appliance: the analyser applies a new threshold
+    without a restart, a bad file is one line and changes nothing, the other services reload too."""
+    ct, _first, _ = provisioned
+    check_services_ready(provisioned)
+    conf = "/etc/pisnoop/pisnoop.yaml"
+    py = "/opt/pisnoop/venv/bin/python"
+    before = {s: _service_state(ct, f"pisnoop-{s}.service") for s in ("analyser", "controller", "snooper")}
+    ct.sh(f"cp {conf} {conf}.orig")
+    try:
+        ct.sh(f"{py} -c \"import yaml; p='{conf}'; d=yaml.safe_load(open(p)) or {{}}; "
+              f"d.setdefault('xmpp', {{}})['threshold_ppm'] = 77; open(p, 'w').write(yaml.safe_dump(d))\"")
+        ct.sh("systemctl reload pisnoop-analyser.service pisnoop-controller.service pisnoop-snooper.service")
+        log = ""
+        for _ in range(50):
+            log = ct.sh("journalctl -b --no-pager -u pisnoop-analyser.service", check=False).stdout
+            if "-> 77" in log:
+                break
+            time.sleep(0.2)
+        assert f"reload of {conf}: applied xmpp.threshold_ppm" in log and "-> 77" in log, log[-3000:]
+        ct.sh(f"printf 'xmpp:\\n  threshold_ppm: -1\\n' > {conf}")
+        ct.sh("systemctl reload pisnoop-analyser.service")
+        for _ in range(50):
+            log = ct.sh("journalctl -b --no-pager -u pisnoop-analyser.service", check=False).stdout
+            if "reload refused" in log:
+                break
+            time.sleep(0.2)
+        refused = [ln for ln in log.splitlines() if "reload refused, the config in force is unchanged" in ln]
+        assert len(refused) == 1 and "xmpp.threshold_ppm" in refused[0], log[-3000:]
+        for s, state in before.items():
+            now = _service_state(ct, f"pisnoop-{s}.service")
+            assert (now["ActiveState"], now["MainPID"], now["NRestarts"]) == \
+                ("active", state["MainPID"], state["NRestarts"]), (s, now)
+    finally:
+        ct.sh(f"mv {conf}.orig {conf} && systemctl reload pisnoop-analyser.service", check=False)
