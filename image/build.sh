@@ -58,7 +58,13 @@ mounts=()
 cleanup() {
   local m
   for ((i=${#mounts[@]}-1; i>=0; i--)); do m=${mounts[$i]}; umount -l "$m" 2>/dev/null || true; done
-  if [ "$keep" -eq 0 ]; then rm -rf "$work"; else say "work folder kept: $work"; fi
+  if grep -q " $work/" /proc/mounts; then
+    echo "build.sh: something is still mounted under $work: not removing it" >&2
+  elif [ "$keep" -eq 0 ]; then
+    rm -rf "$work"
+  else
+    say "work folder kept: $work"
+  fi
 }
 trap cleanup EXIT
 mount_in() { mkdir -p "$root$2"; mount "${@:3}" "$1" "$root$2"; mounts+=("$root$2"); }
@@ -93,28 +99,31 @@ LABEL=RASPIROOT /              ext4 rw,errors=remount-ro 0 1
 LABEL=RASPIFIRM /boot/firmware vfat rw,umask=0077       0 2
 EOF
 # the firmware's cmdline.txt (written by raspi-firmware's hooks) names the root by label
+# (Debian's cmdline.txt has net.ifnames=0: the kernel's names eth0, eth1, ... for the Pi's ports)
 cat >"$root/etc/default/raspi-firmware" <<'EOF'
 ROOTPART=LABEL=RASPIROOT
-CONSOLES="ttyS1,115200 tty0"
+# the last console gets the boot messages: the Pi 4's UART
+CONSOLES="tty0 ttyS1,115200"
 EOF
-# virtio: the same initramfs also boots under qemu's virt machine (the image's boot test)
-printf 'virtio_pci\nvirtio_blk\nvirtio_net\n' >>"$root/etc/initramfs-tools/modules" 2>/dev/null \
-  || { mkdir -p "$root/etc/initramfs-tools"; printf 'virtio_pci\nvirtio_blk\nvirtio_net\n' >"$root/etc/initramfs-tools/modules"; }
 mkdir -p "$root/boot/firmware"
 mount_in tmpfs /boot/firmware -t tmpfs   # raspi-firmware's hooks write the firmware partition's files here
 
 say "kernel, firmware and the base system (apt in the arm64 chroot)"
 in_root apt-get update -qq
-in_root apt-get install -y -qq --no-install-recommends \
-  linux-image-arm64 raspi-firmware initramfs-tools firmware-brcm80211 \
+in_root apt-get install -y -qq --no-install-recommends initramfs-tools >"$work/apt.log" 2>&1 \
+  || { tail -30 "$work/apt.log"; die "apt-get install initramfs-tools failed"; }
+# virtio: the same initramfs also boots under qemu's virt machine (the image's boot test)
+printf 'virtio_pci\nvirtio_blk\nvirtio_net\n' >>"$root/etc/initramfs-tools/modules"
+in_root apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold \
+  linux-image-arm64 raspi-firmware firmware-brcm80211 \
   ifupdown isc-dhcp-client openssh-server systemd-timesyncd iproute2 iputils-ping procps less \
-  e2fsprogs dosfstools fdisk sudo >"$work/apt.log" 2>&1 || { tail -30 "$work/apt.log"; die "apt-get install failed"; }
+  e2fsprogs dosfstools fdisk sudo >>"$work/apt.log" 2>&1 || { tail -30 "$work/apt.log"; die "apt-get install failed"; }
 kver=$(basename "$(ls -d "$root"/lib/modules/* | sort -V | tail -1)")
-[ -e "$root/boot/firmware/cmdline.txt" ] || in_root /etc/kernel/postinst.d/z50-raspi-firmware "$kver" "/boot/vmlinuz-$kver"
+[ -e "$root/boot/firmware/cmdline.txt" ] || in_root env DEB_MAINT_PARAMS=configure /etc/kernel/postinst.d/z50-raspi-firmware
 for f in cmdline.txt config.txt start4.elf fixup4.dat bcm2711-rpi-4-b.dtb; do
   [ -e "$root/boot/firmware/$f" ] || die "raspi-firmware did not put $f on the firmware partition"
 done
-grep -q 'net.ifnames=0' "$root/boot/firmware/cmdline.txt" || sed -i 's/$/ net.ifnames=0/' "$root/boot/firmware/cmdline.txt"
+grep -q 'net.ifnames=0' "$root/boot/firmware/cmdline.txt" || die "cmdline.txt without net.ifnames=0"
 say "kernel $kver; cmdline.txt: $(cat "$root/boot/firmware/cmdline.txt")"
 
 # management: the onboard port eth0 (net.ifnames=0); pisnoop-firstboot writes its stanza from pisnoop.txt
