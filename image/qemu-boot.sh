@@ -48,13 +48,15 @@ debugfs -R "dump /boot/initrd.img-$kver $work/initrd.img" "$rootfs" 2>/dev/null
 [ -s "$work/vmlinuz" ] && [ -s "$work/initrd.img" ] || { echo "qemu-boot.sh: could not read the kernel $kver" >&2; exit 1; }
 qemu-img create -q -f qcow2 -F raw -b "$image" "$work/disk.qcow2" "$(( $(stat -c %s "$image") + 2 * 1024 * 1024 * 1024 ))"
 
+# an emulated CPU starts Python services many times slower than a Pi: give them longer than systemd's 90 s
+slow="systemd.default_timeout_start_sec=1200"
 console=$work/console.log
 : >"$console"
 t0=$(date +%s.%N)
 qemu-system-aarch64 -M virt -cpu cortex-a72 -smp "$smp" -m 2048 -display none -monitor none \
   -serial "file:$console" -no-reboot \
   -kernel "$work/vmlinuz" -initrd "$work/initrd.img" \
-  -append "root=LABEL=RASPIROOT rw rootwait console=ttyAMA0 net.ifnames=0 systemd.show_status=1" \
+  -append "root=LABEL=RASPIROOT rw rootwait console=ttyAMA0 net.ifnames=0 systemd.show_status=1 $slow" \
   -drive "if=none,id=disk,file=$work/disk.qcow2,format=qcow2" -device virtio-blk-pci,drive=disk \
   -netdev user,id=mgmt,restrict=on -device virtio-net-pci,netdev=mgmt \
   -netdev hubport,id=inside,hubid=1 -device virtio-net-pci,netdev=inside \

@@ -22,6 +22,7 @@ boot again on the same root and links.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -114,10 +115,12 @@ def foreign_arch_ready(arch: str) -> None:
 def base_root(arch: str) -> tuple[Path, dict]:
     """The cached Debian 12 root for ``arch`` (built when missing); returns it and its build record."""
     key = {"suite": SUITE, "arch": arch, "base": BASE_PACKAGES, "system": SYSTEM_PACKAGES}
-    root = CACHE / f"debian12-{arch}"
-    stamp = CACHE / f"debian12-{arch}.json"
+    # named by its key: checkouts that want other roots (branches, older commits) never rebuild each other's
+    name = f"debian12-{arch}-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    root = CACHE / name
+    stamp = CACHE / f"{name}.json"
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive", "LANG": "C.UTF-8"}
-    with _Lock(CACHE / f"debian12-{arch}.lock"):
+    with _Lock(CACHE / f"{name}.lock"):
         record = json.loads(stamp.read_text()) if stamp.exists() and root.is_dir() else {}
         if record.get("key") != key:
             record = _debootstrap(arch, root, stamp, key, env)
@@ -135,7 +138,7 @@ def _debootstrap(arch: str, root: Path, stamp: Path, key: dict, env: dict) -> di
     foreign_arch_ready(arch)
     if shutil.which("debootstrap") is None:
         raise ContainerError("debootstrap not found: install it (setup.sh lists it)")
-    tmp = CACHE / f"debian12-{arch}.building"
+    tmp = root.with_name(root.name + ".building")
     for old in (tmp, root):
         if old.exists():
             shutil.rmtree(old)

@@ -35,7 +35,11 @@ def provision(arch: str, *extra: str):
           f"{record['download_seconds']} s (built {record['built_at']})")
     with container.Container(arch, boot_timeout=600 if arch != container.host_arch() else 180) as ct:
         print(f"{arch} boot to running: {ct.boot_seconds} s")
-        ct.nm_before = nm_owns_every_port(ct)
+        if arch == container.host_arch():
+            ct.nm_before = nm_owns_every_port(ct)
+        else:  # qemu-user: NetworkManager does not come up; the emulated run proves the rest
+            nm = ct.sh("systemctl is-active NetworkManager; journalctl -b -u NetworkManager -n 3 -o cat", check=False)
+            print(f"{arch}: NetworkManager under emulation: {' / '.join(nm.stdout.split(chr(10))[:4])}")
         t0 = time.monotonic()
         first = ct.playbook(*extra, wheels=wheels)
         seconds = round(time.monotonic() - t0, 1)
@@ -354,7 +358,8 @@ def test_bridge_forwards_and_every_frame_is_stored(provisioned, wire):
     w.settle()
     assert len(w.received) == len(sent), f"the bridge forwarded {len(w.received)} of {len(sent)}"
     view = wait_stored(ct, w, sent)
-    assert check_stored(ct, w, view) == set() or counted_drops(ct) > 0
+    missing = check_stored(ct, w, view)
+    assert len(missing) <= counted_drops(ct), f"lost without a count: {sorted(missing)[:20]}"
 
 
 def test_clean_reboot_keeps_switch_frames_and_analyser_position(provisioned, wire):
