@@ -1,7 +1,7 @@
-"""``pisnoop analyser | analyse --pcap | report | flags list/release``.
+"""``pisnoop analyser | analyse --pcap | report`` (the ``flags`` commands: ``analyser.flag_commands``).
 
 Only what ``configure`` needs is imported here; each command imports the
-analyser's parts it runs, so ``pisnoop flags --help`` loads no parser, no
+analyser's parts it runs, so ``pisnoop report --help`` loads no parser, no
 store driver and no plotting library.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from appliance import config as config_mod
@@ -21,7 +20,7 @@ PCAP_CHUNK = 1000
 
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
-    """Arguments of ``name`` (one of analyser, analyse, report, flags); ``appliance.cli`` calls this."""
+    """Arguments of ``name`` (one of analyser, analyse, report); ``appliance.cli`` calls this."""
     if name == "analyser":
         p.add_argument("--once", action="store_true", help="read what is new since the resume point, then exit")
         p.add_argument("--since", help="with --once: analyse this capture-time range only, store nothing; "
@@ -41,16 +40,6 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("-o", "--output", metavar="DIR", help="where the PNG goes (default: analyser.report_dir)")
         p.add_argument("--top", type=int, default=10)
         p.set_defaults(func=cmd_report)
-    elif name == "flags":
-        fsub = p.add_subparsers(dest="action", metavar="ACTION")
-        fsub.required = True
-        fl = fsub.add_parser("list", help="the active flags (--all: every flag)")
-        fl.add_argument("--all", action="store_true")
-        fl.add_argument("--json", action="store_true")
-        fl.set_defaults(func=cmd_flags_list)
-        fr = fsub.add_parser("release", help="release the active flags of a client (IP or IP:PORT)")
-        fr.add_argument("client")
-        fr.set_defaults(func=cmd_flags_release)
     else:
         raise ValueError(f"analyser.commands has no command {name!r}")
 
@@ -141,15 +130,15 @@ def cmd_report(args) -> int:
     until = timespec.utc(until_ns) if until_ns is not None else None
     policy = policy_mod.load(cfg.analyser.policy_file)
     db = _db(cfg)
-    port = policy_mod.server_port(policy, cfg)
+    ports = policy_mod.server_ports(policy, cfg)
     fq: dict = {"last_seen": {"$gte": since}}
     if until:
         fq["first_seen"] = {"$lt": until}
-    talkers = report.talkers(db[store.FLOWS].find(fq), port, args.top)
+    talkers, families, unverified = report.summary(db[store.FLOWS].find(fq), ports, args.top)
     flags = flags_mod.MongoFlags(db).all(since)
     if until:
         flags = [f for f in flags if f["flagged_at"] < until]
-    series = report.XmppSeries(port)
+    series = report.XmppSeries(ports)
     for batches in reader.time_range(db, cfg.snooper.sensor, since_ns, until_ns):
         for _bid, _start, frames in batches:
             for ts, wl, data in frames:
@@ -158,52 +147,11 @@ def cmd_report(args) -> int:
                     series(p)
     r = report.Report(f"report for sensor {cfg.snooper.sensor} since {since:%Y-%m-%d %H:%M:%S} UTC", talkers, flags,
                       series, policy_mod.threshold_ppm(policy, cfg), policy_mod.window_seconds(policy, cfg),
-                      ip_threshold_ppm=policy_mod.ip_threshold_ppm(policy, cfg))
+                      ip_threshold_ppm=policy_mod.ip_threshold_ppm(policy, cfg), families=families,
+                      unverified=unverified)
     out = Path(args.output or cfg.analyser.report_dir)
     try:
         print(report.write(r, out, "report"), end="")
     except OSError as exc:
         raise UsageError(f"{out}: cannot write the plot ({exc.strerror})") from None
-    return 0
-
-
-def cmd_flags_list(args) -> int:
-    from appliance import flagdoc
-
-    from . import flags as flags_mod
-    cfg = config_mod.load(args.config)
-    book = flags_mod.MongoFlags(_db(cfg))
-    now = flags_mod.now_utc()
-    docs = book.all() if args.all else book.active(now)
-    if args.json:
-        for d in docs:
-            print(json.dumps({k: v for k, v in d.items() if k != "_id"}, default=str, sort_keys=True))
-        return 0
-    if not docs:
-        print("no flags" if args.all else "no active flags")
-        return 0
-    print(f"{'client':<24} {'classifier':<14} {'action':<6} {'off':>3} {'ban s':>6} {'status':<8} "
-          f"{'expires (UTC)':<19} reason")
-    for d in docs:
-        try:
-            f = flagdoc.parse(d)
-        except flagdoc.BadFlag as exc:
-            print(f"pisnoop: flag {d.get('_id')} ignored: {exc}", file=sys.stderr)
-            continue
-        print(f"{flagdoc.client_text(f.client_ip, f.client_port):<24} {f.classifier:<14} {f.action:<6} "
-              f"{f.offence:>3} {f.ban_seconds:>6} {f.status:<8} {f.expires_at:%Y-%m-%d %H:%M:%S} {f.reason}")
-    return 0
-
-
-def cmd_flags_release(args) -> int:
-    from appliance import flagdoc
-
-    from . import flags as flags_mod
-    ip, port = flagdoc.parse_client(args.client)
-    cfg = config_mod.load(args.config)
-    n = flags_mod.MongoFlags(_db(cfg)).release(ip, port, flags_mod.now_utc())
-    if not n:
-        print(f"pisnoop: no active flag for {args.client}", file=sys.stderr)
-        return 1
-    print(f"released {n} flag(s) of {args.client}")
     return 0

@@ -1,42 +1,69 @@
-"""One analysis step: frames -> packets -> flows -> classifiers -> flags.
+"""One analysis step: frames -> packets -> flows -> verified? -> classifiers -> flags.
 
 The live service, one-shot ranges and ``analyse --pcap`` all run this, so a
 pcap gives the same flags as the store. A step is a list of batches; flow
 records are written once per step (one bulk write), flags the moment a
 classifier's window crosses its threshold.
+
+Only verified packets reach the classifiers (analyser/flows.py says what is
+verified). A packet held while its connection settles is counted as
+unverified until the connection is verified on frame time, then handed to
+the classifiers with its own timestamp, before the packet whose time
+settled it, so the same frames give the same flags whatever the batch
+boundaries. Unverified packets are counted per claimed source (the report's
+"unverified traffic"); they never make a flag, and the defence against them
+is the shared XMPP meter the controller installs, which limits everyone
+toward the server ports and singles out no source.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
+import socket
 from collections import Counter
 from typing import Callable, Iterable, Optional
 
+from appliance import l3l4
 from appliance.framebatch import CorruptBatch
 
 from . import policy as policy_mod
 from .flags import FlagBook, now_utc
-from .flows import FlowTable
-from .parse import Packet, parse
+from .flows import HELD, OK, SETTLING, SPOOFED, VERIFIED, FlowTable
+from .neighbours import Neighbours
+from .parse import TCP, UDP, Packet, mac_text, parse
 
 log = logging.getLogger("pisnoop.analyser")
 PRUNE_EVERY_NS = 10 * 10**9
+MAX_SOURCES = 10_000           # claimed sources of unverified traffic kept by name; the rest are summed as "other"
+PROTO_NAMES = {TCP: "tcp", UDP: "udp"}
+# ICMP / ICMPv6 "destination unreachable" types: protocol -> the type whose quoted packet an end refused
+ICMP_ERRORS = {1: 3, 58: 1}
 
 
 class Engine:
     def __init__(self, cfg, policy, flows: FlowTable, flagbook: FlagBook,
                  observers: Iterable[Callable[[Packet], None]] = (), on_flag: Optional[Callable[[dict], None]] = None):
         self.cfg, self.policy = cfg, policy
-        self.classifiers = policy_mod.build(policy, cfg)
+        self.server_ports = frozenset(policy_mod.server_ports(policy, cfg))
+        flows.server_ports = self.server_ports
+        flows.settle_ns = int(cfg.xmpp.settle_seconds * 1e9)
+        self.neighbours = Neighbours(cfg.xmpp)
+        self.classifiers = policy_mod.build(policy, cfg, self.neighbours)
         self.flows, self.flagbook = flows, flagbook
+        self.servers = flagbook.servers
         self.observers = list(observers)
         self.on_flag = on_flag
         self.counters: Counter = Counter()
+        self.unverified: Counter = Counter()      # claimed source -> unverified packets it "sent" toward a server
+        self.settling: list = []                  # heap of (settle_ns, n, flow)
+        self.queued = 0
         self.pruned_ns = 0
 
     def reset_windows(self) -> None:
         """Fresh classifier state (after a failed step whose packets may be counted again)."""
-        self.classifiers = policy_mod.build(self.policy, self.cfg)
+        self.classifiers = policy_mod.build(self.policy, self.cfg, self.neighbours)
+        self.settling = []
 
     def run_step(self, batches: Iterable[tuple[str, int, Iterable]], step: int, persistent: bool = True) -> int:
         """Analyse ``(batch_id, first_index, frames)`` batches; return the number of frames read."""
@@ -63,7 +90,9 @@ class Engine:
             c["batches"] += 1
         c["frames"] += n
         if persistent:
-            self.flows.prefetch(p for p, _, _ in parsed)
+            for f in self.flows.prefetch(p for p, _, _ in parsed):
+                if f.tcp == VERIFIED:              # verified before a restart: who is who is learned again
+                    self._learn(f)
         self._classify(parsed)
         c["flows_written"] += self.flows.flush(step)
         if self.flows.newest_ns - self.pruned_ns > PRUNE_EVERY_NS:
@@ -74,30 +103,135 @@ class Engine:
 
     def _classify(self, parsed: list) -> None:
         update = self.flows.update
+        observers = self.observers
+        heap = self.settling
+        unverified = self.unverified
+        judge = self._judge
         book = self.flagbook
         classifiers = self.classifiers
-        observers = self.observers
         now = now_utc()
-        replayed = 0
+        replayed = v6 = verified = 0
         for p, bid, i in parsed:
+            if heap and p.ts_ns >= heap[0][0]:
+                self._settle_due(p.ts_ns, now)
             f, d = update(p, bid)
             if f is None:
                 replayed += 1
                 continue
+            if p.v6:
+                v6 += 1
             for obs in observers:
                 obs(p)
-            if book.covering and book.covers(f.client, f.cport, now):
-                continue
-            for cl in classifiers:
-                v = cl.packet(p, f, d, (bid, i))
-                if v is not None:
-                    doc = book.offer(v, cl, now)
-                    if doc is not None:
-                        self.counters["flags"] += 1
-                        log.warning("flagged %s (%s): %s", doc["client_ip"] if doc["client_port"] is None
-                                    else f"{doc['client_ip']}:{doc['client_port']}", doc["classifier"], doc["reason"])
-                        if self.on_flag:
-                            self.on_flag(doc)
+            st = f.status
+            if st == OK:
+                verified += 1
+                if book.covering and f.cov_gen != book.gen:
+                    judge(p, f, d, (bid, i), now)   # the slow path: is it held by a flag already?
+                    continue
+                ref = (bid, i)
+                for cl in classifiers:
+                    v = cl.packet(p, f, d, ref)
+                    if v is not None and self._offer(v, cl, now):
                         break
-        self.counters["packets"] += len(parsed) - replayed
-        self.counters["replayed"] += replayed
+                continue
+            if p.proto != TCP and p.proto != UDP:
+                if p.proto in ICMP_ERRORS and p.plen >= 36:
+                    self._icmp_error(p)
+                continue
+            if d == 0:
+                if p.src in unverified or len(unverified) < MAX_SOURCES:
+                    unverified[p.src] += 1
+                else:
+                    unverified["other"] += 1
+            if st == HELD:
+                f.held.append((p, d, (bid, i)))
+                if f.tcp == SETTLING and not f.queued:
+                    f.queued = True
+                    self.queued += 1
+                    heapq.heappush(heap, (f.settle_ns, self.queued, f))
+            elif f.tcp == SPOOFED and not f.queued:
+                f.queued = True                        # contradicted before it settled: counted once
+                self.counters["connections_contradicted"] += 1
+        c = self.counters
+        n = len(parsed) - replayed
+        c["packets"] += n
+        c["packets_v6"] += v6
+        c["packets_v4"] += n - v6
+        c["verified"] += verified
+        c["replayed"] += replayed
+
+    def _settle_due(self, ts_ns: int, now) -> None:
+        """Verify the connections whose settling time has passed, and hand their held packets on."""
+        heap = self.settling
+        unverified = self.unverified
+        c = self.counters
+        while heap and heap[0][0] <= ts_ns:
+            _, _, f = heapq.heappop(heap)
+            if not f.settle():
+                c["connections_contradicted"] += 1
+                continue
+            c["connections_verified"] += 1
+            self._learn(f)
+            held, f.held = f.held, []
+            for p, d, ref in held:
+                if d == 0:
+                    left = unverified[p.src] - 1
+                    if left > 0:
+                        unverified[p.src] = left
+                    else:
+                        unverified.pop(p.src, None)
+                f.counted[d] += 1
+                c["verified"] += 1
+                self._judge(p, f, d, ref, now)
+
+    def _icmp_error(self, p: Packet) -> None:
+        """A host refusing a UDP packet sent to it (ICMP unreachable) that a flow in its name drew from a server:
+        when the refusal comes from another MAC than the flow's packets, someone else sent them in its name, and
+        the flow never counts (docs/ARCHITECTURE.md, "Verified traffic")."""
+        data, off = p.data, p.poff
+        if data[off] != ICMP_ERRORS[p.proto]:
+            return
+        h = l3l4.read(bytes(12) + (b"\x86\xdd" if p.v6 else b"\x08\x00") + data[off + 8:off + p.plen])
+        if h.__class__ is str or h[3] != UDP:
+            return
+        ntoa = (lambda b: socket.inet_ntop(socket.AF_INET6, b)) if p.v6 else socket.inet_ntoa
+        src, dst, sport, dport = ntoa(h[1]), ntoa(h[2]), h[4], h[5]
+        if dst != p.src:
+            return                                   # not a refusal by the packet's own addressee
+        a, b = (src, sport), (dst, dport)
+        f = self.flows.flows.get((UDP, a, b) if a <= b else (UDP, b, a))
+        if f is not None and f.client == dst and f.mac and not data.startswith(f.mac, 6) and f.tcp != SPOOFED:
+            f.tcp = SPOOFED
+            self.counters["udp_disowned"] += 1
+
+    def _learn(self, f) -> None:
+        self.neighbours.learn(f.mac, f.client, f.ttl)
+        if f.new_connection and f.sport in self.server_ports:
+            self.servers.connection(f.client, f.server)
+
+    def _judge(self, p: Packet, f, d: int, ref, now) -> None:
+        book = self.flagbook
+        if book.covering and f.cov_gen != book.gen:
+            if book.covers(f.client, f.cport, now, mac_text(f.mac) if f.mac else "", PROTO_NAMES.get(f.proto, ""),
+                           f.sport):
+                return
+            f.cov_gen = book.gen                   # not covered: no need to look again until a flag is added
+        for cl in self.classifiers:
+            v = cl.packet(p, f, d, ref)
+            if v is not None and self._offer(v, cl, now):
+                break
+
+    def _offer(self, v, cl, now) -> bool:
+        """Hand a verdict to the flag book; True when it wrote a flag (or an exempt record)."""
+        doc = self.flagbook.offer(v, cl, now)
+        if doc is None:
+            return False
+        flagged = doc["status"] == "flagged"
+        self.counters["flags" if flagged else "flags_exempt"] += 1
+        log.warning("%s %s (%s): %s", "flagged" if flagged else "exempt", v.subject, doc["classifier"], doc["reason"])
+        if self.on_flag:
+            self.on_flag(doc)
+        return True
+
+    def unverified_top(self, n: int = 10) -> list[tuple[str, int]]:
+        return self.unverified.most_common(n)

@@ -1,32 +1,67 @@
 """Flags: the verdicts the controller enforces (the document is ``appliance.flagdoc``).
 
-A verdict becomes a flag unless an active flag already covers the client (the
-same connection, or the whole IP). The ban length comes from
-``bans.ban_seconds`` with the client's earlier offences inside
-``escalation.memory_seconds``; ``expires_at`` is wall-clock at flag time.
-Two backends with one interface: MongoDB (the service) and memory
-(``analyse --pcap`` and one-shot ranges, which must not touch the store).
+A verdict becomes a flag unless an active flag already covers its subject
+(the same connection, address, host MAC or a prefix holding the address, for
+the same protocol and server port). Before it is written the never-ban list
+(``appliance.neverban``: the config's entries, the stored ``never_ban``
+entries, the XMPP servers seen answering, this appliance's own addresses) is
+asked: a subject it holds is recorded with status ``exempt`` and the entry
+that exempts it, logged once per subject, and never bans. The ban length
+comes from ``bans.ban_seconds`` with the subject's earlier offences inside
+``escalation.memory_seconds`` (exempt records are no offence);
+``expires_at`` is wall-clock at flag time. Two backends with one interface:
+MongoDB (the service) and memory (``analyse --pcap`` and one-shot ranges,
+which must not touch the store).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import logging
-from typing import Optional
+from typing import Iterable, Optional
 
-from appliance import bans, flagdoc, store, timespec
-from appliance.flagdoc import CLIENT_IP, CLIENT_PORT, EXPIRED, EXPIRES_AT, FLAGGED, FLAGGED_AT, RELEASED, STATUS
+from appliance import bans, flagdoc, neverban, store, timespec
+from appliance.flagdoc import (
+    CLIENT_IP,
+    CLIENT_MAC,
+    CLIENT_PORT,
+    EXEMPT,
+    EXPIRED,
+    EXPIRES_AT,
+    FLAGGED,
+    FLAGGED_AT,
+    PROTOCOL,
+    RELEASED,
+    SERVER_PORT,
+    SERVER_PORTS,
+    STATUS,
+)
 
 from .classifiers import Verdict
+from .neighbours import Servers
 
 SLACK = dt.timedelta(seconds=1)
 REFUSALS_LOGGED = 3   # verdicts a flag document refuses come per packet: log the first few, count them all
+ACTIVE = (FLAGGED, EXEMPT)
 
 log = logging.getLogger("pisnoop.analyser.flags")
 
 
 def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def subject_query(doc_or_verdict) -> dict:
+    """The flags of the same subject (a MAC, or an address/prefix: every connection of an address included)."""
+    g = doc_or_verdict.get if isinstance(doc_or_verdict, dict) else lambda k: getattr(doc_or_verdict, k)
+    return {CLIENT_MAC: g(CLIENT_MAC)} if g(CLIENT_MAC) else {CLIENT_IP: g(CLIENT_IP)}
+
+
+def subject_key(doc: dict) -> str:
+    if doc.get(CLIENT_MAC):
+        return doc[CLIENT_MAC]
+    return doc[CLIENT_IP] if doc.get(CLIENT_PORT) is None else f"{doc[CLIENT_IP]}|{doc[CLIENT_PORT]}"
 
 
 class MemoryFlags:
@@ -38,11 +73,19 @@ class MemoryFlags:
     def insert(self, doc: dict) -> None:
         self.docs.append(doc)
 
-    def offences_since(self, ip: str, since: dt.datetime) -> int:
-        return sum(1 for d in self.docs if d[CLIENT_IP] == ip and d[FLAGGED_AT] >= since)
+    def offences_since(self, query: dict, since: dt.datetime) -> int:
+        (k, v), = query.items()
+        return sum(1 for d in self.docs if d.get(k) == v and d[FLAGGED_AT] >= since and d[STATUS] != EXEMPT)
 
     def active(self, now: dt.datetime) -> list[dict]:
         return [d for d in self.docs if d[STATUS] == FLAGGED and d[EXPIRES_AT] > now]
+
+    def covering(self, now: dt.datetime) -> list[dict]:
+        """The flags that hold their subject now: banning, or recorded exempt (not recorded again meanwhile)."""
+        return [d for d in self.docs if d[STATUS] in ACTIVE and d[EXPIRES_AT] > now]
+
+    def never_ban(self) -> list[dict]:
+        return []
 
     def expire(self, now: dt.datetime) -> int:
         due = [d for d in self.docs if d[STATUS] == FLAGGED and d[EXPIRES_AT] <= now]
@@ -59,17 +102,26 @@ class MongoFlags:
 
     def __init__(self, db):
         self.coll = db[store.FLAGS]
+        self.allowed = db[store.NEVER_BAN]
 
     def insert(self, doc: dict) -> None:
         self.coll.insert_one(doc)
 
-    def offences_since(self, ip: str, since: dt.datetime) -> int:
-        return self.coll.count_documents({CLIENT_IP: ip, FLAGGED_AT: {"$gte": since}})
+    def offences_since(self, query: dict, since: dt.datetime) -> int:
+        return self.coll.count_documents({**query, FLAGGED_AT: {"$gte": since}, STATUS: {"$ne": EXEMPT}})
 
     # Date bounds a second wider, then exact in Python: nx-27017 compares dates at whole seconds.
     def active(self, now: dt.datetime) -> list[dict]:
         docs = self.coll.find({STATUS: FLAGGED, EXPIRES_AT: {"$gte": now - SLACK}})
         return [d for d in docs if d[EXPIRES_AT] > now]
+
+    def covering(self, now: dt.datetime) -> list[dict]:
+        docs = self.coll.find({STATUS: {"$in": list(ACTIVE)}, EXPIRES_AT: {"$gte": now - SLACK}})
+        return [d for d in docs if d[EXPIRES_AT] > now]
+
+    def never_ban(self) -> list[dict]:
+        """The operator's entries (``flags allow``), re-read at every refresh."""
+        return list(self.allowed.find())
 
     def expire(self, now: dt.datetime) -> int:
         due = [d for d in self.coll.find({STATUS: FLAGGED, EXPIRES_AT: {"$lt": now + SLACK}}) if d[EXPIRES_AT] <= now]
@@ -90,64 +142,141 @@ class MongoFlags:
         return [d for d in self.coll.find(query).sort(FLAGGED_AT, 1) if since is None or d[FLAGGED_AT] >= since]
 
     def release(self, ip: str, port: Optional[int], now: dt.datetime) -> int:
-        query = {STATUS: FLAGGED, CLIENT_IP: ip}
+        query = {CLIENT_IP: ip}
         if port is not None:
             query[CLIENT_PORT] = port
-        return sum(self._end(d, RELEASED, now) for d in self.coll.find(query))
+        return len(self.release_where(query, now))
+
+    def release_where(self, query: dict, now: dt.datetime) -> list:
+        """Release the active flags ``query`` selects (by id, address, prefix or MAC); the ids released."""
+        return [d["_id"] for d in self.coll.find({**query, STATUS: FLAGGED}) if self._end(d, RELEASED, now)]
 
 
 class FlagBook:
-    """Turns verdicts into flags: de-duplication against active flags, escalation, expiry."""
+    """Turns verdicts into flags: de-duplication against active flags, never-ban, escalation, expiry.
 
-    def __init__(self, cfg, backend, sensor: str = ""):
+    ``servers`` holds the XMPP server addresses seen answering (the engine
+    records them) and ``own`` this appliance's addresses; both only matter
+    when ``enforce.never_ban_servers`` / ``never_ban_self`` are on.
+    """
+
+    def __init__(self, cfg, backend, sensor: str = "", own: Iterable[str] = ()):
+        self.cfg = cfg
         self.enforce = cfg.enforce
         self.backend = backend
         self.sensor = sensor
-        self.covering: dict[tuple, dt.datetime] = {}  # (ip, port|None) -> expires_at
-        self.raised = 0
-        self.refused = 0
+        self.servers, self.own = Servers(), tuple(own)
+        self.stored: list = []
+        self.servers_gen = -1
+        self.covering: dict[str, list] = {}       # subject key -> [(protocol, ports, expires_at)]
+        self.prefixes: list = []                  # (network, key) of active prefix flags
+        self.raised = self.refused = self.exempt = 0
+        self.exempt_logged: set = set()
+        self.never = neverban.NeverBan()
+        self.gen = 0                              # changes whenever a flag may cover more than before
         self.refresh()
 
     def refresh(self, now: Optional[dt.datetime] = None) -> None:
-        """Reload the active flags (another process may have released some)."""
-        self.covering = {(d[CLIENT_IP], d[CLIENT_PORT]): d[EXPIRES_AT] for d in self.backend.active(now or now_utc())}
+        """Reload the active flags (another process may have released some) and the never-ban list."""
+        self.covering, self.prefixes = {}, []
+        for d in self.backend.covering(now or now_utc()):
+            self._cover(d)
+        self.stored = self.backend.never_ban()
+        self._never()
 
-    def covers(self, ip: str, port: Optional[int], now: dt.datetime) -> bool:
-        """Whether an active flag already holds this client: its connection or its whole IP."""
+    def _never(self) -> None:
+        self.never = neverban.NeverBan.of(self.cfg, self.stored, self.servers.addresses(), self.own)
+        self.servers_gen = self.servers.gen
+
+    def _cover(self, d: dict) -> None:
+        self.gen += 1
+        key = subject_key(d)
+        ports = d.get(SERVER_PORTS) or [d.get(SERVER_PORT)]
+        self.covering.setdefault(key, []).append((d.get(PROTOCOL, "tcp"), frozenset(ports), d[EXPIRES_AT]))
+        ip = d.get(CLIENT_IP)
+        if ip and "/" in ip:
+            self.prefixes.append((ipaddress.ip_network(ip), key))
+
+    def covers(self, ip: str, port: Optional[int], now: dt.datetime, mac: str = "", protocol: str = "tcp",
+               server_port: Optional[int] = None) -> bool:
+        """Whether an active flag already holds this client for this protocol and server port (None: any):
+        its connection, its address, its host or a prefix holding the address."""
         cov = self.covering
         if not cov:
             return False
-        for key in ((ip, None), (ip, port)):
-            exp = cov.get(key)
-            if exp is not None:
-                if exp > now:
+        keys = [ip, f"{ip}|{port}"]
+        if mac:
+            keys.append(mac)
+        if self.prefixes:
+            addr = ipaddress.ip_address(ip)
+            keys += [k for net, k in self.prefixes if addr.version == net.version and addr in net]
+        for key in keys:
+            entries = cov.get(key)
+            if not entries:
+                continue
+            live = [e for e in entries if e[2] > now]
+            if len(live) != len(entries):
+                cov[key] = live
+            for proto, ports, _exp in live:
+                if proto == protocol and (server_port is None or server_port in ports):
                     return True
-                del cov[key]
         return False
 
     def offer(self, verdict: Verdict, classifier, now: Optional[dt.datetime] = None) -> Optional[dict]:
-        """Write a flag for ``verdict`` unless one is active or it makes no valid flag; return the flag written."""
+        """Write a flag (or an exempt record) for ``verdict`` unless one is active or it makes no valid flag;
+        return the document written."""
         now = now or now_utc()
-        if self.covers(verdict.client_ip, verdict.client_port, now):
+        protocol = verdict.protocol or "tcp"
+        ports = verdict.ports
+        if self._covered(verdict, protocol, ports, now):
             return None
+        if self.servers_gen != self.servers.gen:
+            self._never()
+        net = None
+        if verdict.client_ip is not None:
+            try:
+                net = ipaddress.ip_network(verdict.client_ip)
+            except ValueError:
+                net = None                        # flagdoc.build names it below
+        exempt = self.never.exempts(net, verdict.addresses) if (net is not None or verdict.client_mac) else None
         memory = dt.timedelta(seconds=self.enforce.escalation.memory_seconds)
-        previous = self.backend.offences_since(verdict.client_ip, now - memory)
+        previous = 0 if exempt else self.backend.offences_since(subject_query(verdict), now - memory)
         try:
             doc = flagdoc.build(
-                client_ip=verdict.client_ip, client_port=verdict.client_port, server_ports=[verdict.server_port],
+                client_ip=verdict.client_ip, client_mac=verdict.client_mac, client_port=verdict.client_port,
+                protocol=protocol, server_ports=ports, direction=verdict.direction or flagdoc.OUTBOUND,
                 classifier=verdict.classifier or classifier.name, reason=verdict.reason,
                 action=verdict.action or classifier.action or self.enforce.action,
                 evidence=self._evidence(verdict.evidence), offence=previous + 1,
-                ban_seconds=bans.ban_seconds(self.enforce, previous), flagged_at=now, sensor=self.sensor)
-        except flagdoc.BadFlag as exc:  # a custom classifier's verdict: the analyser goes on
+                ban_seconds=bans.ban_seconds(self.enforce, previous), flagged_at=now, sensor=self.sensor,
+                exempt_reason=exempt)
+        except (flagdoc.BadFlag, TypeError) as exc:  # a custom classifier's verdict: the analyser goes on
             self.refused += 1
             if self.refused <= REFUSALS_LOGGED:
                 log.warning("verdict of %s not flagged: %s", classifier.name, exc)
             return None
         self.backend.insert(doc)
-        self.covering[(doc[CLIENT_IP], doc[CLIENT_PORT])] = doc[EXPIRES_AT]
-        self.raised += 1
+        self._cover(doc)
+        if exempt:
+            self.exempt += 1
+            key = subject_key(doc)
+            if key not in self.exempt_logged:
+                self.exempt_logged.add(key)
+                log.warning("not banned: %s is on the never-ban list (%s); recorded as exempt", key, exempt)
+        else:
+            self.raised += 1
         return doc
+
+    def _covered(self, v: Verdict, protocol: str, ports: list, now: dt.datetime) -> bool:
+        if v.client_mac:
+            entries = [e for e in self.covering.get(v.client_mac, ()) if e[2] > now]
+            return any(e[0] == protocol and set(ports) <= e[1] for e in entries)
+        if v.client_ip is None:
+            return False
+        if "/" in v.client_ip:
+            entries = [e for e in self.covering.get(v.client_ip, ()) if e[2] > now]
+            return any(e[0] == protocol and set(ports) <= e[1] for e in entries)
+        return all(self.covers(v.client_ip, v.client_port, now, protocol=protocol, server_port=p) for p in ports)
 
     @staticmethod
     def _evidence(ev: dict) -> dict:
@@ -159,4 +288,3 @@ class FlagBook:
 
     def expire(self, now: Optional[dt.datetime] = None) -> int:
         return self.backend.expire(now or now_utc())
-

@@ -16,6 +16,7 @@ import time
 import pymongo.errors
 
 from appliance import indexes, service, store
+from appliance.neverban import own_addresses
 
 from . import flags as flags_mod
 from . import policy as policy_mod
@@ -34,7 +35,7 @@ class Analyser:
         self.policy = policy or policy_mod.load(cfg.analyser.policy_file)
         self.follower = Follower(db, cfg.snooper.sensor)
         self.flows = FlowTable(MongoFlows(db), cfg.snooper.sensor, self.follower.step)
-        self.book = flags_mod.FlagBook(cfg, flags_mod.MongoFlags(db), cfg.snooper.sensor)
+        self.book = flags_mod.FlagBook(cfg, flags_mod.MongoFlags(db), cfg.snooper.sensor, own_addresses(cfg))
         self.engine = Engine(cfg, self.policy, self.flows, self.book)
         self.status = Status(db, cfg, self.follower, self.engine)
         self.stop = threading.Event()

@@ -6,6 +6,8 @@ that prove a pcap gives the same flags as the live service.
 
 from __future__ import annotations
 
+from appliance import neverban
+
 from . import flags as flags_mod
 from . import policy as policy_mod
 from . import report
@@ -19,8 +21,9 @@ class Offline:
     def __init__(self, cfg, policy):
         self.cfg, self.policy = cfg, policy
         self.flow_docs = MemoryFlows()
-        self.series = report.XmppSeries(policy_mod.server_port(policy, cfg))
-        self.book = flags_mod.FlagBook(cfg, flags_mod.MemoryFlags())
+        self.series = report.XmppSeries(policy_mod.server_ports(policy, cfg))
+        own = neverban.own_addresses(cfg) if cfg.enforce.never_ban_self else ()
+        self.book = flags_mod.FlagBook(cfg, flags_mod.MemoryFlags(), own=own)
         self.engine = Engine(cfg, policy, FlowTable(self.flow_docs, cfg.snooper.sensor), self.book, [self.series])
         self.step = 0
 
@@ -30,8 +33,11 @@ class Offline:
 
     def report(self, title: str) -> report.Report:
         c = self.engine.counters
-        return report.Report(title, report.talkers(self.flow_docs.all(), self.series.port), self.book.backend.all(),
-                             self.series, policy_mod.threshold_ppm(self.policy, self.cfg),
-                             policy_mod.window_seconds(self.policy, self.cfg),
-                             {k: c[k] for k in ("frames", "malformed", "not_ip", "corrupt_batches") if c.get(k)},
-                             policy_mod.ip_threshold_ppm(self.policy, self.cfg))
+        docs = self.flow_docs.all()
+        talkers, fams, unverified = report.summary(docs, self.series.ports)
+        keys = ("frames", "malformed", "not_ip", "corrupt_batches", "packets_v4", "packets_v6", "verified",
+                "connections_verified", "connections_contradicted", "flags", "flags_exempt")
+        return report.Report(title, talkers, self.book.backend.all(), self.series,
+                             policy_mod.threshold_ppm(self.policy, self.cfg),
+                             policy_mod.window_seconds(self.policy, self.cfg), {k: c[k] for k in keys if c.get(k)},
+                             policy_mod.ip_threshold_ppm(self.policy, self.cfg), fams, unverified)

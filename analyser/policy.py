@@ -31,9 +31,14 @@ _WINDOW = value_range(1, 3600, "seconds from 1 to 3600")
 @dataclass(frozen=True)
 class XmppAbusePolicy:
     enabled: bool = True
-    server_port: Optional[int] = field(default=None, metadata=port_range())
+    server_port: Optional[int] = field(default=None, metadata=port_range())     # the old name: one port
+    server_ports: Optional[tuple[int, ...]] = field(default=None, metadata={
+        **port_range(), "items": (1, 8), "unique": True})
     threshold_ppm: Optional[int] = field(default=None, metadata=_PPM)
     per_ip_threshold_ppm: Optional[int] = field(default=None, metadata=_PPM)
+    per_host_threshold_ppm: Optional[int] = field(default=None, metadata=_PPM)
+    per_prefix_threshold_ppm: Optional[int] = field(default=None, metadata=_PPM)
+    connection_cost: Optional[int] = field(default=None, metadata=value_range(0, 1000, "packets from 0 to 1000"))
     window_seconds: Optional[float] = field(default=None, metadata=_WINDOW)
     action: Action = None
 
@@ -44,8 +49,10 @@ class BandwidthHogPolicy:
     bytes_per_second: int = field(default=1_000_000,
                                   metadata=value_range(1, 10**11, "bytes per second from 1 to 10^11"))
     window_seconds: float = field(default=10.0, metadata=_WINDOW)
-    scope: Literal["ip", "connection"] = "ip"
+    scope: str = "ip"
     server_port: Optional[int] = field(default=None, metadata=port_range())
+    protocol: str = "tcp"
+    flag_direction: str = "outbound"
     action: Action = None
 
 
@@ -57,7 +64,9 @@ class PayloadRule:
     window_seconds: float = field(default=60.0, metadata=_WINDOW)
     server_port: Optional[int] = field(default=None, metadata=port_range())
     direction: Literal["c2s", "s2c", "both"] = "c2s"
-    scope: Literal["connection", "ip"] = "connection"
+    scope: str = "connection"
+    protocol: str = "tcp"
+    flag_direction: str = "outbound"
     action: Action = None
 
 
@@ -105,9 +114,55 @@ def from_dict(data, src: str = "<dict>", base: Path = Path(".")) -> Policy:
     if x.threshold_ppm and x.per_ip_threshold_ppm and x.per_ip_threshold_ppm < x.threshold_ppm:
         raise ConfigError(src, "xmpp_abuse.per_ip_threshold_ppm", x.per_ip_threshold_ppm,
                           f"at least xmpp_abuse.threshold_ppm ({x.threshold_ppm})")
+    if x.server_port is not None and x.server_ports is not None:
+        raise ConfigError(src, "xmpp_abuse.server_port", x.server_port, "only one of xmpp_abuse.server_port (the "
+                          "old name) and xmpp_abuse.server_ports")
     rules = _payload_rules(data.get("payload_match"), src)
     loaded = _custom(top.custom_dir, src, base) if top.custom_dir else ()
-    return dataclasses.replace(top, payload_match=rules, custom=loaded, source=src)
+    policy = dataclasses.replace(top, payload_match=rules, custom=loaded, source=src)
+    _enforceable(policy)
+    return policy
+
+
+SCOPES = ("connection", "ip")
+FLAG_PROTOCOLS = ("tcp", "udp")
+FLAG_DIRECTIONS = ("outbound", "inbound")
+
+
+def _refuse(src: str, key: str, value, name: str, expected: str, why: str):
+    raise ConfigError(src, key, value, f"{expected} (classifier {name} could raise flags enforce cannot apply: {why})")
+
+
+def _enforceable(policy: Policy) -> None:
+    """Refuse, in one line naming the classifier, a classifier whose verdicts enforce could not turn into a flow.
+
+    A ban is an OpenFlow drop or limit on TCP or UDP packets of one subject
+    toward server ports, on the inside (outbound) or upstream (inbound) side:
+    a verdict about ICMP or any protocol, a scope or a side outside that,
+    would be shown as flagged and block nothing.
+    """
+    src = policy.source
+    checks = []
+    if policy.bandwidth_hog.enabled:
+        b = policy.bandwidth_hog
+        checks.append(("bandwidth_hog", "bandwidth_hog", b.protocol, b.scope, b.flag_direction))
+    for i, r in enumerate(policy.payload_match):
+        checks.append((f"payload_match[{i}]", r.name, r.protocol, r.scope, r.flag_direction))
+    for where, name, protocol, scope, direction in checks:
+        if protocol not in FLAG_PROTOCOLS:
+            _refuse(src, f"{where}.protocol", protocol, name, "tcp or udp", "a ban names TCP or UDP ports")
+        if scope not in SCOPES:
+            _refuse(src, f"{where}.scope", scope, name, "connection or ip",
+                    "these classifiers flag a connection or an address")
+        if direction not in FLAG_DIRECTIONS:
+            _refuse(src, f"{where}.flag_direction", direction, name, "outbound or inbound",
+                    "a ban applies to the inside or the upstream side")
+    for name, cls in policy.custom:
+        for attr, allowed in (("scope", SCOPES), ("protocol", FLAG_PROTOCOLS), ("direction", FLAG_DIRECTIONS)):
+            value = getattr(cls, attr, None)
+            if value is not None and value not in allowed:
+                _refuse(src, "custom_dir", f"{name}.{attr} = {value!r}", name, " or ".join(allowed),
+                        f"its {attr} is outside what a flag can say")
 
 
 def _payload_rules(items, src: str) -> tuple:
@@ -146,7 +201,7 @@ def _custom(directory: str, src: str, base: Path) -> tuple:
         raise ConfigError(src, "custom_dir", file, expected) from None
 
 
-def build(policy: Policy, cfg: config_mod.Config) -> list:
+def build(policy: Policy, cfg: config_mod.Config, neighbours=None) -> list:
     """The classifier objects the policy asks for, thresholds filled in from the config."""
     out = []
     x = policy.xmpp_abuse
@@ -155,13 +210,18 @@ def build(policy: Policy, cfg: config_mod.Config) -> list:
         if ip_thr < thr:
             raise ConfigError(policy.source, "xmpp_abuse.per_ip_threshold_ppm", ip_thr,
                               f"at least the per-connection threshold ({thr})")
-        out.append(builtin.XmppAbuse(server_port(policy, cfg), thr, ip_thr, window_seconds(policy, cfg), x.action))
+        host_thr = max(x.per_host_threshold_ppm or cfg.xmpp.per_host_threshold_ppm, ip_thr)
+        prefix_thr = max(x.per_prefix_threshold_ppm or cfg.xmpp.per_prefix_threshold_ppm, ip_thr)
+        cost = cfg.xmpp.connection_cost if x.connection_cost is None else x.connection_cost
+        out.append(builtin.XmppAbuse(server_ports(policy, cfg), thr, ip_thr, window_seconds(policy, cfg), x.action,
+                                     host_thr, prefix_thr, cost, neighbours))
     b = policy.bandwidth_hog
     if b.enabled:
-        out.append(builtin.BandwidthHog(b.bytes_per_second, b.window_seconds, b.scope, b.server_port, b.action))
+        out.append(builtin.BandwidthHog(b.bytes_per_second, b.window_seconds, b.scope, b.server_port, b.action,
+                                        b.protocol, b.flag_direction))
     for r in policy.payload_match:
         out.append(builtin.PayloadMatch(r.name, r.pattern, r.threshold_per_minute, r.window_seconds,
-                                        r.server_port, r.direction, r.scope, r.action))
+                                        r.server_port, r.direction, r.scope, r.action, r.protocol, r.flag_direction))
     for name, cls in policy.custom:
         try:
             instance = cls()
@@ -181,8 +241,12 @@ def ip_threshold_ppm(policy: Policy, cfg: config_mod.Config) -> int:
     return policy.xmpp_abuse.per_ip_threshold_ppm or max(cfg.xmpp.per_ip_threshold_ppm, threshold_ppm(policy, cfg))
 
 
-def server_port(policy: Policy, cfg: config_mod.Config) -> int:
-    return policy.xmpp_abuse.server_port or cfg.xmpp.server_port
+def server_ports(policy: Policy, cfg: config_mod.Config) -> tuple[int, ...]:
+    """The XMPP ports in force: the policy's (``server_ports``, or the old ``server_port``), else the config's."""
+    x = policy.xmpp_abuse
+    if x.server_ports:
+        return tuple(x.server_ports)
+    return (x.server_port,) if x.server_port else tuple(cfg.xmpp.server_ports)
 
 
 def window_seconds(policy: Policy, cfg: config_mod.Config) -> float:

@@ -1,5 +1,6 @@
-"""Health of the analyser: frames/s, lag, skipped counters — on the log, in
-the status document ``analyser:<sensor>`` and on the Prometheus endpoint."""
+"""Health of the analyser: frames/s, lag, skipped counters, packets per family, verified and unverified
+traffic (with its top claimed sources and the defence), exempt flags, routers and shared prefixes learned — on
+the log, in the status document ``analyser:<sensor>`` and on the Prometheus endpoint."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging
 import time
 
 from appliance import service, store
+
+from .report import DEFENCE
 
 log = logging.getLogger("pisnoop.analyser")
 _METRICS = None
@@ -22,6 +25,10 @@ def _metrics():
             "frames": Counter("pisnoop_analyser_frames", "stored frames read by the analyser"),
             "skipped": Counter("pisnoop_analyser_skipped_frames", "frames not analysed, by reason", ["reason"]),
             "flags": Counter("pisnoop_analyser_flags", "flags raised"),
+            "exempt": Counter("pisnoop_analyser_flags_exempt", "verdicts recorded exempt (never-ban list)"),
+            "packets": Counter("pisnoop_analyser_packets", "packets analysed, by IP family", ["family"]),
+            "unverified": Counter("pisnoop_analyser_unverified_packets",
+                                  "packets toward a server no verified connection holds (never a ban)"),
             "fps": Gauge("pisnoop_analyser_frames_per_second", "frames analysed per second (last interval)"),
             "lag": Gauge("pisnoop_analyser_lag_seconds", "newest stored batch minus the last one read"),
         }
@@ -48,6 +55,7 @@ class Status:
         c = dict(self.engine.counters)
         c["late_batches"] = self.follower.late
         c["flags_refused"] = self.engine.flagbook.refused
+        c["unverified"] = c.get("packets", 0) - c.get("verified", 0)
         dt_s = max(now_m - self.last_t, 1e-6)
         self.fps = (c.get("frames", 0) - self.last.get("frames", 0)) / dt_s
         lag = self.follower.lag_seconds()
@@ -55,6 +63,10 @@ class Status:
             m = self.metrics
             m["frames"].inc(c.get("frames", 0) - self.last.get("frames", 0))
             m["flags"].inc(c.get("flags", 0) - self.last.get("flags", 0))
+            m["exempt"].inc(c.get("flags_exempt", 0) - self.last.get("flags_exempt", 0))
+            for fam in ("v4", "v6"):
+                m["packets"].labels(fam).inc(c.get(f"packets_{fam}", 0) - self.last.get(f"packets_{fam}", 0))
+            m["unverified"].inc(max(0, c["unverified"] - self.last.get("unverified", 0)))
             for r in SKIP_REASONS:
                 m["skipped"].labels(r).inc(c.get(r, 0) - self.last.get(r, 0))
             m["fps"].set(self.fps)
@@ -67,9 +79,13 @@ class Status:
             "frames_per_second": round(self.fps, 1), "lag_seconds": round(lag, 3),
             "resume": self.follower.resume, "step": self.follower.step,
             "policy": self.engine.policy.source, "classifiers": [cl.name for cl in self.engine.classifiers],
+            "unverified_sources": [{"source": src, "packets": n} for src, n in self.engine.unverified_top(10)],
+            "unverified_defence": DEFENCE, "neighbours": self.engine.neighbours.describe(),
+            "servers_exempt": self.engine.servers.addresses()[:32],
             "health": service.health(),
         }
         self.coll.replace_one({"_id": self.id}, doc, upsert=True)
-        log.info("%d frames (%.0f/s), lag %.1f s, skipped %s, flags %d", c.get("frames", 0), self.fps, lag,
-                 {r: c.get(r, 0) for r in SKIP_REASONS if c.get(r)} or 0, c.get("flags", 0))
+        log.info("%d frames (%.0f/s), lag %.1f s, skipped %s, flags %d, exempt %d, unverified %d", c.get("frames", 0),
+                 self.fps, lag, {r: c.get(r, 0) for r in SKIP_REASONS if c.get(r)} or 0, c.get("flags", 0),
+                 c.get("flags_exempt", 0), c["unverified"])
         return doc

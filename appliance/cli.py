@@ -35,7 +35,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
      "the analyser service: stored frames -> flows, flags (or one pass with --once)"),
     ("analyse", "analyser.commands", "run the classifiers over a pcap, no store; print the report and the flags"),
     ("report", "analyser.commands", "top talkers, flagged clients and an XMPP rate plot from the store"),
-    ("flags", "analyser.commands", "list or release flagged clients"),
+    ("flags", "analyser.flag_commands",
+     "list, ban or release flagged clients; never ban an address (flags allow)"),
     ("virtual", "lab.commands", "the virtual appliance: OVS bridge, three hosts and a store in namespaces (lab)"),
     ("demo", "lab.demo", "the closed loop end to end: flood detected, client blocked, others unharmed (lab)"),
 )

@@ -115,14 +115,24 @@ class Xmpp:
                                metadata=value_range(1, 10_000_000, "packets per minute from 1 to 10000000"))
     per_ip_threshold_ppm: int = field(default=300,
                                       metadata=value_range(1, 10_000_000, "packets per minute from 1 to 10000000"))
+    # a host on the inside segment (one MAC, all its addresses) and a prefix behind a router (analyser/neighbours.py)
+    per_host_threshold_ppm: int = field(default=600,
+                                        metadata=value_range(1, 10_000_000, "packets per minute from 1 to 10000000"))
+    per_prefix_threshold_ppm: int = field(default=1200, metadata=value_range(
+        1, 10_000_000, "packets per minute from 1 to 10000000"))
+    prefix_length_v6: int = field(default=64, metadata=value_range(32, 128, "a prefix length from 32 to 128 "
+                                                                   "(128: no prefix aggregation)"))
+    prefix_length_v4: int = field(default=32, metadata=value_range(16, 32, "a prefix length from 16 to 32 "
+                                                                   "(32: no prefix aggregation)"))
+    # what a new verified connection costs the server (TLS, authentication, roster), in packets: reconnect spam
+    connection_cost: int = field(default=10, metadata=value_range(0, 1000, "packets from 0 to 1000"))
+    # a verified handshake counts after this long without the real ends contradicting it: > the server's RTT
+    settle_seconds: float = field(default=0.5, metadata=value_range(0.05, 30, "seconds from 0.05 to 30"))
+    lan_prefixes: tuple[str, ...] = field(default=(), metadata={"check": "ipnet", "items": (0, 64), "unique": True})
+    routers: tuple[str, ...] = field(default=(), metadata={"check": "mac", "items": (0, 64), "unique": True})
     window_seconds: float = field(default=60.0, metadata=value_range(1, 3600, "seconds from 1 to 3600"))
     meter: Meter = field(default_factory=Meter)
     penalty_meter: Meter = field(default_factory=lambda: Meter(rate=10, unit="pktps"))
-
-    @property
-    def server_port(self) -> int:
-        """The first XMPP port: only for code not yet taught ``server_ports``."""
-        return self.server_ports[0]
 
 
 @dataclass(frozen=True)
@@ -275,12 +285,24 @@ def _renamed(data: Any, source: str) -> Any:
     return out
 
 
+def _as_written(exc: ConfigError, data: Any) -> ConfigError:
+    """A refusal of a renamed key's value, named as the file wrote it (``xmpp.server_port: got 70000``)."""
+    for section, old, new, _convert in RENAMED:
+        sec = data.get(section) if isinstance(data, dict) else None
+        if isinstance(sec, dict) and old in sec and exc.key.split("[")[0] == f"{section}.{new}":
+            return ConfigError(exc.source, f"{section}.{old}", sec[old], exc.expected)
+    return exc
+
+
 def from_dict(data: Any, source: str = "<dict>") -> Config:
     """Validate plain data (as parsed from YAML) into a ``Config``."""
     if data is None:
         data = {}
-    data = _renamed(data, source)
-    cfg = build_section(Config, data, "", source)
+    renamed = _renamed(data, source)
+    try:
+        cfg = build_section(Config, renamed, "", source)
+    except ConfigError as exc:
+        raise _as_written(exc, data) from None
     cfg = dataclasses.replace(cfg, source=source)
     _cross_checks(cfg)
     return cfg
@@ -418,6 +440,9 @@ def _check_string(value: str, check: str | None, path: str, src: str) -> None:
         except ValueError:
             raise ConfigError(src, path, value, "an IPv4 or IPv6 address or prefix (ADDR or ADDR/LEN, no host bits "
                               "set after LEN)") from None
+    elif check == "mac":
+        if not re.match(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", value):
+            raise ConfigError(src, path, value, "a MAC address aa:bb:cc:dd:ee:ff (lower case)")
     elif check == "ifname":
         if not _IFNAME.match(value):
             raise ConfigError(src, path, value, "an interface name of 1 to 15 characters (letters, digits, _ . - : @)")
@@ -467,6 +492,10 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.xmpp.per_ip_threshold_ppm < cfg.xmpp.threshold_ppm:
         raise ConfigError(src, "xmpp.per_ip_threshold_ppm", cfg.xmpp.per_ip_threshold_ppm,
                           f"at least xmpp.threshold_ppm ({cfg.xmpp.threshold_ppm})")
+    for key in ("per_host_threshold_ppm", "per_prefix_threshold_ppm"):
+        if getattr(cfg.xmpp, key) < cfg.xmpp.per_ip_threshold_ppm:
+            raise ConfigError(src, f"xmpp.{key}", getattr(cfg.xmpp, key),
+                              f"at least xmpp.per_ip_threshold_ppm ({cfg.xmpp.per_ip_threshold_ppm})")
     if cfg.flowstats_ids.idle_timeout > cfg.flowstats_ids.hard_timeout:
         raise ConfigError(src, "flowstats_ids.idle_timeout", cfg.flowstats_ids.idle_timeout,
                           f"at most flowstats_ids.hard_timeout ({cfg.flowstats_ids.hard_timeout})")

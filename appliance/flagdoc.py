@@ -112,11 +112,6 @@ class Flag:
         """The subject as ``parse_client`` reads it back (MAC, ADDR/LEN, ADDR or ADDR:PORT)."""
         return self.client_mac or client_text(self.client_ip, self.client_port)
 
-    @property
-    def server_port(self) -> int:
-        """The first server port: only for code not yet taught ``server_ports``."""
-        return self.server_ports[0]
-
 
 def build(*, client_ip: Optional[str] = None, client_mac: Optional[str] = None, client_port: Optional[int] = None,
           protocol: str = "tcp", server_ports, direction: str = OUTBOUND, classifier: str, reason: str,

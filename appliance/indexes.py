@@ -81,6 +81,8 @@ INDEXES: tuple[Index, ...] = (
           "the controller polls the flags changed since its last poll"),
     Index(FLAGS, "idx_flags_client_ip_flagged_at", (("client_ip", 1), ("flagged_at", 1)),
           "a client's earlier offences (escalation) and its flags (release)"),
+    Index(FLAGS, "idx_flags_client_mac_flagged_at", (("client_mac", 1), ("flagged_at", 1)),
+          "a host's (MAC subject's) earlier offences (escalation)"),
     Index(FLAGS, "idx_flags_flagged_at", (("flagged_at", 1),),
           "flags since a time in flag order (report, flags list --all)"),
 )

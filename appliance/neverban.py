@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from .errors import BadInput
 from .flagdoc import Network
+
+log = logging.getLogger("pisnoop.neverban")
 
 NETWORK, REASON, ADDED_AT = "_id", "reason", "added_at"   # _id is the canonical network: one entry per network
 CONFIG, ALLOWED, SERVER, SELF = "enforce.never_ban", "flags allow", "an XMPP server seen answering", "this appliance"
@@ -107,7 +110,13 @@ def own_addresses(cfg) -> list[str]:
     import psutil
 
     out = set()
-    for addrs in psutil.net_if_addrs().values():
+    try:
+        interfaces = psutil.net_if_addrs()        # getifaddrs: needs AF_NETLINK (the units allow it)
+    except OSError as exc:
+        log.warning("cannot read this machine's addresses (%s): never_ban_self covers the controller's listen "
+                    "address only; list the others in enforce.never_ban", exc)
+        interfaces = {}
+    for addrs in interfaces.values():
         for a in addrs:
             if a.family in (socket.AF_INET, socket.AF_INET6):
                 try:

@@ -45,7 +45,8 @@ BATCH = 1000
 
 def traffic(n_frames: int, clients: int = 200) -> list:
     rnd = random.Random(7)
-    conns = [Conn(f"10.1.{i // 250}.{i % 250 + 1}", 30000 + i) for i in range(clients)]
+    conns = [Conn(f"10.1.{i // 250}.{i % 250 + 1}", 30000 + i, mac=f"02:00:00:01:{i // 256:02x}:{i % 256:02x}")
+             for i in range(clients)]
     frames = []
     for i, c in enumerate(conns):
         frames += c.handshake(T0 + i * 1_000_000)
@@ -68,7 +69,7 @@ def flag_latency(cfg, db, runs: int = 7) -> list[float]:
     out = []
     try:
         for r in range(runs):
-            c = Conn(f"10.9.0.{r + 1}", 50000 + r)
+            c = Conn(f"10.9.0.{r + 1}", 50000 + r, mac=f"02:00:00:09:00:{r + 1:02x}")   # one host each
             frames = steady(c, T0 + 3600 * S, 6000, 1.2)  # 120 packets in 1.2 s: crosses 100/min at once
             doc = store.batch_document("pisnoop", "latency", r, frames)
             time.sleep(0.37 * (r % 3))  # land at different points of the poll cycle
@@ -76,6 +77,9 @@ def flag_latency(cfg, db, runs: int = 7) -> list[float]:
             t = time.perf_counter()
             db[store.FRAMES].insert_one(doc)
             while not db[store.FLAGS].find_one({"client_ip": c.c}):
+                if time.perf_counter() - t > 30:
+                    got = [(f.get("client_ip"), f.get("client_mac"), f["status"]) for f in db[store.FLAGS].find()]
+                    raise SystemExit(f"no flag for {c.c} after 30 s: {dict(a.engine.counters)}, flags {got}")
                 time.sleep(0.005)
             out.append(time.perf_counter() - t)
     finally:

@@ -36,13 +36,13 @@ from appliance import store  # noqa: E402
 from lab import scenario  # noqa: E402
 
 
-def abuser_packets(db, ip: str, port: int) -> list[tuple[int, int]]:
-    """(ts_ns, client source port) of every stored TCP frame from ``ip`` toward ``port``."""
+def abuser_packets(db, ip: str, ports) -> list[tuple[int, int]]:
+    """(ts_ns, client source port) of every stored TCP frame from ``ip`` toward one of ``ports``."""
     out = []
     for doc in db[store.FRAMES].find({}, {"data": 1}):
         for fr in store.batch_frames(doc):
             pkt = parse.parse(*fr)
-            if isinstance(pkt, parse.Packet) and pkt.src == ip and pkt.proto == 6 and pkt.dport == port:
+            if isinstance(pkt, parse.Packet) and pkt.src == ip and pkt.proto == 6 and pkt.dport in ports:
                 out.append((pkt.ts_ns, pkt.sport))
     return sorted(out)
 
@@ -80,7 +80,7 @@ def one_run(i: int, out: Path) -> float | None:
             return None
         cfg = va.config
         db = store.database(cfg.mongodb, "bench")
-        pk = abuser_packets(db, scenario.ABUSER_IP, cfg.xmpp.server_port)
+        pk = abuser_packets(db, scenario.ABUSER_IP, cfg.xmpp.server_ports)
         cross = crossing_ns(pk, cfg.xmpp.threshold_ppm, cfg.xmpp.window_seconds)
         install = drop_install_ns(va, scenario.ABUSER_IP)
         db.client.close()

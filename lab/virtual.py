@@ -8,10 +8,20 @@ directory. It brings up:
   ``fail_mode=secure``, OpenFlow 1.3, a fixed datapath id, out-of-band
   control and controller target ``tcp:127.0.0.1:<listen_port>`` with
   ``max_backoff`` (set in the same command: docs/ARCHITECTURE.md, "Facts: Open vSwitch");
-* hosts ``<p>-in`` (port 1), ``<p>-mi`` (port 2, interface ``mirror0`` with a
-  link-local IPv4 address only) and ``<p>-up`` (port 3), each wired by a veth
-  pair with TX checksum offload off on both ends and IPv6 off (no stray
-  router solicitations on the mirror);
+* hosts ``<p>-in`` (port 1) and ``<p>-up`` (port 3), dual stack: IPv4 in
+  10.0.0.0/24 and IPv6 in the run's LAN /64, a /64 of a unique local /48 drawn
+  per run (fd00::/8, never a global prefix); ``<p>-mi`` (port 2, interface
+  ``mirror0``) with a link-local IPv4 address only and IPv6 off, so the mirror
+  sends nothing (no router solicitation, DAD or MLD), as on the Pi
+  (``interfaces.d``). Each is wired by a veth pair with TX checksum offload
+  off on both ends. The switch's namespace has IPv6 off too (its veth ends
+  would otherwise send MLD into the bridge);
+* with ``lan=True``, the inside segment becomes a LAN: a learning bridge in
+  ``<p>-ln`` joins port 1, the inside host, a neighbour host ``<p>-nb`` (its
+  own MAC, 10.0.0.20 and ``<ula>::20``: the attacker's seat) and a router
+  ``<p>-rt``, which routes two client prefixes (10.1.N.0/24 and
+  ``<ula>:N::/64``, N = 1, 2) of hosts ``<p>-c1`` and ``<p>-c2`` behind it:
+  their frames reach the switch with the router's MAC;
 * a relay carrying the switch's controller connection out of ``<p>-sw`` to
   the controller listening on 127.0.0.1 in the caller's namespace;
 * ovsdb-server and the embedded store (nx-27017) on 127.0.0.1.
@@ -26,6 +36,7 @@ SIGTERM and test failures alike.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import secrets
@@ -49,9 +60,23 @@ OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 
 SUBNET = "10.0.0"
 ADDRESSES = {"inside": f"{SUBNET}.10", "upstream": f"{SUBNET}.1"}
+HOST_SUFFIX6 = {"inside": 0x10, "upstream": 0x1}    # the hosts' IPv6 interface ids in the LAN /64
+ROUTER_IP, ROUTER_SUFFIX6 = f"{SUBNET}.254", 0xfe
+NEIGHBOUR_IP, NEIGHBOUR_SUFFIX6 = f"{SUBNET}.20", 0x20
+ROUTED_NETS = (1, 2)                                # client prefixes behind the router: 10.1.N.0/24, <ula>:N::/64
 MIRROR_ADDRESS = "169.254.77.2/16"
 HOST_IF = "eth0"
 MIRROR_IF = "mirror0"
+LAN_BRIDGE = "lan"
+_DUAL_STACK_SYSCTLS = ("net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0",
+                       # addresses usable at once, no router discovery: the lab's traffic is what the test sends
+                       "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
+                       "net.ipv6.conf.default.router_solicitations=0", "net.ipv6.conf.default.accept_ra=0")
+
+
+def ula_prefix() -> ipaddress.IPv6Network:
+    """A random unique local /48 (RFC 4193: fd00::/8 + 40 random bits) for one run."""
+    return ipaddress.IPv6Network(((0xFD << 120) | (secrets.randbits(40) << 80), 48))
 
 
 def base_dir() -> Path:
@@ -67,31 +92,46 @@ class Host:
     role: str
     netns: str
     ifname: str
-    ofport: int
+    ofport: int | None     # its switch port, None for a host behind the LAN bridge or the router
     ip: str | None
+    ip6: str | None = None
 
 
 class VirtualAppliance:
     """Bring up with ``up()`` or ``with``; tear down with ``down()``."""
 
     def __init__(self, base: config_mod.Config | None = None, prefix: str | None = None,
-                 with_store: bool = True, root: str | os.PathLike | None = None):
+                 with_store: bool = True, root: str | os.PathLike | None = None, lan: bool = False):
         self.base = base or config_mod.Config()
         self.prefix = prefix or ("ps" + secrets.token_hex(2))
         if not self.prefix.isalnum() or len(self.prefix) > 8:
             raise VirtualApplianceError(f"prefix {self.prefix!r}: expected up to 8 letters or digits")
         self.run_dir = Path(root or base_dir()) / self.prefix
         self.with_store = with_store
-        self.state: dict[str, Any] = {"prefix": self.prefix, "pids": {}, "namespaces": [], "links": []}
+        self.lan = lan
+        self.ula = ula_prefix()
+        self.lan6 = self.prefix6(0)
+        self.state: dict[str, Any] = {"prefix": self.prefix, "pids": {}, "namespaces": [], "links": [],
+                                      "ula": str(self.ula)}
         p = self.prefix
         ports = self.base.switch.ports
         self.sw_ns = f"{p}-sw"
+        self.lan_ns = f"{p}-ln"
         self.bridge = f"{p}br"
         self.hosts = {
-            "inside": Host("inside", f"{p}-in", HOST_IF, ports.inside, ADDRESSES["inside"]),
+            "inside": Host("inside", f"{p}-in", HOST_IF, ports.inside, ADDRESSES["inside"],
+                           self.addr6(0, HOST_SUFFIX6["inside"])),
             "mirror": Host("mirror", f"{p}-mi", MIRROR_IF, ports.mirror, MIRROR_ADDRESS.split("/")[0]),
-            "upstream": Host("upstream", f"{p}-up", HOST_IF, ports.upstream, ADDRESSES["upstream"]),
+            "upstream": Host("upstream", f"{p}-up", HOST_IF, ports.upstream, ADDRESSES["upstream"],
+                             self.addr6(0, HOST_SUFFIX6["upstream"])),
         }
+        if lan:
+            self.hosts["neighbour"] = Host("neighbour", f"{p}-nb", HOST_IF, None, NEIGHBOUR_IP,
+                                           self.addr6(0, NEIGHBOUR_SUFFIX6))
+            self.hosts["router"] = Host("router", f"{p}-rt", HOST_IF, None, ROUTER_IP, self.addr6(0, ROUTER_SUFFIX6))
+            for n in ROUTED_NETS:
+                self.hosts[f"client{n}"] = Host(f"client{n}", f"{p}-c{n}", HOST_IF, None, f"10.1.{n}.10",
+                                                self.addr6(n, 0x10))
         self.config: config_mod.Config | None = None
         self.config_path = self.run_dir / "pisnoop.yaml"
         self.store: EmbeddedStore | None = None
@@ -121,8 +161,16 @@ class VirtualAppliance:
         target = self.run_dir / "ovs" / "ovs-vswitchd.ctl"
         return run(["ovs-appctl", "-t", str(target), *args], env=self.ovs_env).stdout
 
+    def prefix6(self, n: int) -> ipaddress.IPv6Network:
+        """The run's /64 number ``n``: 0 is the LAN (inside and upstream), N the router's client prefix N."""
+        return ipaddress.IPv6Network((int(self.ula.network_address) | (n << 64), 64))
+
+    def addr6(self, n: int, interface_id: int) -> str:
+        return str(self.prefix6(n)[interface_id])
+
     def exec(self, role: str, cmd: list[str], check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:
-        """Run a command on one of the hosts (``inside``, ``mirror``, ``upstream``)."""
+        """Run a command on one of the hosts (``inside``, ``mirror``, ``upstream``; with a LAN ``neighbour``,
+        ``router``, ``clientN``)."""
         return run(cmd, ns=self.hosts[role].netns, check=check, timeout=timeout)
 
     def popen(self, role: str, cmd: list[str], **kw) -> subprocess.Popen:
@@ -153,34 +201,63 @@ class VirtualAppliance:
         if os.geteuid() != 0:
             raise VirtualApplianceError("the virtual appliance needs root (network namespaces, veths, OVS)")
 
-    def _add_ns(self, name: str) -> None:
+    def _add_ns(self, name: str, dual_stack: bool = False) -> None:
         run(["ip", "netns", "add", name])
         self.state["namespaces"].append(name)
         self._save()
         run(["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"], ns=name)
+        if dual_stack:
+            run(["sysctl", "-q", "-w", *_DUAL_STACK_SYSCTLS], ns=name)
         run(["ip", "link", "set", "lo", "up"], ns=name)
+
+    def _veth(self, a: str, a_ns: str, b: str, b_ns: str, b_ifname: str) -> None:
+        """A veth pair ``a`` (in ``a_ns``) -- ``b`` (in ``b_ns``, renamed ``b_ifname``), TX offload off, ``a`` up."""
+        self.state["links"] += [a, b]
+        self._save()
+        run(["ip", "link", "add", a, "type", "veth", "peer", "name", b])
+        run(["ip", "link", "set", a, "netns", a_ns])
+        run(["ip", "link", "set", b, "netns", b_ns])
+        if b != b_ifname:
+            run(["ip", "link", "set", b, "name", b_ifname], ns=b_ns)
+        run(["ethtool", "-K", a, "tx", "off"], ns=a_ns)
+        run(["ethtool", "-K", b_ifname, "tx", "off"], ns=b_ns)
+        run(["ip", "link", "set", a, "up"], ns=a_ns)
+
+    def _addresses(self, host: Host, v4_len: int = 24) -> None:
+        run(["ip", "addr", "add", f"{host.ip}/{v4_len}", "dev", host.ifname], ns=host.netns)
+        if host.ip6:
+            run(["ip", "-6", "addr", "add", f"{host.ip6}/64", "dev", host.ifname, "nodad"], ns=host.netns)
+        run(["ip", "link", "set", host.ifname, "up"], ns=host.netns)
 
     def _bring_up(self) -> None:
         p = self.prefix
-        for ns in [self.sw_ns] + [h.netns for h in self.hosts.values()]:
-            self._add_ns(ns)
+        self._add_ns(self.sw_ns)
+        if self.lan:
+            self._add_ns(self.lan_ns)
+            run(["ip", "link", "add", LAN_BRIDGE, "type", "bridge", "stp_state", "0", "forward_delay", "0",
+                 "mcast_snooping", "0"], ns=self.lan_ns)
+            run(["ip", "link", "set", LAN_BRIDGE, "up"], ns=self.lan_ns)
+        for host in self.hosts.values():
+            self._add_ns(host.netns, dual_stack=host.ip6 is not None)
         # wires: switch-side end "<p>-pN" in the switch namespace, host end in the host's
         for host in self.hosts.values():
+            if host.ofport is None:
+                continue
             sw_end, host_end = f"{p}-p{host.ofport}", f"{p}-h{host.ofport}"
-            self.state["links"] += [sw_end, host_end]
-            self._save()
-            run(["ip", "link", "add", sw_end, "type", "veth", "peer", "name", host_end])
-            run(["ip", "link", "set", sw_end, "netns", self.sw_ns])
-            run(["ip", "link", "set", host_end, "netns", host.netns])
-            run(["ip", "link", "set", host_end, "name", host.ifname], ns=host.netns)
-            run(["ethtool", "-K", sw_end, "tx", "off"], ns=self.sw_ns)
-            run(["ethtool", "-K", host.ifname, "tx", "off"], ns=host.netns)
-            run(["ip", "link", "set", sw_end, "up"], ns=self.sw_ns)
+            if host.role == "inside" and self.lan:
+                self._veth(sw_end, self.sw_ns, host_end, self.lan_ns, f"{p}-h{host.ofport}")
+                self._lan_port(host_end)
+                self._veth(f"{p}-l1", self.lan_ns, f"{p}-i1", host.netns, host.ifname)
+                self._lan_port(f"{p}-l1")
+            else:
+                self._veth(sw_end, self.sw_ns, host_end, host.netns, host.ifname)
             if host.role == "mirror":
                 run(["ip", "addr", "add", MIRROR_ADDRESS, "dev", host.ifname], ns=host.netns)
+                run(["ip", "link", "set", host.ifname, "up"], ns=host.netns)
             else:
-                run(["ip", "addr", "add", f"{host.ip}/24", "dev", host.ifname], ns=host.netns)
-            run(["ip", "link", "set", host.ifname, "up"], ns=host.netns)
+                self._addresses(host)
+        if self.lan:
+            self._bring_up_lan()
         self._start_ovs()
         cfg_ctl = self.base.switch.controller
         controller_port = free_port()
@@ -193,6 +270,30 @@ class VirtualAppliance:
             self.state["store_uri"] = self.store.uri
             self._save()
         self._write_config(controller_port)
+
+    def _lan_port(self, ifname: str) -> None:
+        run(["ip", "link", "set", ifname, "master", LAN_BRIDGE, "up"], ns=self.lan_ns)
+
+    def _bring_up_lan(self) -> None:
+        """The neighbour and the router on the LAN, the router's two client prefixes, routed back by upstream."""
+        p, rt, up, nb = self.prefix, self.hosts["router"], self.hosts["upstream"], self.hosts["neighbour"]
+        self._veth(f"{p}-l3", self.lan_ns, f"{p}-n0", nb.netns, nb.ifname)
+        self._lan_port(f"{p}-l3")
+        self._addresses(nb)
+        self._veth(f"{p}-l2", self.lan_ns, f"{p}-r0", rt.netns, rt.ifname)
+        self._lan_port(f"{p}-l2")
+        self._addresses(rt)
+        run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"], ns=rt.netns)
+        for n in ROUTED_NETS:
+            client = self.hosts[f"client{n}"]
+            self._veth(f"{p}-r{n}", rt.netns, f"{p}-k{n}", client.netns, client.ifname)
+            run(["ip", "addr", "add", f"10.1.{n}.1/24", "dev", f"{p}-r{n}"], ns=rt.netns)
+            run(["ip", "-6", "addr", "add", f"{self.addr6(n, 1)}/64", "dev", f"{p}-r{n}", "nodad"], ns=rt.netns)
+            self._addresses(client)
+            run(["ip", "route", "add", "default", "via", f"10.1.{n}.1"], ns=client.netns)
+            run(["ip", "-6", "route", "add", "default", "via", self.addr6(n, 1)], ns=client.netns)
+            run(["ip", "route", "add", f"10.1.{n}.0/24", "via", ROUTER_IP], ns=up.netns)
+            run(["ip", "-6", "route", "add", str(self.prefix6(n)), "via", rt.ip6], ns=up.netns)
 
     def _start_ovs(self) -> None:
         ovs = self.run_dir / "ovs"
@@ -215,7 +316,8 @@ class VirtualAppliance:
         dpid = f"{self.base.switch.datapath_id:016x}"
         args = ["add-br", br, "--", "set", "bridge", br, "datapath_type=netdev", "fail_mode=secure",
                 "protocols=OpenFlow13", f"other-config:datapath-id={dpid}", "other-config:disable-in-band=true"]
-        for host in self.hosts.values():
+        wired = [h for h in self.hosts.values() if h.ofport is not None]
+        for host in wired:
             port = f"{self.prefix}-p{host.ofport}"
             args += ["--", "add-port", br, port, "--", "set", "interface", port, f"ofport_request={host.ofport}"]
         self.vsctl(*args)
@@ -223,7 +325,7 @@ class VirtualAppliance:
                    "set", "controller", br, f"max_backoff={max_backoff_ms}", "connection_mode=out-of-band")
         # wait until every port has its requested number: flows can be pushed after that
         deadline = time.monotonic() + 20
-        want = {f"{self.prefix}-p{h.ofport}": h.ofport for h in self.hosts.values()}
+        want = {f"{self.prefix}-p{h.ofport}": h.ofport for h in wired}
         while True:
             got = {name: self._ofport(name) for name in want}
             if got == want:
@@ -305,6 +407,10 @@ class VirtualAppliance:
 
     def status(self) -> dict[str, Any]:
         return status_of(self.run_dir)
+
+    def mac(self, role: str) -> str:
+        host = self.hosts[role]
+        return self.exec(role, ["cat", f"/sys/class/net/{host.ifname}/address"]).stdout.strip()
 
     def ping(self, src: str, dst_ip: str, count: int = 1, timeout: float = 1.0) -> bool:
         res = self.exec(src, ["ping", "-n", "-q", "-c", str(count), "-W", str(timeout), "-i", "0.2", dst_ip],

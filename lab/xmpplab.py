@@ -1,9 +1,12 @@
 """A real XMPP server and real clients for the demo and the end-to-end tests.
 
 Prosody (Debian's) runs on the upstream host of a virtual appliance with a
-throwaway config, data directory and accounts; slixmpp clients run on the
-inside host, each from its own source address so that the analyser can tell
-them apart. A "sink" account on the server side counts the messages that
+throwaway config, data directory, accounts and TLS certificate, listening on
+IPv4 and IPv6 and requiring encryption as real servers do: STARTTLS on 5222,
+direct TLS on 5223 (``lab/tlscert.py``). slixmpp clients run on the inside
+host, each from its own source address so that the analyser can tell them
+apart, over either family and either port, trusting only the run's
+certificate. A "sink" account on the server side counts the messages that
 actually arrived, per sender: that is how the demo proves who got through.
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from appliance import netns
 
+from . import tlscert
 from .procs import stop_pid
 
 DOMAIN = "pisnoop.test"
@@ -30,37 +34,51 @@ pidfile = "{run}/prosody.pid"
 data_path = "{run}/data"
 log = {{ info = "{run}/prosody.log"; error = "{run}/prosody.err" }}
 certificates = "{run}/certs"
+ssl = {{ certificate = "{cert}"; key = "{key}" }}
 daemonize = false
 c2s_ports = {{ {port} }}
-c2s_interfaces = {{ "{ip}" }}
+c2s_direct_tls_ports = {{ {tls_port} }}
 s2s_ports = {{ }}
 http_ports = {{ }}
 https_ports = {{ }}
-interfaces = {{ "{ip}" }}
-modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "presence"; "message"; "posix" }}
-modules_disabled = {{ "s2s"; "offline"; "limits"; "tls"; "c2s_limits" }}
-c2s_require_encryption = false
-allow_unencrypted_plain_auth = true
+interfaces = {{ {interfaces} }}
+modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "presence"; "message"; "posix" }}
+modules_disabled = {{ "s2s"; "offline"; "limits"; "c2s_limits" }}
+c2s_require_encryption = true
+allow_unencrypted_plain_auth = false
 authentication = "internal_plain"
 storage = "internal"
 VirtualHost "{domain}"
+    ssl = {{ certificate = "{cert}"; key = "{key}" }}
 """
+
+DIRECT_TLS_PORT = 5223
 
 
 class ProsodyServer:
-    """Prosody bound to ``ip:port`` inside network namespace ``ns``."""
+    """Prosody on ``ip`` (and ``ip6``) inside network namespace ``ns``: STARTTLS on ``port``, TLS on ``tls_port``.
 
-    def __init__(self, run_dir: Path, ns: str, ip: str, port: int = 5222, domain: str = DOMAIN):
+    ``cert`` (the run's throwaway certificate, made by ``start``) is what the
+    clients pin.
+    """
+
+    def __init__(self, run_dir: Path, ns: str, ip: str, port: int = 5222, domain: str = DOMAIN,
+                 ip6: str | None = None, tls_port: int = DIRECT_TLS_PORT):
         self.run_dir, self.ns, self.ip, self.port, self.domain = Path(run_dir), ns, ip, port, domain
+        self.ip6, self.tls_port = ip6, tls_port
         self.cfg = self.run_dir / "prosody.cfg.lua"
+        self.cert: Path | None = None
         self.pid: int | None = None
 
     def _prepare(self) -> None:
         if shutil.which("prosody") is None:
             raise RuntimeError("prosody is not installed (run ./setup.sh)")
         (self.run_dir / "data").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "certs").mkdir(exist_ok=True)
-        self.cfg.write_text(_CONFIG.format(run=self.run_dir, port=self.port, ip=self.ip, domain=self.domain))
+        made = tlscert.make(self.run_dir / "certs", self.domain)
+        self.cert = made.cert
+        interfaces = "; ".join(f'"{a}"' for a in (self.ip, self.ip6) if a)
+        self.cfg.write_text(_CONFIG.format(run=self.run_dir, port=self.port, tls_port=self.tls_port,
+                                           interfaces=interfaces, domain=self.domain, cert=made.cert, key=made.key))
 
     def register(self, user: str, password: str = PASSWORD) -> str:
         netns.run(["prosodyctl", "--config", str(self.cfg), "register", user, self.domain, password], timeout=30)
@@ -76,19 +94,19 @@ class ProsodyServer:
         out.close()
         self.pid = proc.pid
         deadline = time.monotonic() + timeout
-        while not self._listening():
+        while not all(self._listening(a, p) for a in (self.ip, self.ip6) if a for p in (self.port, self.tls_port)):
             if proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"prosody did not start: {self.log_tail()}")
             time.sleep(0.1)
         return self
 
-    def _listening(self) -> bool:
+    def _listening(self, ip: str, port: int) -> bool:
         with netns.enter(self.ns):
-            s = socket.socket()
+            s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
         s.settimeout(0.3)
         try:
-            s.connect((self.ip, self.port))
+            s.connect((ip, port))
             return True
         except OSError:
             return False
@@ -109,12 +127,21 @@ class ProsodyServer:
             self.pid = None
 
 
-def client_command(role: str, jid: str, server_ip: str, port: int, *, source_ip: str | None = None,
-                   to: str | None = None, rate: float = 1.0, duration: float = 30.0,
-                   report: Path | None = None) -> list[str]:
-    """The argv of one XMPP client process (``python -m lab.xmppclient``)."""
+def client_command(role: str, jid: str, server_ip: str, port: int, *, cafile: Path, direct_tls: bool = False,
+                   source_ip: str | None = None, to: str | None = None, rate: float = 1.0, duration: float = 30.0,
+                   report: Path | None = None, session_messages: int = 0) -> list[str]:
+    """The argv of one XMPP client process (``python -m lab.xmppclient``).
+
+    ``cafile`` is the server's certificate, the only one the client trusts;
+    ``direct_tls`` speaks TLS from the first byte (port 5223) instead of STARTTLS.
+    ``session_messages`` > 0 makes the client close its stream and log in
+    again after that many messages (reconnect spam).
+    """
     argv = [sys.executable, "-m", "lab.xmppclient", "--role", role, "--jid", jid, "--password", PASSWORD,
-            "--server", server_ip, "--port", str(port), "--rate", str(rate), "--duration", str(duration)]
+            "--server", server_ip, "--port", str(port), "--rate", str(rate), "--duration", str(duration),
+            "--cafile", str(cafile), "--tls", "direct" if direct_tls else "starttls"]
+    if session_messages:
+        argv += ["--session-messages", str(session_messages)]
     if source_ip:
         argv += ["--source", source_ip]
     if to:

@@ -13,53 +13,25 @@ from __future__ import annotations
 import datetime as dt
 import heapq
 import ipaddress
-import struct
 import threading
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from appliance import pcapfile, store, timespec
+from appliance import l3l4, pcapfile, store, timespec
 
 # --- export ---------------------------------------------------------------------
 
-def _l3l4(frame: bytes) -> tuple[bytes, bytes, int | None, int | None] | None:
-    """(src ip, dst ip, src port, dst port) of an IPv4/IPv6 frame (ports None unless TCP/UDP); None otherwise."""
-    off = 12
-    if len(frame) < 14:
-        return None
-    etype = struct.unpack_from("!H", frame, off)[0]
-    while etype in (0x8100, 0x88A8) and len(frame) >= off + 6:
-        off += 4
-        etype = struct.unpack_from("!H", frame, off)[0]
-    off += 2
-    if etype == 0x0800 and len(frame) >= off + 20:
-        ihl = (frame[off] & 0x0F) * 4
-        proto = frame[off + 9]
-        frag = struct.unpack_from("!H", frame, off + 6)[0] & 0x1FFF
-        src, dst = frame[off + 12:off + 16], frame[off + 16:off + 20]
-        l4 = off + ihl if not frag else None
-    elif etype == 0x86DD and len(frame) >= off + 40:
-        proto = frame[off + 6]
-        src, dst = frame[off + 8:off + 24], frame[off + 24:off + 40]
-        l4 = off + 40
-    else:
-        return None
-    if l4 is not None and proto in (6, 17) and len(frame) >= l4 + 4:
-        sport, dport = struct.unpack_from("!HH", frame, l4)
-        return src, dst, sport, dport
-    return src, dst, None, None
-
-
 def matches(frame: bytes, host: bytes | None, port: int | None) -> bool:
+    """Whether a frame is from or to ``host`` (packed IPv4 or IPv6) and ``port`` (TCP or UDP), either or both."""
     if host is None and port is None:
         return True
-    info = _l3l4(frame)
-    if info is None:
+    h = l3l4.read(frame)
+    if h.__class__ is str:
         return False
-    src, dst, sport, dport = info
+    _v, src, dst, proto, sport, dport = h[:6]
     if host is not None and host not in (src, dst):
         return False
-    return port is None or port in (sport, dport)
+    return port is None or (proto in (l3l4.TCP, l3l4.UDP) and port in (sport, dport) and port != 0)
 
 
 def _merged(docs) -> Iterator[tuple[int, int, bytes]]:

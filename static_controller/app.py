@@ -2,13 +2,16 @@
 
 Everything that decides lives in ``core`` and the modules; this file only
 decodes os-ken events (``glue``), calls the core from the app's single event
-thread, encodes and sends what the core returns, and publishes counters for
-the metrics endpoint, the status document and the systemd watchdog.
+thread, sends what the core returns through the target's pacer, and
+publishes counters for the metrics endpoint, the status document and the
+systemd watchdog. A connection's end reaches it at once (``ryu_api.Datapath``)
+and is counted and logged with its reason.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -19,6 +22,7 @@ from . import glue
 from .core import Core
 from .flagwatch import FlagWatcher
 from .messages import BarrierReply, Tick
+from .pacer import Pacer
 from .ryu_api import (
     CONFIG_DISPATCHER,
     DEAD_DISPATCHER,
@@ -34,6 +38,19 @@ log = logging.getLogger("pisnoop.controller")
 
 TICK_SECONDS = 0.2
 BOTH = [CONFIG_DISPATCHER, MAIN_DISPATCHER]
+
+
+def survives(handler):
+    """Log a handler's exception and carry on: with the native hub, os-ken's event loop re-raises any
+    exception (its ``TaskExit`` is ``Exception``) and the app would stop hearing events, silently."""
+    @functools.wraps(handler)
+    def guarded(self, ev):
+        try:
+            handler(self, ev)
+        except Exception:
+            self.handler_errors += 1
+            log.exception("%s failed on %s (the controller goes on)", handler.__name__, type(ev).__name__)
+    return guarded
 
 
 class EventTick(EventBase):
@@ -57,9 +74,14 @@ class ControllerApp(RyuApp):
         self.name = "pisnoop_controller"
         self.cfg = self.core.cfg
         self.dp = None
+        self.connected_at = 0.0
+        self.pacer = Pacer(None, len, self.core.next_xid)
+        self.disconnects = collections.Counter()      # reason -> n
+        self.last_disconnect: str | None = None
         self.of_messages = collections.Counter()
         self.of_errors = collections.Counter()
         self.ignored_datapaths = 0
+        self.handler_errors = 0
         self.published: dict = {}
         self.watchdog = service.Watchdog()
         self.watcher = FlagWatcher(self.cfg, lambda flags: self.send_event(self.name, EventFlags(flags)),
@@ -85,6 +107,10 @@ class ControllerApp(RyuApp):
     # --- sending ---------------------------------------------------------------
 
     def _send(self, msgs) -> None:
+        """What the core decided, through the target's pacer."""
+        self._write(self.pacer.send(msgs))
+
+    def _write(self, msgs) -> None:
         dp = self.dp
         if dp is None:
             return
@@ -103,6 +129,7 @@ class ControllerApp(RyuApp):
     # --- switch events ------------------------------------------------------------
 
     @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
+    @survives
     def on_features(self, ev):
         dp = ev.msg.datapath
         self.of_messages[("received", "OFPSwitchFeatures")] += 1
@@ -111,39 +138,62 @@ class ControllerApp(RyuApp):
             log.warning("ignoring datapath %016x: this controller drives only %016x (switch.datapath_id)",
                         dp.id, self.cfg.switch.datapath_id)
             return
+        old = self.dp
+        if old is not None:                 # the switch came back before its old connection was seen to end
+            self._lost(old, "replaced by a new connection")
+            old.close("replaced by a new connection")
         log.info("switch %016x connected from %s: pushing the full set", dp.id, dp.address)
-        self.dp = dp
+        self.dp, self.connected_at = dp, time.monotonic()
+        self.pacer = Pacer(self.core.profile.window_bytes, lambda msg: glue.encoded_len(dp, msg), self.core.next_xid)
         self._send(self.core.connect(dp.id, time.time()))
         self.watcher.request_snapshot()
 
     @set_ev_cls(ofp_event.EventOFPStateChange, [MAIN_DISPATCHER, DEAD_DISPATCHER])
+    @survives
     def on_state(self, ev):
         if ev.state == DEAD_DISPATCHER and ev.datapath is self.dp and self.dp is not None:
-            log.warning("switch %016x disconnected; it keeps its flows (secure fail mode)", self.dp.id)
+            self._lost(self.dp, getattr(self.dp, "end_reason", None) or "connection ended")
             self.dp = None
-            self.core.disconnect()
+
+    def _lost(self, dp, reason: str) -> None:
+        """One connection of our switch ended: count it, say why and what the switch does meanwhile."""
+        self.disconnects[reason] += 1
+        self.last_disconnect = reason
+        self.pacer.reset()
+        self.core.disconnect(reason)
+        profile = self.core.profile
+        meanwhile = ("it keeps its flows (secure fail mode)" if profile.keeps_flows else
+                     f"the {profile.name} wipes its flows and drops every packet until it reconnects")
+        log.warning("switch %016x disconnected (%s) after %.1f s; %s", dp.id, reason,
+                    time.monotonic() - self.connected_at, meanwhile)
 
     @set_ev_cls(ofp_event.EventOFPMeterConfigStatsReply, BOTH)
+    @survives
     def on_meter_config(self, ev):
         if self._mine(ev):
             self._core(glue.meter_config(ev.msg))
 
     @set_ev_cls(ofp_event.EventOFPMeterStatsReply, BOTH)
+    @survives
     def on_meter_stats(self, ev):
         if self._mine(ev):
             self._core(glue.meter_stats(ev.msg))
 
     @set_ev_cls(ofp_event.EventOFPFlowStatsReply, BOTH)
+    @survives
     def on_flow_stats(self, ev):
         if self._mine(ev):
             self._core(glue.flow_stats(ev.msg))
 
     @set_ev_cls(ofp_event.EventOFPBarrierReply, BOTH)
+    @survives
     def on_barrier(self, ev):
         if self._mine(ev):
             self._core(BarrierReply(ev.msg.xid))
+            self._write(self.pacer.reply(ev.msg.xid))
 
     @set_ev_cls(ofp_event.EventOFPErrorMsg, BOTH)
+    @survives
     def on_error(self, ev):
         if self._mine(ev):
             err = glue.error(ev.msg)
@@ -151,11 +201,13 @@ class ControllerApp(RyuApp):
             self._core(err)
 
     @set_ev_cls(ofp_event.EventOFPFlowRemoved, BOTH)
+    @survives
     def on_flow_removed(self, ev):
         if self._mine(ev):
             self._core(glue.flow_removed(ev.msg))
 
     @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
+    @survives
     def on_packet_in(self, ev):
         if self._mine(ev):
             self._core(glue.packet_in(ev.msg))
@@ -163,10 +215,12 @@ class ControllerApp(RyuApp):
     # --- our own events ---------------------------------------------------------------
 
     @set_ev_cls(EventFlags)
+    @survives
     def on_flags(self, ev):
         self._core(ev.flags)
 
     @set_ev_cls(EventTick)
+    @survives
     def on_tick(self, ev):
         self._core(Tick(time.time()))
         self._publish()
@@ -175,17 +229,23 @@ class ControllerApp(RyuApp):
     def _publish(self) -> None:
         core = self.core
         snap = core.snapshot()
-        snap.update(ignored_datapaths=self.ignored_datapaths, store_outages=self.watcher.outages)
+        snap.update(ignored_datapaths=self.ignored_datapaths, store_outages=self.watcher.outages,
+                    handler_errors=self.handler_errors)
         self.published = {
             "of_messages": dict(self.of_messages), "of_errors": dict(self.of_errors),
             "pushed": dict(core.pushed_by_module), "refused": dict(core.refused),
             "meter_drops": dict(core.meter_drops), "store_outages": self.watcher.outages,
             "store_up": int(self.watcher.up), "connected": int(core.connected),
             "flows_installed": len(core.installed), "push_ms": core.push_ms,
+            "connects": core.counters["connects"], "disconnects": dict(self.disconnects),
+            "paced_chunks": self.pacer.chunks, "held_messages": self.pacer.held,
         }
         self.watcher.status_doc = {
             "component": "controller", "sensor": self.cfg.snooper.sensor, "counters": snap,
             "connected": core.connected,
             "datapath_id": f"{self.cfg.switch.datapath_id:016x}", "target": core.profile.name,
             "last_push_ms": core.push_ms, "modules": [m.name for m in core.modules],
+            "disconnect_reasons": dict(self.disconnects), "last_disconnect": self.last_disconnect,
+            "refused": {f"{mod}/{kind}": n for (mod, kind), n in core.refused.items()},
+            "meter_poll": core.meter_poll_off or ("on" if core.profile.meter_stats else "no meter stats on the target"),
         }

@@ -92,12 +92,13 @@ def _await_listening(port: int, timeout: float = 15.0) -> None:
 def run(cfg, core: Core, host: str, port: int) -> int:
     from . import metrics
     from .app import ControllerApp
-    from .ryu_api import CONF, app_manager
+    from .ryu_api import CONF, app_manager, install_datapath
 
     service.start_metrics(cfg.metrics, cfg.metrics.controller_port, log)
     CONF(args=[], project="pisnoop", default_config_files=[])
     CONF.set_override("ofp_listen_host", host)
     CONF.set_override("ofp_tcp_listen_port", port)
+    install_datapath()
     ControllerApp.core = core
     ControllerApp.sensor_status_id = f"controller:{cfg.snooper.sensor}"
     apps: list = []

@@ -12,6 +12,14 @@ Once every module knows its full set (enforce: after its first flag
 snapshot), the core reads the flow table back and deletes what nobody
 installed, so a flow left by an older config or a flag released while the
 controller was away does not linger.
+
+Each connect starts from nothing the switch may have lost (a Zodiac FX wipes
+its flows and meters on connect): installed flows, known meters, meter
+drops, pending requests. Until the push is out no module sends anything:
+flags and ticks then only keep module state. Meter statistics are polled
+only where the target has them, after the push, and a refusal stops the
+poll (one log line). Switch errors are judged by their OpenFlow names (the
+glue reads them from os-ken's ofproto constants), never by numbers.
 """
 
 from __future__ import annotations
@@ -48,8 +56,9 @@ from .targets import PlanRefused, Profile
 
 log = logging.getLogger("pisnoop.controller.core")
 
-# OpenFlow 1.3 error type/codes the core reacts to
-OFPET_METER_MOD_FAILED, OFPMMFC_METER_EXISTS, OFPMMFC_UNKNOWN_METER = 12, 1, 7
+# OpenFlow 1.3 errors the core reacts to, by name (``Error.name``; numbers: os_ken.ofproto.ofproto_v1_3)
+METER_EXISTS, UNKNOWN_METER = "OFPMMFC_METER_EXISTS", "OFPMMFC_UNKNOWN_METER"
+TABLE_FULL = "OFPFMFC_TABLE_FULL"
 METER_POLL_SECONDS = 5.0
 
 
@@ -70,9 +79,13 @@ class Core:
         self._stats_rows: list = []
         self.push_started: Optional[float] = None
         self.push_ms: Optional[float] = None
-        self.pushed = False
+        self.pushing = False                          # the push is out: modules may send
+        self.pushed = False                           # ... and its barrier reply came back
         self.reconciled = False
         self.next_meter_poll = 0.0
+        self.meter_poll_off: Optional[str] = None     # why the meter-stats poll stopped, if it did
+        self._meter_rows: dict[int, dict] = {}        # meter-stats reply pages by xid
+        self.disconnect_reasons = collections.Counter()
         self.counters = collections.Counter()
         self.refused = collections.Counter()          # (module, reason kind) -> n
         self.pushed_by_module = collections.Counter()
@@ -109,20 +122,36 @@ class Core:
 
     def connect(self, datapath_id: int, now: float) -> list:
         """A switch finished its handshake: ask which meters it has, then push (``on_meter_config``)."""
+        if self.connected:                 # a new connection while the old one still looked alive
+            self.disconnect("replaced by a new connection")
         self.connected, self.datapath_id = True, datapath_id
-        self.installed.clear()
-        self.owners.clear()
-        self._inventory = []
-        self.pushed = self.reconciled = False
+        self._forget()
         self.push_started, self.push_ms = now, None
+        self.next_meter_poll = now             # first poll on the first tick after the push barrier's reply
         self.counters["connects"] += 1
         xid = self.next_xid()
         self.owners[xid] = "core:meters"
         return [MeterConfigRequest(xid)]
 
-    def disconnect(self) -> None:
+    def disconnect(self, reason: str = "connection ended") -> None:
+        """The connection ended: nothing is known about the switch's state any more."""
+        if not self.connected:
+            return
         self.connected = False
+        self._forget()
         self.counters["disconnects"] += 1
+        self.disconnect_reasons[reason] += 1
+
+    def _forget(self) -> None:
+        """Per-connection state: what the switch holds and what it still owes an answer to."""
+        self.installed.clear()
+        self.owners.clear()
+        self.meters.clear()
+        self.meter_drops.clear()
+        self._inventory = []
+        self._stats_rows = []
+        self._meter_rows = {}
+        self.pushing = self.pushed = self.reconciled = False
 
     def _push(self, existing: dict, now: float) -> list:
         """The whole set: meters (ADD, MODIFY, or nothing when already right), flows by ADD, a barrier."""
@@ -144,6 +173,7 @@ class Core:
         xid = self.next_xid()
         self.owners[xid] = "core:push"
         self.counters["pushes"] += 1
+        self.pushing = True
         return meters + rest + [Barrier(xid)]
 
     # --- events from the switch and the clock ------------------------------------
@@ -161,9 +191,7 @@ class Core:
         if isinstance(event, Error):
             return self._error(event, now)
         if isinstance(event, MeterStats):
-            for meter_id, _packets, bands in event.meters:
-                self.meter_drops[meter_id] = sum(bands)
-            return []
+            return self._meter_stats(event)
         if isinstance(event, FlowStats):
             owner = self.owners.get(event.xid)
             if not event.more:
@@ -178,7 +206,7 @@ class Core:
         if isinstance(event, Tick):
             return self._tick(event, now)
         if isinstance(event, Flags):
-            return self._broadcast("flags", event, now)
+            return self._broadcast("flags", event, now, send=self.pushing)
         return []
 
     def _meter_config(self, ev: MeterConfig, now: float) -> list:
@@ -190,29 +218,61 @@ class Core:
         self.owners.pop(ev.xid, None)
         return self._push({mid: (unit, bands) for mid, unit, bands in self._inventory}, now)
 
+    def _meter_stats(self, ev: MeterStats) -> list:
+        if self.owners.get(ev.xid) != "core:meter_stats":
+            return []
+        rows = self._meter_rows.setdefault(ev.xid, {})
+        for meter_id, _packets, bands in ev.meters:
+            rows[meter_id] = sum(bands)
+        if not ev.more:
+            self.owners.pop(ev.xid, None)
+            self.meter_drops.update(self._meter_rows.pop(ev.xid))
+        return []
+
     def _error(self, ev: Error, now: float) -> list:
         self.counters["errors"] += 1
         what = self.owners.pop(ev.xid, None)
         if what == "core:meters":     # no meter inventory: push with ADD, fix up on METER_EXISTS
-            log.warning("switch refused the meter config request (type %d code %d): pushing meters by ADD",
-                        ev.type, ev.code)
+            log.warning("switch refused the meter config request (%s): pushing meters by ADD", ev.describe())
             return self._push({}, now)
-        if ev.type == OFPET_METER_MOD_FAILED and ev.meter_id in self.meters:
+        if what == "core:meter_stats":
+            self._meter_rows.pop(ev.xid, None)
+            self.meter_poll_off = f"the switch refused it ({ev.describe()})"
+            self.counters["meter_stats_refused"] += 1
+            log.warning("switch refused the meter statistics request (%s): meter drops are not polled any more",
+                        ev.describe())
+            return []
+        if ev.name == TABLE_FULL and ev.cookie is not None:
+            return self._table_full(ev, now)
+        if ev.meter_id in self.meters and ev.name in (METER_EXISTS, UNKNOWN_METER):
             m = self.meters[ev.meter_id]
-            if ev.code == OFPMMFC_METER_EXISTS:
-                return [Meter(m.meter_id, m.unit, m.bands, "modify")]
-            if ev.code == OFPMMFC_UNKNOWN_METER:
-                return [Meter(m.meter_id, m.unit, m.bands, "add")]
-        log.warning("switch error type %d code %d for a %s (cookie %s, meter %s)", ev.type, ev.code,
+            return [Meter(m.meter_id, m.unit, m.bands, "modify" if ev.name == METER_EXISTS else "add")]
+        log.warning("switch error %s for a %s (cookie %s, meter %s)", ev.describe(),
                     ev.request or "message", f"{ev.cookie:#x}" if ev.cookie is not None else "-", ev.meter_id)
         owner = self.owner_of_cookie(ev.cookie) if ev.cookie is not None else None
         return self._dispatch(owner, ev, now) if owner else []
 
+    def _table_full(self, ev: Error, now: float) -> list:
+        """The switch had no room for a flow (the Zodiac's block pool fills before its 480 flows): the flow
+        is not installed; counted and logged as refused, against the module whose cookie it carries."""
+        gone = [k for k, (_m, f, _exp) in self.installed.items() if f.cookie == ev.cookie]
+        owner = self.owner_of_cookie(ev.cookie)
+        for key in gone:
+            _m, f, _exp = self.installed.pop(key)
+            if owner is not None:
+                owner.refused(f, now)
+        name = owner.name if owner else "?"
+        self.refused[(name, "capacity")] += 1
+        log.warning("refused %s flow (the switch's table is full: %s): cookie %#x; %d flows installed", name,
+                    ev.describe(), ev.cookie, len(self.installed))
+        return self._dispatch(owner, ev, now) if owner else []
+
     def _tick(self, ev: Tick, now: float) -> list:
+        """Time for the modules, once the push is out; before that (or with no switch) nothing moves."""
         for key in [k for k, (_m, _f, exp) in self.installed.items() if exp is not None and exp <= now]:
             del self.installed[key]
-        if not self.connected:
-            return self._broadcast("tick", ev, now, send=False)
+        if not self.pushing:
+            return []
         out = self._broadcast("tick", ev, now)
         if self.pushed and not self.reconciled and all(m.ready() for m in self.modules):
             self.reconciled = True
@@ -220,9 +280,12 @@ class Core:
             self.owners[xid] = "core:reconcile"
             self._stats_rows = []
             out.append(FlowStatsRequest(xid))
-        if now >= self.next_meter_poll and self.meters:
+        if self.pushed and self.meters and self.profile.meter_stats and not self.meter_poll_off \
+                and now >= self.next_meter_poll and "core:meter_stats" not in self.owners.values():
             self.next_meter_poll = now + METER_POLL_SECONDS
-            out.append(MeterStatsRequest(self.next_xid()))
+            xid = self.next_xid()
+            self.owners[xid] = "core:meter_stats"
+            out.append(MeterStatsRequest(xid))
         return out
 
     def _reconcile(self, ev: FlowStats, now: float) -> list:
@@ -269,7 +332,7 @@ class Core:
         out = []
         for x in msgs:
             if isinstance(x, FlowStatsRequest):
-                self.owners[x.xid] = self.owner_of_cookie(x.cookie) if x.cookie_mask else "core:reconcile"
+                self.owners[x.xid] = emitter          # whatever cookie it asks about: the reply is the emitter's
             elif isinstance(x, PacketOut):
                 bad = [a[1] for a in x.actions if a[0] == "output" and a[1] == self.profile.management_port]
                 if bad:
@@ -277,6 +340,8 @@ class Core:
                     continue
             elif isinstance(x, Flow):
                 if not self._flow_ok(x, now, emitter):
+                    if x.command == "add":
+                        emitter.refused(x, now)
                     continue
             out.append(x)
         return out
@@ -302,17 +367,18 @@ class Core:
             self._refuse(emitter.name, "target", f, why)
             return False
         for key, (other_mod, other, _exp) in self.installed.items():
-            if other_mod is emitter:
+            if other_mod is emitter or other_mod.name in emitter.flowspace.may_shadow:
                 continue
             why = conflict(f, other)
             if why:
                 self._refuse(emitter.name, "overlap", f, f"{why} against {other_mod.name}'s {other.describe()}")
                 return False
-        if f.key not in self.installed and self.profile.max_flows is not None \
-                and len(self.installed) >= self.profile.max_flows:
-            self._refuse(emitter.name, "capacity", f,
-                         f"{self.profile.name} holds at most {self.profile.max_flows} flows")
-            return False
+        if f.key not in self.installed and (self.profile.max_flows is not None or self.profile.pool):
+            why = self.profile.room_problem([*(x for _m, x, _e in self.installed.values()), f],
+                                            self.meters.values())
+            if why:
+                self._refuse(emitter.name, "capacity", f, f"{self.profile.name} has no room: it {why}")
+                return False
         self.installed[f.key] = (emitter, f, now + f.hard_timeout if f.hard_timeout else None)
         self.pushed_by_module[emitter.name] += 1
         self.counters["flows_pushed"] += 1
@@ -324,6 +390,8 @@ class Core:
         out = {k: int(v) for k, v in self.counters.items()}
         out["flows_installed"] = len(self.installed)
         out["refused"] = sum(self.refused.values())
+        for (module, kind), n in self.refused.items():
+            out[f"refused_{module}_{kind}"] = int(n)
         for m in self.modules:
             for k, v in m.counters().items():
                 out[f"{m.name}_{k}"] = int(v)

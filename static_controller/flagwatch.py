@@ -2,9 +2,11 @@
 
 It ensures the indexes (``appliance.indexes``) on its first contact with the
 store, polls the ``flags`` collection by ``updated_at`` (no change
-streams: MongoDB 4.4 on a single-node Pi has none), loads every active flag
-when asked (each switch connect), and writes the controller's status
-document. pymongo blocks for up to ``mongodb.timeout_ms`` when the store is
+streams: MongoDB 4.4 on a single-node Pi has none) and the small
+``never_ban`` collection whole (handed on when it changed, and always before
+a snapshot's flags, so an exempt subject is never banned for a moment),
+loads every active flag when asked (each switch connect), and writes the
+controller's status document. pymongo blocks for up to ``mongodb.timeout_ms`` when the store is
 away, so it runs here and hands results to the os-ken event loop through
 ``post`` (a thread-safe queue put). A store outage is logged once, counted,
 and retried every poll interval; the switch keeps its flows meanwhile.
@@ -20,7 +22,7 @@ from typing import Callable, Optional
 
 import pymongo
 
-from appliance import indexes, service, store
+from appliance import indexes, neverban, service, store
 from appliance.flagdoc import EXPIRES_AT, FLAGGED, STATUS, UPDATED_AT
 
 from .messages import Flags
@@ -50,6 +52,8 @@ class FlagWatcher(threading.Thread):
         self.polls = 0
         self._indexed = False
         self._next_status = 0.0
+        self._never_ban: Optional[list] = None       # the never_ban documents last handed on
+        self.own = tuple(neverban.own_addresses(cfg)) if cfg.enforce.never_ban_self else ()
 
     def request_snapshot(self) -> None:
         self._want_snapshot.set()
@@ -83,12 +87,15 @@ class FlagWatcher(threading.Thread):
             indexes.ensure_or_go_on(db, self.cfg, log)
             self._indexed = True
         now = utcnow()
+        entries = list(db[store.NEVER_BAN].find().sort("_id", 1))
+        changed = entries != self._never_ban
+        never = dict(never_ban=tuple(entries), own=self.own) if changed else {}
         if self._want_snapshot.is_set():
             self._want_snapshot.clear()
             docs = list(flags.find({STATUS: FLAGGED, EXPIRES_AT: {"$gt": now}}))
             latest = list(flags.find({}, {UPDATED_AT: 1}).sort(UPDATED_AT, -1).limit(1))
             self.last_seen = latest[0].get(UPDATED_AT) if latest else None
-            self.post(Flags(tuple(docs), snapshot=True, now=time.time()))
+            self.post(Flags(tuple(docs), snapshot=True, now=time.time(), never_ban=tuple(entries), own=self.own))
         else:
             query = {UPDATED_AT: {"$gte": self.last_seen - OVERLAP}} if self.last_seen else {}
             docs = list(flags.find(query).sort(UPDATED_AT, 1))
@@ -96,7 +103,9 @@ class FlagWatcher(threading.Thread):
                 stamps = [d[UPDATED_AT] for d in docs if isinstance(d.get(UPDATED_AT), dt.datetime)]
                 if stamps:
                     self.last_seen = max(stamps + ([self.last_seen] if self.last_seen else []))
-                self.post(Flags(tuple(docs), snapshot=False, now=time.time()))
+            if docs or changed:
+                self.post(Flags(tuple(docs), snapshot=False, now=time.time(), **never))
+        self._never_ban = entries
         self.polls += 1
         if time.monotonic() >= self._next_status and self.status_doc:
             self._next_status = time.monotonic() + self.cfg.snooper.status_interval

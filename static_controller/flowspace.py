@@ -28,10 +28,17 @@ class Rel(enum.Enum):
 
 
 def _as_set(key: str, value: Any):
-    """A field value as something with containment: an IP network or a singleton."""
+    """A field value as something with containment: an IP network or a singleton.
+
+    A masked address is the pair os-ken uses, ``(address, mask)``; the mask of
+    an IPv6 pair is an address too (``ffff:ffff:ffff:ffff::``), which
+    ``ipaddress`` does not read as a netmask, so it is counted into a length.
+    """
     if key.startswith(("ipv4_", "ipv6_", "arp_spa", "arp_tpa")):
         if isinstance(value, tuple):
-            value = f"{value[0]}/{value[1]}"
+            addr, mask = value
+            bits = bin(int(ipaddress.ip_address(mask))).count("1") if not isinstance(mask, int) else mask
+            value = f"{addr}/{bits}"
         return ipaddress.ip_network(str(value), strict=False)
     return value
 
@@ -96,13 +103,19 @@ class Slice:
 
 @dataclass(frozen=True)
 class Flowspace:
-    """A module's declaration: cookie value/mask, slices, meters owned and meters it may use."""
+    """A module's declaration: cookie value/mask, slices, meters owned and meters it may use.
+
+    ``may_shadow`` names the modules whose flows this one may hide on purpose
+    (a ban overrides flowstats_ids' per-client allow flow of the same client);
+    every other overlap is still refused.
+    """
 
     cookie: int
     cookie_mask: int
     slices: tuple
     meters_owned: frozenset = field(default_factory=frozenset)
     meters_used: frozenset = field(default_factory=frozenset)
+    may_shadow: frozenset = field(default_factory=frozenset)
 
     def owns_cookie(self, cookie: int) -> bool:
         return cookie & self.cookie_mask == self.cookie

@@ -5,11 +5,33 @@ from __future__ import annotations
 import struct
 
 from . import messages as m
+from .ryu_api import ofproto_v1_3 as ofp13
 
 REASONS = {0: "idle_timeout", 1: "hard_timeout", 2: "delete", 3: "group_delete", 4: "meter_delete"}
 UNITS = {"pktps": 1 << 1, "kbps": 1 << 0}          # OFPMF_PKTPS, OFPMF_KBPS
 OFPMF_BURST = 1 << 2
-OFPT_FLOW_MOD, OFPT_METER_MOD = 14, 29
+OFPT_FLOW_MOD, OFPT_METER_MOD = ofp13.OFPT_FLOW_MOD, ofp13.OFPT_METER_MOD
+
+# the code names of each OpenFlow 1.3 error type, as os-ken's ofproto module spells them
+_CODE_PREFIX = {"OFPET_HELLO_FAILED": "OFPHFC_", "OFPET_BAD_REQUEST": "OFPBRC_", "OFPET_BAD_ACTION": "OFPBAC_",
+                "OFPET_BAD_INSTRUCTION": "OFPBIC_", "OFPET_BAD_MATCH": "OFPBMC_", "OFPET_FLOW_MOD_FAILED": "OFPFMFC_",
+                "OFPET_GROUP_MOD_FAILED": "OFPGMFC_", "OFPET_PORT_MOD_FAILED": "OFPPMFC_",
+                "OFPET_TABLE_MOD_FAILED": "OFPTMFC_", "OFPET_QUEUE_OP_FAILED": "OFPQOFC_",
+                "OFPET_SWITCH_CONFIG_FAILED": "OFPSCFC_", "OFPET_ROLE_REQUEST_FAILED": "OFPRRFC_",
+                "OFPET_METER_MOD_FAILED": "OFPMMFC_", "OFPET_TABLE_FEATURES_FAILED": "OFPTFFC_"}
+
+
+def _error_names() -> dict:
+    names = {}
+    for type_name, prefix in _CODE_PREFIX.items():
+        t = getattr(ofp13, type_name)
+        for attr in dir(ofp13):
+            if attr.startswith(prefix) and isinstance(getattr(ofp13, attr), int):
+                names.setdefault((t, getattr(ofp13, attr)), attr)
+    return names
+
+
+ERROR_NAMES = _error_names()
 
 
 def _match(parser, match: tuple):
@@ -71,6 +93,13 @@ def to_ofp(dp, msg):
     return out
 
 
+def encoded_len(dp, msg) -> int:
+    """Bytes one core message takes on the wire (what the pacer counts)."""
+    ofp = to_ofp(dp, msg)
+    ofp.serialize()
+    return len(ofp.buf)
+
+
 # --- decoding what the switch sent -----------------------------------------------
 
 
@@ -125,4 +154,4 @@ def error(msg) -> m.Error:
             request, cookie = "flow_mod", struct.unpack_from("!Q", data, 8)[0]
         elif kind == OFPT_METER_MOD and len(data) >= 16:
             request, meter_id = "meter_mod", struct.unpack_from("!I", data, 12)[0]
-    return m.Error(msg.xid, msg.type, msg.code, cookie, meter_id, request)
+    return m.Error(msg.xid, msg.type, msg.code, cookie, meter_id, request, ERROR_NAMES.get((msg.type, msg.code)))

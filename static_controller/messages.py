@@ -4,8 +4,10 @@ The pure core and the modules speak only these; ``glue.py`` turns them into
 os-ken messages at the very edge, so the planning logic runs in unit tests
 without a switch and the Ryu/os-ken dependency stays in one place.
 Match keys are OpenFlow 1.3 OXM names as os-ken spells them (``in_port``,
-``eth_type``, ``ip_proto``, ``ipv4_src``, ``tcp_dst`` ...); an IPv4 value may
-be ``"10.0.0.0/24"``.
+``eth_type``, ``ip_proto``, ``ipv4_src``, ``ipv6_src``, ``eth_src``, ``tcp_dst``
+...); an address is a string, a masked one the pair os-ken decodes from the
+switch, ``("fd00::", "ffff:ffff:ffff:ffff::")``, so a flow read back compares
+equal to the one sent.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-ETH_IPV4 = 0x0800
+ETH_IPV4, ETH_IPV6 = 0x0800, 0x86DD
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 
 # special ports (OpenFlow 1.3 numbering)
@@ -175,7 +177,11 @@ class MeterStats:
 
 @dataclass(frozen=True)
 class Error:
-    """An OFPT_ERROR, with what the glue could read back from the failed request."""
+    """An OFPT_ERROR, with what the glue could read back from the failed request.
+
+    ``name`` is the code's OpenFlow 1.3 name as os-ken's ofproto spells it
+    (``OFPMMFC_UNKNOWN_METER``, ``OFPBRC_BAD_MULTIPART``): the core reacts to
+    names, never to numbers."""
 
     xid: int
     type: int
@@ -183,6 +189,10 @@ class Error:
     cookie: Optional[int] = None
     meter_id: Optional[int] = None
     request: Optional[str] = None   # flow_mod | meter_mod | other
+    name: Optional[str] = None
+
+    def describe(self) -> str:
+        return self.name or f"type {self.type} code {self.code}"
 
 
 @dataclass(frozen=True)
@@ -197,8 +207,14 @@ class Tick:
 
 @dataclass(frozen=True)
 class Flags:
-    """Flag documents from the store; ``snapshot`` means: this is every active flag."""
+    """Flag documents from the store; ``snapshot`` means: this is every active flag.
+
+    ``never_ban`` is the ``never_ban`` collection's documents when they were
+    (re)read, None when unchanged; ``own`` this machine's addresses (for
+    ``enforce.never_ban_self``), sent with every ``never_ban``."""
 
     docs: tuple
     snapshot: bool = False
     now: float = field(default=0.0)
+    never_ban: Optional[tuple] = None
+    own: tuple = ()

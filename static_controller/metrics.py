@@ -37,6 +37,17 @@ class Collector:
         for meter, n in s.get("meter_drops", {}).items():
             drops.add_metric([str(meter)], n)
         yield drops
+        connects = CounterMetricFamily(f"{PREFIX}_connects", "switch connections accepted (each gets the full set)")
+        connects.add_metric([], s.get("connects", 0))
+        yield connects
+        gone = CounterMetricFamily(f"{PREFIX}_disconnects", "switch connections that ended, by reason",
+                                   labels=["reason"])
+        for reason, n in s.get("disconnects", {}).items():
+            gone.add_metric([reason], n)
+        yield gone
+        chunks = CounterMetricFamily(f"{PREFIX}_paced_chunks", "chunks let out by the pacer (targets with a window)")
+        chunks.add_metric([], s.get("paced_chunks", 0))
+        yield chunks
         outages = CounterMetricFamily(f"{PREFIX}_store_outages", "times the store became unreachable")
         outages.add_metric([], s.get("store_outages", 0))
         yield outages

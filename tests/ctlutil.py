@@ -80,6 +80,7 @@ class ControllerProcess:
     def __init__(self, va, config_path=None, env: dict | None = None):
         self.va = va
         self.extra_env = env or {}
+        self.extra_args: list[str] = []
         self.config_path = str(config_path or va.config_path)
         self.log_path = va.run_dir / f"controller-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen | None = None
@@ -91,8 +92,8 @@ class ControllerProcess:
         env.update(self.extra_env)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", self.config_path,
-                                      "controller"], cwd=str(REPO), stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, env=env)
+                                      *self.extra_args, "controller"], cwd=str(REPO), stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         return self
 
@@ -166,3 +167,34 @@ def wait_for(pred, timeout: float = 10.0, step: float = 0.05):
         if time.monotonic() > deadline:
             return got
         time.sleep(step)
+
+
+def process_usage(pid: int) -> tuple[int, int]:
+    """(threads, open file descriptors) of a process, read from /proc."""
+    return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settled_usage(pid: int, want: tuple[int, int] | None = None, timeout: float = 5.0) -> tuple[int, int]:
+    """``process_usage`` once it stops moving (or equals ``want``): a thread that is ending takes a moment."""
+    deadline = time.monotonic() + timeout
+    last = process_usage(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = process_usage(pid)
+        if now == want or (want is None and now == last):
+            return now
+        last = now
+    return last
+
+
+def kill_connections(port: int) -> int:
+    """Abort (RST) every TCP connection toward ``port`` on 127.0.0.1 (``ss -K``); how many there were."""
+    res = subprocess.run(["ss", "-K", "-tn", "dst", "127.0.0.1", "dport", "=", str(port)], capture_output=True,
+                         text=True, check=False)
+    return sum(1 for line in res.stdout.splitlines() if "ESTAB" in line)
+
+
+def established(port: int) -> int:
+    res = subprocess.run(["ss", "-tnH", "state", "established", "dst", "127.0.0.1", "dport", "=", str(port)],
+                         capture_output=True, text=True, check=False)
+    return len([line for line in res.stdout.splitlines() if line.strip()])

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import socket
 import struct
 import time
+from dataclasses import dataclass
+
+import dpkt
 
 from appliance import netns
 
@@ -14,7 +19,9 @@ ETH_P_ALL = 0x0003
 class Listener:
     """Counts frames arriving on an interface inside a namespace (raw AF_PACKET, no snooper)."""
 
-    def __init__(self, ns: str, ifname: str):
+    def __init__(self, ns: str, ifname: str, outgoing: bool = False):
+        """``outgoing``: count the frames the host sends on ``ifname`` instead of those it receives."""
+        self.outgoing = outgoing
         with netns.enter(ns):
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
             self.sock.bind((ifname, 0))
@@ -31,7 +38,11 @@ class Listener:
                 data, addr = self.sock.recvfrom(65535)
             except socket.timeout:
                 continue
-            if addr[2] == socket.PACKET_OUTGOING:
+            except OSError as exc:      # the link went down and up under us: reported once, then it reads on
+                if exc.errno != errno.ENETDOWN:
+                    raise
+                continue
+            if (addr[2] == socket.PACKET_OUTGOING) != self.outgoing:
                 continue
             self.frames.append(data)
             last = time.monotonic()
@@ -49,4 +60,36 @@ def icmp_echo(frames: list[bytes], type_: int) -> list[bytes]:
             ihl = (f[14] & 0x0F) * 4
             if f[14 + ihl] == type_:
                 out.append(f)
+    return out
+
+
+def icmp6_echo(frames: list[bytes], type_: int) -> list[bytes]:
+    """ICMPv6 echo requests (128) or replies (129) among raw Ethernet frames (no extension headers)."""
+    return [f for f in frames if len(f) >= 55 and f[12:14] == b"\x86\xdd" and f[20] == 58 and f[54] == type_]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One TCP segment of a frame, either family."""
+    eth_src: str
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    flags: int
+    seq: int
+    payload: bytes
+
+
+def tcp_segments(frames: list[bytes]) -> list[Segment]:
+    """The TCP segments among raw Ethernet frames, IPv4 and IPv6."""
+    out = []
+    for f in frames:
+        eth = dpkt.ethernet.Ethernet(f)
+        ip = eth.data
+        if not isinstance(ip, (dpkt.ip.IP, dpkt.ip6.IP6)) or not isinstance(ip.data, dpkt.tcp.TCP):
+            continue
+        t = ip.data
+        out.append(Segment(eth.src.hex(":"), str(ipaddress.ip_address(ip.src)), str(ipaddress.ip_address(ip.dst)),
+                           t.sport, t.dport, t.flags, t.seq, bytes(t.data)))
     return out

@@ -19,6 +19,7 @@ import pytest
 from appliance import config as config_mod
 from appliance import flagdoc, store
 from lab.virtual import VirtualAppliance
+from static_controller.modules.enforce import P_DROP, P_LIMIT
 from tests.conftest import assert_gone
 from tests.ctlutil import (
     ControllerProcess,
@@ -67,6 +68,39 @@ def metric(text: str, name: str, **labels) -> float:
     pat = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" ([0-9.e+-]+)"
     m = re.search(pat, text)
     return float(m.group(1)) if m else 0.0
+
+
+@pytest.mark.parametrize("end", ["fin", "rst", "controller"])
+def test_a_connection_end_is_an_event_at_once_and_leaves_no_thread_or_socket(end):
+    """os-ken 4.2's native hub cannot kill the send thread: ``ryu_api.Datapath`` makes the end complete."""
+    import socket
+    import threading
+
+    from static_controller import ryu_api
+    listener = socket.create_server(("127.0.0.1", 0))
+    switch = socket.create_connection(listener.getsockname())
+    sock, _ = listener.accept()
+    listener.close()
+    before = {t.ident for t in threading.enumerate()}
+    dp = ryu_api.Datapath(sock, ("127.0.0.1", 1))
+    serve = threading.Thread(target=dp.serve, daemon=True)
+    serve.start()
+    assert switch.recv(8)[1] == 0                                  # the controller's HELLO
+    if end == "rst":
+        switch.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if end == "controller":
+        dp.close("replaced by a new connection")
+    else:
+        switch.close()
+    serve.join(2.0)
+    try:
+        assert not serve.is_alive(), "serve() still blocked: its send thread was never woken"
+        assert {t.ident for t in threading.enumerate()} == before
+        assert dp.state == ryu_api.DEAD_DISPATCHER and sock.fileno() == -1
+        assert dp.end_reason == {"fin": "closed by the switch", "rst": "connection reset by peer",
+                                 "controller": "replaced by a new connection"}[end]
+    finally:
+        switch.close()
 
 
 def test_forwards_and_mirrors_every_frame_both_ways_with_metrics_and_status():
@@ -173,7 +207,8 @@ def test_a_flag_cuts_client_a_within_2s_client_b_keeps_working_release_restores(
             assert tcp_client(va, IN, 5222)["ok"] == 1 and tcp_client(va, CLIENT_B, 5222)["ok"] == 1
             t0 = time.monotonic()
             fid = db[store.FLAGS].insert_one(flag_doc(IN, action=action)).inserted_id
-            assert wait_for(lambda: flows_matching(va, f"nw_src={IN}", "priority=310"), 2.0), "no ban flow within 2 s"
+            prio = f"priority={P_DROP if action == 'drop' else P_LIMIT}"
+            assert wait_for(lambda: flows_matching(va, f"nw_src={IN}", prio), 2.0), "no ban flow within 2 s"
             assert time.monotonic() - t0 <= 2.0
             ban = flows_matching(va, f"nw_src={IN}")[0]
             assert "hard_timeout=12" in ban and ("actions=drop" in ban if action == "drop" else "meter:2" in ban)
@@ -216,7 +251,7 @@ def test_kill_keeps_forwarding_restart_leaves_an_identical_table():
         finally:
             ctl.kill(hard=False)
         assert after == before
-        assert len(before[0]) == 6 and len(before[1]) >= 2
+        assert len(before[0]) == 7 and len(before[1]) >= 2      # 5 mirror/patch flows, XMPP meter for v4 and v6
 
 
 def test_store_outage_logged_once_and_connect_still_pushes():
@@ -234,7 +269,7 @@ def test_store_outage_logged_once_and_connect_still_pushes():
         try:
             ms = ctl2.wait_pushed()
             assert ms < va.config.mongodb.timeout_ms, "the push waited for the store"
-            assert len(table_snapshot(va)[0]) == 6
+            assert len(table_snapshot(va)[0]) == 7      # the static set: mirror/patch 5, XMPP meter v4 and v6
             ctl2.wait_log("store unreachable", timeout=20)
             va.store.start()
             ctl2.wait_log("store reachable again", timeout=30)
@@ -341,7 +376,117 @@ def test_a_ban_released_while_the_controller_was_down_is_removed_on_restart():
             ctl = ControllerProcess(va).start()
             ctl.wait_pushed()
             assert wait_for(lambda: not flows_matching(va, f"nw_src={IN}"), 10), "stale ban survived the restart"
-            assert len(table_snapshot(va)[0]) == 6
+            assert len(table_snapshot(va)[0]) == 7      # the static set: mirror/patch 5, XMPP meter v4 and v6
         finally:
             ctl.kill(hard=False)
             db.client.close()
+
+
+def test_ovs_answers_a_modify_of_a_missing_meter_with_unknown_meter_and_the_core_re_adds_it(va):
+    """What OVS 3.1 really sends (docs/ARCHITECTURE.md, "Facts: Open vSwitch"): (12, 3), not (12, 7)."""
+    import socket
+
+    from static_controller import glue
+    from static_controller.core import Core
+    from static_controller.messages import Error, Meter
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(va.run_dir / "ovs" / f"{va.bridge}.mgmt"))
+    sock.settimeout(5)
+    got: dict[int, tuple] = {}
+    try:
+        sock.sendall(struct.pack("!BBHI", 4, 0, 8, 1))                                   # HELLO, OpenFlow 1.3
+        band = struct.pack("!HHII4x", 1, 16, 10, 0)                                      # drop band, 10 pktps
+        for xid, command in ((2, 1), (3, 0), (4, 0)):                                    # MODIFY missing, ADD, ADD
+            sock.sendall(struct.pack("!BBHIHHI", 4, 29, 32, xid, command, 2, 5) + band)
+        sock.sendall(struct.pack("!BBHI", 4, 20, 8, 9))                                  # barrier
+        buf = b""
+        while 9 not in got:
+            while len(buf) < 8 or len(buf) < struct.unpack_from("!H", buf, 2)[0]:
+                buf += sock.recv(4096)
+            _v, kind, length, xid = struct.unpack_from("!BBHI", buf)
+            got[xid] = (kind,) + (struct.unpack_from("!HH", buf, 8) if kind == 1 else ())
+            buf = buf[length:]
+    finally:
+        sock.close()
+    assert got[2] == (1, 12, 3) and got[4] == (1, 12, 1) and 3 not in got and got[9] == (21,)
+    assert glue.ERROR_NAMES[got[2][1:]] == "OFPMMFC_UNKNOWN_METER"
+    core = Core(va.config)
+    req = core.connect(1, 0.0)[0]
+    from static_controller.messages import MeterConfig
+    core.handle(MeterConfig(req.xid, ((1, "pktps", (1,)),)), 0.0)                        # "meter 1 exists": MODIFY
+    err = Error(99, 12, 3, meter_id=1, request="meter_mod", name=glue.ERROR_NAMES[(12, 3)])
+    assert [m.command for m in core.handle(err, 0.0) if isinstance(m, Meter)] == ["add"]
+
+
+class Tap:
+    """A Listener read by a thread of its own, so a long run does not overflow its socket buffer."""
+
+    def __init__(self, ns: str, ifname: str):
+        import threading
+        self.lis = Listener(ns, ifname)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.lis.drain(quiet=0.3, limit=0.5)
+
+    def close(self) -> list[bytes]:
+        self.stop.set()
+        self.thread.join(5)
+        frames = self.lis.drain()
+        self.lis.close()
+        return frames
+
+
+def test_50_abrupt_reconnects_with_traffic_flowing_leave_the_table_threads_and_sockets_as_they_were():
+    """Half the connections are cut within ~100 ms of the switch's features reply, half after a whole push.
+
+    Each cut is a RST (``ss -K``) followed by a new controller target string for the same relay, so OVS
+    opens a fresh connection at once: after a short-lived connection its rconn otherwise backs off 2, 4,
+    then 8 s whatever max_backoff says."""
+    import signal
+    import subprocess
+
+    from tests.ctlutil import established, kill_connections, settled_usage
+    with appliance() as va, ControllerProcess(va) as ctl:
+        port = va.config.switch.controller.listen_port
+        ctl.wait_pushed()
+        time.sleep(1.0)                                   # the first read-back (stale-flow removal) passes
+        before = table_snapshot(va)
+        usage = settled_usage(ctl.proc.pid)
+        mirror = Tap(va.hosts["mirror"].netns, "mirror0")
+        pinger = va.popen("inside", ["ping", "-n", "-q", "-i", "0.1", UP], stdout=subprocess.PIPE, text=True)
+        try:
+            targets = ['"tcp:127.0.0.1"', '"tcp:127.0.0.1:6653"']     # one endpoint, two spellings
+            def pushed_since_connect(n: int) -> bool:
+                """The n-th connection's push is in the log (after its "connected from" line)."""
+                return "full set pushed" in ctl.log.split("connected from", n)[-1]
+
+            for i in range(50):
+                ctl.wait_log("connected from", count=i + 1, timeout=15)
+                if i % 2:
+                    assert wait_for(lambda: pushed_since_connect(i + 1), 10), f"no push after connect {i + 1}"
+                    time.sleep(0.5)
+                assert kill_connections(port) == 1
+                va.vsctl("set", "controller", va.bridge, f"target={targets[i % 2]}")
+            ctl.wait_log("connected from", count=51, timeout=15)
+            assert wait_for(lambda: established(port) == 1 and ctl.pushes() >= 26, 10)
+            time.sleep(1.5)
+        finally:
+            pinger.send_signal(signal.SIGINT)
+            summary = pinger.communicate(timeout=10)[0]
+            seen = icmp_echo(mirror.close(), 8)
+        sent, got = (int(n) for n in re.search(r"(\d+) packets transmitted, (\d+) received", summary).groups())
+        assert sent > 100 and got == sent, f"forwarding stopped while the controller reconnected: {summary}"
+        assert len(seen) == sent, "the mirror missed frames while the controller reconnected"
+        assert table_snapshot(va) == before
+        assert settled_usage(ctl.proc.pid, want=usage) == usage, "threads or sockets grew with the reconnects"
+        log = ctl.log
+        assert log.count("connected from") == 51 and log.count(") after ") == 50
+        assert "it keeps its flows (secure fail mode)" in log and "connection reset by peer" in log
+        text = metrics(va)
+        assert metric(text, "pisnoop_controller_connects_total") == 51
+        assert sum(float(v) for v in re.findall(r'pisnoop_controller_disconnects_total\{reason="[^"]*"\} (\S+)',
+                                                text)) == 50

@@ -15,7 +15,8 @@ from appliance import config, flagdoc, store
 from appliance.errors import BadInput
 from appliance.flagdoc import BadClient, BadFlag, parse_client
 from lab import procs
-from static_controller.modules.enforce import Active, parse_flag
+from static_controller.config_view import View
+from static_controller.modules.enforce import ban_matches
 
 AT = dt.datetime(2026, 11, 21, 7, 0, 0, 250_000, tzinfo=dt.timezone.utc)   # whole ms: BSON keeps it exactly
 
@@ -162,20 +163,17 @@ def test_the_analysers_flag_parses_in_enforce():
     book = FlagBook(CFG, MemoryFlags(), "pi1")
     classifier = types.SimpleNamespace(name="xmpp_abuse", action=None)
     doc = book.offer(Verdict("too fast", "10.0.0.10", 40000, 5222, {"count": 101}), classifier, AT)
-    fid, active = parse_flag({**doc, "_id": "f1"}, CFG.enforce.action)
-    assert (fid, active) == ("f1", Active("f1", "10.0.0.10", 40000, 5222, CFG.enforce.action,
-                                          (AT + dt.timedelta(seconds=CFG.enforce.ban_seconds)).timestamp()))
+    f = flagdoc.parse({**doc, "_id": "f1"}, CFG.enforce.action)
+    assert [dict(m) for m in ban_matches(View(CFG), f)] == [
+        {"in_port": 1, "eth_type": 0x0800, "ip_proto": 6, "tcp_dst": 5222, "ipv4_src": "10.0.0.10", "tcp_src": 40000}]
+    assert f.expires_at == AT + dt.timedelta(seconds=CFG.enforce.ban_seconds)
     whole_ip = book.offer(Verdict("too fast", "10.0.0.11", None, 5222), classifier, AT)
-    assert parse_flag({**whole_ip, "_id": "f2"}, "drop")[1].port is None
-    ended = flagdoc.ended({**doc, "_id": "f1"}, flagdoc.EXPIRED, AT)
-    assert parse_flag(ended, "drop") == ("f1", None)
+    assert "tcp_src" not in ban_matches(View(CFG), flagdoc.parse(whole_ip, "drop"))[0]
 
 
-def test_enforce_keeps_refusing_ipv6_clients_that_the_document_allows():
-    doc = {**good(client_ip="fd00::10"), "_id": "v6"}
-    assert flagdoc.parse(doc).client_ip == "fd00::10"
-    with pytest.raises(BadFlag, match="IPv4"):
-        parse_flag(doc, "drop")
+def test_enforce_bans_the_ipv6_clients_that_the_document_allows():
+    f = flagdoc.parse({**good(client_ip="fd00::10"), "_id": "v6"}, "drop")
+    assert [m["ipv6_src"] for m in ban_matches(View(CFG), f)] == ["fd00::10"]
 
 
 def test_a_verdict_that_makes_no_valid_flag_is_counted_not_written():

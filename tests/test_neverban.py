@@ -51,3 +51,18 @@ def test_own_addresses_leave_out_loopback_and_link_local():
     for a in own:
         ip = ipaddress.ip_address(a)
         assert not (ip.is_loopback or ip.is_link_local)
+
+
+def test_own_addresses_go_on_without_getifaddrs(monkeypatch, caplog):
+    """Under a unit whose RestrictAddressFamilies lacks AF_NETLINK getifaddrs fails (EAFNOSUPPORT): the service
+    must still start, with the controller's listen address and one warning."""
+    import psutil
+
+    def refused():
+        raise OSError(97, "Address family not supported by protocol")
+
+    monkeypatch.setattr(psutil, "net_if_addrs", refused)
+    cfg = config.from_dict({"switch": {"controller": {"listen_host": "192.0.2.10"}}})
+    assert neverban.own_addresses(cfg) == ["192.0.2.10"]
+    assert [r.levelname for r in caplog.records if "cannot read this machine's addresses" in r.getMessage()] == \
+        ["WARNING"]

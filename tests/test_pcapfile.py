@@ -254,7 +254,7 @@ def flow_frames(t0: int):
 def talker_bytes(report: str, ip: str) -> tuple[int, int]:
     """(packets, bytes) of ``ip`` in a report's top-talkers table."""
     line = next(ln for ln in report.splitlines() if ln.split()[:1] == [ip])
-    _ip, _flows, packets, nbytes, _xmpp = line.split()
+    _ip, _flows, packets, nbytes = line.split()[:4]          # then xmpp, verified and unverified packets
     return int(packets), int(nbytes)
 
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from bson import Binary
 
 from lab.virtual import ADDRESSES, MIRROR_IF, VirtualAppliance
 from tests.conftest import REPO, assert_gone, pisnoop
-from tests.netutil import Listener, icmp_echo
+from tests.netutil import Listener, icmp6_echo, icmp_echo
 
 UP = ADDRESSES["upstream"]
 
@@ -46,6 +48,40 @@ def test_no_controller_no_forwarding_then_flows_forward_and_mirror(va):
         mirror.close()
     assert len(icmp_echo(frames, 8)) == 5, "every echo request is copied to the mirror"
     assert len(icmp_echo(frames, 0)) == 5, "every echo reply is copied to the mirror"
+
+
+def test_dual_stack_hosts_and_a_mirror_that_sends_nothing(va):
+    """Inside and upstream talk IPv4 and IPv6 (a per-run ULA /64); the mirror gets copies of both families
+    and, over seconds of that traffic, not one frame leaves its interface (no RS, DAD, MLD, ARP)."""
+    assert va.ula.subnet_of(ipaddress.IPv6Network("fd00::/8")) and va.ula.prefixlen == 48
+    inside, up, mirror = va.hosts["inside"], va.hosts["upstream"], va.hosts["mirror"]
+    for h in (inside, up):
+        assert ipaddress.IPv6Address(h.ip6) in va.lan6
+        assert f"{h.ip6}/64" in va.exec(h.role, ["ip", "-6", "-o", "addr", "show", "dev", "eth0"]).stdout
+    assert va.exec("mirror", ["ip", "-6", "-o", "addr", "show"]).stdout.strip() == "", "no IPv6 address at all"
+    va.ofctl("add-flow", "in_port=1,actions=output:2,output:3")
+    va.ofctl("add-flow", "in_port=3,actions=output:2,output:1")
+    copies = Listener(mirror.netns, MIRROR_IF)
+    sent_by_mirror = Listener(mirror.netns, MIRROR_IF, outgoing=True)
+    into_switch = Listener(va.sw_ns, f"{va.prefix}-p{mirror.ofport}")      # the switch's end of the mirror wire
+    try:
+        # the mirror's link comes up, the hosts resolve neighbours both ways: the moments a host would speak
+        va.exec("mirror", ["ip", "link", "set", MIRROR_IF, "down"])
+        va.exec("mirror", ["ip", "link", "set", MIRROR_IF, "up"])
+        pings = [threading.Thread(target=va.ping, args=(src, dst, 10)) for src, dst in
+                 (("inside", up.ip), ("inside", up.ip6), ("upstream", inside.ip6))]
+        for t in pings:
+            t.start()
+        for t in pings:
+            t.join()
+        frames = copies.drain(quiet=1.0)
+        sent = sent_by_mirror.drain(quiet=1.0) + into_switch.drain(quiet=0.2)
+    finally:
+        for lis in (copies, sent_by_mirror, into_switch):
+            lis.close()
+    assert len(icmp_echo(frames, 8)) == 10 and len(icmp_echo(frames, 0)) == 10
+    assert len(icmp6_echo(frames, 128)) == 20 and len(icmp6_echo(frames, 129)) == 20
+    assert sent == [], f"the mirror host sent {len(sent)} frames: {[f[:20].hex() for f in sent[:5]]}"
 
 
 def test_store_round_trip(store_db):

@@ -1,4 +1,4 @@
-"""Classifiers: they see every packet with its flow and may return a ``Verdict``.
+"""Classifiers: they see every verified packet with its flow and may return a ``Verdict``.
 
 Built-ins live in ``builtin``; custom ones are Python files in the directory
 the policy names (``custom``). Every classifier is evaluated per packet on the
@@ -17,7 +17,14 @@ SAMPLES = 5  # frame ids kept as evidence
 
 @dataclass
 class Verdict:
-    """What a classifier found. ``client_port`` None means the whole client IP."""
+    """What a classifier found, and what it is about (the flag's subject, appliance/flagdoc.py).
+
+    ``client_ip`` is an address or a prefix ``ADDR/LEN``; ``client_mac`` a
+    host (then ``client_ip`` is None); ``client_port`` None means every
+    connection. ``server_ports`` (or the older single ``server_port``),
+    ``protocol`` and ``direction`` say what the ban blocks; ``addresses`` are
+    the host's known addresses, for the never-ban check of a MAC subject.
+    """
     reason: str
     client_ip: Optional[str] = None
     client_port: Optional[int] = None
@@ -25,6 +32,22 @@ class Verdict:
     evidence: dict = field(default_factory=dict)
     action: Optional[str] = None
     classifier: Optional[str] = None
+    server_ports: Optional[list] = None
+    client_mac: Optional[str] = None
+    protocol: Optional[str] = None      # None: tcp
+    direction: Optional[str] = None     # None: outbound
+    addresses: tuple = ()
+
+    @property
+    def ports(self) -> list:
+        return list(self.server_ports) if self.server_ports else [self.server_port]
+
+    @property
+    def subject(self) -> str:
+        """The subject's key in the flag book (MAC, prefix, address or address|port)."""
+        if self.client_mac:
+            return self.client_mac
+        return self.client_ip if self.client_port is None else f"{self.client_ip}|{self.client_port}"
 
 
 class Window:
@@ -87,6 +110,21 @@ class Windows(dict):
         for k in [k for k, w in self.items() if w.stale(now_ns)]:
             del self[k]
 
+    def seeded(self, key, sources) -> Window:
+        """The window of ``key``, made on first use from the entries of ``sources`` (windows of the same span):
+        a host's window starts with what its addresses already sent."""
+        w = self.get(key)
+        if w is None:
+            w = self[key] = Window(self.span_ns, self.cap)
+            entries = sorted((t, wt) for src in sources for t, wt in zip(src.times, src.weights))
+            for t, wt in entries[-self.cap:] if self.cap else entries:
+                w.times.append(t)
+                w.weights.append(wt)
+                w.total += wt
+            for src in sources:
+                w.refs.extend(src.refs)
+        return w
+
 
 class Classifier:
     """Base of every classifier: ``packet`` sees each packet, ``prune`` bounds memory."""
@@ -95,6 +133,7 @@ class Classifier:
     action: Optional[str] = None
 
     def packet(self, p, flow, direction: int, ref) -> Optional[Verdict]:  # pragma: no cover - interface
+        """Called for verified packets only (analyser/flows.py): a spoofed source never reaches a classifier."""
         raise NotImplementedError
 
     def prune(self, now_ns: int) -> None:

@@ -6,6 +6,14 @@ every packet with a ``FlowContext``. It returns None, a reason string, a dict
 (keys of ``Verdict``) or a ``Verdict``; the client of the flow is filled in
 when the verdict does not name one. ``scope = "ip"`` (class attribute or
 verdict key) flags the whole client IP instead of the connection.
+
+A custom classifier sees verified TCP and UDP packets only (``protocol =
+"tcp"`` or ``"udp"`` narrows it to one), so its verdicts can always be
+enforced: the flag bans the flow's protocol and server port, ``direction``
+(``outbound``, the default: the client is on the inside; or ``inbound``)
+says which side the client is on. The policy refuses at load a class whose
+``scope``, ``protocol`` or ``direction`` enforce could not apply
+(analyser/policy.py).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..parse import TCP, UDP
 from ..parse import payload as _payload
 from . import Classifier, Verdict
 
@@ -36,7 +45,7 @@ class FlowContext:
     server_ip = property(lambda s: s.flow.server)
     server_port = property(lambda s: s.flow.sport)
     proto = property(lambda s: s.flow.proto)
-    verified = property(lambda s: s.flow.verified)
+    verified = property(lambda s: True)            # only verified packets reach a classifier
     ts_ns = property(lambda s: s.packet.ts_ns)
     size = property(lambda s: s.packet.wire_len)
     tcp_flags = property(lambda s: s.packet.tcp_flags)
@@ -62,9 +71,14 @@ class CustomClassifier(Classifier):
         self.instance, self.name = instance, name
         self.action = getattr(instance, "action", None) or action
         self.scope = getattr(instance, "scope", "connection")
+        self.protocol = getattr(instance, "protocol", None)
+        self.direction = getattr(instance, "direction", None) or "outbound"
+        self.protos = {"tcp": (TCP,), "udp": (UDP,)}.get(self.protocol, (TCP, UDP))
         self.errors = 0
 
     def packet(self, p, flow, direction, ref):
+        if flow.proto not in self.protos:
+            return None
         ctx = FlowContext(p, flow, direction, ref)
         try:
             out = self.instance.classify(ctx)
@@ -88,8 +102,12 @@ class CustomClassifier(Classifier):
             out.client_ip = flow.client
         if out.client_port is None and scope != "ip":
             out.client_port = flow.cport
-        if out.server_port is None:
+        if out.server_port is None and not out.server_ports:
             out.server_port = flow.sport
+        if out.protocol is None:
+            out.protocol = "udp" if flow.proto == UDP else "tcp"
+        if out.direction is None:
+            out.direction = self.direction
         out.evidence = {"first_packet_ns": flow.first_ns, "last_packet_ns": p.ts_ns,
                         "samples": [ctx.frame_id], **(out.evidence or {})}
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import ClassVar
 
 from ..config_view import View
@@ -18,6 +19,11 @@ COOKIE_MASK = 0xFF << 56
 
 def cookie_base(module_id: int) -> int:
     return module_id << 56
+
+
+def digest(text: str, bits: int) -> int:
+    """A stable ``bits``-bit number for ``text``: cookie room for what does not fit (an IPv6 address)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> (64 - bits)
 
 
 class Module:
@@ -46,6 +52,9 @@ class Module:
     def handle(self, event) -> list:
         """This module's own messages for ``event``: the core vets them as this module's and merges."""
         return []
+
+    def refused(self, f, now: float) -> None:
+        """A flow of this module that the core or the switch refused: it is not on the switch (no reply needed)."""
 
     def ready(self) -> bool:
         """Whether the module knows its full flow set (stale flows may then be removed)."""

@@ -4,13 +4,16 @@ static forwarding mode) patch inside <-> upstream.
 Table 0 outputs the copy and goes on to table 1, so whatever table 1 later
 meters or drops has already reached the snooper: evidence of an attack is
 never lost. With a mirror filter only the matching frames are copied; the
-rest still goes on to table 1 and is forwarded.
+rest still goes on to table 1 and is forwarded. The filter covers both
+families; on a target that cannot match a protocol behind IPv6 (the Zodiac
+FX) every IPv6 frame is copied: too much evidence rather than none.
 """
 
 from __future__ import annotations
 
+from ..config_view import ETH_TYPES, IP_PROTOS
 from ..flowspace import Flowspace, Slice
-from ..messages import ETH_IPV4, IPPROTO_TCP, IPPROTO_UDP, flow
+from ..messages import flow
 from .base import COOKIE_MASK, T_FORWARD, T_MIRROR, T_POLICY, Module
 
 P_COPY_FILTERED, P_PASS = 110, 100
@@ -37,11 +40,17 @@ class Mirror(Module):
         flt = mc.filter
         if flt.ip_proto is None:
             return [(P_PASS, {"in_port": in_port})]
-        proto = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP}[flt.ip_proto]
-        base = {"in_port": in_port, "eth_type": ETH_IPV4, "ip_proto": proto}
-        if flt.l4_port is None:
-            return [(P_COPY_FILTERED, base)]
-        return [(P_COPY_FILTERED, {**base, f"{flt.ip_proto}_{side}": flt.l4_port}) for side in ("src", "dst")]
+        out = []
+        for version, eth_type in ETH_TYPES.items():
+            if version not in self.view.families:
+                out.append((P_COPY_FILTERED, {"in_port": in_port, "eth_type": eth_type}))
+                continue
+            base = {"in_port": in_port, "eth_type": eth_type, "ip_proto": IP_PROTOS[flt.ip_proto]}
+            if flt.l4_port is None:
+                out.append((P_COPY_FILTERED, base))
+            else:
+                out += [(P_COPY_FILTERED, {**base, f"{flt.ip_proto}_{side}": flt.l4_port}) for side in ("src", "dst")]
+        return out
 
     def start(self, now: float) -> list:
         mirror_port = self.view.ports.mirror
