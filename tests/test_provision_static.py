@@ -60,9 +60,10 @@ def verify_root(tmp_path_factory) -> Path:
         shutil.copy(unit, root / "etc/systemd/system" / unit.name)
     venv_bin = root / "opt/pisnoop/venv/bin"
     venv_bin.mkdir(parents=True)
-    for exe in ("pisnoop", "nx-27017"):
-        (venv_bin / exe).write_text("#!/bin/sh\n")
-        (venv_bin / exe).chmod(0o755)
+    (root / "bin").mkdir()
+    for exe in (venv_bin / "pisnoop", venv_bin / "nx-27017", root / "bin/bash"):  # bash: the store's ExecStartPost
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
     return root
 
 
