@@ -50,17 +50,19 @@ qemu-img create -q -f qcow2 -F raw -b "$image" "$work/disk.qcow2" "$(( $(stat -c
 
 # an emulated CPU starts Python services many times slower than a Pi: give them longer than systemd's 90 s
 slow="systemd.default_timeout_start_sec=1200"
+# unit names only on the console (a description makes systemd cut the line at 80 columns, the name with it)
+names="systemd.status_unit_format=name"
 console=$work/console.log
 : >"$console"
 t0=$(date +%s.%N)
 qemu-system-aarch64 -M virt -cpu cortex-a72 -smp "$smp" -m 2048 -display none -monitor none \
   -serial "file:$console" -no-reboot \
   -kernel "$work/vmlinuz" -initrd "$work/initrd.img" \
-  -append "root=LABEL=RASPIROOT rw rootwait console=ttyAMA0 net.ifnames=0 systemd.show_status=1 $slow" \
+  -append "root=LABEL=RASPIROOT rw rootwait console=ttyAMA0 net.ifnames=0 systemd.show_status=1 $names $slow" \
   -drive "if=none,id=disk,file=$work/disk.qcow2,format=qcow2" -device virtio-blk-pci,drive=disk \
-  -netdev user,id=mgmt,restrict=on -device virtio-net-pci,netdev=mgmt \
-  -netdev hubport,id=inside,hubid=1 -device virtio-net-pci,netdev=inside \
-  -netdev hubport,id=upstream,hubid=2 -device virtio-net-pci,netdev=upstream &
+  -netdev user,id=mgmt,restrict=on -device virtio-net-pci,netdev=mgmt,romfile= \
+  -netdev hubport,id=inside,hubid=1 -device virtio-net-pci,netdev=inside,romfile= \
+  -netdev hubport,id=upstream,hubid=2 -device virtio-net-pci,netdev=upstream,romfile= &
 qemu_pid=$!
 echo "qemu-boot.sh: booting $image (kernel $kver) under qemu-system-aarch64 pid $qemu_pid, console $console"
 
