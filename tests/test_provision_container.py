@@ -12,11 +12,14 @@ arm64 root under qemu-user-static.
 
 from __future__ import annotations
 
+import collections
 import json
+import re
 import time
 
 import pytest
 
+from appliance import netns
 from tests import container
 from tests.container import recap
 
@@ -32,11 +35,29 @@ def provision(arch: str, *extra: str):
           f"{record['download_seconds']} s (built {record['built_at']})")
     with container.Container(arch, boot_timeout=600 if arch != container.host_arch() else 180) as ct:
         print(f"{arch} boot to running: {ct.boot_seconds} s")
+        if arch == container.host_arch():
+            ct.nm_before = nm_owns_every_port(ct)
+        else:  # qemu-user: NetworkManager does not come up; the emulated run proves the rest
+            nm = ct.sh("systemctl is-active NetworkManager; journalctl -b -u NetworkManager -n 3 -o cat", check=False)
+            print(f"{arch}: NetworkManager under emulation: {' / '.join(nm.stdout.split(chr(10))[:4])}")
         t0 = time.monotonic()
         first = ct.playbook(*extra, wheels=wheels)
         seconds = round(time.monotonic() - t0, 1)
         print(f"{arch} first playbook run: {seconds} s")
         yield ct, first, seconds
+
+
+def nm_owns_every_port(ct, timeout: float = 60) -> dict[str, str]:
+    """Before the playbook NetworkManager manages every interface, as on Raspberry Pi OS: wait for it, return it."""
+    deadline = time.monotonic() + timeout
+    devices: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        devices = ct.nm_devices() if ct.sh("nmcli -t general status", check=False).returncode == 0 else {}
+        if devices.get("eth0") == "connected" and all(devices.get(i, "unmanaged") != "unmanaged"
+                                                      for i in ("eth1", "eth3")):
+            return devices
+        time.sleep(1)
+    raise AssertionError(f"NetworkManager does not manage every interface before the playbook: {devices}")
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +140,18 @@ def check_services_ready(provisioned) -> None:
     ct, first, _ = provisioned
     missing = _missing_commands(ct)
     assert not missing, "the installed pisnoop lacks " + ", ".join(missing) + ": merge those branches"
-    deadline = time.monotonic() + 120
+    services_ready(ct)
+
+
+def services_ready(ct, timeout: float = 120) -> dict[str, dict]:
+    """Wait until every service is active and running (for Type=notify: after READY=1); return their states."""
+    deadline = time.monotonic() + timeout
     states = {}
     while time.monotonic() < deadline:
         states = {s: _service_state(ct, f"pisnoop-{s}.service") for s in SERVICES + ["store"]}
         if all(st["ActiveState"] == "active" and st["SubState"] == "running" for st in states.values()):
-            return
-        time.sleep(2)
+            return states
+        time.sleep(1)
     logs = ct.sh("journalctl -b --no-pager -n 80 -u 'pisnoop-*'", check=False).stdout
     raise AssertionError(f"not all services active: {states}\n{logs[-5000:]}")
 
@@ -143,9 +169,9 @@ def check_second_run_changes_nothing(provisioned, *extra: str) -> None:
 def check_bad_variable_fails_with_message(provisioned) -> None:
     ct, first, _ = provisioned
     before = ct.sh("sha256sum /etc/pisnoop/pisnoop.yaml").stdout
-    bad = ct.playbook("-e", json.dumps({"pisnoop_settings": {"xmpp": {"server_port": 70000}}}))
+    bad = ct.playbook("-e", json.dumps({"pisnoop_settings": {"xmpp": {"server_ports": [5222, 70000]}}}))
     assert bad.returncode != 0
-    assert "xmpp.server_port: got 70000; expected a TCP port from 1 to 65535" in bad.stdout, bad.stdout[-4000:]
+    assert "xmpp.server_ports[1]: got 70000; expected a TCP port from 1 to 65535" in bad.stdout, bad.stdout[-4000:]
     assert ct.sh("sha256sum /etc/pisnoop/pisnoop.yaml").stdout == before  # the old config stays
 
 
@@ -266,3 +292,231 @@ def test_systemctl_reload_applies_a_threshold_and_a_bad_file_keeps_the_running_c
                 ("active", state["MainPID"], state["NRestarts"]), (s, now)
     finally:
         ct.sh(f"mv {conf}.orig {conf} && systemctl reload pisnoop-analyser.service", check=False)
+
+
+# --- NetworkManager, reboots, power loss (amd64) -------------------------------------------------------
+
+NM_UNMANAGED = ("eth1", "eth3", "mirror0", "ovsbr0")
+
+
+def check_networkmanager_let_go(ct) -> None:
+    """The bridge's ports and the mirror are unmanaged; the management link is still NetworkManager's and up."""
+    devices = ct.nm_devices()
+    assert {i: devices.get(i) for i in NM_UNMANAGED} == dict.fromkeys(NM_UNMANAGED, "unmanaged"), devices
+    assert devices.get("eth0") == "connected", devices
+    assert ct.sh("nmcli -g GENERAL.CONNECTION device show eth0").stdout.strip() == "management"
+    netns.run(["ping", "-c", "1", "-W", "3", "10.77.0.2"], ns=ct.hosts["eth0"])  # the management link works
+
+
+def wait_switch(ct, want: dict | None = None, timeout: float = 90) -> dict:
+    """The switch once the controller is connected and has pushed its flows (equal to ``want`` when given)."""
+    deadline = time.monotonic() + timeout
+    now: dict = {}
+    while time.monotonic() < deadline:
+        now = ct.switch()
+        if now["connected"] == "true" and now["flows"] and (want is None or now == want):
+            return now
+        time.sleep(1)
+    raise AssertionError(f"switch not as before: now {now}\nbefore {want}")
+
+
+def check_boot(ct, probe, before: dict, what: str) -> dict:
+    """After power-on: the first frame ``probe`` got across, only once the controller was READY; every
+    service READY; the switch as ``before``; NetworkManager still off the ports. Returns the services' states."""
+    first = probe.first_after(ct.powered_on_at, timeout=120)
+    probe.halt()
+    assert first is not None, "nothing forwarded within 120 s of power-on"
+    print(f"\n{what}: boot to running {ct.boot_seconds} s; power-on to first forwarded frame {first:.2f} s")
+    states = services_ready(ct)
+    check_secure_until_controller(ct, first)
+    assert wait_switch(ct, before) == before
+    check_networkmanager_let_go(ct)
+    return states
+
+
+def check_secure_until_controller(ct, first: float) -> None:
+    """Secure fail mode: the first frame after power-on crossed after the controller was up (READY=1), not before."""
+    ready_us = int(ct.sh("systemctl show -p ActiveEnterTimestampMonotonic --value pisnoop-controller").stdout)
+    ready = ready_us / 1e6 - ct.powered_on_at  # CLOCK_MONOTONIC is the host's inside the container
+    print(f"controller ready {ready:.2f} s after power-on, first frame forwarded at {first:.2f} s")
+    assert 0 < ready <= first, (ready, first)
+
+
+def counted_drops(ct) -> int:
+    """Frames each snooper run counted as lost (ring, full spool), from its last status line in the journal."""
+    out = ct.sh("journalctl -u pisnoop-snooper -o cat --no-pager", check=False).stdout
+    runs: list[int] = []
+    for line in out.splitlines():
+        if "capturing on" in line:
+            runs.append(0)
+        m = re.search(r"kernel_dropped=(\d+) spool_full=(\d+)", line)
+        if m and runs:
+            runs[-1] = int(m.group(1)) + int(m.group(2))
+    return sum(runs)
+
+
+def check_stored(ct, wire, view: dict) -> set[int]:
+    """Every frame that crossed the bridge is stored once, but for counted drops; return the missing ones."""
+    seqs = collections.Counter(view["seqs"])
+    assert not [s for s, n in seqs.items() if n > 1], "frames stored twice"
+    assert set(seqs) <= set(wire.sent)
+    missing = set(wire.received) - set(seqs)
+    drops = counted_drops(ct)
+    print(f"\nframes sent {len(wire.sent)}, crossed the bridge {len(wire.received)}, stored {len(seqs)}, "
+          f"counted drops {drops}")
+    return missing
+
+
+def wait_stored(ct, wire, seqs: list[int], timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        view = ct.store(wire.tag)
+        if set(seqs) <= set(view["seqs"]) or time.monotonic() > deadline:
+            return view
+        time.sleep(1)
+
+
+def wait_analyser(ct, wire, pred, timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        view = ct.store(wire.tag)
+        if pred(view) or time.monotonic() > deadline:
+            return view
+        time.sleep(1)
+
+
+def caught_up(view: dict) -> bool:
+    newest = max((b[1] for b in view["batches"]), default=None)
+    return newest is not None and view["state"]["resume"] is not None and abs(view["state"]["resume"] - newest) < 1e-3
+
+
+@pytest.fixture
+def wire(provisioned):
+    ct = provisioned[0]
+    made = []
+
+    def make(tag: bytes):
+        made.append(container.Wire(ct, tag))
+        return made[-1]
+    yield make
+    for w in made:
+        w.close()
+
+
+def test_networkmanager_managed_every_port_before(provisioned):
+    ct = provisioned[0]
+    assert ct.nm_before["eth0"] == "connected"
+    assert ct.nm_before["eth1"] != "unmanaged" and ct.nm_before["eth3"] != "unmanaged", ct.nm_before
+
+
+def test_networkmanager_lets_go_of_the_bridge_ports_only(provisioned):
+    check_networkmanager_let_go(provisioned[0])
+
+
+def test_bridge_forwards_and_every_frame_is_stored(provisioned, wire):
+    ct = provisioned[0]
+    services_ready(ct)
+    wait_switch(ct)
+    w = wire(b"FWD1")
+    sent = w.send(400, rate=200)
+    w.settle()
+    assert len(w.received) == len(sent), f"the bridge forwarded {len(w.received)} of {len(sent)}"
+    view = wait_stored(ct, w, sent)
+    missing = check_stored(ct, w, view)
+    assert len(missing) <= counted_drops(ct), f"lost without a count: {sorted(missing)[:20]}"
+
+
+def test_clean_reboot_keeps_switch_frames_and_analyser_position(provisioned, wire):
+    """Reboot with frames in the spool: the same switch after boot, the spool replayed, nothing lost."""
+    ct = provisioned[0]
+    services_ready(ct)
+    before = wait_switch(ct)
+    w = wire(b"RBT1")
+    phase1 = w.send(300, rate=200)
+    view = wait_stored(ct, w, phase1)
+    view = wait_analyser(ct, w, caught_up)
+    assert caught_up(view), view["state"]
+    read_before = {b[0] for b in view["batches"]}
+    ct.sh("systemctl stop pisnoop-store")
+    phase2 = w.send(300, rate=200)  # the snooper spools these: the store is away
+    w.settle()
+    time.sleep(2)
+    assert int(ct.sh("ls /var/lib/pisnoop/spool | grep -c 'psb$'", check=False).stdout.strip() or 0) > 0
+
+    probe = wire(b"PRB1")
+    probe.stream(rate=50)
+    ct.reboot()
+    states = check_boot(ct, probe, before, "clean reboot")
+    inherited = ct.sh("journalctl -b -u pisnoop-snooper -o cat --no-pager | grep 'from before'", check=False).stdout
+    held = re.search(r"\((\d+) frames\) from before", inherited)
+    assert held and int(held.group(1)) >= len(phase2), inherited  # phase 2, and probe frames sent before the reboot
+    phase3 = w.send(300, rate=200)
+    w.settle()
+    view = wait_stored(ct, w, phase1 + phase2 + phase3)
+    missing = check_stored(ct, w, view)
+    assert len(missing) <= counted_drops(ct), f"lost without a count: {sorted(missing)[:20]}"
+    assert ct.sh("ls /var/lib/pisnoop/spool | grep -c 'psb$'", check=False).stdout.strip() == "0"
+    # the analyser went on from its saved position: it read only the batches that came after it
+    view = wait_analyser(ct, w, lambda v: caught_up(v) and v["analyser"]["counters"].get("batches") == len(
+        [b for b in v["batches"] if b[0] not in read_before]))
+    new = [b for b in view["batches"] if b[0] not in read_before]
+    assert view["analyser"]["counters"].get("batches") == len(new), (view["analyser"], len(new), states)
+    assert view["analyser"]["counters"].get("frames") == sum(b[2] for b in new)
+
+
+def test_power_loss_while_capturing(provisioned, wire):
+    """SIGKILL to the container's init while frames flow and the store is up: what the store had stays."""
+    ct = provisioned[0]
+    services_ready(ct)
+    before = wait_switch(ct)
+    w = wire(b"PWR1")
+    phase1 = w.send(300, rate=200)
+    wait_stored(ct, w, phase1)
+    rate = 100
+    w.stream(rate=rate)
+    time.sleep(3)
+    acked = ct.store(w.tag)  # what the store has acknowledged just before the power goes
+    probe = wire(b"PRB2")
+    probe.stream(rate=50)
+    ct.power_cut()
+    w.halt()
+    stream_sent = [s for s in w.sent if s not in phase1]
+    ct.boot()
+    check_boot(ct, probe, before, "power loss")
+    killed = ct.sh("journalctl -b -1 -u pisnoop-snooper -o cat --no-pager | grep -c 'final:'", check=False)
+    assert killed.stdout.strip() == "0", "the snooper of the boot before was not killed: it wrote a final status"
+    phase3 = w.send(300, rate=200)
+    w.settle()
+    view = wait_stored(ct, w, phase1 + phase3)
+    stored = set(view["seqs"])
+    assert set(acked["seqs"]) <= stored, "frames the store had acknowledged are gone"
+    missing = check_stored(ct, w, view)
+    newest_acked = max(acked["seqs"])
+    assert all(s > newest_acked for s in missing), f"lost frames older than the last acknowledged one: {missing}"
+    assert len(missing) <= 2 * rate, f"{len(missing)} frames lost: more than 2 s of traffic in flight"
+    print(f"power loss: {len(stream_sent)} frames sent while capturing, {len(missing)} lost in flight (in memory "
+          f"when the power went: not yet fsync'd)")
+    # the analyser resumed from its saved position: not from the first batch, and it caught up
+    view = wait_analyser(ct, w, caught_up)
+    assert caught_up(view)
+    after_acked = [b for b in view["batches"] if b[1] > (acked["state"]["resume"] or 0)]
+    assert view["analyser"]["counters"].get("batches", 0) <= len(after_acked) < len(view["batches"])
+
+
+def test_bridge_made_by_ifupdown_at_boot(provisioned, wire):
+    """What the image's first boot relies on: with no bridge in Open vSwitch's database, ifupdown makes it
+    at boot from /etc/network/interfaces.d/pisnoop, the same as the playbook made it."""
+    ct = provisioned[0]
+    services_ready(ct)
+    before = wait_switch(ct)
+    ct.sh("ovs-vsctl del-br ovsbr0")
+    ct.reboot()
+    services_ready(ct)
+    assert wait_switch(ct, before) == before
+    assert ct.sh("ovs-vsctl get controller ovsbr0 max_backoff").stdout.strip() == "1000"
+    assert ct.sh("ovs-vsctl get bridge ovsbr0 other_config:datapath-id").stdout.strip() == '"0000000000000001"'
+    check_networkmanager_let_go(ct)
+    w = wire(b"IFU1")
+    sent = w.send(200, rate=200)
+    w.settle()
+    assert len(w.received) == len(sent)

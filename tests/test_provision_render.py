@@ -86,7 +86,8 @@ def test_settings_merge_over_generated_keys(tmp_path):
 
 
 def test_bad_setting_is_refused_by_check_config(tmp_path):
-    render(tmp_path, ["all"], {"inventory_hostname": "x", "pisnoop_settings": {"xmpp": {"server_port": 70000}}})
+    render(tmp_path, ["all"], {"inventory_hostname": "x",
+                               "pisnoop_settings": {"xmpp": {"server_ports": [5222, 70000]}}})
     check = pisnoop("check-config", str(tmp_path / "pisnoop.yaml"))
     assert check.returncode == 2
-    assert "xmpp.server_port: got 70000; expected a TCP port from 1 to 65535" in check.stderr
+    assert "xmpp.server_ports[1]: got 70000; expected a TCP port from 1 to 65535" in check.stderr

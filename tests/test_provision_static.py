@@ -60,12 +60,11 @@ def verify_root(tmp_path_factory) -> Path:
         shutil.copy(unit, root / "etc/systemd/system" / unit.name)
     venv_bin = root / "opt/pisnoop/venv/bin"
     venv_bin.mkdir(parents=True)
-    for exe in ("pisnoop", "nx-27017"):
-        (venv_bin / exe).write_text("#!/bin/sh\n")
-        (venv_bin / exe).chmod(0o755)
     (root / "bin").mkdir()
-    (root / "bin/kill").write_text("#!/bin/sh\n")     # ExecReload=/bin/kill -HUP $MAINPID (procps, on every Debian)
-    (root / "bin/kill").chmod(0o755)
+    # bash: the store's ExecStartPost; kill: ExecReload=/bin/kill -HUP $MAINPID
+    for exe in (venv_bin / "pisnoop", venv_bin / "nx-27017", root / "bin/bash", root / "bin/kill"):
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
     return root
 
 
