@@ -265,7 +265,7 @@ def test_systemctl_reload_applies_a_threshold_and_a_bad_file_keeps_the_running_c
     conf = "/etc/pisnoop/pisnoop.yaml"
     py = "/opt/pisnoop/venv/bin/python"
     before = {s: _service_state(ct, f"pisnoop-{s}.service") for s in ("analyser", "controller", "snooper")}
-    ct.sh(f"cp {conf} {conf}.orig")
+    ct.sh(f"cp -p {conf} {conf}.orig")      # -p: the file keeps its owner and mode (the services read it)
     try:
         ct.sh(f"{py} -c \"import yaml; p='{conf}'; d=yaml.safe_load(open(p)) or {{}}; "
               f"d.setdefault('xmpp', {{}})['threshold_ppm'] = 77; open(p, 'w').write(yaml.safe_dump(d))\"")
