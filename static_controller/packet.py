@@ -7,7 +7,9 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
-from .messages import ETH_IPV4, ETH_IPV6, IPPROTO_TCP
+from appliance import l3l4
+
+from .messages import IPPROTO_TCP
 
 
 @dataclass(frozen=True)
@@ -33,29 +35,28 @@ def mac(b: bytes) -> str:
 
 
 def parse(frame: bytes) -> Optional[Headers]:
-    """The headers of a frame, or None when it is too short to be Ethernet."""
+    """The headers of a frame, or None when it is too short to be Ethernet.
+
+    IP and TCP are read by ``appliance.l3l4`` (the one header reader): a
+    segment behind VLAN tags or IPv6 extension headers, which Open vSwitch
+    matches as TCP and sends in, is read as TCP here too.
+    """
     if len(frame) < 14:
         return None
     eth_type = struct.unpack_from("!H", frame, 12)[0]
     off = 14
-    if eth_type == 0x8100 and len(frame) >= 18:
-        eth_type = struct.unpack_from("!H", frame, 16)[0]
-        off = 18
+    while eth_type in (0x8100, 0x88A8, 0x9100) and len(frame) >= off + 4:
+        eth_type = struct.unpack_from("!H", frame, off + 2)[0]
+        off += 4
     base = dict(eth_dst=mac(frame[0:6]), eth_src=mac(frame[6:12]), eth_type=eth_type)
-    if eth_type == ETH_IPV6 and len(frame) >= off + 40:
-        # the fixed header only: a TCP segment behind extension headers is read as "not TCP"
-        proto = frame[off + 6]
-        ip = dict(ipv6_src=socket.inet_ntop(socket.AF_INET6, frame[off + 8:off + 24]),
-                  ipv6_dst=socket.inet_ntop(socket.AF_INET6, frame[off + 24:off + 40]), ip_proto=proto)
-        l4 = off + 40
-    elif eth_type == ETH_IPV4 and len(frame) >= off + 20:
-        proto = frame[off + 9]
-        ip = dict(ipv4_src=socket.inet_ntoa(frame[off + 12:off + 16]),
-                  ipv4_dst=socket.inet_ntoa(frame[off + 16:off + 20]), ip_proto=proto)
-        l4 = off + (frame[off] & 0x0F) * 4
-    else:
+    got = l3l4.read(frame)
+    if not isinstance(got, tuple):
         return Headers(**base)
-    if proto == IPPROTO_TCP and len(frame) >= l4 + 4:
-        sport, dport = struct.unpack_from("!HH", frame, l4)
-        return Headers(**base, **ip, tcp_src=sport, tcp_dst=dport)
-    return Headers(**base, **ip)
+    version, src, dst, proto, sport, dport = got[:6]
+    if version == 6:
+        ip = dict(ipv6_src=socket.inet_ntop(socket.AF_INET6, src), ipv6_dst=socket.inet_ntop(socket.AF_INET6, dst))
+    else:
+        ip = dict(ipv4_src=socket.inet_ntoa(src), ipv4_dst=socket.inet_ntoa(dst))
+    if proto == IPPROTO_TCP and got[10] != got[11]:     # a TCP header was read (a later fragment has none)
+        return Headers(**base, **ip, ip_proto=proto, tcp_src=sport, tcp_dst=dport)
+    return Headers(**base, **ip, ip_proto=proto)

@@ -114,6 +114,25 @@ def test_packet_parse_reads_ipv6_tcp():
         ("fd00::10", "fd00::1", "fd00::10", 6, 40000, 5222)
 
 
+def test_packet_parse_reads_tcp_behind_extension_headers_and_two_vlan_tags():
+    """What OVS matches as TCP to the XMPP port is TCP here too: a client cannot hide behind a hop-by-hop header
+    or a QinQ tag from the per-connection monitor."""
+    plain = tcp6_frame("fd00::10", 40000, 5222)
+    eth, ip6, tcp = plain[:14], bytearray(plain[14:54]), plain[54:]
+    ip6[6] = 0                                           # next header: hop-by-hop options, 8 bytes, then TCP
+    struct.pack_into("!H", ip6, 4, 28)
+    hidden = eth + bytes(ip6) + bytes([6, 0, 1, 4, 0, 0, 0, 0]) + tcp
+    qinq = plain[:12] + b"\x88\xa8\x00\x05\x81\x00\x00\x07" + plain[12:]
+    for frame in (hidden, qinq):
+        h = packet.parse(frame)
+        assert (h.eth_type, h.ipv6_src, h.ip_proto, h.tcp_src, h.tcp_dst) == (V6, "fd00::10", 6, 40000, 5222)
+    later = eth + bytes(ip6[:6]) + b"\x2c" + bytes(ip6[7:]) + bytes([6, 0, 0, 8, 0, 0, 0, 1]) + tcp
+    h = packet.parse(later)                              # a later fragment: no TCP header, so no ports
+    assert (h.ip_proto, h.tcp_src, h.tcp_dst) == (6, None, None)
+    assert packet.parse(b"\x00" * 13) is None
+    assert packet.parse(eth + b"\x60") == packet.Headers("02:00:00:00:00:10", "02:00:00:00:00:01", V6)
+
+
 # --- the flow shapes of every scope ------------------------------------------------------------------
 
 XMPP4 = {"in_port": 1, "eth_type": V4, "ip_proto": 6, "tcp_dst": 5222}
