@@ -52,7 +52,7 @@ class Analyser:
         self.cfg = cfg
         self.db = db
         self.policy = policy or policy_mod.load(cfg.analyser.policy_file)
-        self.follower = Follower(db, cfg.snooper.sensor)
+        self.follower = Follower(db, cfg.snooper.sensor, frames_db=store.frames_reader(db, cfg.mongodb))
         self.flows = FlowTable(SensorFlows(db, cfg.snooper.sensor), cfg.snooper.sensor, self.follower.step)
         self.book = flags_mod.FlagBook(cfg, flags_mod.MongoFlags(db, cfg.snooper.sensor), cfg.snooper.sensor,
                                        own_addresses(cfg))

@@ -14,9 +14,10 @@ from __future__ import annotations
 import re
 
 MASK = "***"
-# scheme://[user[:password]@]hosts: the password is everything between the first ':' after the scheme's '//' and
-# the last '@' before the host list (a password may hold '@' only percent-encoded, but redact the greedy way too)
-_USERINFO = re.compile(r"(mongodb(?:\+srv)?://)([^:/@\s]*):([^\s]*)@(?=[^@\s/]*(?:[/?\s,]|$))", re.IGNORECASE)
+# scheme://user:password@hosts: the password is everything from the ':' after the user to the '@' that the host
+# list follows (no '@' in it up to the path, the options or the text's end): a raw '@' or a space in a password
+# (a URI that is wrong, shown in the refusal) is masked too
+_USERINFO = re.compile(r"(mongodb(?:\+srv)?://)([^:/@\s]*):([^\n]*?)@(?=[^@\s/?'\"]*(?:[/?\s'\"]|$))", re.IGNORECASE)
 _SECRET_OPTIONS = re.compile(r"((?:^|[?&;])(?:password|tlsCertificateKeyFilePassword|AWS_SESSION_TOKEN)=)[^&;\s]*",
                              re.IGNORECASE)
 

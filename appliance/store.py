@@ -36,7 +36,7 @@ from pymongo.write_concern import WriteConcern
 
 from . import framebatch, timespec
 from .config import MongoDB
-from .errors import Failure
+from .errors import BadInput, Failure
 from .redact import redact
 
 FRAMES, FLOWS, FLAGS, STATUS, STATE = "frames", "flows", "flags", "status", "state"
@@ -45,6 +45,10 @@ NEVER_BAN = "never_ban"     # the operator's never-ban entries (`pisnoop flags a
 
 class StoreUnavailable(Failure):
     """The store cannot be reached; the message says where and why."""
+
+
+class BadUri(BadInput):
+    """``mongodb.uri`` has an option pymongo refuses; the message shows the URI without its password."""
 
 
 # mongodb.read_preference's names -> pymongo's; the controller and every writer read the primary whatever it says
@@ -66,7 +70,7 @@ def client(mcfg: MongoDB, appname: str = "pisnoop") -> pymongo.MongoClient:
             tz_aware=True,
         )
     except (pymongo.errors.ConfigurationError, pymongo.errors.InvalidURI, ValueError, TypeError) as exc:
-        raise StoreUnavailable(f"mongodb.uri {redact(mcfg.uri)}: {redact(str(exc))[:200]}") from None
+        raise BadUri(f"mongodb.uri {redact(mcfg.uri)}: {redact(str(exc))[:200]}") from None
 
 
 def database(mcfg: MongoDB, appname: str = "pisnoop") -> Database:
