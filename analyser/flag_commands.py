@@ -14,6 +14,9 @@ this one), ``release`` releases the flags this sensor enforces (a fleet flag is
 one document: releasing it lifts it everywhere), ``allow --local`` exempts on
 this appliance only (default: fleet-wide, like every entry stored before).
 
+The new options are read with ``getattr`` (default off), so a caller that
+builds its own ``argparse.Namespace`` (a web page) keeps working without them.
+
 Exit codes: 0 done; 1 nothing to release or remove, or the store is away; 2 a
 bad argument (one line) or a ban refused as exempt.
 """
@@ -93,7 +96,7 @@ def cmd_list(args) -> int:
 
     from . import flags as flags_mod
     cfg = config_mod.load(args.config)
-    book = flags_mod.MongoFlags(_db(cfg), None if args.all_sensors else cfg.snooper.sensor)
+    book = flags_mod.MongoFlags(_db(cfg), None if getattr(args, "all_sensors", False) else cfg.snooper.sensor)
     docs = book.all() if args.all else book.active(flags_mod.now_utc())
     if args.json:
         for d in docs:
@@ -156,7 +159,7 @@ def cmd_ban(args) -> int:
                   classifier="manual", reason=args.reason, action=args.action or cfg.enforce.action,
                   evidence={"by": "pisnoop flags ban"}, ban_seconds=_seconds(cfg, args.duration), flagged_at=now,
                   sensor=cfg.snooper.sensor, origin=flagdoc.MANUAL,
-                  scope=flagdoc.FLEET if args.fleet else flagdoc.LOCAL)
+                  scope=flagdoc.FLEET if getattr(args, "fleet", False) else flagdoc.LOCAL)
     flagdoc.build(offence=1, **fields)            # every argument checked before the store is asked anything
     db = _db(cfg)
     from appliance import store
@@ -230,7 +233,7 @@ def cmd_allow(args) -> int:
         if not entries:
             print("the never-ban list is empty")
         return 0
-    sensor = cfg.snooper.sensor if args.local else None
+    sensor = cfg.snooper.sensor if getattr(args, "local", False) else None
     if args.remove is not None:
         net = neverban.network(args.remove)
         if str(net) in cfg.enforce.never_ban or any(neverban.network(t) == net for t in cfg.enforce.never_ban):

@@ -132,7 +132,8 @@ class MongoFlags:
 
     def expire(self, now: dt.datetime) -> list[dict]:
         """The flags past their time, now ``expired`` (by this call, not by another process): their new documents."""
-        due = [d for d in self.coll.find({STATUS: FLAGGED, EXPIRES_AT: {"$lt": now + SLACK}}) if d[EXPIRES_AT] <= now]
+        found = self.coll.find(flagdoc.within(self.mine, {STATUS: FLAGGED, EXPIRES_AT: {"$lt": now + SLACK}}))
+        due = [d for d in found if d[EXPIRES_AT] <= now]      # the flags that apply to this sensor: one alert each
         return [new for new in (self._end(d, EXPIRED, now) for d in due) if new]
 
     def _end(self, doc: dict, status: str, now: dt.datetime) -> Optional[dict]:
