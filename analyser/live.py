@@ -37,7 +37,8 @@ LIVE = ("xmpp.threshold_ppm", "xmpp.per_ip_threshold_ppm", "xmpp.per_host_thresh
 
 class SensorFlows(MongoFlows):
     """The flows of this sensor only: two appliances on one store see the same private 5-tuples
-    (``idx_flows_sensor_key``), and one analyser must never continue the other's flow."""
+    (``idx_flows_sensor_key``), and one analyser must never continue the other's flow. (Here, not in
+    ``analyser/flows.py``, while that module is being reworked; ``MongoFlows`` can take it over.)"""
 
     def __init__(self, db, sensor: str):
         super().__init__(db)
@@ -45,6 +46,13 @@ class SensorFlows(MongoFlows):
 
     def latest(self, keys) -> list[dict]:
         return latest_per_key(self.coll.find({"sensor": self.sensor, "key": {"$in": list(keys)}}))
+
+    def write(self, docs: list[dict]) -> None:
+        """Whole records, upserted by ``_id`` with ``sensor`` and ``key`` in the filter too: an upsert into a
+        collection sharded on ``{sensor: 1, key: 1}`` (docs/FLEET.md) must name the whole shard key."""
+        from pymongo import ReplaceOne
+        self.coll.bulk_write([ReplaceOne({"_id": d["_id"], "sensor": d["sensor"], "key": d["key"]}, d, upsert=True)
+                              for d in docs], ordered=False)
 
 
 class Analyser:
