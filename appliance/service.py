@@ -37,10 +37,12 @@ except ImportError:  # systemd-python is a dependency; this keeps `check-config`
     _sd_journal = None
 
 
-def notify(message: str) -> bool:
-    """Send one sd_notify message; return whether it was sent."""
+def notify(message: str, fds: list[int] | None = None) -> bool:
+    """Send one sd_notify message (with ``fds`` for FDSTORE=1); return whether it was sent."""
     if not os.environ.get("NOTIFY_SOCKET") or _sd_daemon is None:
         return False
+    if fds:
+        return bool(_sd_daemon.notify(message, fds=fds))
     return bool(_sd_daemon.notify(message))
 
 

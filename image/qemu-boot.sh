@@ -31,8 +31,11 @@ done
 
 work=$(mktemp -d /var/tmp/pisnoop-qemu.XXXXXX)
 qemu_pid=""
+kept=/var/tmp/pisnoop-qemu-console.log
 cleanup() {
   if [ -n "$qemu_pid" ] && kill -0 "$qemu_pid" 2>/dev/null; then kill "$qemu_pid"; wait "$qemu_pid" 2>/dev/null || true; fi
+  # the console (with the journal forwarded to it) outlives the run: it is what shows why a service did not start
+  [ -f "$work/console.log" ] && cp "$work/console.log" "$kept" && echo "qemu-boot.sh: console kept in $kept"
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -51,7 +54,7 @@ qemu-img create -q -f qcow2 -F raw -b "$image" "$work/disk.qcow2" "$(( $(stat -c
 # an emulated CPU starts Python services many times slower than a Pi: give them longer than systemd's 90 s
 slow="systemd.default_timeout_start_sec=1200"
 # unit names only on the console (a description makes systemd cut the line at 80 columns, the name with it)
-names="systemd.status_unit_format=name"
+names="systemd.status_unit_format=name systemd.journald.forward_to_console=1"
 console=$work/console.log
 : >"$console"
 t0=$(date +%s.%N)

@@ -8,6 +8,11 @@ word. No syscall per frame: that is what lets Python keep up (docs/ARCHITECTURE.
 The socket is created with protocol 0 (receives nothing), gets its filter and
 ring, and only then is bound with ETH_P_ALL, so no frame that the filter
 would reject slips in before the filter is attached.
+
+A socket kept by systemd across a restart (``snooper/fdstore.py``) already has
+its filter, ring and binding: the ring is only mapped again, and reading
+starts at the oldest block the kernel handed over (by block sequence number),
+since where the previous process stopped is not known.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ TP_STATUS_VLAN_TPID_VALID = 0x40
 # struct tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1
 _BLOCK = struct.Struct("<III I I")            # version, priv, block_status, num_pkts, offset_to_first_pkt
 _BLOCK_STATUS_OFF = 8
+_BLOCK_SEQ = struct.Struct("<Q")              # tpacket_hdr_v1.seq_num: the block's number since the ring was made
+_BLOCK_SEQ_OFF = 24
 # struct tpacket3_hdr: next_offset, sec, nsec, snaplen, len, status, mac (then net, rxhash, vlan_tci at +32, vlan_tpid)
 _PKT = struct.Struct("<IIIIIIH")
 _VLAN = struct.Struct("<IH")
@@ -78,7 +85,8 @@ class Ring:
     """One TPACKET_V3 capture ring on ``ifname`` (inside ``ns`` when given)."""
 
     def __init__(self, ifname: str, ns: str | None, block_size: int, block_count: int,
-                 block_timeout_ms: int, snaplen: int = 65535, bpf_filter: str = "", promisc: bool = True):
+                 block_timeout_ms: int, snaplen: int = 65535, bpf_filter: str = "", promisc: bool = True,
+                 sock: socket.socket | None = None):
         self.ifname = ifname
         self.block_size = block_size
         self.block_count = block_count
@@ -89,6 +97,16 @@ class Ring:
         self.kernel_freezes = 0
         self.bad_headers = 0
         self._stats_lock = threading.Lock()
+        self.adopted = sock is not None
+        self._resync = self.adopted
+        if sock is not None:        # kept by systemd: filter, ring and binding are the previous run's
+            self.sock = sock
+            try:
+                self._map()
+            except BaseException:
+                self.sock.close()
+                raise
+            return
         with netns.enter(ns):
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             try:
@@ -119,21 +137,42 @@ class Ring:
             s.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
         except OSError as exc:
             raise CaptureError(f"PACKET_RX_RING {self.block_count} x {self.block_size} B: {exc.strerror}") from None
-        self.mm = mmap.mmap(s.fileno(), self.block_size * self.block_count, mmap.MAP_SHARED,
-                            mmap.PROT_READ | mmap.PROT_WRITE)
+        self._map()
         if promisc:
             mreq = struct.pack("iHH8s", socket.if_nametoindex(self.ifname), PACKET_MR_PROMISC, 0, b"")
             s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
         s.bind((self.ifname, ETH_P_ALL))
+
+    def _map(self) -> None:
+        try:
+            self.mm = mmap.mmap(self.sock.fileno(), self.block_size * self.block_count, mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise CaptureError(f"mapping the ring {self.block_count} x {self.block_size} B: {exc.strerror}") from None
         self.poller = select.poll()
-        self.poller.register(s.fileno(), select.POLLIN | select.POLLERR)
+        self.poller.register(self.sock.fileno(), select.POLLIN | select.POLLERR)
+
+    def waiting(self) -> int:
+        """Frames the kernel has put in the ring and nobody has read yet."""
+        return frames_waiting(self.mm, self.block_size, self.block_count)
+
+    def _oldest_ready(self) -> int | None:
+        """The ready block with the lowest sequence number: where an adopted ring's reading starts."""
+        best = None
+        for i in range(self.block_count):
+            base = i * self.block_size
+            if self.mm[base + _BLOCK_STATUS_OFF] & TP_STATUS_USER:
+                seq = _BLOCK_SEQ.unpack_from(self.mm, base + _BLOCK_SEQ_OFF)[0]
+                if best is None or seq < best[0]:
+                    best = (seq, i)
+        return None if best is None else best[1]
 
     def read_stats(self) -> tuple[int, int, int]:
         """Fold the kernel's counters (reset on every read) into running totals and return them."""
         with self._stats_lock:
             if self.sock.fileno() < 0:
                 return self.kernel_packets, self.kernel_drops, self.kernel_freezes
-            packets, drops, freezes = _STATS.unpack(self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS.size))
+            packets, drops, freezes = kernel_stats(self.sock)
             self.kernel_packets += packets
             self.kernel_drops += drops
             self.kernel_freezes += freezes
@@ -141,10 +180,23 @@ class Ring:
 
     def wait(self, timeout_ms: int) -> bool:
         """True when the next block is ready (after waiting at most ``timeout_ms``)."""
+        if self._resync:
+            return self._find_start(timeout_ms)
         if self.mm[self.block * self.block_size + _BLOCK_STATUS_OFF] & TP_STATUS_USER:
             return True
         self.poller.poll(timeout_ms)
         return bool(self.mm[self.block * self.block_size + _BLOCK_STATUS_OFF] & TP_STATUS_USER)
+
+    def _find_start(self, timeout_ms: int) -> bool:
+        """An adopted ring: wait for any ready block and start at the oldest one; in order from then on."""
+        start = self._oldest_ready()
+        if start is None:
+            self.poller.poll(timeout_ms)
+            start = self._oldest_ready()
+        if start is None:
+            return False
+        self.block, self._resync = start, False
+        return True
 
     def read_block(self, out: list) -> int | None:
         """Append ``(ts_ns, wire_len, data)`` for each frame of the next ready block to ``out``; None if none is ready.
@@ -152,6 +204,8 @@ class Ring:
         The block goes back to the kernel before returning. A frame whose
         header points outside the block is counted in ``bad_headers``.
         """
+        if self._resync and not self._find_start(0):
+            return None
         mm, base, bsize = self.mm, self.block * self.block_size, self.block_size
         _v, _p, status, num, off = _BLOCK.unpack_from(mm, base)
         if not status & TP_STATUS_USER:
@@ -191,6 +245,30 @@ class Ring:
             except (AttributeError, BufferError):
                 pass
             self.sock.close()
+
+
+def kernel_stats(sock: socket.socket) -> tuple[int, int, int]:
+    """The socket's (packets, drops, freezes) since the last read: the kernel resets them on every read."""
+    return _STATS.unpack(sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS.size))
+
+
+def frames_waiting(mm, block_size: int, block_count: int) -> int:
+    """Frames in a mapped ring not read yet: every ready block's, and those of the block being filled.
+
+    The block being filled is the one opened last (highest sequence number);
+    while it is the kernel's its ``num_pkts`` counts up frame by frame. A
+    block handed back keeps its old count, so only that one is added.
+    """
+    total, newest = 0, (-1, 0, 0)       # (seq, status, num_pkts) of the block opened last
+    for i in range(block_count):
+        base = i * block_size
+        _v, _p, status, num, _off = _BLOCK.unpack_from(mm, base)
+        seq = _BLOCK_SEQ.unpack_from(mm, base + _BLOCK_SEQ_OFF)[0]
+        if status & TP_STATUS_USER:
+            total += num
+        if seq > newest[0]:
+            newest = (seq, status, num)
+    return total + (0 if newest[1] & TP_STATUS_USER else newest[2])
 
 
 def _with_vlan(frame: bytes, tci: int, tpid: int) -> bytes:

@@ -10,14 +10,15 @@ into the store or the spool, a final status is written, STOPPING=1.
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 
-from appliance import retention, service, store
+from appliance import netns, retention, service, store
 from appliance.errors import UsageError
 
 from . import counters as counters_mod
-from . import ifcheck
+from . import fdstore, ifcheck
 from .batch import new_run_id
 from .capture import Capture
 from .dedupe import Dedupe
@@ -39,6 +40,28 @@ def open_spool(sc, counters: dict, log, replay: bool = True) -> Spool:
 LIVE = ("mongodb.retention",)
 
 
+def open_ring(sc, log) -> Ring:
+    """The ring systemd kept for us from the previous run if it has our shape, else a new one; kept in turn."""
+    with netns.enter(sc.netns):
+        try:
+            ifindex = socket.if_nametoindex(sc.interface)
+        except OSError:
+            raise CaptureError(f"interface {sc.interface} does not exist") from None
+    want = fdstore.shape(ifindex, sc.ring_block_size, sc.ring_block_count, sc.snaplen, sc.bpf_filter)
+    kept = fdstore.adopt(want)
+    for old in kept.discarded:
+        log.warning("the ring kept from the previous run (%s) is not this config's (%s): closed, %d frames "
+                    "waiting in it and %d the kernel dropped for want of room lost", old.name, want.name(),
+                    old.waiting, old.dropped)
+    ring = Ring(sc.interface, sc.netns, sc.ring_block_size, sc.ring_block_count, sc.ring_block_timeout_ms,
+                snaplen=sc.snaplen, bpf_filter=sc.bpf_filter, sock=kept.sock)
+    if ring.adopted:
+        log.info("capture ring kept from the previous run: %d frames waiting in it", ring.waiting())
+    if not kept.sock and fdstore.store(ring.sock, want.name()):
+        log.info("capture ring given to systemd's fd store: a restart reads on where this run stops")
+    return ring
+
+
 def run(cfg, log, duration: float | None = None) -> int:
     sc = cfg.snooper
     try:
@@ -49,8 +72,7 @@ def run(cfg, log, duration: float | None = None) -> int:
     run_id = new_run_id()
     spool = open_spool(sc, c, log)
     try:
-        ring = Ring(sc.interface, sc.netns, sc.ring_block_size, sc.ring_block_count, sc.ring_block_timeout_ms,
-                    snaplen=sc.snaplen, bpf_filter=sc.bpf_filter)
+        ring = open_ring(sc, log)
     except CaptureError as exc:
         spool.close()
         raise UsageError(str(exc)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import signal
@@ -32,15 +33,22 @@ def write_config(va, path: Path, **snooper) -> config_mod.Config:
 class SnooperProcess:
     """``pisnoop snooper`` as a subprocess; ``stop()`` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, cfg_path: Path, cfg: config_mod.Config, db, log_path: Path, env: dict | None = None):
+    def __init__(self, cfg_path: Path, cfg: config_mod.Config, db, log_path: Path, env: dict | None = None,
+                 listen_fds: dict[str, int] | None = None):
+        """``listen_fds`` ({name: fd}) are handed over the way systemd passes its fd store (from fd 3 on)."""
         self.cfg = cfg
         self.db = db
         self.log_path = log_path
         env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
         env.pop("PISNOOP_CONFIG", None)
+        argv = [sys.executable, "-m", "appliance.cli", "--config", str(cfg_path), "snooper"]
+        fds = list((listen_fds or {}).values())
+        if fds:
+            env.update(LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=":".join(listen_fds))
+            argv = [sys.executable, "-c", _LISTEN_FDS_LAUNCHER, ",".join(map(str, fds)), *argv]
         self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(cfg_path), "snooper"],
-                                     cwd=str(REPO), env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(argv, cwd=str(REPO), env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     pass_fds=fds)
         self.wait_status(lambda doc: doc.get("run") and doc["updated_at"].timestamp() > time.time() - 60, 30)
 
     def status(self) -> dict | None:
@@ -70,6 +78,35 @@ class SnooperProcess:
                 self.proc.kill()
                 self.proc.wait()
             self.log.close()
+
+
+# what systemd does before exec: the passed fds moved to 3, 4, ... and LISTEN_PID set to the service's own PID
+_LISTEN_FDS_LAUNCHER = """
+import fcntl, os, sys
+fds = [int(f) for f in sys.argv[1].split(",")]
+moved = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds)) for f in fds]  # above the targets, then onto them
+for i, f in enumerate(moved):
+    os.dup2(f, 3 + i)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+@contextlib.contextmanager
+def mirrored_appliance():
+    """A virtual appliance whose bridge forwards 1<->3 and copies both ways to mirror port 2, as the controller
+    does (installed with ovs-ofctl: no controller), with ``.db`` on its embedded store."""
+    from lab.virtual import VirtualAppliance
+    from tests.conftest import assert_gone
+
+    appliance = VirtualAppliance()
+    with appliance:
+        appliance.ofctl("add-flow", "in_port=1,actions=output:2,output:3")
+        appliance.ofctl("add-flow", "in_port=3,actions=output:2,output:1")
+        appliance.db = store.database(appliance.config.mongodb)
+        yield appliance
+        appliance.db.client.close()
+    assert_gone(appliance)
 
 
 def raw_socket(ns: str, ifname: str) -> socket.socket:

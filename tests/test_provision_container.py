@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import json
 import re
+import threading
 import time
 
 import pytest
@@ -424,6 +425,32 @@ def test_bridge_forwards_and_every_frame_is_stored(provisioned, wire):
     view = wait_stored(ct, w, sent)
     missing = check_stored(ct, w, view)
     assert len(missing) <= counted_drops(ct), f"lost without a count: {sorted(missing)[:20]}"
+
+
+def test_snooper_restart_under_traffic_loses_no_frame(provisioned, wire):
+    """`systemctl restart pisnoop-snooper` (what an upgrade does) with frames crossing the bridge: systemd keeps
+    the capture socket (FileDescriptorStoreMax=1), the new run reads on in the same ring, every frame is stored
+    once and none is even counted as dropped."""
+    ct = provisioned[0]
+    services_ready(ct)
+    wait_switch(ct)
+    before = _service_state(ct, "pisnoop-snooper.service")["MainPID"]
+    w = wire(b"RST1")
+    sender = threading.Thread(target=w.send, args=(1200, 300))
+    sender.start()
+    time.sleep(1.5)
+    drops_before = counted_drops(ct)
+    ct.sh("systemctl restart pisnoop-snooper.service")
+    sender.join(30)
+    w.settle()
+    assert len(w.received) == len(w.sent), f"the bridge forwarded {len(w.received)} of {len(w.sent)}"
+    view = wait_stored(ct, w, w.sent)
+    missing = check_stored(ct, w, view)
+    log = ct.sh("journalctl -b -u pisnoop-snooper -o cat --no-pager", check=False).stdout
+    assert "capture ring kept from the previous run" in log, log[-3000:]
+    assert _service_state(ct, "pisnoop-snooper.service")["MainPID"] != before
+    assert not missing, f"lost across the restart: {sorted(missing)[:20]}"
+    assert counted_drops(ct) == drops_before
 
 
 def test_clean_reboot_keeps_switch_frames_and_analyser_position(provisioned, wire):

@@ -20,15 +20,15 @@ import urllib.request
 import pytest
 
 from appliance import indexes, netns, store
-from lab.virtual import VirtualAppliance
 
-from .conftest import assert_gone, pisnoop
+from .conftest import pisnoop
 from .snooperutil import (
     BridgeLoss,
     Paced,
     SnooperProcess,
     mac_of,
     marked_frame,
+    mirrored_appliance,
     multiset,
     raw_socket,
     spool_files,
@@ -44,14 +44,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespace
 
 @pytest.fixture(scope="module")
 def app():
-    appliance = VirtualAppliance()
-    with appliance:
-        appliance.ofctl("add-flow", "in_port=1,actions=output:2,output:3")
-        appliance.ofctl("add-flow", "in_port=3,actions=output:2,output:1")
-        appliance.db = store.database(appliance.config.mongodb)
+    with mirrored_appliance() as appliance:
         yield appliance
-        appliance.db.client.close()
-    assert_gone(appliance)
 
 
 @pytest.fixture
