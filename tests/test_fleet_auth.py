@@ -143,5 +143,6 @@ def test_the_config_file_is_readable_by_root_and_the_service_user_only():
     [task] = [t for t in tasks if t.get("ansible.builtin.template", {}).get("dest") == "/etc/pisnoop/pisnoop.yaml"]
     t = task["ansible.builtin.template"]
     assert (t["owner"], t["group"], t["mode"]) == ("root", "pisnoop", "0640")
+    assert task["diff"] is False            # ansible-playbook --diff would print the password otherwise
     units = [(REPO / "systemd" / f"pisnoop-{n}.service").read_text() for n in ("controller", "snooper", "analyser")]
     assert all("User=pisnoop" in u for u in units)
