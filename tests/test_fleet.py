@@ -213,6 +213,24 @@ def test_a_fleet_flag_bans_everywhere_within_2_s_and_its_release_lifts_it_everyw
     assert db[store.FLAGS].count_documents({"status": "flagged"}) == 0
 
 
+def test_a_local_never_ban_entry_keeps_a_fleet_ban_off_that_site_only(fleet):
+    (a, b), db = fleet
+    allow = b.cli("flags", "allow", CLIENT_IP, "--local", "--reason", "B's admin")
+    assert allow.returncode == 0 and f"flags allow on {b.sensor} only" in allow.stdout, allow.stderr
+    try:
+        ban = a.cli("flags", "ban", CLIENT_IP, "--fleet", "--port", str(FLEET_PORT), "--for", "2m")
+        assert ban.returncode == 0 and "every appliance on this store" in ban.stdout, ban.stderr   # A's list: no entry
+        assert wait_for(lambda: a.ban_flows(FLEET_PORT), 2.0), a.va.ofctl("dump-flows")
+        time.sleep(1.0)
+        assert not b.ban_flows(FLEET_PORT), "B's own never-ban entry holds the fleet ban off B"
+        assert client(b.va, FLEET_PORT, 3)["ok"] == 3
+    finally:
+        assert a.cli("flags", "release", CLIENT_IP).returncode == 0
+        assert b.cli("flags", "allow", "--remove", CLIENT_IP, "--local").returncode == 0
+    assert wait_for(lambda: not a.ban_flows(FLEET_PORT), 2.0)
+    assert db[store.NEVER_BAN].count_documents({}) == 0
+
+
 def test_report_of_one_sensor_another_sensor_and_all_sensors(fleet, tmp_path):
     (a, b), db = fleet
     out = ["--since", "15m", "-o", str(tmp_path)]
