@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 from appliance import config as config_mod
@@ -39,6 +40,9 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--until", help="end of the range, same forms (default: now)")
         p.add_argument("-o", "--output", metavar="DIR", help="where the PNG goes (default: analyser.report_dir)")
         p.add_argument("--top", type=int, default=10)
+        who = p.add_mutually_exclusive_group()
+        who.add_argument("--sensor", metavar="NAME", help="another sensor on the same store (default: snooper.sensor)")
+        who.add_argument("--all-sensors", action="store_true", help="every sensor on the store together")
         p.set_defaults(func=cmd_report)
     else:
         raise ValueError(f"analyser.commands has no command {name!r}")
@@ -143,6 +147,16 @@ def cmd_analyse(args) -> int:
     return 0
 
 
+def _report_sensors(args, cfg, db) -> list[str]:
+    """The sensors a report covers: ``--sensor``, every sensor with frames or a status document, or this one."""
+    from appliance import statusview, store
+    if args.sensor is not None and not re.match(r"^[A-Za-z0-9_-]{1,64}$", args.sensor):
+        raise UsageError(f"--sensor {args.sensor!r}: expected a sensor name (1 to 64 letters, digits, _ or -)")
+    if not args.all_sensors:
+        return [args.sensor or cfg.snooper.sensor]
+    return sorted(set(statusview.sensors(db)) | {s for s in db[store.FRAMES].distinct("sensor") if s})
+
+
 def cmd_report(args) -> int:
     from appliance import store
 
@@ -158,25 +172,31 @@ def cmd_report(args) -> int:
     policy = policy_mod.load(cfg.analyser.policy_file)
     db = _db(cfg)
     ports = policy_mod.server_ports(policy, cfg)
+    sensors = _report_sensors(args, cfg, db)
     fq: dict = {"last_seen": {"$gte": since}}
     if until:
         fq["first_seen"] = {"$lt": until}
+    if not args.all_sensors:                  # flows and frames per sensor (idx_flows_sensor_key, idx_frames_sensor_t1)
+        fq["sensor"] = sensors[0]
     talkers, families, unverified = report.summary(db[store.FLOWS].find(fq), ports, args.top)
-    flags = flags_mod.MongoFlags(db).all(since)
+    # one sensor: the flags its controller enforces (its own and the fleet's); all sensors: every flag
+    flags = flags_mod.MongoFlags(db, None if args.all_sensors else sensors[0]).all(since)
     if until:
         flags = [f for f in flags if f["flagged_at"] < until]
     series = report.XmppSeries(ports)
     progress = _range_progress("report", since_ns, until_ns)
-    for batches in reader.time_range(db, cfg.snooper.sensor, since_ns, until_ns):
-        batches = [(bid, start, list(frames)) for bid, start, frames in batches]
-        for _bid, _start, frames in batches:
-            for ts, wl, data in frames:
-                p = parse(ts, wl, data) if data else None
-                if p.__class__ is Packet:
-                    series(p)
-        _advance(progress, batches, since_ns)
+    for sensor in sensors:
+        for batches in reader.time_range(db, sensor, since_ns, until_ns):
+            batches = [(bid, start, list(frames)) for bid, start, frames in batches]
+            for _bid, _start, frames in batches:
+                for ts, wl, data in frames:
+                    p = parse(ts, wl, data) if data else None
+                    if p.__class__ is Packet:
+                        series(p)
+            _advance(progress, batches, since_ns)
     progress.done()
-    r = report.Report(f"report for sensor {cfg.snooper.sensor} since {since:%Y-%m-%d %H:%M:%S} UTC", talkers, flags,
+    who = f"sensor {sensors[0]}" if not args.all_sensors else f"all sensors ({', '.join(sensors) or 'none'})"
+    r = report.Report(f"report for {who} since {since:%Y-%m-%d %H:%M:%S} UTC", talkers, flags,
                       series, policy_mod.threshold_ppm(policy, cfg), policy_mod.window_seconds(policy, cfg),
                       ip_threshold_ppm=policy_mod.ip_threshold_ppm(policy, cfg), families=families,
                       unverified=unverified)

@@ -7,6 +7,16 @@ on the never-ban list (``appliance.neverban``: the config's
 writes, this machine's addresses) is recorded with status ``exempt`` and
 the command exits 2: nothing was banned, and a script must see that.
 
+With several appliances on one store (``flagdoc`` ``scope``): ``list`` shows
+the flags this sensor enforces (its own and the fleet's; ``--all-sensors``:
+every flag in the store), ``ban --fleet`` bans at every appliance (default:
+this one), ``release`` releases the flags this sensor enforces (a fleet flag is
+one document: releasing it lifts it everywhere), ``allow --local`` exempts on
+this appliance only (default: fleet-wide, like every entry stored before).
+
+The new options are read with ``getattr`` (default off), so a caller that
+builds its own ``argparse.Namespace`` (a web page) keeps working without them.
+
 Exit codes: 0 done; 1 nothing to release or remove, or the store is away; 2 a
 bad argument (one line) or a ban refused as exempt.
 """
@@ -34,6 +44,8 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     fl = sub.add_parser("list", help="the active flags (--all: also exempt, released and expired ones)")
     fl.add_argument("--all", action="store_true")
     fl.add_argument("--json", action="store_true", help="one JSON document per line (with its id)")
+    fl.add_argument("--all-sensors", action="store_true",
+                    help="every sensor's flags (default: the flags this sensor enforces: its own and the fleet's)")
     fl.set_defaults(func=cmd_list)
     fb = sub.add_parser("ban", help="ban a client by hand: an address, a prefix ADDR/LEN, ADDR:PORT or a MAC")
     fb.add_argument("subject", metavar="ADDR[/LEN]|ADDR:PORT|MAC")
@@ -46,6 +58,8 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                     help="how long: 90s, 30m, 2h, 1d (default: enforce.ban_seconds)")
     fb.add_argument("--action", help="drop or limit (default: enforce.action)")
     fb.add_argument("--reason", default="banned by hand", metavar="TEXT")
+    fb.add_argument("--fleet", action="store_true",
+                    help="enforced by every appliance sharing the store (default: only this one, snooper.sensor)")
     fb.set_defaults(func=cmd_ban)
     fr = sub.add_parser("release", help="release active flags: by flag id, or a subject (ADDR[/LEN], ADDR:PORT, MAC)")
     fr.add_argument("target", metavar="ID|ADDR[/LEN]|ADDR:PORT|MAC")
@@ -56,6 +70,8 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     fa.add_argument("--reason", default="", metavar="TEXT")
     fa.add_argument("--list", action="store_true")
     fa.add_argument("--remove", metavar="ADDR[/LEN]")
+    fa.add_argument("--local", action="store_true",
+                    help="on this appliance only (default: every appliance sharing the store)")
     fa.set_defaults(func=cmd_allow)
 
 
@@ -69,7 +85,7 @@ def _db(cfg):
 def _never_ban(cfg, db):
     from appliance import neverban, store
     own = neverban.own_addresses(cfg) if cfg.enforce.never_ban_self else ()
-    return neverban.NeverBan.of(cfg, db[store.NEVER_BAN].find(), (), own)
+    return neverban.NeverBan.of(cfg, db[store.NEVER_BAN].find(neverban.applies_to(cfg.snooper.sensor)), (), own)
 
 
 # --- list ---------------------------------------------------------------------------------------------------
@@ -80,7 +96,7 @@ def cmd_list(args) -> int:
 
     from . import flags as flags_mod
     cfg = config_mod.load(args.config)
-    book = flags_mod.MongoFlags(_db(cfg))
+    book = flags_mod.MongoFlags(_db(cfg), None if getattr(args, "all_sensors", False) else cfg.snooper.sensor)
     docs = book.all() if args.all else book.active(flags_mod.now_utc())
     if args.json:
         for d in docs:
@@ -91,7 +107,7 @@ def cmd_list(args) -> int:
         print("no flags" if args.all else "no active flags")
         return 0
     print(f"{'id':<24} {'client':<30} {'scope':<10} {'ports':<16} {'dir':<8} {'action':<6} {'status':<8} "
-          f"{'expires (UTC)':<19} {'origin':<8} reason")
+          f"{'expires (UTC)':<19} {'origin':<8} {'sensor':<16} {'reach':<6} reason")
     for d in docs:
         try:
             f = flagdoc.parse(d)
@@ -101,7 +117,7 @@ def cmd_list(args) -> int:
         ports = f"{f.protocol}/{','.join(map(str, f.server_ports))}"
         reason = f.reason + (f" [exempt: {f.exempt_reason}]" if f.exempt_reason else "")
         print(f"{str(f.id):<24} {f.subject:<30} {f.scope:<10} {ports:<16} {f.direction:<8} {f.action:<6} "
-              f"{f.status:<8} {f.expires_at:%Y-%m-%d %H:%M:%S} {f.origin:<8} {reason}")
+              f"{f.status:<8} {f.expires_at:%Y-%m-%d %H:%M:%S} {f.origin:<8} {f.sensor:<16} {f.reach:<6} {reason}")
     return 0
 
 
@@ -142,21 +158,23 @@ def cmd_ban(args) -> int:
                   server_ports=_ports(cfg, args.port), direction=flagdoc.INBOUND if args.inbound else flagdoc.OUTBOUND,
                   classifier="manual", reason=args.reason, action=args.action or cfg.enforce.action,
                   evidence={"by": "pisnoop flags ban"}, ban_seconds=_seconds(cfg, args.duration), flagged_at=now,
-                  sensor=cfg.snooper.sensor, origin=flagdoc.MANUAL)
+                  sensor=cfg.snooper.sensor, origin=flagdoc.MANUAL,
+                  scope=flagdoc.FLEET if getattr(args, "fleet", False) else flagdoc.LOCAL)
     flagdoc.build(offence=1, **fields)            # every argument checked before the store is asked anything
     db = _db(cfg)
     from appliance import store
     earlier = db[store.FLAGS].count_documents({flagdoc.CLIENT_MAC: mac} if mac else {flagdoc.CLIENT_IP: ip})
     exempt = _never_ban(cfg, db).exempts(_net_of(doc_of(ip))) if ip else None
     doc = flagdoc.build(offence=earlier + 1, exempt_reason=exempt, **fields)
-    fid = flags_mod.MongoFlags(db).coll.insert_one(doc).inserted_id
+    fid = store.flags(db).insert_one(doc).inserted_id
     _alert(cfg, "flag_exempt" if exempt else "flag_raised", [doc])
     f = flagdoc.parse(doc)
     if exempt:
         raise BadInput(f"{f.subject} is on the never-ban list ({exempt}): flag {fid} recorded as exempt, "
                        "nothing banned")
+    where = "every appliance on this store" if f.reach == flagdoc.FLEET else f"sensor {f.sensor} only"
     print(f"banned {f.subject} ({f.protocol}/{','.join(map(str, f.server_ports))} {f.direction}) by {f.action} for "
-          f"{f.ban_seconds} s, until {f.expires_at:%Y-%m-%d %H:%M:%S} UTC: flag {fid}")
+          f"{f.ban_seconds} s, until {f.expires_at:%Y-%m-%d %H:%M:%S} UTC, at {where}: flag {fid}")
     return 0
 
 
@@ -177,7 +195,7 @@ def cmd_release(args) -> int:
         if port is not None:
             query[flagdoc.CLIENT_PORT] = port
     cfg = config_mod.load(args.config)
-    released = flags_mod.MongoFlags(_db(cfg)).release_where(query, flags_mod.now_utc())
+    released = flags_mod.MongoFlags(_db(cfg), cfg.snooper.sensor).release_where(query, flags_mod.now_utc())
     if not released:
         print(f"pisnoop: no active flag for {text}", file=sys.stderr)
         return 1
@@ -215,19 +233,21 @@ def cmd_allow(args) -> int:
         if not entries:
             print("the never-ban list is empty")
         return 0
+    sensor = cfg.snooper.sensor if getattr(args, "local", False) else None
     if args.remove is not None:
         net = neverban.network(args.remove)
         if str(net) in cfg.enforce.never_ban or any(neverban.network(t) == net for t in cfg.enforce.never_ban):
             raise UsageError(f"{args.remove} is in the config (enforce.never_ban): remove it there")
-        if not _db(cfg)[store.NEVER_BAN].delete_one({neverban.NETWORK: str(net)}).deleted_count:
+        entry = {neverban.NETWORK: neverban.entry_id(net, sensor)}
+        if not _db(cfg)[store.NEVER_BAN].delete_one(entry).deleted_count:
             print(f"pisnoop: {args.remove} is not on the stored never-ban list", file=sys.stderr)
             return 1
         print(f"{args.remove} taken off the never-ban list: it can be banned again")
         return 0
-    doc = neverban.entry_doc(args.network, args.reason, flags_mod.now_utc())
+    doc = neverban.entry_doc(args.network, args.reason, flags_mod.now_utc(), sensor)
     db = _db(cfg)
     db[store.NEVER_BAN].replace_one({neverban.NETWORK: doc[neverban.NETWORK]}, doc, upsert=True)
-    held = [d for d in flags_mod.MongoFlags(db).active(flags_mod.now_utc())
+    held = [d for d in flags_mod.MongoFlags(db, sensor).active(flags_mod.now_utc())
             if neverban.NeverBan([neverban.parse_entry(doc)]).exempts(_net_of(d))]
     note = f"; {len(held)} active flag(s) on it are no longer enforced (flags release closes them)" if held else ""
     print(f"never banned from now: {neverban.parse_entry(doc).describe()}{note}")

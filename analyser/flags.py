@@ -101,32 +101,39 @@ class MemoryFlags:
 class MongoFlags:
     """Flags in the ``flags`` collection (its indexes: ``appliance.indexes``)."""
 
-    def __init__(self, db):
-        self.coll = db[store.FLAGS]
+    def __init__(self, db, sensor: Optional[str] = None):
+        self.coll = store.flags(db)
         self.allowed = db[store.NEVER_BAN]
+        self.sensor = sensor
+        # sensor given: only the flags that sensor's controller enforces count (flagdoc.applies_to); None: all
+        self.mine = flagdoc.applies_to(sensor) if sensor is not None else {}
 
     def insert(self, doc: dict) -> None:
         self.coll.insert_one(doc)
 
     def offences_since(self, query: dict, since: dt.datetime) -> int:
-        return self.coll.count_documents({**query, FLAGGED_AT: {"$gte": since}, STATUS: {"$ne": EXEMPT}})
+        return self.coll.count_documents(flagdoc.within(self.mine, {**query, FLAGGED_AT: {"$gte": since},
+                                                                     STATUS: {"$ne": EXEMPT}}))
 
     # Date bounds a second wider, then exact in Python: nx-27017 compares dates at whole seconds.
     def active(self, now: dt.datetime) -> list[dict]:
-        docs = self.coll.find({STATUS: FLAGGED, EXPIRES_AT: {"$gte": now - SLACK}})
+        docs = self.coll.find(flagdoc.within(self.mine, {STATUS: FLAGGED, EXPIRES_AT: {"$gte": now - SLACK}}))
         return [d for d in docs if d[EXPIRES_AT] > now]
 
     def covering(self, now: dt.datetime) -> list[dict]:
-        docs = self.coll.find({STATUS: {"$in": list(ACTIVE)}, EXPIRES_AT: {"$gte": now - SLACK}})
+        docs = self.coll.find(flagdoc.within(self.mine, {STATUS: {"$in": list(ACTIVE)},
+                                                         EXPIRES_AT: {"$gte": now - SLACK}}))
         return [d for d in docs if d[EXPIRES_AT] > now]
 
     def never_ban(self) -> list[dict]:
-        """The operator's entries (``flags allow``), re-read at every refresh."""
-        return list(self.allowed.find())
+        """The operator's entries (``flags allow``) for this sensor (``neverban.applies_to``), re-read at every
+        refresh."""
+        return list(self.allowed.find(neverban.applies_to(self.sensor) if self.sensor is not None else {}))
 
     def expire(self, now: dt.datetime) -> list[dict]:
         """The flags past their time, now ``expired`` (by this call, not by another process): their new documents."""
-        due = [d for d in self.coll.find({STATUS: FLAGGED, EXPIRES_AT: {"$lt": now + SLACK}}) if d[EXPIRES_AT] <= now]
+        found = self.coll.find(flagdoc.within(self.mine, {STATUS: FLAGGED, EXPIRES_AT: {"$lt": now + SLACK}}))
+        due = [d for d in found if d[EXPIRES_AT] <= now]      # the flags that apply to this sensor: one alert each
         return [new for new in (self._end(d, EXPIRED, now) for d in due) if new]
 
     def _end(self, doc: dict, status: str, now: dt.datetime) -> Optional[dict]:
@@ -140,7 +147,7 @@ class MongoFlags:
         return new if self.coll.replace_one({"_id": doc["_id"], STATUS: doc[STATUS]}, new).modified_count else None
 
     def all(self, since: Optional[dt.datetime] = None) -> list[dict]:
-        query = {FLAGGED_AT: {"$gte": since - SLACK}} if since else {}
+        query = flagdoc.within(self.mine, {FLAGGED_AT: {"$gte": since - SLACK}} if since else {})
         return [d for d in self.coll.find(query).sort(FLAGGED_AT, 1) if since is None or d[FLAGGED_AT] >= since]
 
     def release(self, ip: str, port: Optional[int], now: dt.datetime) -> int:
@@ -151,8 +158,8 @@ class MongoFlags:
 
     def release_where(self, query: dict, now: dt.datetime) -> list[dict]:
         """Release the active flags ``query`` selects (by id, address, prefix or MAC); their new documents."""
-        return [new for new in (self._end(d, RELEASED, now) for d in self.coll.find({**query, STATUS: FLAGGED}))
-                if new]
+        found = self.coll.find(flagdoc.within(self.mine, {**query, STATUS: FLAGGED}))
+        return [new for new in (self._end(d, RELEASED, now) for d in found) if new]
 
 
 class FlagBook:
@@ -252,7 +259,7 @@ class FlagBook:
                 action=verdict.action or classifier.action or self.enforce.action,
                 evidence=self._evidence(verdict.evidence), offence=previous + 1,
                 ban_seconds=bans.ban_seconds(self.enforce, previous), flagged_at=now, sensor=self.sensor,
-                exempt_reason=exempt)
+                exempt_reason=exempt, scope=getattr(classifier, "flag_scope", None) or flagdoc.LOCAL)
         except (flagdoc.BadFlag, TypeError) as exc:  # a custom classifier's verdict: the analyser goes on
             self.refused += 1
             if self.refused <= REFUSALS_LOGGED:

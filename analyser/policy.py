@@ -24,6 +24,9 @@ from appliance.config import ConfigError, build_section, port_range, value_range
 from .classifiers import builtin, custom
 
 Action = Optional[Literal["drop", "limit"]]
+# who enforces a classifier's flags when appliances share a store (appliance/flagdoc.py, ``scope``); ``scope`` in a
+# classifier's section is the subject it counts (connection or ip), so this is ``flag_scope`` like ``flag_direction``
+FlagScope = Literal["local", "fleet"]
 _PPM = value_range(1, 10_000_000, "a count per minute from 1 to 10000000")
 _WINDOW = value_range(1, 3600, "seconds from 1 to 3600")
 
@@ -41,6 +44,7 @@ class XmppAbusePolicy:
     connection_cost: Optional[int] = field(default=None, metadata=value_range(0, 1000, "packets from 0 to 1000"))
     window_seconds: Optional[float] = field(default=None, metadata=_WINDOW)
     action: Action = None
+    flag_scope: FlagScope = "local"
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class BandwidthHogPolicy:
     protocol: str = "tcp"
     flag_direction: str = "outbound"
     action: Action = None
+    flag_scope: FlagScope = "local"
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class PayloadRule:
     protocol: str = "tcp"
     flag_direction: str = "outbound"
     action: Action = None
+    flag_scope: FlagScope = "local"
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class Policy:
     payload_match: tuple = ()
     custom_dir: Optional[str] = None
     custom_action: Action = None
+    custom_flag_scope: FlagScope = "local"
     custom: tuple = ()  # (name, class) loaded from custom_dir
     source: str = "<built-in policy>"
 
@@ -104,12 +111,13 @@ def from_dict(data, src: str = "<dict>", base: Path = Path(".")) -> Policy:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(src, "(top level)", data, "a mapping of keys to values")
-    known = ("xmpp_abuse", "bandwidth_hog", "payload_match", "custom_dir", "custom_action")
+    known = ("xmpp_abuse", "bandwidth_hog", "payload_match", "custom_dir", "custom_action", "custom_flag_scope")
     for key in data:
         if key not in known:
             raise ConfigError(src, str(key), data[key], "no such key; known keys here: " + ", ".join(known))
     top = build_section(Policy, {k: v for k, v in data.items()
-                                 if k in ("xmpp_abuse", "bandwidth_hog", "custom_dir", "custom_action")}, "", src)
+                                 if k in ("xmpp_abuse", "bandwidth_hog", "custom_dir", "custom_action",
+                                          "custom_flag_scope")}, "", src)
     x = top.xmpp_abuse
     if x.threshold_ppm and x.per_ip_threshold_ppm and x.per_ip_threshold_ppm < x.threshold_ppm:
         raise ConfigError(src, "xmpp_abuse.per_ip_threshold_ppm", x.per_ip_threshold_ppm,
@@ -202,7 +210,18 @@ def _custom(directory: str, src: str, base: Path) -> tuple:
 
 
 def build(policy: Policy, cfg: config_mod.Config, neighbours=None) -> list:
-    """The classifier objects the policy asks for, thresholds filled in from the config."""
+    """The classifier objects the policy asks for, thresholds filled in from the config, each with the
+    ``flag_scope`` its flags get."""
+    out = _build(policy, cfg, neighbours)
+    scopes = [policy.xmpp_abuse.flag_scope] * policy.xmpp_abuse.enabled
+    scopes += [policy.bandwidth_hog.flag_scope] * policy.bandwidth_hog.enabled
+    scopes += [r.flag_scope for r in policy.payload_match] + [policy.custom_flag_scope] * len(policy.custom)
+    for classifier, scope in zip(out, scopes, strict=True):
+        classifier.flag_scope = scope
+    return out
+
+
+def _build(policy: Policy, cfg: config_mod.Config, neighbours=None) -> list:
     out = []
     x = policy.xmpp_abuse
     if x.enabled:

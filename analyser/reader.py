@@ -30,8 +30,10 @@ _HEAD = {"_id": 1, "ins": 1}
 class Follower:
     """The persisted position of the analyser of one sensor in ``frames``."""
 
-    def __init__(self, db, sensor: str, limit: int = 64):
-        self.frames = db[store.FRAMES]
+    def __init__(self, db, sensor: str, limit: int = 64, frames_db=None):
+        """``frames_db``: where ``frames`` is read (``store.frames_reader``: a secondary may serve it); the resume
+        point is read and written through ``db`` (the primary)."""
+        self.frames = (frames_db if frames_db is not None else db)[store.FRAMES]
         self.state = db[store.STATE]
         self.sensor = sensor
         self.limit = limit

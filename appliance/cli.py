@@ -20,6 +20,7 @@ import sys
 from . import config as config_mod
 from . import timespec
 from .errors import BadInput, Failure
+from .redact import redact
 
 LAB_HINT = "the lab is not installed: from a pisnoop checkout, pip install ./lab (the pisnoop-lab package)"
 
@@ -100,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     except BadInput as exc:
-        print(f"pisnoop: {exc}", file=sys.stderr)
+        print(f"pisnoop: {redact(str(exc))}", file=sys.stderr)
         return 2
     except Failure as exc:
-        print(f"pisnoop: {exc}", file=sys.stderr)
+        print(f"pisnoop: {redact(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("pisnoop: interrupted", file=sys.stderr)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         store_errors = sys.modules.get("pymongo.errors")
         if store_errors is not None and isinstance(exc, store_errors.PyMongoError):
-            print(f"pisnoop: the store failed: {exc.__class__.__name__}: {str(exc)[:200]}", file=sys.stderr)
+            print(f"pisnoop: the store failed: {exc.__class__.__name__}: {redact(str(exc))[:200]}", file=sys.stderr)
             return 1
         raise
 

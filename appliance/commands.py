@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from . import config as config_mod
+from .redact import redact
 
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
@@ -19,8 +21,9 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
 def cmd_check_config(args) -> int:
     path = args.file or args.config
     cfg = config_mod.load(path)
-    if args.print:
-        sys.stdout.write(config_mod.dump(cfg))
+    if args.print:           # the URI's password masked: this output is pasted into tickets
+        shown = dataclasses.replace(cfg, mongodb=dataclasses.replace(cfg.mongodb, uri=redact(cfg.mongodb.uri)))
+        sys.stdout.write(config_mod.dump(shown))
     else:
         print(f"{cfg.source}: ok")
     return 0

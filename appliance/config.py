@@ -25,6 +25,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .errors import BadInput
+from .redact import redact
 
 DEFAULT_PATH = Path("/etc/pisnoop/pisnoop.yaml")
 ENV_VAR = "PISNOOP_CONFIG"
@@ -36,7 +37,7 @@ class ConfigError(BadInput):
 
     def __init__(self, source: str, key: str, value: Any, expected: str):
         self.source, self.key, self.value, self.expected = source, key, value, expected
-        shown = "(missing)" if value is _MISSING else repr(value)
+        shown = "(missing)" if value is _MISSING else redact(repr(value))    # a URI's password is never shown
         if len(shown) > 80:
             shown = shown[:77] + "..."
         key_part = f"{key}: " if key else ""
@@ -214,6 +215,9 @@ class MongoDB:
     # floor reads its file system; null: the file system the store reports (dbStats fsTotalSize - fsUsedSize)
     data_dir: Optional[str] = field(default=None, metadata={"check": "abspath"})
     retention: Retention = field(default_factory=Retention)
+    # where the analyser reads frames from in a replica set (appliance/store.py frames_reader); the controller
+    # reads flags from the primary and every write goes to the primary whatever this says
+    read_preference: Literal["primary", "primaryPreferred", "secondaryPreferred", "secondary", "nearest"] = "primary"
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,21 @@ A flag says what it is about, so that every flag can be enforced:
   upstream side);
 * ``status``: ``flagged`` (banning), ``exempt`` (never banned: the subject is
   on the never-ban list, ``exempt_reason`` says which entry), ``released``
-  or ``expired``; ``origin``: ``analyser`` or ``manual``.
+  or ``expired``; ``origin``: ``analyser`` or ``manual``;
+* ``scope``: who enforces it when several appliances share one store:
+  ``local`` (only the controller of ``sensor``, the appliance that raised it)
+  or ``fleet`` (every controller). ``applies_to(sensor)`` is the one store
+  filter for "the flags this sensor enforces".
 
 Documents written before these fields (one ``server_port``, no protocol,
-direction or origin) parse as TCP, outbound, from the analyser.
+direction, origin or scope) parse as TCP, outbound, from the analyser, and
+``local``. Before scopes every controller enforced every flag; an old
+document is read as local all the same because a ban acts against a client:
+it reaches further only when someone chose so (the policy's ``flag_scope``,
+``flags ban --fleet``). With one appliance per store (where old documents
+come from) both readings are the same; old flags end within their ban time
+anyway; and "missing means local" is what the store filter says by itself
+(a document without ``scope`` never equals ``fleet``), so no migration runs.
 
 Also the ``IP`` / ``IP:PORT`` / ``[v6]:PORT`` / ``IP/LEN`` / MAC argument of
 the ``flags`` commands. Standard library only (and ``appliance.errors``): the
@@ -41,6 +52,7 @@ PROTOCOL, SERVER_PORTS, DIRECTION = "protocol", "server_ports", "direction"
 SERVER_PORT = "server_port"     # documents written before server_ports: read, never written
 CLASSIFIER, REASON, ACTION, EVIDENCE = "classifier", "reason", "action", "evidence"
 OFFENCE, BAN_SECONDS, SENSOR, STATUS, ORIGIN = "offence", "ban_seconds", "sensor", "status", "origin"
+SCOPE = "scope"
 EXEMPT_REASON = "exempt_reason"
 FLAGGED_AT, EXPIRES_AT, UPDATED_AT, RELEASED_AT = "flagged_at", "expires_at", "updated_at", "released_at"
 
@@ -52,6 +64,8 @@ OUTBOUND, INBOUND = "outbound", "inbound"
 DIRECTIONS = (OUTBOUND, INBOUND)
 ANALYSER, MANUAL = "analyser", "manual"
 ORIGINS = (ANALYSER, MANUAL)
+LOCAL, FLEET = "local", "fleet"
+SCOPES = (LOCAL, FLEET)
 MAX_SERVER_PORTS = 8
 # The widest prefix a flag may name: a ban wider than this is a firewall rule, not a verdict about a client.
 MIN_PREFIX = {4: 16, 6: 32}
@@ -97,6 +111,11 @@ class Flag:
     origin: str
     exempt_reason: Optional[str]
     evidence: dict = field(hash=False)
+    reach: str = LOCAL          # the document's ``scope``: local or fleet (``scope`` here is the subject's kind)
+
+    def applies_to(self, sensor: str) -> bool:
+        """Whether the controller of ``sensor`` enforces this flag (``applies_to(sensor)``, in Python)."""
+        return self.reach == FLEET or self.sensor == sensor
 
     @property
     def scope(self) -> str:
@@ -116,7 +135,7 @@ class Flag:
 def build(*, client_ip: Optional[str] = None, client_mac: Optional[str] = None, client_port: Optional[int] = None,
           protocol: str = "tcp", server_ports, direction: str = OUTBOUND, classifier: str, reason: str,
           action: str, evidence: dict, offence: int, ban_seconds: int, flagged_at: dt.datetime, sensor: str,
-          origin: str = ANALYSER, exempt_reason: Optional[str] = None) -> dict:
+          origin: str = ANALYSER, exempt_reason: Optional[str] = None, scope: str = LOCAL) -> dict:
     """The document of a new flag: banning from ``flagged_at`` for ``ban_seconds`` (``exempt_reason``: recorded,
     never banning); subjects and ports come out canonical (``FD00::0001`` -> ``fd00::1``); BadFlag on a bad value."""
     computable = _is_int(ban_seconds) and isinstance(flagged_at, dt.datetime)
@@ -127,7 +146,7 @@ def build(*, client_ip: Optional[str] = None, client_mac: Optional[str] = None, 
         DIRECTION: direction, CLASSIFIER: classifier, REASON: reason, ACTION: action, EVIDENCE: evidence,
         OFFENCE: offence, BAN_SECONDS: ban_seconds, FLAGGED_AT: flagged_at, UPDATED_AT: flagged_at,
         EXPIRES_AT: flagged_at + dt.timedelta(seconds=ban_seconds) if computable else None,
-        STATUS: EXEMPT if exempt_reason is not None else FLAGGED, SENSOR: sensor, ORIGIN: origin,
+        STATUS: EXEMPT if exempt_reason is not None else FLAGGED, SENSOR: sensor, ORIGIN: origin, SCOPE: scope,
     }
     if exempt_reason is not None:
         doc[EXEMPT_REASON] = exempt_reason
@@ -167,6 +186,8 @@ def parse(doc: dict, default_action: Optional[str] = None) -> Flag:
     _need(PROTOCOL, protocol, protocol in PROTOCOLS, "one of " + ", ".join(PROTOCOLS))
     _need(DIRECTION, direction, direction in DIRECTIONS, "one of " + ", ".join(DIRECTIONS))
     _need(ORIGIN, origin, origin in ORIGINS, "one of " + ", ".join(ORIGINS))
+    reach = g(SCOPE, LOCAL)
+    _need(SCOPE, reach, reach in SCOPES, "one of " + ", ".join(SCOPES))
     sports = g(SERVER_PORTS) if SERVER_PORTS in doc else [g(SERVER_PORT)]
     name = SERVER_PORTS if SERVER_PORTS in doc else SERVER_PORT
     _need(name, g(name), isinstance(sports, (list, tuple)) and 1 <= len(sports) <= MAX_SERVER_PORTS
@@ -193,8 +214,27 @@ def parse(doc: dict, default_action: Optional[str] = None) -> Flag:
         flagged_at=_date(FLAGGED_AT, g(FLAGGED_AT)), expires_at=_date(EXPIRES_AT, g(EXPIRES_AT)),
         updated_at=_date(UPDATED_AT, g(UPDATED_AT)),
         released_at=None if released is None else _date(RELEASED_AT, released),
-        sensor=g(SENSOR), origin=origin, exempt_reason=exempt, evidence=g(EVIDENCE),
+        sensor=g(SENSOR), origin=origin, exempt_reason=exempt, evidence=g(EVIDENCE), reach=reach,
     )
+
+
+def applies_to(sensor: str) -> dict:
+    """The store filter of the flags the controller of ``sensor`` enforces: its own and the fleet's.
+
+    Indexes leading with ``sensor`` and with ``scope`` (``appliance/indexes.py``)
+    serve each clause of the ``$or``, so a controller reads its share, not the
+    whole collection.
+    """
+    return {"$or": [{SENSOR: sensor}, {SCOPE: FLEET}]}
+
+
+def within(scope: dict, query: dict) -> dict:
+    """``query`` narrowed by a filter such as ``applies_to(sensor)`` ({} : no narrowing), each condition its own
+    ``$and`` item: nx-27017 drops conditions beside an ``$or`` when there are two or more and one is a range
+    (docs/ARCHITECTURE.md, "Facts: MongoDB and nx-27017"); MongoDB reads both forms the same."""
+    if not scope:
+        return dict(query)
+    return {"$and": [scope, *({k: v} for k, v in query.items())]}
 
 
 def _need(name: str, value: Any, ok: bool, expected: str) -> None:

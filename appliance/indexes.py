@@ -77,14 +77,25 @@ INDEXES: tuple[Index, ...] = (
           "one sensor's capture-time range (report, analyser --once --since): t1 >= since bounds the scan"),
     Index(FRAMES, "idx_frames_first_ns", (("first_ns", 1),),
           "export-pcap (any sensor) reads in first_ns order: the index gives the order, no sort in memory"),
-    Index(FLOWS, "idx_flows_key", (("key", 1),),
-          "the analyser loads the stored flows of 5-tuples it has not in memory"),
+    Index(FLOWS, "idx_flows_sensor_key", (("sensor", 1), ("key", 1)),
+          "the analyser loads its sensor's stored flows of 5-tuples it has not in memory (two sites see the same "
+          "private addresses)"),
     Index(FLOWS, "idx_flows_last_seen", (("last_seen", 1),),
           "retention, and the report's flows seen since a time", "flows_hours"),
     Index(FLAGS, "idx_flags_status_expires_at", (("status", 1), ("expires_at", 1)),
           "the active and the due flags (analyser expiry, controller snapshot)"),
     Index(FLAGS, "idx_flags_updated_at", (("updated_at", 1),),
-          "the controller polls the flags changed since its last poll"),
+          "the newest change of any flag (the controller's poll starts there after a snapshot)"),
+    # A controller reads flagdoc.applies_to(sensor): {$or: [{sensor}, {scope: fleet}]}; MongoDB plans each clause
+    # of an $or on its own index, with the query's other fields (status, expires_at or updated_at) pushed into it.
+    Index(FLAGS, "idx_flags_sensor_updated_at", (("sensor", 1), ("updated_at", 1)),
+          "a controller polls its own sensor's flags changed since its last poll"),
+    Index(FLAGS, "idx_flags_scope_updated_at", (("scope", 1), ("updated_at", 1)),
+          "... and the fleet's (every controller)"),
+    Index(FLAGS, "idx_flags_sensor_status_expires_at", (("sensor", 1), ("status", 1), ("expires_at", 1)),
+          "a controller's snapshot and an analyser's covering flags: its sensor's active ones"),
+    Index(FLAGS, "idx_flags_scope_status_expires_at", (("scope", 1), ("status", 1), ("expires_at", 1)),
+          "... and the fleet's active ones"),
     Index(FLAGS, "idx_flags_client_ip_flagged_at", (("client_ip", 1), ("flagged_at", 1)),
           "a client's earlier offences (escalation) and its flags (release)"),
     Index(FLAGS, "idx_flags_client_mac_flagged_at", (("client_mac", 1), ("flagged_at", 1)),
@@ -102,6 +113,7 @@ INDEXES: tuple[Index, ...] = (
 LEGACY: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = (
     (FRAMES, (("t0", 1),)),
     (FRAMES, (("t1", 1),)),
+    (FLOWS, (("key", 1),)),          # before flows were read per sensor
 )
 
 

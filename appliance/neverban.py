@@ -10,6 +10,14 @@ admin's address is as harmful as banning the admin) is recorded as
 ``exempt`` and installs no flow. A MAC subject is checked through the
 addresses the host was seen with.
 
+A stored entry is ``fleet`` (every appliance sharing the store honours it)
+or ``local`` (only the appliance whose ``sensor`` wrote it: ``flags allow
+--local``). An entry stored before scopes is read as ``fleet``: before, every
+controller and analyser honoured every entry, and an exemption is the side
+that harms no one; ``applies_to(sensor)`` is the store filter. A fleet entry's
+``_id`` is the network (one per network, as before), a local one's
+``NETWORK@SENSOR``, so the same network can be local to two sites.
+
 Pure apart from ``own_addresses`` (psutil, imported there): the controller's
 core imports this.
 """
@@ -28,6 +36,8 @@ from .flagdoc import Network
 log = logging.getLogger("pisnoop.neverban")
 
 NETWORK, REASON, ADDED_AT = "_id", "reason", "added_at"   # _id is the canonical network: one entry per network
+NET, SCOPE, SENSOR = "network", "scope", "sensor"         # the network again (a local entry's _id adds @sensor)
+LOCAL, FLEET = "local", "fleet"
 CONFIG, ALLOWED, SERVER, SELF = "enforce.never_ban", "flags allow", "an XMPP server seen answering", "this appliance"
 
 
@@ -56,14 +66,29 @@ def network(text: str) -> Network:
                        "without host bits") from None
 
 
-def entry_doc(text: str, reason: str, now: dt.datetime) -> dict:
-    """The stored document of a ``flags allow`` entry."""
+def entry_id(net: Network, sensor: Optional[str] = None) -> str:
+    """A fleet entry's ``_id`` (its network) or a local one's (``NETWORK@SENSOR``)."""
+    return str(net) if sensor is None else f"{net}@{sensor}"
+
+
+def entry_doc(text: str, reason: str, now: dt.datetime, sensor: Optional[str] = None) -> dict:
+    """The stored document of a ``flags allow`` entry: fleet-wide, or local to ``sensor``."""
     net = network(text)
-    return {NETWORK: str(net), REASON: reason, ADDED_AT: now}
+    doc = {NETWORK: entry_id(net, sensor), NET: str(net), REASON: reason, ADDED_AT: now,
+           SCOPE: FLEET if sensor is None else LOCAL}
+    if sensor is not None:
+        doc[SENSOR] = sensor
+    return doc
 
 
 def parse_entry(doc: dict) -> Entry:
-    return Entry(network(doc.get(NETWORK)), ALLOWED, str(doc.get(REASON) or ""))
+    where = "" if doc.get(SCOPE) != LOCAL else f" on {doc.get(SENSOR)} only"
+    return Entry(network(doc.get(NET, doc.get(NETWORK))), ALLOWED + where, str(doc.get(REASON) or ""))
+
+
+def applies_to(sensor: str) -> dict:
+    """The store filter of the ``never_ban`` entries ``sensor`` honours: the fleet's (and the old ones) and its own."""
+    return {"$or": [{SCOPE: {"$ne": LOCAL}}, {SENSOR: sensor}]}
 
 
 class NeverBan:

@@ -27,6 +27,7 @@ import psutil
 
 from . import config as config_mod
 from .errors import BadInput, Failure
+from .redact import redact
 
 try:
     from systemd import daemon as _sd_daemon
@@ -84,9 +85,24 @@ def setup_logging(component: str, level: str = "INFO") -> logging.Logger:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s pisnoop-" + component
                                                + " %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactFilter())
     root.addHandler(handler)
     root.setLevel(level.upper())
     return logging.getLogger(f"pisnoop.{component}")
+
+
+class RedactFilter(logging.Filter):
+    """Every log line through ``redact``: a MongoDB URI's password never reaches the journal, whoever logged it
+    (pymongo's own messages and exceptions included)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "://" in text:
+            record.msg, record.args = redact(text), None
+        if record.exc_info and record.exc_info[1] is not None and "://" in str(record.exc_info[1]):
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
 
 
 class MetricsUnavailable(Failure):

@@ -20,15 +20,21 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
                    help="refresh in place every SECONDS (default 2) until interrupted")
     p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N pictures")
+    p.add_argument("--fleet", action="store_true",
+                   help="every sensor sharing the store: health, last heartbeats, rates, analyser lag, bans by scope")
     p.set_defaults(func=cmd_status)
 
 
-def once(cfg, db) -> dict:
+def once(cfg, db, fleet: bool = False) -> dict:
+    if fleet:
+        return statusview.fleet_facts(cfg, statusview.fleet_read(cfg, db))
     return statusview.facts(cfg, statusview.read(cfg, db))
 
 
-def show(f: dict, as_json: bool) -> str:
-    return json.dumps(f, indent=2) + "\n" if as_json else statusview.render(f)
+def show(f: dict, as_json: bool, fleet: bool = False) -> str:
+    if as_json:
+        return json.dumps(f, indent=2) + "\n"
+    return statusview.render_fleet(f) if fleet else statusview.render(f)
 
 
 def cmd_status(args) -> int:
@@ -41,14 +47,14 @@ def cmd_status(args) -> int:
     db = store.database(cfg.mongodb, "pisnoop-status")
     try:
         if args.watch is None:
-            f = once(cfg, db)
-            sys.stdout.write(show(f, args.json))
+            f = once(cfg, db, args.fleet)
+            sys.stdout.write(show(f, args.json, args.fleet))
             return 0 if f["ok"] else 1
         shown = 0
         try:
             while True:
-                f = once(cfg, db)
-                sys.stdout.write(("" if args.json else CLEAR) + show(f, args.json))
+                f = once(cfg, db, args.fleet)
+                sys.stdout.write(("" if args.json else CLEAR) + show(f, args.json, args.fleet))
                 sys.stdout.flush()
                 shown += 1
                 if args.count is not None and shown >= args.count:

@@ -17,6 +17,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
+from .redact import redact
+
 SERVICES = ("controller", "snooper", "analyser")
 UNITS = {name: f"pisnoop-{name}.service" for name in (*SERVICES, "store")}
 SYSTEMD_PROPS = ("LoadState", "ActiveState", "SubState", "NRestarts", "ActiveEnterTimestamp", "StatusText")
@@ -71,7 +73,7 @@ def read(cfg, db, now: Optional[dt.datetime] = None, use_systemd: Optional[bool]
     """Every raw input of ``facts``; a store that does not answer is ``store_error`` (the rest still read)."""
     import pymongo
 
-    from . import flagdoc, store
+    from . import flagdoc
     now = now or dt.datetime.now(dt.timezone.utc)
     sensor = cfg.snooper.sensor
     raw: dict[str, Any] = {"now": now, "sensor": sensor, "store_error": None, "docs": {}, "systemd": {}}
@@ -80,22 +82,42 @@ def read(cfg, db, now: Optional[dt.datetime] = None, use_systemd: Optional[bool]
     raw["spool_dir_bytes"] = dir_bytes(cfg.snooper.spool_dir)
     try:
         db.client.admin.command("ping")
-        for name, sid in status_ids(sensor).items():
-            raw["docs"][name] = db[store.STATUS].find_one({"_id": sid})
-        newest = db[store.FRAMES].find_one({"sensor": sensor}, {"ins": 1, "t1": 1}, sort=[("ins", -1)])
-        raw["newest_ins"] = newest.get("ins") if newest else None
-        state = db[store.STATE].find_one({"_id": f"analyser:{sensor}"}) or {}
-        raw["analysed_ins"] = state.get("resume")
-        slack = dt.timedelta(seconds=1)       # nx-27017 compares dates at whole seconds: exact below
-        active = db[store.FLAGS].find({flagdoc.STATUS: {"$in": [flagdoc.FLAGGED, flagdoc.EXEMPT]},
-                                       flagdoc.EXPIRES_AT: {"$gte": now - slack}})
-        raw["flags"] = [{k: d.get(k) for k in (flagdoc.STATUS, flagdoc.CLIENT_IP, flagdoc.CLIENT_MAC,
-                                               flagdoc.CLIENT_PORT, flagdoc.EXPIRES_AT, "classifier", "_id")}
-                        for d in active if d.get(flagdoc.EXPIRES_AT) and d[flagdoc.EXPIRES_AT] > now]
+        raw.update(read_sensor(db, sensor, now, flagdoc.applies_to(sensor)))
         raw["dbstats"] = db.command("dbStats")
     except pymongo.errors.PyMongoError as exc:
-        raw["store_error"] = f"{exc.__class__.__name__}: {str(exc).split(' (configured timeouts')[0][:120]}"
+        raw["store_error"] = store_error(exc)
     return raw
+
+
+def store_error(exc) -> str:
+    return f"{exc.__class__.__name__}: {redact(str(exc).split(' (configured timeouts')[0])[:120]}"
+
+
+FLAG_FIELDS = ("status", "client_ip", "client_mac", "client_port", "expires_at", "classifier", "_id", "sensor",
+               "scope")
+
+
+def read_sensor(db, sensor: str, now: dt.datetime, flags_query: dict) -> dict:
+    """One sensor's part of the store: its status documents, newest batch, resume point, the active flags
+    ``flags_query`` selects (raises the store's error)."""
+    from . import store
+    out: dict[str, Any] = {"docs": {name: db[store.STATUS].find_one({"_id": sid})
+                                    for name, sid in status_ids(sensor).items()}}
+    newest = db[store.FRAMES].find_one({"sensor": sensor}, {"ins": 1, "t1": 1}, sort=[("ins", -1)])
+    out["newest_ins"] = newest.get("ins") if newest else None
+    state = db[store.STATE].find_one({"_id": f"analyser:{sensor}"}) or {}
+    out["analysed_ins"] = state.get("resume")
+    out["flags"] = active_flags(db, now, flags_query)
+    return out
+
+
+def active_flags(db, now: dt.datetime, query: dict) -> list[dict]:
+    from . import flagdoc, store
+    slack = dt.timedelta(seconds=1)       # nx-27017 compares dates at whole seconds: exact below
+    active = db[store.FLAGS].find(flagdoc.within(query, {flagdoc.STATUS: {"$in": [flagdoc.FLAGGED, flagdoc.EXEMPT]},
+                                                         flagdoc.EXPIRES_AT: {"$gte": now - slack}}))
+    return [{k: d.get(k) for k in FLAG_FIELDS} for d in active
+            if d.get(flagdoc.EXPIRES_AT) and d[flagdoc.EXPIRES_AT] > now]
 
 
 # --- judging (pure) ---------------------------------------------------------------
@@ -205,7 +227,7 @@ def capture_lines(cfg, raw: dict) -> list[dict]:
 def store_lines(cfg, raw: dict) -> list[dict]:
     spool_dir = raw.get("spool_dir_bytes")
     if raw["store_error"]:
-        out = [line("store", f"UNREACHABLE at {cfg.mongodb.uri}: {raw['store_error']}",
+        out = [line("store", f"UNREACHABLE at {redact(cfg.mongodb.uri)}: {raw['store_error']}",
                     problem="the store does not answer")]
     else:
         s = raw.get("dbstats") or {}
@@ -311,6 +333,110 @@ def _size(n) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+# --- the fleet: every sensor sharing the store -------------------------------------
+
+RATE_SECONDS = 10.0     # the store rate of a sensor: frames of the batches that reached the store in this long
+
+
+def sensors(db) -> list[str]:
+    """Every sensor with a status document in the store (``<service>:<sensor>``), sorted."""
+    from . import store
+    names = {str(d["_id"]).split(":", 1)[1] for d in db[store.STATUS].find({}, {"_id": 1})
+             if ":" in str(d["_id"]) and str(d["_id"]).split(":", 1)[0] in SERVICES}
+    return sorted(n for n in names if n)
+
+
+def fleet_read(cfg, db, now: Optional[dt.datetime] = None) -> dict:
+    """The raw inputs of ``fleet_facts``: each sensor's documents and its store rate, the fleet's bans."""
+    import pymongo
+
+    from . import flagdoc, store
+    now = now or dt.datetime.now(dt.timezone.utc)
+    raw: dict[str, Any] = {"now": now, "sensor": cfg.snooper.sensor, "store_error": None, "sensors": {}}
+    try:
+        db.client.admin.command("ping")
+        since = now - dt.timedelta(seconds=RATE_SECONDS + 1)       # a second wider: nx-27017's whole seconds
+        for name in sensors(db):
+            part = read_sensor(db, name, now, {flagdoc.SENSOR: name, flagdoc.SCOPE: {"$ne": flagdoc.FLEET}})
+            recent = db[store.FRAMES].find({"sensor": name, "ins": {"$gte": since}}, {"n": 1, "ins": 1})
+            part["stored_recent"] = sum(d.get("n", 0) for d in recent
+                                        if (now - d["ins"]).total_seconds() <= RATE_SECONDS)
+            raw["sensors"][name] = part
+        raw["fleet_flags"] = active_flags(db, now, {flagdoc.SCOPE: flagdoc.FLEET})
+    except pymongo.errors.PyMongoError as exc:
+        raw["store_error"] = store_error(exc)
+    return raw
+
+
+HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"
+
+
+def sensor_facts(cfg, name: str, part: dict, now: dt.datetime, fleet_bans: int) -> dict:
+    """One sensor of the fleet: ``health`` (healthy: every service up and no problem; down: none up; else
+    degraded), each service's heartbeat, capture and store rates, analyser lag, its bans by scope."""
+    raw = {"now": now, "store_error": None, "systemd": {}, **part}
+    services = {}
+    for ln in service_lines(cfg, raw):
+        age = _age(part["docs"].get(ln["label"]), now)
+        services[ln["label"]] = {"up": not ln["problem"], "heartbeat_seconds": None if age is None else round(age, 1),
+                                 "problem": ln["problem"]}
+    problems = [f"{k}: {v['problem']}" for k, v in services.items() if v["problem"]]
+    lag = lag_line(raw)
+    if lag["problem"]:
+        problems.append(f"analyser lag: {lag['problem']}")
+    up = sum(v["up"] for v in services.values())
+    health = HEALTHY if not problems else (DOWN if up == 0 else DEGRADED)
+    snooper = part["docs"].get("snooper") or {}
+    controller = part["docs"].get("controller") or {}
+    bans = [f for f in part.get("flags", []) if f["status"] == "flagged"]
+    return {"sensor": name, "health": health, "problems": problems, "services": services,
+            "capture_per_second": snooper.get("captured_per_second") if services["snooper"]["up"] else 0.0,
+            "store_per_second": round(part.get("stored_recent", 0) / RATE_SECONDS, 1),
+            "analyser_lag": lag["text"], "switch_connected": bool(controller.get("connected")),
+            "bans": {"local": len(bans), "fleet": fleet_bans}}
+
+
+def fleet_facts(cfg, raw: dict) -> dict:
+    """The fleet's picture from ``fleet_read`` (pure): one entry per sensor, ``ok`` when every one is healthy.
+    ``bans.fleet`` is the same for every sensor: a fleet ban is enforced by each."""
+    if raw["store_error"]:
+        return {"at": raw["now"].isoformat(), "ok": False, "store_error": raw["store_error"], "sensors": [],
+                "problems": [f"store: {raw['store_error']}"], "fleet_bans": None}
+    fleet_bans = [f for f in raw.get("fleet_flags", []) if f["status"] == "flagged"]
+    out = [sensor_facts(cfg, name, part, raw["now"], len(fleet_bans)) for name, part in raw["sensors"].items()]
+    problems = [f"{s['sensor']}: {p}" for s in out for p in s["problems"]]
+    if not out:
+        problems.append("no sensor has written a status document to this store")
+    return {"at": raw["now"].isoformat(), "ok": not problems, "store_error": None, "sensors": out,
+            "problems": problems, "fleet_bans": len(fleet_bans),
+            "fleet_ban_subjects": sorted({f.get("client_mac") or f.get("client_ip") or "?" for f in fleet_bans})}
+
+
+def render_fleet(f: dict) -> str:
+    """The fleet on one screen: a line per sensor, its problems under it marked ``!!``."""
+    head = f"pisnoop fleet status at {f['at'][:19]} UTC: "
+    if f["store_error"]:
+        return head + f"store UNREACHABLE: {f['store_error']}\n"
+    bad = sum(s["health"] != HEALTHY for s in f["sensors"])
+    out = [head + (f"{len(f['sensors'])} sensors, all healthy" if f["ok"] else
+                   f"{len(f['sensors'])} sensors, {bad} not healthy"),
+           f"  fleet bans {f['fleet_bans']} (enforced at every sensor)"
+           + (": " + ", ".join(f["fleet_ban_subjects"][:5]) if f["fleet_bans"] else ""),
+           f"  {'sensor':<16} {'health':<9} {'heartbeat s (ctl/snp/ana)':<26} {'capture/s':>9} {'store/s':>8} "
+           f"{'switch':<7} {'local bans':>10}  analyser lag"]
+    for s in f["sensors"]:
+        beats = "/".join("-" if v["heartbeat_seconds"] is None else f"{v['heartbeat_seconds']:.0f}"
+                         for v in s["services"].values())
+        cap = s["capture_per_second"]
+        out.append(f"{'!!' if s['health'] != HEALTHY else '  '}{s['sensor']:<16} {s['health']:<9} {beats:<26} "
+                   f"{cap if cap is not None else 0:>9.1f} {s['store_per_second']:>8.1f} "
+                   f"{'up' if s['switch_connected'] else 'DOWN':<7} {s['bans']['local']:>10}  {s['analyser_lag']}")
+        out += [f"      <- {p}" for p in s["problems"]]
+    if not f["sensors"]:
+        out.append("  no sensor has written a status document to this store")
+    return "\n".join(out) + "\n"
 
 
 # --- rendering ------------------------------------------------------------------

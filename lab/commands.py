@@ -20,6 +20,9 @@ def configure(name: str, v: argparse.ArgumentParser) -> None:
     up = vsub.add_parser("up", help="bring a virtual appliance up and leave it running")
     up.add_argument("--prefix", help="name prefix (default: random ps + 4 hex digits)")
     up.add_argument("--no-store", action="store_true", help="do not start the embedded store")
+    up.add_argument("--store-uri", metavar="URI",
+                    help="join a store that runs (another virtual appliance's): a second appliance on one store")
+    up.add_argument("--sensor", metavar="NAME", help="its snooper.sensor (default: the prefix)")
     up.add_argument("--json", action="store_true")
     up.set_defaults(func=cmd_virtual_up)
     down = vsub.add_parser("down", help="tear down one run or all of them")
@@ -40,7 +43,8 @@ def _base_config(args) -> config_mod.Config:
 
 
 def cmd_virtual_up(args) -> int:
-    va = virtual.VirtualAppliance(_base_config(args), prefix=args.prefix, with_store=not args.no_store)
+    va = virtual.VirtualAppliance(_base_config(args), prefix=args.prefix, with_store=not args.no_store,
+                                  store_uri=args.store_uri, sensor=args.sensor)
     try:
         va.up()
     except (virtual.VirtualApplianceError, virtual.CommandFailed) as exc:

@@ -24,7 +24,9 @@ directory. It brings up:
   their frames reach the switch with the router's MAC;
 * a relay carrying the switch's controller connection out of ``<p>-sw`` to
   the controller listening on 127.0.0.1 in the caller's namespace;
-* ovsdb-server and the embedded store (nx-27017) on 127.0.0.1.
+* ovsdb-server and the embedded store (nx-27017) on 127.0.0.1; or, with
+  ``store_uri``, no store: the appliance joins one that runs (two appliances,
+  one store: each its own prefix, bridge, namespaces and ``sensor``).
 
 ``state.json`` in the run directory records every PID and name as soon as it
 exists, so ``down()`` (or ``pisnoop virtual down`` from another process) can
@@ -101,11 +103,19 @@ class VirtualAppliance:
     """Bring up with ``up()`` or ``with``; tear down with ``down()``."""
 
     def __init__(self, base: config_mod.Config | None = None, prefix: str | None = None,
-                 with_store: bool = True, root: str | os.PathLike | None = None, lan: bool = False):
+                 with_store: bool = True, root: str | os.PathLike | None = None, lan: bool = False,
+                 store_uri: str | None = None, sensor: str | None = None):
+        """``store_uri``: a second (third, ...) appliance on a store that already runs (another appliance's
+        ``store.uri``): no store of its own, its config names that one. ``sensor``: its ``snooper.sensor``
+        (default: the prefix), the name its documents carry in the shared store."""
         self.base = base or config_mod.Config()
         self.prefix = prefix or ("ps" + secrets.token_hex(2))
         if not self.prefix.isalnum() or len(self.prefix) > 8:
             raise VirtualApplianceError(f"prefix {self.prefix!r}: expected up to 8 letters or digits")
+        if store_uri is not None and with_store:
+            with_store = False            # the shared store is the one
+        self.store_uri = store_uri
+        self.sensor = sensor or self.prefix
         self.run_dir = Path(root or base_dir()) / self.prefix
         self.with_store = with_store
         self.lan = lan
@@ -363,11 +373,13 @@ class VirtualAppliance:
         data["switch"]["controller"]["listen_port"] = controller_port
         data["snooper"]["interface"] = MIRROR_IF
         data["snooper"]["netns"] = self.hosts["mirror"].netns
-        data["snooper"]["sensor"] = self.prefix
+        data["snooper"]["sensor"] = self.sensor
         data["snooper"]["spool_dir"] = str(self.run_dir / "spool")
         data["analyser"]["report_dir"] = str(self.run_dir / "reports")
         if self.store:
             data["mongodb"]["uri"] = self.store.uri
+        elif self.store_uri:
+            data["mongodb"]["uri"] = self.store_uri
         m = data["metrics"]
         m["controller_port"], m["snooper_port"], m["analyser_port"] = (free_port() for _ in range(3))
         self.config = config_mod.from_dict(data, str(self.config_path))

@@ -1,7 +1,8 @@
 """The controller's one link to the store: a plain thread, never the event loop.
 
 It ensures the indexes (``appliance.indexes``) on its first contact with the
-store, polls the ``flags`` collection by ``updated_at`` (no change
+store, polls the ``flags`` that apply to its sensor (``flagdoc.applies_to``:
+its own and the fleet's, filtered by the store) by ``updated_at`` (no change
 streams: MongoDB 4.4 on a single-node Pi has none) and the small
 ``never_ban`` collection whole (handed on when it changed, and always before
 a snapshot's flags, so an exempt subject is never banned for a moment),
@@ -22,7 +23,7 @@ from typing import Callable, Optional
 
 import pymongo
 
-from appliance import indexes, neverban, service, store
+from appliance import flagdoc, indexes, neverban, service, store
 from appliance.flagdoc import EXPIRES_AT, FLAGGED, STATUS, UPDATED_AT
 
 from .messages import Flags
@@ -54,6 +55,7 @@ class FlagWatcher(threading.Thread):
         self._next_status = 0.0
         self._never_ban: Optional[list] = None       # the never_ban documents last handed on
         self.own = tuple(neverban.own_addresses(cfg)) if cfg.enforce.never_ban_self else ()
+        self.sensor = cfg.snooper.sensor    # this appliance: its own flags and the fleet's apply (flagdoc.applies_to)
 
     def request_snapshot(self) -> None:
         self._want_snapshot.set()
@@ -82,22 +84,23 @@ class FlagWatcher(threading.Thread):
         db.client.close()
 
     def _once(self, db) -> None:
-        flags = db[store.FLAGS]
+        flags = store.flags(db)          # the primary: a ban is read where it was written with w: majority
         if not self._indexed:
             indexes.ensure_or_go_on(db, self.cfg, log)
             self._indexed = True
         now = utcnow()
-        entries = list(db[store.NEVER_BAN].find().sort("_id", 1))
+        mine = flagdoc.applies_to(self.sensor)       # in the query (indexes lead with sensor and scope)
+        entries = list(db[store.NEVER_BAN].find(neverban.applies_to(self.sensor)).sort("_id", 1))
         changed = entries != self._never_ban
         never = dict(never_ban=tuple(entries), own=self.own) if changed else {}
         if self._want_snapshot.is_set():
             self._want_snapshot.clear()
-            docs = list(flags.find({STATUS: FLAGGED, EXPIRES_AT: {"$gt": now}}))
-            latest = list(flags.find({}, {UPDATED_AT: 1}).sort(UPDATED_AT, -1).limit(1))
+            docs = list(flags.find(flagdoc.within(mine, {STATUS: FLAGGED, EXPIRES_AT: {"$gt": now}})))
+            latest = list(flags.find(mine, {UPDATED_AT: 1}).sort(UPDATED_AT, -1).limit(1))
             self.last_seen = latest[0].get(UPDATED_AT) if latest else None
             self.post(Flags(tuple(docs), snapshot=True, now=time.time(), never_ban=tuple(entries), own=self.own))
         else:
-            query = {UPDATED_AT: {"$gte": self.last_seen - OVERLAP}} if self.last_seen else {}
+            query = flagdoc.within(mine, {UPDATED_AT: {"$gte": self.last_seen - OVERLAP}} if self.last_seen else {})
             docs = list(flags.find(query).sort(UPDATED_AT, 1))
             if docs:
                 stamps = [d[UPDATED_AT] for d in docs if isinstance(d.get(UPDATED_AT), dt.datetime)]

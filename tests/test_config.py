@@ -95,3 +95,46 @@ def test_env_var_and_option_choose_the_file(tmp_path):
 def test_round_trip_through_yaml():
     cfg = config.Config()
     assert config.from_dict(config.to_dict(cfg)) == cfg
+
+
+# --- many appliances, one store ----------------------------------------------------------------------------------
+
+
+def test_mongodb_read_preference_is_one_of_pymongos_and_a_refused_uri_shows_no_password():
+    assert config.Config().mongodb.read_preference == "primary"
+    cfg = config.from_dict({"mongodb": {"read_preference": "secondaryPreferred"}})
+    assert cfg.mongodb.read_preference == "secondaryPreferred"
+    with pytest.raises(config.ConfigError, match=r"mongodb.read_preference: got 'secondaries'; expected one of"):
+        config.from_dict({"mongodb": {"read_preference": "secondaries"}})
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict({"mongodb": {"uri": "mongodb://pisnoop:hunter2 x@db1:27017/?replicaSet=rs0"}})
+    assert "hunter2" not in str(err.value) and "mongodb://pisnoop:***@db1:27017" in str(err.value)
+    good = config.from_dict({"mongodb": {"uri": "mongodb://pisnoop:hunter2@db1,db2,db3/?replicaSet=rs0&tls=true"
+                                                "&w=majority&retryWrites=true&readPreference=primaryPreferred"}})
+    assert "hunter2" in good.mongodb.uri          # the config holds it; only what is shown is masked
+
+
+def test_the_policy_chooses_each_classifiers_flag_scope_and_the_flag_carries_it():
+    import datetime as dt
+
+    from analyser import flags as flags_mod
+    from analyser import policy as policy_mod
+    from analyser.classifiers import Verdict
+    rule = {"pattern": "x", "server_port": 5223, "scope": "ip"}
+    rules = [{**rule, "name": "r1"}, {**rule, "name": "r2", "flag_scope": "fleet"}]
+    pol = policy_mod.from_dict({"xmpp_abuse": {"flag_scope": "fleet"}, "bandwidth_hog": {"enabled": True},
+                                "payload_match": rules})
+    built = policy_mod.build(pol, config.Config())
+    assert [(c.name, c.flag_scope) for c in built] == [("xmpp_abuse", "fleet"), ("bandwidth_hog", "local"),
+                                                       ("r1", "local"), ("r2", "fleet")]
+    with pytest.raises(config.ConfigError, match=r"payload_match\[0\]\.flag_scope: got 'global'; expected one of "
+                                                 r"'local', 'fleet'"):
+        policy_mod.from_dict({"payload_match": [{**rule, "name": "r1", "flag_scope": "global"}]})
+    with pytest.raises(config.ConfigError, match="custom_flag_scope"):
+        policy_mod.from_dict({"custom_flag_scope": "all"})
+    book = flags_mod.FlagBook(config.Config(), flags_mod.MemoryFlags(), "site-a")
+    now = dt.datetime.now(dt.timezone.utc)
+    for c in built[2:]:
+        book.offer(Verdict("r", client_ip=f"10.0.0.{len(book.backend.docs) + 5}", server_port=5223), c, now)
+    assert [(d["classifier"], d["scope"], d["sensor"]) for d in book.backend.docs] == [
+        ("r1", "local", "site-a"), ("r2", "fleet", "site-a")]

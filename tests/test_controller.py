@@ -187,7 +187,7 @@ def test_xmpp_burst_is_cut_to_the_meter_rate_but_fully_mirrored():
 def flag_doc(ip, port=None, action="drop", seconds=120):
     return flagdoc.build(client_ip=ip, client_port=port, server_ports=[5222], classifier="test", reason="test flood",
                          action=action, evidence={}, offence=1, ban_seconds=seconds, sensor="test",
-                         flagged_at=dt.datetime.now(dt.timezone.utc))
+                         scope="fleet", flagged_at=dt.datetime.now(dt.timezone.utc))
 
 
 def release(db, fid) -> None:

@@ -149,7 +149,7 @@ def dual_stack(tcp_ports=(5222,), udp_ports=(), **over):
 
 def flag_doc(**kw):
     args = dict(server_ports=[5222], classifier="test", reason="test", action="drop", evidence={}, offence=1,
-                ban_seconds=120, sensor="test", flagged_at=dt.datetime.now(dt.timezone.utc))
+                ban_seconds=120, sensor="test", scope="fleet", flagged_at=dt.datetime.now(dt.timezone.utc))
     return flagdoc.build(**{**args, **kw})
 
 

@@ -42,7 +42,26 @@ def test_build_then_parse_gives_back_every_field():
     assert set(doc) == {flagdoc.CLIENT_IP, flagdoc.CLIENT_MAC, flagdoc.CLIENT_PORT, flagdoc.PROTOCOL,
                         flagdoc.SERVER_PORTS, flagdoc.DIRECTION, flagdoc.CLASSIFIER, flagdoc.REASON, flagdoc.ACTION,
                         flagdoc.EVIDENCE, flagdoc.OFFENCE, flagdoc.BAN_SECONDS, flagdoc.FLAGGED_AT,
-                        flagdoc.EXPIRES_AT, flagdoc.UPDATED_AT, flagdoc.STATUS, flagdoc.SENSOR, flagdoc.ORIGIN}
+                        flagdoc.EXPIRES_AT, flagdoc.UPDATED_AT, flagdoc.STATUS, flagdoc.SENSOR, flagdoc.ORIGIN,
+                        flagdoc.SCOPE}
+    assert doc[flagdoc.SCOPE] == f.reach == "local"
+
+
+def test_scope_local_or_fleet_and_an_old_document_reads_as_local():
+    """Local: only the raising sensor's controller enforces it; fleet: every sensor's; missing: local (the store
+    filter ``applies_to`` says the same by itself: a document without scope never equals fleet)."""
+    local, fleet = flagdoc.parse(good()), flagdoc.parse(good(scope="fleet"))
+    assert (local.applies_to("pi1"), local.applies_to("pi2")) == (True, False)
+    assert (fleet.reach, fleet.applies_to("pi1"), fleet.applies_to("pi2")) == ("fleet", True, True)
+    old = flagdoc.parse({k: v for k, v in good().items() if k != flagdoc.SCOPE})
+    assert (old.reach, old.applies_to("pi1"), old.applies_to("pi2")) == ("local", True, False)
+    with pytest.raises(BadFlag, match="^scope 'global': expected one of local, fleet"):
+        flagdoc.parse(good(scope="global"))
+    with pytest.raises(BadFlag, match="^scope"):
+        flagdoc.build(**{**{k: v for k, v in good().items() if k in (
+            "client_ip", "server_ports", "classifier", "reason", "action", "evidence", "offence", "ban_seconds",
+            "flagged_at", "sensor")}, "scope": "everywhere"})
+    assert flagdoc.applies_to("pi2") == {"$or": [{"sensor": "pi2"}, {"scope": "fleet"}]}
 
 
 def test_a_document_written_before_server_ports_parses_as_tcp_outbound_from_the_analyser():

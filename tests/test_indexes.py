@@ -266,3 +266,16 @@ def test_only_appliance_indexes_creates_or_drops_indexes():
                and p.relative_to(REPO).parts[0] != "tests"]
     callers = {str(p.relative_to(REPO)) for p in sources if INDEX_CALL.search(p.read_text(encoding="utf-8"))}
     assert callers == {"appliance/indexes.py"}
+
+
+def test_every_per_sensor_query_has_an_index_leading_with_its_keys():
+    """The fleet's queries (docs/FLEET.md): each clause of a controller's or analyser's ``$or`` and each per-sensor
+    read has a declared index whose keys start with the clause's equality field, then the rest of the query."""
+    declared = {(ix.collection, ix.keys) for ix in indexes.INDEXES}
+    need = [(store.FLAGS, (("sensor", 1), ("updated_at", 1))), (store.FLAGS, (("scope", 1), ("updated_at", 1))),
+            (store.FLAGS, (("sensor", 1), ("status", 1), ("expires_at", 1))),
+            (store.FLAGS, (("scope", 1), ("status", 1), ("expires_at", 1))),
+            (store.FRAMES, (("sensor", 1), ("ins", 1))), (store.FRAMES, (("sensor", 1), ("t1", 1))),
+            (store.FLOWS, (("sensor", 1), ("key", 1)))]
+    assert [n for n in need if n not in declared] == []
+    assert (store.FLOWS, (("key", 1),)) in indexes.LEGACY        # the flows index before flows were per sensor

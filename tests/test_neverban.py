@@ -66,3 +66,28 @@ def test_own_addresses_go_on_without_getifaddrs(monkeypatch, caplog):
     assert neverban.own_addresses(cfg) == ["192.0.2.10"]
     assert [r.levelname for r in caplog.records if "cannot read this machine's addresses" in r.getMessage()] == \
         ["WARNING"]
+
+
+def test_local_entries_exempt_at_their_sensor_only_and_old_entries_everywhere(embedded_store):
+    """In the store: a fleet entry (and one stored before scopes) applies at every sensor, a local one at its own;
+    the same network may be local to two sensors (its _id is NETWORK@SENSOR)."""
+    from appliance import store
+    db = store.database(config.from_dict({"mongodb": {"uri": embedded_store.uri, "database": "nb_scope"}}).mongodb)
+    try:
+        now = dt.datetime.now(dt.timezone.utc)
+        coll = db[store.NEVER_BAN]
+        coll.insert_many([neverban.entry_doc("10.0.0.1", "fleet", now), {"_id": "10.0.0.2/32", "reason": "old"},
+                          neverban.entry_doc("10.0.0.3", "a only", now, "a"),
+                          neverban.entry_doc("10.0.0.3", "b only", now, "b")])
+        seen = {s: sorted(neverban.parse_entry(d).describe() for d in coll.find(neverban.applies_to(s)))
+                for s in ("a", "b", "c")}
+        assert seen == {"a": ["10.0.0.1 (flags allow: fleet)", "10.0.0.2 (flags allow: old)",
+                              "10.0.0.3 (flags allow on a only: a only)"],
+                        "b": ["10.0.0.1 (flags allow: fleet)", "10.0.0.2 (flags allow: old)",
+                              "10.0.0.3 (flags allow on b only: b only)"],
+                        "c": ["10.0.0.1 (flags allow: fleet)", "10.0.0.2 (flags allow: old)"]}
+        net = ipaddress.ip_network("10.0.0.3")
+        assert NeverBan([neverban.parse_entry(d) for d in coll.find(neverban.applies_to("c"))]).exempts(net) is None
+    finally:
+        db.client.drop_database("nb_scope")
+        db.client.close()

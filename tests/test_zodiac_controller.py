@@ -73,7 +73,7 @@ def status(db) -> dict:
 def flag_doc(ip, seconds=120):
     return flagdoc.build(client_ip=ip, client_port=None, server_ports=[5222], classifier="test", reason="test flood",
                          action="drop", evidence={}, offence=1, ban_seconds=seconds, sensor="test",
-                         flagged_at=dt.datetime.now(dt.timezone.utc))
+                         scope="fleet", flagged_at=dt.datetime.now(dt.timezone.utc))
 
 
 def ban_ips(n: int) -> list[str]:
