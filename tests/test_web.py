@@ -240,6 +240,19 @@ def test_dashboard_in_a_browser(appliance, browser, tmp_path):
         flood.kill()
         flood.wait()
 
+    # a ban by hand from the form: the same command, the same drop flow at the switch; then never ban it
+    d.get(base + "/flags")
+    form = d.find_element(By.CSS_SELECTOR, "form.ban")
+    form.find_element(By.NAME, "subject").send_keys("10.0.0.99")
+    form.find_element(By.NAME, "duration").send_keys("5m")
+    form.find_element(By.TAG_NAME, "button").click()
+    flash = wait(lambda: d.find_elements(By.ID, "flash"), what="the ban message")[0]
+    assert flash.text.startswith("banned 10.0.0.99 (tcp/5222,5223 outbound) by drop for 300 s"), flash.text
+    wait(lambda: scenario.ban_flows(va, "10.0.0.99"), timeout=20, what="the hand ban's drop flow")
+    status, _h, _b = c.post("/flags/allow", {"network": "10.0.0.99", "csrf": c.csrf("/flags")})
+    assert status == 303
+    assert "never banned from now: 10.0.0.99" in c.get("/flags")[2].decode()
+
     # talkers and flows: the flooder's flows, filtered by its address, sortable
     d.get(base + "/talkers?minutes=10&addr=" + FLOODER)
     rows = d.find_elements(By.CSS_SELECTOR, "#flows tbody tr")

@@ -67,6 +67,9 @@ def cmd_web(args) -> int:
     thread.start()
     service.notify("READY=1")
     while not stop.wait(5.0):
+        if not thread.is_alive():           # the server is gone: no more watchdog pings, systemd restarts us
+            log.error("the web server thread ended")
+            return 1
         service.notify("WATCHDOG=1")
     service.notify("STOPPING=1")
     server.shutdown()
