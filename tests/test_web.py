@@ -32,6 +32,7 @@ from webui import auth
 CHROMIUM, CHROMEDRIVER, PROMETHEUS = "/usr/bin/chromium", "/usr/bin/chromedriver", shutil.which("prometheus")
 PASSWORD = "pw-correct-horse-battery"
 FLOODER = "10.0.0.10"
+BENIGN = "10.0.0.11"
 XMPP_PORT = 5222
 RULES = REPO / "monitoring" / "pisnoop-rules.yml"
 
@@ -191,6 +192,11 @@ def test_dashboard_in_a_browser(appliance, browser, tmp_path):
     assert c.post("/flags/ban", {"subject": "10.0.0.99", "csrf": "x" * 43})[0] == 403
     assert "10.0.0.99" not in c.get("/flags")[2].decode()
 
+    # a benign neighbour: three short conversations of different lengths, far below the threshold
+    va.exec("inside", ["ip", "addr", "add", f"{BENIGN}/24", "dev", "eth0"])
+    for n in (2, 5, 9):
+        assert ctlutil.tcp_client(va, BENIGN, XMPP_PORT, n=n)["ok"] == n
+
     # the flood: one connection far above 100 packets/min toward 5222, until the switch drops it
     flood = va.popen("inside", [sys.executable, "-c", ctlutil.CLIENT, FLOODER, "10.0.0.1", str(XMPP_PORT), "3000",
                                 "0.01"], stdout=subprocess.PIPE, text=True)
@@ -253,15 +259,22 @@ def test_dashboard_in_a_browser(appliance, browser, tmp_path):
     assert status == 303
     assert "never banned from now: 10.0.0.99" in c.get("/flags")[2].decode()
 
-    # talkers and flows: the flooder's flows, filtered by its address, sortable
-    d.get(base + "/talkers?minutes=10&addr=" + FLOODER)
-    rows = d.find_elements(By.CSS_SELECTOR, "#flows tbody tr")
-    assert rows and all(FLOODER in r.text for r in rows)
-    assert FLOODER in d.find_element(By.CSS_SELECTOR, "#talkers tbody").text
-    d.find_element(By.CSS_SELECTOR, '#flows th[data-col="3"]').click()
-    packets = [int(r.find_elements(By.TAG_NAME, "td")[3].text)
-               for r in d.find_elements(By.CSS_SELECTOR, "#flows tbody tr")]
-    assert packets == sorted(packets, reverse=True)
+    # talkers and flows: both clients, the benign one's three flows sortable, the filter keeping one address
+    def column(table: str, i: int) -> list[str]:
+        return [r.find_elements(By.TAG_NAME, "td")[i].text for r in d.find_elements(By.CSS_SELECTOR,
+                                                                                   f"#{table} tbody tr")]
+    d.get(base + "/talkers?minutes=10")
+    assert set(column("talkers", 0)) == {FLOODER, BENIGN}
+    head = d.find_element(By.CSS_SELECTOR, '#flows th[data-col="3"]')
+    head.click()
+    down = [int(x) for x in column("flows", 3)]
+    assert len(down) >= 4 and down == sorted(down, reverse=True) and down != sorted(down), down
+    head.click()
+    assert [int(x) for x in column("flows", 3)] == sorted(down)
+    d.get(base + "/talkers?minutes=10&addr=" + BENIGN)
+    clients = column("flows", 0)
+    assert len(clients) == 3 and all(c.startswith(BENIGN + ":") for c in clients), clients
+    assert column("talkers", 0) == [BENIGN]
     shot(d, out, "talkers")
 
     # the switch: the controller's flows by module with counters, its meters
