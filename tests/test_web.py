@@ -77,6 +77,7 @@ def browser(tmp_path_factory):
         opts.add_argument(arg)
     opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                            "download.prompt_for_download": False})
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(30)
     driver.downloads = downloads
@@ -289,6 +290,11 @@ def test_dashboard_in_a_browser(appliance, browser, tmp_path):
     heads = [h.text for h in d.find_elements(By.TAG_NAME, "h3")]
     assert any(h.startswith("mirror") for h in heads) and any(h.startswith("Meters") for h in heads), heads
     shot(d, out, "switch")
+
+    # the pages ran under their CSP without a violation or a script error (the browser's console)
+    severe = [e["message"] for e in d.get_log("browser")
+              if e["level"] == "SEVERE" and "favicon.ico" not in e["message"]]
+    assert not severe, severe
 
     weights = {p: page_weight(c, p) for p in ("/login", "/", "/flags", "/talkers", "/switch")}
     print("page weight (bytes, HTML + JS + CSS as served): " + json.dumps(weights))
