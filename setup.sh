@@ -27,6 +27,7 @@ APT_PACKAGES=(
   prosody
   python3 python3-venv python3-dev gcc pkg-config libsystemd-dev
   systemd systemd-container debootstrap qemu-user-static binfmt-support util-linux
+  chromium chromium-driver prometheus
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -40,6 +40,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("report", "analyser.commands", "top talkers, flagged clients and an XMPP rate plot from the store"),
     ("flags", "analyser.flag_commands",
      "list, ban or release flagged clients; never ban an address (flags allow)"),
+    ("web", "webui.command",
+     "the dashboard: login, live status, flags with charts and buttons, talkers, the switch (--hash-password)"),
     ("virtual", "lab.commands", "the virtual appliance: OVS bridge, three hosts and a store in namespaces (lab)"),
     ("demo", "lab.demo", "the closed loop end to end: flood detected, client blocked, others unharmed (lab)"),
 )

@@ -30,6 +30,9 @@ from .redact import redact
 DEFAULT_PATH = Path("/etc/pisnoop/pisnoop.yaml")
 ENV_VAR = "PISNOOP_CONFIG"
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+# the stored forms of web.password_hash (webui/auth.py writes and checks them)
+PASSWORD_HASH = re.compile(r"^(scrypt\$(1[4-9]|20)\$[1-9][0-9]?\$[1-9]\$|pbkdf2_sha256\$[1-9][0-9]{5,6}\$)"
+                           r"[0-9a-f]{32,64}\$[0-9a-f]{64}$")
 
 
 class ConfigError(BadInput):
@@ -238,6 +241,16 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Web:
+    """The dashboard (``pisnoop web``, ``webui/``): where it listens, who may log in, how long a login lasts."""
+    listen_host: str = field(default="127.0.0.1", metadata={"check": "ip"})
+    port: int = field(default=8088, metadata=port_range())
+    # from `pisnoop web --hash-password` (scrypt or pbkdf2_sha256, salted); null: the dashboard refuses to start
+    password_hash: Optional[str] = field(default=None, metadata={"check": "password_hash"})
+    session_seconds: int = field(default=3600, metadata=value_range(60, 604_800, "seconds from 60 to 604800"))
+
+
+@dataclass(frozen=True)
 class Alerts:
     """Where events go (``appliance/alerts.py``): a log line always, a JSON POST to each webhook when any."""
     webhooks: tuple[str, ...] = field(default=(), metadata={"check": "http_url", "items": (0, 8), "unique": True})
@@ -262,6 +275,7 @@ class Config:
     analyser: Analyser = field(default_factory=Analyser)
     metrics: Metrics = field(default_factory=Metrics)
     alerts: Alerts = field(default_factory=Alerts)
+    web: Web = field(default_factory=Web)
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
 
 
@@ -492,6 +506,10 @@ def _check_string(value: str, check: str | None, path: str, src: str) -> None:
     elif check == "http_url":
         if not re.match(r"^https?://[^\s/]+(/\S*)?$", value):
             raise ConfigError(src, path, value, "an http:// or https:// URL")
+    elif check == "password_hash":
+        if not PASSWORD_HASH.match(value):
+            raise ConfigError(src, path, "<not shown>", "a hash from `pisnoop web --hash-password` "
+                              "(scrypt$N$r$p$SALT$HASH or pbkdf2_sha256$ITERATIONS$SALT$HASH, hex)")
     elif check == "mongo_uri":
         if not re.match(r"^mongodb(\+srv)?://[^\s]+$", value):
             raise ConfigError(src, path, value, "a MongoDB URI starting with mongodb:// or mongodb+srv://")

@@ -267,4 +267,5 @@ class ControllerApp(RyuApp):
             "disconnect_reasons": dict(self.disconnects), "last_disconnect": self.last_disconnect,
             "refused": {f"{mod}/{kind}": n for (mod, kind), n in core.refused.items()},
             "meter_poll": core.meter_poll_off or ("on" if core.profile.meter_stats else "no meter stats on the target"),
+            "switch": core.switch_table(),
         }

@@ -60,6 +60,7 @@ log = logging.getLogger("pisnoop.controller.core")
 METER_EXISTS, UNKNOWN_METER = "OFPMMFC_METER_EXISTS", "OFPMMFC_UNKNOWN_METER"
 TABLE_FULL = "OFPFMFC_TABLE_FULL"
 METER_POLL_SECONDS = 5.0
+FLOW_POLL_SECONDS = 10.0      # the installed flows' counters, for the status document's switch table (the dashboard)
 
 
 class Core:
@@ -85,6 +86,10 @@ class Core:
         self.next_meter_poll = 0.0
         self.meter_poll_off: Optional[str] = None     # why the meter-stats poll stopped, if it did
         self._meter_rows: dict[int, dict] = {}        # meter-stats reply pages by xid
+        self.next_flow_poll = 0.0
+        self.flow_counters: dict[tuple, tuple[int, int]] = {}    # installed flow key -> (packets, bytes), polled
+        self.flow_counters_at: Optional[float] = None
+        self._counter_rows: list = []
         self.disconnect_reasons = collections.Counter()
         self.counters = collections.Counter()
         self.refused = collections.Counter()          # (module, reason kind) -> n
@@ -130,6 +135,7 @@ class Core:
         self._forget()
         self.push_started, self.push_ms = now, None
         self.next_meter_poll = now             # first poll on the first tick after the push barrier's reply
+        self.next_flow_poll = now + FLOW_POLL_SECONDS
         self.counters["connects"] += 1
         xid = self.next_xid()
         self.owners[xid] = "core:meters"
@@ -153,6 +159,7 @@ class Core:
         self._inventory = []
         self._stats_rows = []
         self._meter_rows = {}
+        self.flow_counters, self.flow_counters_at, self._counter_rows = {}, None, []
         self.pushing = self.pushed = self.reconciled = False
 
     def _push(self, existing: dict, now: float) -> list:
@@ -200,6 +207,8 @@ class Core:
                 self.owners.pop(event.xid, None)
             if owner == "core:reconcile":
                 return self._reconcile(event, now)
+            if owner == "core:flow_counters":
+                return self._flow_counters(event, now)
             return self._dispatch(owner, event, now) if isinstance(owner, Module) else []
         if isinstance(event, (PacketIn, FlowRemoved)):
             if isinstance(event, FlowRemoved):
@@ -288,7 +297,20 @@ class Core:
             xid = self.next_xid()
             self.owners[xid] = "core:meter_stats"
             out.append(MeterStatsRequest(xid))
+        if self.pushed and now >= self.next_flow_poll and "core:flow_counters" not in self.owners.values():
+            self.next_flow_poll = now + FLOW_POLL_SECONDS
+            xid = self.next_xid()
+            self.owners[xid] = "core:flow_counters"
+            self._counter_rows = []
+            out.append(FlowStatsRequest(xid))
         return out
+
+    def _flow_counters(self, ev: FlowStats, now: float) -> list:
+        self._counter_rows += list(ev.entries)
+        if not ev.more:
+            self.flow_counters = {(e.table, e.priority, e.match): (e.packets, e.bytes) for e in self._counter_rows}
+            self.flow_counters_at, self._counter_rows = now, []
+        return []
 
     def _reconcile(self, ev: FlowStats, now: float) -> list:
         self._stats_rows += list(ev.entries)
@@ -387,6 +409,22 @@ class Core:
         return True
 
     # --- what the status document and the metrics show --------------------------------
+
+    def switch_table(self) -> dict:
+        """The flows and meters this controller installed, by module, with their last polled counters (plain
+        values, for the status document: the dashboard's switch page)."""
+        flows = []
+        for key, (module, f, _exp) in sorted(self.installed.items(), key=lambda kv: (kv[1][0].name, kv[0][:2])):
+            packets, nbytes = self.flow_counters.get(key, (None, None))
+            d = f.describe().split(" ", 4)
+            flows.append({"module": module.name, "table": f.table, "priority": f.priority, "cookie": f"{f.cookie:#x}",
+                          "match": d[4].split(" -> ")[0], "actions": d[4].split(" -> ")[-1], "packets": packets,
+                          "bytes": nbytes})
+        owner = {mid: m.name for m in self.modules for mid in m.flowspace.meters_owned}
+        meters = [{"meter_id": mid, "module": owner.get(mid), "unit": m.unit,
+                   "bands": ", ".join(f"rate {b.rate}" + (f" burst {b.burst}" if b.burst else "") for b in m.bands),
+                   "drops": self.meter_drops.get(mid)} for mid, m in sorted(self.meters.items())]
+        return {"flows": flows, "meters": meters, "counters_at": self.flow_counters_at}
 
     def snapshot(self) -> dict:
         out = {k: int(v) for k, v in self.counters.items()}

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from appliance import config
 from tests.conftest import REPO, pisnoop
@@ -138,3 +139,65 @@ def test_the_policy_chooses_each_classifiers_flag_scope_and_the_flag_carries_it(
         book.offer(Verdict("r", client_ip=f"10.0.0.{len(book.backend.docs) + 5}", server_port=5223), c, now)
     assert [(d["classifier"], d["scope"], d["sensor"]) for d in book.backend.docs] == [
         ("r1", "local", "site-a"), ("r2", "fleet", "site-a")]
+
+
+# --- web: the dashboard's section ---------------------------------------------------------------------------------
+
+
+def test_web_section_defaults_bind_to_loopback_with_no_login():
+    w = config.Config().web
+    assert (w.listen_host, w.password_hash) == ("127.0.0.1", None)
+    assert 60 <= w.session_seconds <= 86400
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("listen_host", "localhost", "an IPv4 or IPv6 address"),
+    ("port", 0, "a TCP port from 1 to 65535"),
+    ("session_seconds", 5, "seconds from 60 to 604800"),
+    ("password_hash", "hunter2hunter2", "a hash from `pisnoop web --hash-password`"),
+    ("password_hash", "scrypt$15$8$1$00$" + "0" * 64, "a hash from `pisnoop web --hash-password`"),
+])
+def test_bad_web_values_are_one_line_naming_the_key(key, value, expected, tmp_path):
+    path = tmp_path / "web.yaml"
+    path.write_text(yaml.safe_dump({"web": {key: value}}))
+    res = pisnoop("check-config", str(path))
+    assert res.returncode == 2 and res.stdout == "", res
+    assert res.stderr.count("\n") == 1 and f"web.{key}: " in res.stderr and expected in res.stderr, res.stderr
+    if key == "password_hash":
+        assert value not in res.stderr, "a refused hash (maybe a password typed in by mistake) is never echoed"
+
+
+def test_hash_password_prints_a_hash_the_config_takes_and_the_login_checks(tmp_path):
+    from webui import auth
+    res = pisnoop("web", "--hash-password", input="a long enough password\n")
+    assert res.returncode == 0, res.stderr
+    stored = res.stdout.strip()
+    assert stored.startswith("scrypt$") and "a long enough" not in stored
+    path = tmp_path / "web.yaml"
+    path.write_text(yaml.safe_dump({"web": {"password_hash": stored}}))
+    assert config.load(path).web.password_hash == stored
+    assert auth.verify_password("a long enough password", stored)
+    assert not auth.verify_password("a long enough passworD", stored)
+    again = pisnoop("web", "--hash-password", input="a long enough password\n").stdout.strip()
+    assert again != stored and auth.verify_password("a long enough password", again), "salted: never the same"
+    short = pisnoop("web", "--hash-password", input="short\n")
+    assert short.returncode == 2 and "at least 8 characters" in short.stderr
+
+
+def test_pbkdf2_hashes_are_accepted_too(tmp_path):
+    import hashlib
+
+    from webui import auth
+    salt = bytes(range(16))
+    stored = f"pbkdf2_sha256$600000${salt.hex()}${hashlib.pbkdf2_hmac('sha256', b'pw-12345678', salt, 600000).hex()}"
+    path = tmp_path / "web.yaml"
+    path.write_text(yaml.safe_dump({"web": {"password_hash": stored}}))
+    assert config.load(path).web.password_hash == stored
+    assert auth.verify_password("pw-12345678", stored) and not auth.verify_password("pw-12345679", stored)
+
+
+def test_the_dashboard_refuses_to_start_without_a_login(tmp_path):
+    path = tmp_path / "web.yaml"
+    path.write_text("web:\n  port: 8099\n")
+    res = pisnoop("--config", str(path), "web")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "web.password_hash: got None" in res.stderr, res

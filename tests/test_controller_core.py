@@ -664,3 +664,36 @@ def test_a_table_full_answer_uninstalls_the_flow_and_counts_it_refused():
     assert core.handle(err, NOW) == []
     assert len(core.installed) == before - 1 and bans[1].key not in core.installed and bans[0].key in core.installed
     assert core.refused[("enforce", "capacity")] == 1 and core.snapshot()["refused_enforce_capacity"] == 1
+
+
+def test_the_switch_table_shows_installed_flows_by_module_with_their_polled_counters():
+    from static_controller.core import FLOW_POLL_SECONDS
+    core = Core(cfg())
+    out = pushed(core)
+    table = core.switch_table()
+    assert len(table["flows"]) == len(flows_of(out)) and table["counters_at"] is None
+    assert {f["module"] for f in table["flows"]} == {"mirror", "ratelimit"}
+    assert all(f["packets"] is None for f in table["flows"]), "no counter before the first poll"
+    assert [(m["meter_id"], m["module"]) for m in table["meters"]] == [(1, "ratelimit"), (2, "ratelimit")]
+    early = [m for m in core.handle(Tick(NOW + 1), NOW + 1) if isinstance(m, FlowStatsRequest)]
+    assert "core:flow_counters" not in [core.owners[m.xid] for m in early], "the counters wait their interval"
+    for m in early:
+        core.handle(FlowStats(m.xid, ()), NOW + 1)
+    t = NOW + FLOW_POLL_SECONDS + 0.1
+    poll = [m for m in core.handle(Tick(t), t) if isinstance(m, FlowStatsRequest)]
+    assert [core.owners[m.xid] for m in poll] == ["core:flow_counters"]
+    first = flows_of(out)[0]
+    other = flow(0, 1, {"in_port": 9}, 0x99)           # on the switch but not ours: not in the table
+    rows = (FlowStat(first.table, first.priority, first.match, first.cookie, 42, 4200, 3.0),
+            FlowStat(other.table, other.priority, other.match, other.cookie, 7, 700, 3.0))
+    assert core.handle(FlowStats(poll[0].xid, rows[:1], more=True), t) == []
+    assert core.switch_table()["counters_at"] is None, "a counter set is taken whole, not page by page"
+    core.handle(FlowStats(poll[0].xid, rows[1:]), t)
+    table = core.switch_table()
+    assert table["counters_at"] == t and len(table["flows"]) == len(flows_of(out))
+    counted = [f for f in table["flows"] if f["packets"] is not None]
+    assert [(f["table"], f["priority"], f["packets"], f["bytes"]) for f in counted] == \
+        [(first.table, first.priority, 42, 4200)]
+    assert not [m for m in core.handle(Tick(t + 1), t + 1) if isinstance(m, FlowStatsRequest)]
+    core.disconnect("closed by the switch")
+    assert core.switch_table() == {"flows": [], "meters": [], "counters_at": None}

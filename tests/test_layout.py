@@ -23,7 +23,7 @@ from appliance import pcapfile
 from tests.analyser_frames import T0, Conn, steady
 from tests.conftest import REPO
 
-SERVICES = ("lab", "analyser", "static_controller", "snooper")
+SERVICES = ("lab", "analyser", "static_controller", "snooper", "webui")
 _RUN = """
 import json, sys
 from appliance.cli import main
@@ -63,7 +63,7 @@ def test_the_command_hub_loads_no_service(tmp_path):
     ("snooper", {"snooper"}), ("export-pcap", {"snooper"}), ("import-pcap", {"snooper"}),
     ("controller", {"static_controller"}),
     ("analyser", {"analyser"}), ("analyse", {"analyser"}), ("report", {"analyser"}), ("flags", {"analyser"}),
-    ("check-config", set()),
+    ("check-config", set()), ("web", {"webui"}),
 ])
 def test_help_of_each_command_loads_only_its_service(command, own, tmp_path):
     loaded, rc, out = loaded_modules([command, "--help"], tmp_path)
@@ -120,8 +120,9 @@ def product_wheel(tmp_path_factory) -> Path:
 def test_the_product_wheel_holds_no_lab(product_wheel):
     names = zipfile.ZipFile(product_wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert top == {"appliance", "analyser", "snooper", "static_controller"}
+    assert top == {"appliance", "analyser", "snooper", "static_controller", "webui"}
     assert "appliance/pisnoop.example.yaml" in names
+    assert {"webui/static/app.js", "webui/static/uPlot.iife.min.js", "webui/static/uPlot.LICENSE"} <= set(names)
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     requires = [line for line in zipfile.ZipFile(product_wheel).read(metadata).decode().splitlines()
                 if line.startswith("Requires-Dist:") and "extra ==" not in line]

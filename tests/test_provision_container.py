@@ -13,6 +13,7 @@ arm64 root under qemu-user-static.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import re
 import threading
@@ -61,9 +62,26 @@ def nm_owns_every_port(ct, timeout: float = 60) -> dict[str, str]:
     raise AssertionError(f"NetworkManager does not manage every interface before the playbook: {devices}")
 
 
+# the dashboard runs once it has a login (pisnoop_web_enabled): a throwaway pbkdf2 hash of a throwaway password
+WEB_PASSWORD_HASH = ("pbkdf2_sha256$600000$000102030405060708090a0b0c0d0e0f$"
+                     + hashlib.pbkdf2_hmac("sha256", b"pw-container", bytes(range(16)), 600000).hex())
+WEB_PROBE = """import urllib.request as u
+class N(u.HTTPRedirectHandler):
+    def redirect_request(self, *a):
+        return None
+for p in ("/", "/login"):
+    try:
+        r = u.build_opener(N).open("http://127.0.0.1:8088" + p)
+    except u.HTTPError as e:
+        r = e
+    print(p, r.status, r.headers.get("Location"), r.headers.get("X-Frame-Options"))
+"""
+WEB_SETTINGS = ("-e", json.dumps({"pisnoop_settings": {"web": {"password_hash": WEB_PASSWORD_HASH}}}))
+
+
 @pytest.fixture(scope="module")
 def provisioned():
-    yield from provision(container.host_arch())
+    yield from provision(container.host_arch(), *WEB_SETTINGS)
 
 
 # --- the checks, shared with the arm64 module ---------------------------------------------------
@@ -220,7 +238,25 @@ def test_services_report_ready(provisioned):
 
 
 def test_second_run_changes_nothing(provisioned):
-    check_second_run_changes_nothing(provisioned)
+    check_second_run_changes_nothing(provisioned, *WEB_SETTINGS)
+
+
+def test_the_dashboard_runs_hardened_and_wants_a_login(provisioned):
+    """pisnoop-web: enabled and ready (Type=notify), exposure at most 2.0 on the booted system, every page behind
+    the login page, the login form served with its security headers."""
+    ct, first, _ = provisioned
+    unit = "pisnoop-web.service"
+    assert ct.sh(f"systemctl is-enabled {unit}", check=False).stdout.strip() == "enabled"
+    deadline = time.monotonic() + 60
+    while _service_state(ct, unit)["SubState"] != "running" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _service_state(ct, unit)["ActiveState"] == "active", ct.sh(f"journalctl -b -u {unit} -n 20", check=False)
+    level = re.search(r"Overall exposure level for \S+: (\d+\.\d+)",
+                      ct.sh(f"systemd-analyze security --no-pager {unit}", check=False).stdout)
+    assert level and float(level.group(1)) <= 2.0, level
+    out = ct.sh(f"python3 - <<'EOF'\n{WEB_PROBE}EOF\n").stdout.splitlines()
+    assert out[0].startswith("/ 303 ") and out[0].split()[2].endswith("/login"), out
+    assert out[1] == "/login 200 None DENY", out
 
 
 def test_bad_variable_fails_the_play_with_the_message(provisioned):

@@ -1,0 +1,391 @@
+"""`pisnoop web` in a real headless browser (Debian's chromium and chromedriver, selenium), against the virtual
+appliance with its three services and a client flooding the XMPP port; then a real Prometheus scraping the three
+services with the shipped rules (shortened), one of which fires when the snooper stops.
+
+One appliance for the module: building it and starting the services is most of the time.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from appliance import config as config_mod
+from lab import scenario
+from lab.procs import free_port, stop_pid
+from lab.virtual import VirtualAppliance
+from tests import ctlutil
+from tests.conftest import REPO, assert_gone
+from webui import auth
+
+CHROMIUM, CHROMEDRIVER, PROMETHEUS = "/usr/bin/chromium", "/usr/bin/chromedriver", shutil.which("prometheus")
+PASSWORD = "pw-correct-horse-battery"
+FLOODER = "10.0.0.10"
+BENIGN = "10.0.0.11"
+XMPP_PORT = 5222
+RULES = REPO / "monitoring" / "pisnoop-rules.yml"
+
+needs_browser = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+                                   reason="chromium and chromium-driver are not installed (setup.sh installs them)")
+
+
+@pytest.fixture(scope="module")
+def appliance():
+    web_port = free_port()
+    cfg = scenario.service_config(settings={"web": {"port": web_port, "password_hash": auth.hash_password(PASSWORD),
+                                                    "session_seconds": 600}})
+    va = VirtualAppliance(cfg)
+    with va:
+        services = scenario.ServiceSet(va)
+        echo = None
+        try:
+            for name in (*scenario.SERVICES, "web"):
+                services.start(name)
+            echo = ctlutil.start_echo_server(va, XMPP_PORT)
+            yield va, services, f"http://127.0.0.1:{web_port}"
+        finally:
+            if echo is not None:
+                stop_pid(echo.pid)
+            web = services.procs.pop("web", None)
+            if web is not None and web.poll() is None:
+                web.send_signal(signal.SIGTERM)
+                web.wait(timeout=20)
+            services.stop()
+    assert_gone(va)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    downloads = tmp_path_factory.mktemp("downloads")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update"):
+        opts.add_argument(arg)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                           "download.prompt_for_download": False})
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    driver.downloads = downloads
+    yield driver
+    driver.quit()
+
+
+def wait(pred, timeout: float = 30.0, step: float = 0.25, what: str = ""):
+    got = ctlutil.wait_for(pred, timeout, step)
+    assert got, f"timed out after {timeout:.0f} s waiting for {what or pred}"
+    return got
+
+
+def shot(driver, out: Path, name: str) -> Path:
+    path = out / f"{name}.png"
+    driver.get_screenshot_as_file(str(path))
+    print(f"screenshot: {path}")
+    return path
+
+
+class Client:
+    """The dashboard seen without a browser (urllib, its own cookies): forged posts and page weights."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect)
+
+    def get(self, path: str) -> tuple[int, dict, bytes]:
+        try:
+            with self.opener.open(self.base + path, timeout=30) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def post(self, path: str, fields: dict) -> tuple[int, dict, bytes]:
+        data = urllib.parse.urlencode(fields).encode()
+        try:
+            with self.opener.open(urllib.request.Request(self.base + path, data=data), timeout=30) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def login(self, password: str) -> int:
+        _s, _h, body = self.get("/login")
+        token = re.search(rb'name="csrf" value="([^"]+)"', body).group(1).decode()
+        status, headers, _b = self.post("/login", {"csrf": token, "password": password})
+        return status if headers.get("Location", "").endswith("/") else -status
+
+    def csrf(self, path: str) -> str:
+        _s, _h, body = self.get(path)
+        return re.search(rb'name="csrf" value="([^"]+)"', body).group(1).decode()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *a, **kw):
+        return None
+
+
+def drop_flows(va) -> list[str]:
+    return scenario.ban_flows(va, FLOODER)
+
+
+def page_weight(c: Client, path: str) -> int:
+    """Bytes of the page's HTML plus every script and stylesheet it loads, as served."""
+    _s, _h, html = c.get(path)
+    total = len(html)
+    for ref in re.findall(rb'(?:src|href)="(/static/[^"]+)"', html):
+        _s2, _h2, body = c.get(ref.decode())
+        total += len(body)
+    return total
+
+
+@needs_browser
+def test_dashboard_in_a_browser(appliance, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    va, services, base = appliance
+    out = tmp_path / "screens"
+    out.mkdir()
+    d = browser
+
+    # no session: every page sends the browser to the login page, JSON is 401, a post is 403
+    anon = Client(base)
+    for path in ("/", "/flags", "/talkers", "/switch"):
+        status, headers, _b = anon.get(path)
+        assert status == 303 and headers["Location"].endswith("/login"), (path, status, headers)
+    assert anon.get("/api/overview")[0] == 401
+    status, headers, body = anon.get("/login")
+    assert status == 200 and "script-src 'self'" in headers["Content-Security-Policy"]
+    assert "'unsafe-inline'" not in headers["Content-Security-Policy"] and b"<script>" not in body
+    assert headers["X-Frame-Options"] == "DENY" and headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Cache-Control"] == "no-store" and headers["Referrer-Policy"] == "no-referrer"
+    assert anon.post("/flags/ban", {"subject": "10.0.0.99"})[0] == 403
+
+    # the login form refuses the wrong password, and a login post without its CSRF token
+    d.get(base + "/")
+    assert d.current_url.endswith("/login")
+    d.find_element(By.ID, "password").send_keys("wrong-password")
+    d.find_element(By.ID, "login-button").click()
+    wait(lambda: d.find_elements(By.ID, "login-error"), what="the wrong-password message")
+    assert d.current_url.endswith("/login?failed=1")
+    assert Client(base).post("/login", {"password": PASSWORD})[0] == 403
+    shot(d, out, "login")
+    d.find_element(By.ID, "password").send_keys(PASSWORD)
+    d.find_element(By.ID, "login-button").click()
+    wait(lambda: d.find_elements(By.ID, "tiles"), what="the overview after login")
+
+    # a logged-in session's forged post (no CSRF token, or another one) is 403 and bans nothing
+    c = Client(base)
+    assert c.login("not-it") < 0
+    assert c.login(PASSWORD) == 303
+    assert c.post("/flags/ban", {"subject": "10.0.0.99"})[0] == 403
+    assert c.post("/flags/ban", {"subject": "10.0.0.99", "csrf": "x" * 43})[0] == 403
+    assert "10.0.0.99" not in c.get("/flags")[2].decode()
+
+    # a benign neighbour: three short conversations of different lengths, far below the threshold
+    va.exec("inside", ["ip", "addr", "add", f"{BENIGN}/24", "dev", "eth0"])
+    for n in (2, 5, 9):
+        assert ctlutil.tcp_client(va, BENIGN, XMPP_PORT, n=n)["ok"] == n
+
+    # the flood: one connection far above 100 packets/min toward 5222, until the switch drops it
+    flood = va.popen("inside", [sys.executable, "-c", ctlutil.CLIENT, FLOODER, "10.0.0.1", str(XMPP_PORT), "3000",
+                                "0.01"], stdout=subprocess.PIPE, text=True)
+    try:
+        first = int(d.find_element(By.ID, "c-captured").text)
+        wait(lambda: int(d.find_element(By.ID, "c-captured").text) > first, what="the overview's counters to move")
+        wait(lambda: drop_flows(va), timeout=60, what="the flood's drop flow")
+        shot(d, out, "overview")
+
+        # the flags page: the flooder with its evidence and its chart (drawn by uPlot, threshold line)
+        d.get(base + "/flags")
+        cards = [s for s in d.find_elements(By.CSS_SELECTOR, "section.flag.flagged")
+                 if s.get_attribute("data-subject").split(":")[0] == FLOODER]   # the connection ADDR:PORT
+        assert len(cards) == 1, d.page_source[:3000]
+        card = cards[0]
+        assert "rate" in card.find_element(By.CLASS_NAME, "evidence").text
+        chart = card.find_element(By.CLASS_NAME, "chart")
+        wait(lambda: chart.get_attribute("data-drawn"), what="the chart")
+        assert int(chart.get_attribute("data-drawn")) > 10
+        assert chart.find_elements(By.TAG_NAME, "canvas")
+        legend = chart.text
+        assert "threshold 100" in legend, legend
+        shot(d, out, "flags")
+
+        # the evidence pcap, downloaded by the browser, read by tcpdump
+        card.find_element(By.CLASS_NAME, "pcap").click()
+        pcap = wait(lambda: [p for p in Path(d.downloads).glob("*.pcap")], what="the pcap download")[0]
+        wait(lambda: not list(Path(d.downloads).glob("*.crdownload")), what="the download to finish")
+        read = subprocess.run(["tcpdump", "-nn", "-r", str(pcap)], capture_output=True, text=True, timeout=30)
+        assert read.returncode == 0, read.stderr
+        lines = read.stdout.splitlines()
+        assert len(lines) > 10 and all(FLOODER in ln for ln in lines), lines[:3]
+        assert any(f"{FLOODER}." in ln and f"> 10.0.0.1.{XMPP_PORT}" in ln for ln in lines)
+        print(f"evidence pcap: {pcap}, {len(lines)} frames")
+
+        # release: the drop flow leaves the switch (the flood stopped first: a client still sending over the
+        # threshold within the analyser's window would be flagged again at once)
+        flood.kill()
+        flood.wait()
+        flag_id = card.get_attribute("data-id")
+        card.find_element(By.CSS_SELECTOR, "form.release button").click()
+        flash = wait(lambda: d.find_elements(By.ID, "flash"), what="the release message")[0]
+        assert f"released 1 flag(s) of {flag_id}" in flash.text, flash.text
+        wait(lambda: not drop_flows(va), timeout=20, what="the drop flow to be removed")
+        shot(d, out, "flags-released")
+    finally:
+        flood.kill()
+        flood.wait()
+
+    # a ban by hand from the form: the same command, the same drop flow at the switch; then never ban it
+    d.get(base + "/flags")
+    form = d.find_element(By.CSS_SELECTOR, "form.ban")
+    form.find_element(By.NAME, "subject").send_keys("10.0.0.99")
+    form.find_element(By.NAME, "duration").send_keys("5m")
+    form.find_element(By.TAG_NAME, "button").click()
+    flash = wait(lambda: d.find_elements(By.ID, "flash"), what="the ban message")[0]
+    assert flash.text.startswith("banned 10.0.0.99 (tcp/5222,5223 outbound) by drop for 300 s"), flash.text
+    wait(lambda: scenario.ban_flows(va, "10.0.0.99"), timeout=20, what="the hand ban's drop flow")
+    status, _h, _b = c.post("/flags/allow", {"network": "10.0.0.99", "csrf": c.csrf("/flags")})
+    assert status == 303
+    assert "never banned from now: 10.0.0.99" in c.get("/flags")[2].decode()
+
+    # talkers and flows: both clients, the benign one's three flows sortable, the filter keeping one address
+    def column(table: str, i: int) -> list[str]:
+        return [r.find_elements(By.TAG_NAME, "td")[i].text for r in d.find_elements(By.CSS_SELECTOR,
+                                                                                   f"#{table} tbody tr")]
+    d.get(base + "/talkers?minutes=10")
+    assert set(column("talkers", 0)) == {FLOODER, BENIGN}
+    head = d.find_element(By.CSS_SELECTOR, '#flows th[data-col="3"]')
+    head.click()
+    down = [int(x) for x in column("flows", 3)]
+    assert len(down) >= 4 and down == sorted(down, reverse=True) and down != sorted(down), down
+    head.click()
+    assert [int(x) for x in column("flows", 3)] == sorted(down)
+    d.get(base + "/talkers?minutes=10&addr=" + BENIGN)
+    clients = column("flows", 0)
+    assert len(clients) == 3 and all(c.startswith(BENIGN + ":") for c in clients), clients
+    assert column("talkers", 0) == [BENIGN]
+    shot(d, out, "talkers")
+
+    # the switch: the controller's flows by module with counters, its meters
+    def polled():
+        d.get(base + "/switch")
+        return "counters polled 20" in d.find_element(By.ID, "switch-state").text
+    wait(polled, timeout=25, step=1.0, what="the switch page with the controller's polled counters")
+    assert d.find_element(By.ID, "switch-state").text.startswith("connected")
+    mirror = [r.find_elements(By.TAG_NAME, "td") for r in d.find_elements(By.CSS_SELECTOR, "#flows-mirror tbody tr")]
+    assert mirror and all(cells[4].text.isdigit() for cells in mirror), "every mirror flow with its packet count"
+    assert sum(int(cells[4].text) for cells in mirror) > 100, "the flood went through the mirror flows"
+    heads = [h.text for h in d.find_elements(By.TAG_NAME, "h3")]
+    assert any(h.startswith("mirror") for h in heads) and any(h.startswith("Meters") for h in heads), heads
+    shot(d, out, "switch")
+
+    # the pages ran under their CSP without a violation or a script error (the browser's console)
+    severe = [e["message"] for e in d.get_log("browser")
+              if e["level"] == "SEVERE" and "favicon.ico" not in e["message"]]
+    assert not severe, severe
+
+    weights = {p: page_weight(c, p) for p in ("/login", "/", "/flags", "/talkers", "/switch")}
+    print("page weight (bytes, HTML + JS + CSS as served): " + json.dumps(weights))
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus is not installed (setup.sh installs it)")
+def test_prometheus_scrapes_the_services_and_a_rule_fires_when_the_snooper_stops(appliance, tmp_path):
+    va, services, _base = appliance
+    cfg = config_mod.load(va.config_path)
+    m = cfg.metrics
+    rules = yaml.safe_load(RULES.read_text())
+    for group in rules["groups"]:              # the shipped rules, quicker: the same expressions
+        group["interval"] = "1s"
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = "2s"
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+    check = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yml")], capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    jobs = {"pisnoop-controller": m.controller_port, "pisnoop-snooper": m.snooper_port,
+            "pisnoop-analyser": m.analyser_port}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(tmp_path / "rules.yml")],
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+                           for job, port in jobs.items()]}))
+    port = free_port()
+    log = open(tmp_path / "prometheus.log", "wb")
+    prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.path={tmp_path / 'tsdb'}"],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    api = f"http://127.0.0.1:{port}/api/v1"
+
+    def get(path: str):
+        try:
+            with urllib.request.urlopen(api + path, timeout=5) as r:
+                return json.loads(r.read())["data"]
+        except OSError:
+            return None
+    try:
+        def all_up():
+            data = get("/query?query=up")
+            return data and len(data["result"]) == 3 and all(r["value"][1] == "1" for r in data["result"])
+        wait(all_up, timeout=40, step=0.5, what="Prometheus to scrape the three services")
+        from tests.test_monitoring import dashboard_metrics
+        declared = set()          # what the running services' endpoints declare (a family may have no sample yet)
+        for port_ in jobs.values():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port_}/metrics", timeout=5) as r:
+                for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", r.read().decode(), re.M):
+                    declared.add(f"{name.removesuffix('_total')}_total" if kind == "counter" else name)
+        missing = sorted(dashboard_metrics() - declared)
+        assert not missing, f"dashboard metrics the running services do not export: {missing}"
+        scraped = set(get("/label/__name__/values") or [])
+        assert {"pisnoop_snooper_captured_total", "pisnoop_controller_of_messages_total",
+                "pisnoop_analyser_lag_seconds"} <= scraped
+        assert not [a for a in get("/alerts")["alerts"] if a["labels"].get("alertname") == "PisnoopServiceDown"]
+
+        snooper = services.procs["snooper"]
+        snooper.send_signal(signal.SIGTERM)
+        snooper.wait(timeout=30)
+
+        def firing():
+            return [a for a in (get("/alerts") or {}).get("alerts", []) if a["state"] == "firing"
+                    and a["labels"].get("alertname") == "PisnoopServiceDown"
+                    and a["labels"].get("job") == "pisnoop-snooper"]
+        alert = wait(firing, timeout=30, step=0.5, what="PisnoopServiceDown for the snooper")[0]
+        print(f"fired: {alert['labels']} {alert['annotations'].get('summary')}")
+        others = [a["labels"]["job"] for a in get("/alerts")["alerts"]
+                  if a["labels"].get("alertname") == "PisnoopServiceDown"]
+        assert others == ["pisnoop-snooper"], others
+    finally:
+        prom.send_signal(signal.SIGTERM)
+        try:
+            prom.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait()
+
+
+def test_sessions_end_after_their_lifetime_and_on_logout():
+    now = [1000.0]
+    s = auth.Sessions(60, clock=lambda: now[0])
+    a = s.start()
+    assert s.get(a.token) is a and s.get("made-up") is None and s.get(None) is None
+    now[0] += 59.9
+    assert s.get(a.token) is a, "a session in use does not outlive its login, but lives until then"
+    now[0] += 0.2
+    assert s.get(a.token) is None
+    b = s.start()
+    s.end(b.token)
+    assert s.get(b.token) is None
+    assert not auth.same(b.csrf, None) and not auth.same("", "") and auth.same(b.csrf, b.csrf)

@@ -1,0 +1,172 @@
+"""The HTML of each page: plain markup, every value escaped, no inline script or style (the CSP forbids both).
+
+``static/app.js`` adds what moves: the overview's refresh, the flags' charts,
+sortable tables. Every form carries the session's CSRF token.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from html import escape
+from typing import Iterable
+
+HERE, NUM_HEAD, NUM_CELL = ' class="here"', ' data-num="1"', ' class="num"'
+NAV = (("/", "Overview"), ("/flags", "Flags"), ("/talkers", "Talkers and flows"), ("/switch", "Switch"))
+
+
+def e(v) -> str:
+    if isinstance(v, dt.datetime):
+        v = f"{v:%Y-%m-%d %H:%M:%S}"
+    return escape("" if v is None else str(v), quote=True)
+
+
+def csrf_field(csrf: str) -> str:
+    return f'<input type="hidden" name="csrf" value="{e(csrf)}">'
+
+
+def layout(title: str, body: str, csrf: str | None, current: str = "", flash: str = "", page: str = "") -> str:
+    nav = ""
+    if csrf is not None:
+        links = "".join(f'<a href="{href}"{HERE if href == current else ""}>{e(text)}</a>'
+                        for href, text in NAV)
+        nav = (f'<nav>{links}<form method="post" action="/logout" class="logout">{csrf_field(csrf)}'
+               '<button type="submit">Log out</button></form></nav>')
+    note = f'<p class="flash" id="flash">{e(flash)}</p>' if flash else ""
+    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>pisnoop: {e(title)}</title><link rel=\"stylesheet\" href=\"/static/app.css\">"
+            + ("<link rel=\"stylesheet\" href=\"/static/uPlot.min.css\">" if page == "flags" else "")
+            + f"</head><body data-page=\"{e(page)}\"><header><h1>pisnoop</h1>{nav}</header><main>"
+            f"<h2>{e(title)}</h2>{note}{body}</main>"
+            + ("<script src=\"/static/uPlot.iife.min.js\"></script>" if page == "flags" else "")
+            + "<script src=\"/static/app.js\"></script></body></html>")
+
+
+def login(csrf: str, failed: bool) -> str:
+    why = '<p class="error" id="login-error">wrong password</p>' if failed else ""
+    body = (f'{why}<form method="post" action="/login" id="login">{csrf_field(csrf)}'
+            '<label>Password <input type="password" name="password" id="password" autocomplete="current-password" '
+            'autofocus required></label> <button type="submit" id="login-button">Log in</button></form>')
+    return layout("Log in", body, None, page="login")
+
+
+def facts_html(f: dict) -> str:
+    """``pisnoop status``'s picture: the verdict, then each section's lines, a problem or warning marked."""
+    verdict = "OK" if f["ok"] else f"{len(f['problems'])} PROBLEM(S)"
+    rows = []
+    for name, lines in f["sections"].items():
+        rows.append(f'<tr class="section"><th colspan="2">{e(name)}</th></tr>')
+        for ln in lines:
+            cls = "problem" if ln["problem"] else ("warning" if ln["warning"] else "")
+            why = ln["problem"] or ln["warning"]
+            rows.append(f'<tr class="{cls}"><td>{e(ln["label"])}</td><td>{e(ln["text"])}'
+                        + (f' <span class="why">&larr; {e(why)}</span>' if why else "") + "</td></tr>")
+    return (f'<p id="verdict" class="{"ok" if f["ok"] else "bad"}">sensor {e(f["sensor"])} at {e(f["at"][:19])} UTC: '
+            f'{e(verdict)}</p><table id="facts">{"".join(rows)}</table>')
+
+
+def counters(f: dict) -> dict:
+    """The numbers the overview shows large: read from the same inputs ``pisnoop status`` judged."""
+    docs = f.get("inputs", {}).get("docs", {}) or {}
+    snooper = (docs.get("snooper") or {}).get("counters", {}) or {}
+    ctl = (docs.get("controller") or {}).get("counters", {}) or {}
+    bans = [x for x in f.get("inputs", {}).get("flags") or [] if x.get("status") == "flagged"]
+    return {"captured": snooper.get("captured", 0), "stored": snooper.get("stored", 0),
+            "duplicates": snooper.get("duplicates", 0), "flows_installed": ctl.get("flows_installed", 0),
+            "bans": len(bans)}
+
+
+def overview(f: dict, csrf: str, flash: str) -> str:
+    tiles = "".join(f'<div class="tile"><span class="n" id="c-{k}">{e(v)}</span><span>{e(k.replace("_", " "))}'
+                    '</span></div>' for k, v in counters(f).items())
+    body = (f'<div class="tiles" id="tiles">{tiles}</div><div id="status">{facts_html(f)}</div>'
+            '<p class="muted">refreshed every 2 s (<code>pisnoop status</code>)</p>')
+    return layout("Overview", body, csrf, "/", flash, page="overview")
+
+
+def _form(action: str, csrf: str, button: str, fields: str = "", cls: str = "") -> str:
+    return (f'<form method="post" action="{e(action)}" class="inline {cls}">{csrf_field(csrf)}{fields}'
+            f'<button type="submit">{e(button)}</button></form>')
+
+
+def flags(rows: list[dict], csrf: str, flash: str) -> str:
+    ban = _form("/flags/ban", csrf, "Ban", '<input name="subject" placeholder="ADDR[/LEN], ADDR:PORT or MAC" required>'
+                '<input name="duration" placeholder="for (e.g. 30m)"><input name="reason" placeholder="reason">',
+                "ban")
+    cards = []
+    for r in rows:
+        ev = r["evidence"]
+        evidence = ", ".join(f"{k} {v}" for k, v in ev.items() if k != "samples")
+        samples = ", ".join(map(str, ev.get("samples", [])))
+        buttons = ""
+        if r["active"]:
+            buttons += _form(f"/flags/{r['id']}/release", csrf, "Release", cls="release")
+        if r["client_ip"]:
+            buttons += _form("/flags/allow", csrf, "Never ban",
+                             f'<input type="hidden" name="network" value="{e(r["client_ip"])}">', "allow")
+        if "first_packet_ns" in ev:
+            buttons += f'<a class="button pcap" href="/flags/{e(r["id"])}/pcap">evidence pcap</a>'
+        chart = (f'<div class="chart" data-flag="{e(r["id"])}" id="chart-{e(r["id"])}"></div>'
+                 if "first_packet_ns" in ev else "")
+        cards.append(
+            f'<section class="flag {e(r["status"])}" data-subject="{e(r["subject"])}" data-id="{e(r["id"])}">'
+            f'<h3>{e(r["subject"])} <small>{e(r["scope"])}, {e(r["status"])}, {e(r["action"])} {e(r["ports"])}'
+            f'</small></h3><p>{e(r["reason"])} (classifier {e(r["classifier"])}, offence {e(r["offence"])}, '
+            f'{e(r["origin"])}); flagged {e(r["flagged_at"])}, until {e(r["expires_at"])} UTC; id '
+            f'<code>{e(r["id"])}</code></p><p class="evidence">evidence: {e(evidence)}'
+            + (f'; sample frames {e(samples)}' if samples else "")
+            + f'</p>{chart}<div class="buttons">{buttons}</div></section>')
+    body = (f'<div class="box"><h3>Ban by hand</h3>{ban}</div>'
+            + ("".join(cards) or '<p id="no-flags">no flags in the last 24 h</p>'))
+    return layout("Flags", body, csrf, "/flags", flash, page="flags")
+
+
+def _table(table_id: str, heads: Iterable[str], rows: Iterable[Iterable], numeric: set[int]) -> str:
+    th = "".join(f'<th data-col="{i}"{NUM_HEAD if i in numeric else ""}>{e(h)}</th>'
+                 for i, h in enumerate(heads))
+    trs = "".join("<tr>" + "".join(f'<td{NUM_CELL if i in numeric else ""}>{e(v)}</td>'
+                                   for i, v in enumerate(r)) + "</tr>" for r in rows)
+    return f'<table class="sortable" id="{table_id}"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
+
+
+def talkers(top: list, flows: list, minutes: float, address: str, csrf: str, flash: str) -> str:
+    form = (f'<form method="get" action="/talkers" class="inline"><label>last <input name="minutes" size="4" '
+            f'value="{e(f"{minutes:g}")}"> min</label> <label>address <input name="addr" id="addr" '
+            f'value="{e(address)}" placeholder="any"></label> <button type="submit">Show</button></form>')
+    t = _table("talkers", ("client", "flows", "packets", "bytes", "xmpp packets", "verified", "unverified"),
+               ((x["client_ip"], x["flows"], x["packets"], x["bytes"], x["xmpp_packets"], x.get("verified", 0),
+                 x.get("unverified", 0)) for x in top), {1, 2, 3, 4, 5, 6})
+    f = _table("flows", ("client", "server", "proto", "packets", "bytes", "verified", "first seen", "last seen"),
+               ((x["client"], x["server"], x["proto"], x["packets"], x["bytes"], "yes" if x["verified"] else "no",
+                 x["first_seen"], x["last_seen"]) for x in flows), {3, 4})
+    body = (f"{form}<h3>Top talkers</h3>{t}<h3>Flows ({len(flows)} newest)</h3>{f}"
+            '<p class="muted">click a column head to sort</p>')
+    return layout("Talkers and flows", body, csrf, "/talkers", flash, page="talkers")
+
+
+def switch(s: dict, csrf: str, flash: str) -> str:
+    if not s["found"]:
+        body = '<p class="error">no controller status document: is pisnoop-controller running?</p>'
+        return layout("Switch", body, csrf, "/switch", flash, page="switch")
+    head = (f'<p id="switch-state">{"connected" if s["connected"] else "NOT connected"}: datapath '
+            f'{e(s["datapath_id"])} ({e(s["target"])}), modules {e(", ".join(s["modules"]))}; status of '
+            f'{e(s["updated_at"])} UTC, counters polled {e(s["counters_at"] or "not yet")}</p>')
+    by_module: dict[str, list] = {}
+    for fl in s["flows"]:
+        by_module.setdefault(fl.get("module", "?"), []).append(fl)
+    parts = []
+    for mod, fls in by_module.items():
+        parts.append(f'<h3>{e(mod)} ({len(fls)} flows)</h3>' + _table(
+            f"flows-{mod}", ("table", "priority", "match", "actions", "packets", "bytes", "cookie"),
+            ((x.get("table"), x.get("priority"), x.get("match"), x.get("actions"), x.get("packets", ""),
+              x.get("bytes", ""), x.get("cookie")) for x in fls), {0, 1, 4, 5}))
+    meters = _table("meters", ("meter", "module", "unit", "bands", "dropped packets"),
+                    ((m.get("meter_id"), m.get("module"), m.get("unit"), m.get("bands"), m.get("drops", ""))
+                     for m in s["meters"]), {0, 4})
+    body = head + "".join(parts) + f"<h3>Meters ({len(s['meters'])})</h3>{meters}"
+    return layout("Switch", body, csrf, "/switch", flash, page="switch")
+
+
+def as_json(v) -> str:
+    return json.dumps(v, default=lambda x: x.isoformat() if isinstance(x, dt.datetime) else str(x))
