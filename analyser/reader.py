@@ -115,13 +115,25 @@ class Follower:
         return max(0.0, (newest["ins"] - self.resume).total_seconds())
 
 
-def time_range(db, sensor: str, lo: int, hi: Optional[int], chunk: int = 64) -> Iterator[list]:
-    """Lists of ``(batch_id, 0, frames)`` covering capture times in [lo, hi) ns, oldest first."""
+def range_query(sensor: str, lo: int, hi: Optional[int]) -> tuple[dict, list]:
+    """The filter and sort of ``time_range``: both in the order of ``idx_frames_sensor_t1``.
+
+    The index gives the order, so no sort runs in memory: MongoDB 4.4 refuses
+    an in-memory sort over 100 MB, which an hour of frames documents exceeds.
+    Within one snooper run batches do not overlap, so the order of their
+    ends (t1) is the order of their starts.
+    """
     query: dict = {"sensor": sensor, "t1": {"$gte": timespec.utc(lo)}}
     if hi is not None:
         query["t0"] = {"$lt": timespec.utc(hi) + SLACK}  # wider by SLACK (nx-27017); frames filtered exactly below
+    return query, [("sensor", 1), ("t1", 1)]
+
+
+def time_range(db, sensor: str, lo: int, hi: Optional[int], chunk: int = 64) -> Iterator[list]:
+    """Lists of ``(batch_id, 0, frames)`` covering capture times in [lo, hi) ns, oldest first."""
+    query, order = range_query(sensor, lo, hi)
     out = []
-    for doc in db[store.FRAMES].find(query).sort([("t0", 1), ("_id", 1)]):
+    for doc in db[store.FRAMES].find(query).sort(order):
         out.append((doc["_id"], 0, _between(store.batch_frames(doc), lo, hi)))
         if len(out) >= chunk:
             yield out

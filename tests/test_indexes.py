@@ -279,3 +279,13 @@ def test_every_per_sensor_query_has_an_index_leading_with_its_keys():
             (store.FLOWS, (("sensor", 1), ("key", 1)))]
     assert [n for n in need if n not in declared] == []
     assert (store.FLOWS, (("key", 1),)) in indexes.LEGACY        # the flows index before flows were per sensor
+
+
+def test_a_time_range_read_is_sorted_in_the_order_of_its_index():
+    """No sort in memory (MongoDB 4.4 refuses one over 100 MB): the sort is a declared index's key, whose fields
+    the filter uses too."""
+    from analyser import reader
+    query, order = reader.range_query("site-a", 10**18, 2 * 10**18)
+    keys = {ix.keys for ix in indexes.INDEXES if ix.collection == store.FRAMES}
+    assert tuple(order) in keys
+    assert set(query) <= {k for k, _ in order} | {"t0"} and list(query)[:2] == [k for k, _ in order]
