@@ -74,7 +74,8 @@ INDEXES: tuple[Index, ...] = (
     Index(FRAMES, "idx_frames_sensor_ins", (("sensor", 1), ("ins", 1)),
           "the analyser follows one sensor's new batches by ins, oldest first and newest first"),
     Index(FRAMES, "idx_frames_sensor_t1", (("sensor", 1), ("t1", 1)),
-          "one sensor's capture-time range (report, analyser --once --since): t1 >= since bounds the scan and the index gives the order (no sort in memory)"),
+          "one sensor's capture-time range (report, analyser --once --since): t1 >= since bounds the scan "
+          "and the index gives the order (no sort in memory)"),
     Index(FRAMES, "idx_frames_first_ns", (("first_ns", 1),),
           "export-pcap (any sensor) reads in first_ns order: the index gives the order, no sort in memory"),
     Index(FLOWS, "idx_flows_sensor_key", (("sensor", 1), ("key", 1)),
