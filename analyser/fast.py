@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import struct
 from bisect import bisect_right
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 
 import numpy as np
 
@@ -49,6 +49,7 @@ log = logging.getLogger("pisnoop.analyser")
 M32 = 0xFFFFFFFF
 HALF = 1 << 31
 _CAP = struct.Struct("<I")
+MAX_CUTS = 16                 # cuts of a step at crossings (each costs an analysis of the rest of its part)
 PART = 8192                   # frames analysed together when handshakes are spread over a step
 REL_BITS = 43                 # frame-time span (ns, ~2.4 h) of one step's window entries, beside a key number
 U = np.uint64
@@ -150,7 +151,7 @@ class _Family:
     total after each new entry, the flows (groups) whose entry crosses ``limit``, and the final deques."""
 
     def __init__(self, windows, limit, klist: list, kid, t, w, j, gi):
-        self.windows, self.klist, self.ok, self.crossing = windows, klist, True, set()
+        self.windows, self.klist, self.ok, self.crossing, self.first = windows, klist, True, set(), None
         use = np.flatnonzero(kid >= 0)
         self.n = len(use)
         if not self.n:
@@ -205,7 +206,10 @@ class _Family:
             kend = np.cumsum(sizes)
             e_lo = np.searchsorted(ev, nv - span, side="right")
             total += ecs[kend[k]] - ecs[np.minimum(e_lo, kend[k])]
-        self.crossing = set(self.gi[total > limit].tolist())
+        over = total > limit
+        if over.any():
+            self.crossing = set(self.gi[over].tolist())
+            self.first = int(self.j[over].min())       # the frame (of the part) of the first crossing
 
     def apply(self, gflow, cand, owner, index, bids) -> None:
         """The windows as the reference leaves them: the entries of the last ``span`` (times in order), their
@@ -235,6 +239,37 @@ class _Family:
             win.weights = deque(w.tolist())
             win.total = int(w.sum())
             win.refs.extend((bids[owner[x]], int(index[x])) for x in self.j[max(s, e - 5):e].tolist())
+
+
+def _groups(fr: _Frames):
+    """The bulk-shaped frames (``_bulk_shape``) grouped by connection: a 64-bit hash of each side (address,
+    port, family), both sides in one order; ``same``: the frame has its group's first frame's endpoints, byte
+    for byte (a frame of a colliding hash is not in bulk)."""
+    bulk, v6, l4, end, doff, tflags = _bulk_shape(fr)
+    bi = np.flatnonzero(bulk)
+    six = v6[bi]
+    alen4 = ~six
+
+    def lanes(a4: int, a6: int):
+        hi = np.where(alen4, fr.col(a4, 4)[bi] << U(32), fr.col(a6, 8)[bi])
+        lo = np.where(alen4, U(0), fr.col(a6 + 8, 8)[bi])
+        return hi, lo
+    sh, sl = lanes(26, 22)
+    dh, dl = lanes(30, 38)
+    sport, dport = fr.tcp(v6, 0, 2)[bi], fr.tcp(v6, 2, 2)[bi]
+    fam = np.where(six, U(6), U(4)) << U(16)
+    sx, dx = sport | fam, dport | fam
+    hs = _mix(_mix(_mix(sh) ^ sl) ^ sx)
+    hd = _mix(_mix(_mix(dh) ^ dl) ^ dx)
+    swap = hs > hd
+    gk = _mix(np.where(swap, hd, hs) ^ _mix(np.where(swap, hs, hd)))
+    _, rep, inv = np.unique(gk, return_index=True, return_inverse=True)
+    inv = inv.reshape(-1)
+    lo = np.stack([np.where(swap, dh, sh), np.where(swap, dl, sl), np.where(swap, dx, sx)])
+    hi = np.stack([np.where(swap, sh, dh), np.where(swap, sl, dl), np.where(swap, sx, dx)])
+    r = rep[inv]
+    same = (lo == lo[:, r]).all(0) & (hi == hi[:, r]).all(0) & (hs != hd)
+    return bulk, v6, l4, end, doff, tflags, bi, inv, rep, same, hs, hd, sport, dport
 
 
 class FastEngine(Engine):
@@ -286,17 +321,43 @@ class FastEngine(Engine):
             rank = np.arange(n) - np.searchsorted(owner_a, owner_a)
             index = np.asarray(starts, dtype=np.int64)[owner_a] + rank
             whole = _Frames(b"".join(blobs), np.array(offs, dtype=np.int64))
-            for lo, hi in self._parts(whole):
+            if persistent:
+                self._prefetch_step(whole)
+            parts = deque(self._parts(whole))
+            cuts = 0
+            while parts:
+                lo, hi = parts.popleft()
+                if self.settling:             # connections settling: a part of their own until they have settled
+                    hit = np.flatnonzero(whole.ts[lo:hi] >= max(e[0] for e in self.settling))
+                    if len(hit) and lo + int(hit[0]) + 1 < hi:
+                        parts.appendleft((lo + int(hit[0]) + 1, hi))
+                        hi = lo + int(hit[0]) + 1
                 self._frames = whole.part(lo, hi)
-                self._step(self._frames, owner_a[lo:hi], index[lo:hi], bids, persistent)
+                at = self._step(self._frames, owner_a[lo:hi], index[lo:hi], bids, cuts < MAX_CUTS)
+                if at is not None:            # a bulk flow crosses a threshold at lo + at: its flag, then bulk again
+                    cuts += 1
+                    pieces = [(lo, lo + at), (lo + at, lo + at + 1), (lo + at + 1, hi)]
+                    parts.extendleft(reversed([(a, b) for a, b in pieces if b > a]))
             self._frames = None
         self._end_step(step)
         return n
 
+    def _prefetch_step(self, fr: _Frames) -> None:
+        """Load the stored flows of the step's keys not in memory, all at once before any is counted, as the
+        reference engine does (a flow verified before a restart teaches the neighbours at the step's start)."""
+        bulk, _, _, _, _, _, bi, inv, rep, same, *_ = _groups(fr)
+        odd = (fr.cap > 0) & ~bulk
+        odd[bi[~same]] = True
+        js = bi[rep].tolist() + np.flatnonzero(odd).tolist()
+        packets = [p for p in map(fr.packet, js) if p.__class__ is Packet]
+        if packets:
+            self._prefetch(packets)
+
     def _parts(self, fr: _Frames):
         """Where to cut the step: a flow that goes the reference way does so for its whole part, so when the
-        packets that must (handshakes...) all come early, they and the settling after them are parts of their
-        own and the rest is counted in bulk. Any cut gives the same results; this one is for speed."""
+        packets that must (handshakes...) all come early, they are a part of their own and the rest is counted in
+        bulk (run_step also cuts where settling connections have settled, and where a bulk flow crosses a
+        threshold). Any cut gives the same results; these are for speed."""
         n = len(fr.ts)
         lo = 0
         odd = np.flatnonzero((fr.cap > 0) & ~_bulk_shape(fr)[0])
@@ -308,44 +369,18 @@ class FastEngine(Engine):
         elif end:
             yield 0, end
             lo = end
-            if self.settling:
-                due = max(e[0] for e in self.settling)
-                hit = np.flatnonzero(fr.ts[lo:] >= due)
-                if len(hit) and lo + int(hit[0]) + 1 < n:
-                    yield lo, lo + int(hit[0]) + 1
-                    lo += int(hit[0]) + 1
         yield lo, n
 
     # --- reading the step -------------------------------------------------------------------------------------
 
-    def _step(self, fr: _Frames, owner, index, bids: list, persistent: bool) -> None:
+    def _step(self, fr: _Frames, owner, index, bids: list, cut: bool):
+        """Analyse and count one part; with ``cut``, return instead the frame where a bulk flow would cross a
+        threshold (nothing counted yet), so that the part is cut there."""
         c = self.counters
         table = self.flows.flows
-        bulk, v6, l4, end, doff, tflags = _bulk_shape(fr)
+        self._where = (owner, index, bids)            # the batch id and index of each frame of the part
+        bulk, v6, l4, end, doff, tflags, bi, inv, rep, same, hs, hd, sport, dport = _groups(fr)
         nonempty = fr.cap > 0
-        bi = np.flatnonzero(bulk)
-        six = v6[bi]
-        alen4 = ~six
-
-        def lanes(a4: int, a6: int):
-            hi = np.where(alen4, fr.col(a4, 4)[bi] << U(32), fr.col(a6, 8)[bi])
-            lo = np.where(alen4, U(0), fr.col(a6 + 8, 8)[bi])
-            return hi, lo
-        sh, sl = lanes(26, 22)
-        dh, dl = lanes(30, 38)
-        sport, dport = fr.tcp(v6, 0, 2)[bi], fr.tcp(v6, 2, 2)[bi]
-        fam = np.where(six, U(6), U(4)) << U(16)
-        sx, dx = sport | fam, dport | fam
-        hs = _mix(_mix(_mix(sh) ^ sl) ^ sx)
-        hd = _mix(_mix(_mix(dh) ^ dl) ^ dx)
-        swap = hs > hd
-        gk = _mix(np.where(swap, hd, hs) ^ _mix(np.where(swap, hs, hd)))
-        _, rep, inv = np.unique(gk, return_index=True, return_inverse=True)
-        inv = inv.reshape(-1)
-        lo = np.stack([np.where(swap, dh, sh), np.where(swap, dl, sl), np.where(swap, dx, sx)])
-        hi = np.stack([np.where(swap, sh, dh), np.where(swap, sl, dl), np.where(swap, sx, dx)])
-        r = rep[inv]
-        same = (lo == lo[:, r]).all(0) & (hi == hi[:, r]).all(0) & (hs != hd)   # exact, whatever the hash
         G = len(rep)
         gflow: list = [None] * G
         gd0 = np.zeros(G, dtype=bool)                 # the representative was sent by the client
@@ -364,14 +399,13 @@ class FastEngine(Engine):
         slow_mask = nonempty.copy()
         slow_mask[bi[ok]] = False
         slow: list = []                               # (frame number, Packet) in frame order
+        odd: Counter = Counter()                      # malformed, not_ip: counted once the part is counted
         for j in np.flatnonzero(slow_mask).tolist():
             p = fr.packet(j)
             if p.__class__ is Packet:
                 slow.append((j, p))
             else:
-                c[p] += 1
-        if persistent and slow:
-            self._prefetch(p for _, p in slow)
+                odd[p] += 1
         for _, p in slow:
             f = table.get(flow_key(p))
             if f is not None:
@@ -389,7 +423,10 @@ class FastEngine(Engine):
             "plen": end[j] - l4[j] - doff[j], "mac": fr.col(6, 6, j), "v6": v6[j],
             "sport": sport[bk], "dport": dport[bk],
         }
-        self._bulk(fr, pk, gflow, slow, slow_ids, owner, index, bids)
+        at = self._bulk(pk, gflow, slow, slow_ids, cut)
+        if at is None:
+            c.update(odd)
+        return at
 
     # --- which flows are counted in bulk ----------------------------------------------------------------------
 
@@ -432,7 +469,8 @@ class FastEngine(Engine):
                     tainted.add(m)
                     todo.append(m)
 
-    def _bulk(self, fr, pk, gflow, slow, slow_ids, owner, index, bids) -> None:
+    def _bulk(self, pk, gflow, slow, slow_ids, cut: bool):
+        """Choose the bulk flows and count the part; with ``cut``, the frame where one would cross instead."""
         book = self.flagbook
         cand = {id(f): f for f in gflow if f is not None and id(f) not in slow_ids}
         seeds = []
@@ -455,7 +493,7 @@ class FastEngine(Engine):
         tainted: set = set()
         self._taint(cand, tainted, seeds)
         if not cand:
-            return self._reference(slow, pk, None, owner, index, bids)
+            return self._reference(slow, pk, None)
         # order by flow, then frame; check each flow's segments against the state the ones before leave
         g = pk["g"]
         keep = np.array([gflow[x] is not None and id(gflow[x]) in cand for x in range(len(gflow))], dtype=bool)
@@ -473,11 +511,14 @@ class FastEngine(Engine):
         if entries is None:
             self._taint(cand, tainted, [s for f in list(cand.values()) for s in self._subjects(f)])
         else:
-            crossing = entries.pop("crossing")
-            for f in crossing:
+            first = entries.pop("first")
+            if cut and first is not None and len(pk["j"]) and (first > 0 or self._frames.ts.size > 1):
+                return first
+            for f in entries.pop("crossing"):
                 if id(f) in cand:
                     self._taint(cand, tainted, self._subjects(f))
-        self._reference(slow, pk, cand, owner, index, bids, q=q, gflow=gflow, covered=covered, entries=entries)
+        self._reference(slow, pk, cand, q=q, gflow=gflow, covered=covered, entries=entries)
+        return None
 
     def _check_tcp(self, q, gflow) -> set:
         """Groups with a segment the reference would not count inline (out of window, a retransmission, another
@@ -537,7 +578,7 @@ class FastEngine(Engine):
         bulk (unsorted times, a span too long); ``crossing``: flows whose windows would cross a threshold."""
         g = q["g"]
         n = len(g)
-        out: dict = {"crossing": set()}
+        out: dict = {"crossing": set(), "first": None}
         if not n or not self.classifiers:
             return out
         live = np.array([gflow[x] is not None and id(gflow[x]) in cand and id(gflow[x]) not in covered
@@ -586,16 +627,19 @@ class FastEngine(Engine):
                 if not fam.ok:
                     return None
                 out["crossing"].update(gflow[x] for x in fam.crossing)
+                if fam.first is not None and (out["first"] is None or fam.first < out["first"]):
+                    out["first"] = fam.first
                 out[(ci, name)] = fam
         return out
 
     # --- counting -----------------------------------------------------------------------------------------
 
-    def _reference(self, slow, pk, cand, owner, index, bids, q=None, gflow=None, covered=(), entries=None) -> None:
+    def _reference(self, slow, pk, cand, q=None, gflow=None, covered=(), entries=None) -> None:
         """The reference engine's loop over the other packets in frame order (settling held connections at the
         bulk packets' times between them), then the bulk flows' counts."""
         book = self.flagbook
         now = self._now
+        owner, index, bids = self._where
         if cand:
             inb = np.array([gflow[x] is not None and id(gflow[x]) in cand for x in range(len(gflow))], dtype=bool)
             in_bulk = inb[pk["g"]] if len(pk["g"]) else np.zeros(0, dtype=bool)
