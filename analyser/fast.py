@@ -73,6 +73,14 @@ def records(blob: bytes, base: int, offs: list):
     return None
 
 
+def _stable_order(keys):
+    """``argsort(keys, kind="stable")``, as a radix sort when the keys fit in 16 bits (numpy's stable sort of
+    small integers)."""
+    if len(keys) and 0 <= keys.min() and keys.max() < (1 << 15):
+        keys = keys.astype(np.int16)
+    return np.argsort(keys, kind="stable")
+
+
 def _mix(x):
     """splitmix64's finaliser: a hash to group endpoints (groups are then compared byte for byte)."""
     x = (x ^ (x >> U(30))) * U(0xBF58476D1CE4E5B9)
@@ -80,11 +88,13 @@ def _mix(x):
     return x ^ (x >> U(31))
 
 
-HEAD = 80                     # bytes of each frame read as a matrix: Ethernet + IPv6 + TCP's fixed header fit
+HEAD = 72                     # bytes of each frame read as a matrix: Ethernet + IPv6 + TCP's fixed header fit
 
 
 class _Frames:
     """The step's frames as arrays: record headers, and the first HEAD bytes of every frame as a matrix."""
+
+    shape = groups = ends = None  # what _bulk_shape, _groups and _endpoints read, kept (cut with the parts)
 
     def __init__(self, buf: bytes, offs: np.ndarray):
         self.buf = buf
@@ -118,9 +128,15 @@ class _Frames:
 
     def part(self, lo: int, hi: int) -> "_Frames":
         """Frames lo..hi-1 (views of these arrays)."""
+        if lo == 0 and hi == len(self.ts):
+            return self
         p = _Frames.__new__(_Frames)
         p.buf = self.buf
         p.offs, p.ts, p.wl, p.cap, p.head = (a[lo:hi] for a in (self.offs, self.ts, self.wl, self.cap, self.head))
+        if self.shape is not None:
+            p.shape = tuple(a[lo:hi] for a in self.shape)
+        if self.ends is not None:
+            p.ends = {k: v[lo:hi] for k, v in self.ends.items()}
         return p
 
     def packet(self, j: int):
@@ -131,6 +147,13 @@ class _Frames:
 def _bulk_shape(fr: _Frames):
     """Frames of the shape read in bulk (Ethernet + IPv4 without options or IPv6 without extension headers,
     then TCP without SYN or RST, as appliance/l3l4.py reads them) and their offsets."""
+    got = getattr(fr, "shape", None)
+    if got is None:
+        got = fr.shape = _read_shape(fr)
+    return got
+
+
+def _read_shape(fr: _Frames):
     cap = fr.cap
     etype = fr.col(12, 2)
     b14 = fr.col(14)
@@ -156,7 +179,7 @@ class _Family:
         self.n = len(use)
         if not self.n:
             return
-        order = use[np.argsort(kid[use], kind="stable")]
+        order = use[_stable_order(kid[use])]
         self.k, self.t, self.w, self.j, self.gi = kid[order], t[order], w[order], j[order], gi[order]
         k, t = self.k, self.t
         cut = np.flatnonzero(k[1:] != k[:-1]) + 1
@@ -245,22 +268,38 @@ def _groups(fr: _Frames):
     """The bulk-shaped frames (``_bulk_shape``) grouped by connection: a 64-bit hash of each side (address,
     port, family), both sides in one order; ``same``: the frame has its group's first frame's endpoints, byte
     for byte (a frame of a colliding hash is not in bulk)."""
-    bulk, v6, l4, end, doff, tflags = _bulk_shape(fr)
-    bi = np.flatnonzero(bulk)
-    six = v6[bi]
-    alen4 = ~six
+    got = getattr(fr, "groups", None)
+    if got is None:
+        got = fr.groups = _read_groups(fr)
+    return got
+
+
+def _endpoints(fr: _Frames) -> dict:
+    """Per frame: both ends as 64-bit lanes (address, port | family << 16) and their hashes (kept per step, cut
+    with its parts)."""
+    got = getattr(fr, "ends", None)
+    if got is not None:
+        return got
+    _, v6, *_ = _bulk_shape(fr)
+    four = ~v6
 
     def lanes(a4: int, a6: int):
-        hi = np.where(alen4, fr.col(a4, 4)[bi] << U(32), fr.col(a6, 8)[bi])
-        lo = np.where(alen4, U(0), fr.col(a6 + 8, 8)[bi])
-        return hi, lo
+        return (np.where(four, fr.col(a4, 4) << U(32), fr.col(a6, 8)), np.where(four, U(0), fr.col(a6 + 8, 8)))
     sh, sl = lanes(26, 22)
     dh, dl = lanes(30, 38)
-    sport, dport = fr.tcp(v6, 0, 2)[bi], fr.tcp(v6, 2, 2)[bi]
-    fam = np.where(six, U(6), U(4)) << U(16)
+    sport, dport = fr.tcp(v6, 0, 2), fr.tcp(v6, 2, 2)
+    fam = np.where(v6, U(6), U(4)) << U(16)
     sx, dx = sport | fam, dport | fam
-    hs = _mix(_mix(_mix(sh) ^ sl) ^ sx)
-    hd = _mix(_mix(_mix(dh) ^ dl) ^ dx)
+    fr.ends = {"sh": sh, "sl": sl, "dh": dh, "dl": dl, "sx": sx, "dx": dx, "sport": sport, "dport": dport,
+               "hs": _mix(_mix(_mix(sh) ^ sl) ^ sx), "hd": _mix(_mix(_mix(dh) ^ dl) ^ dx)}
+    return fr.ends
+
+
+def _read_groups(fr: _Frames):
+    bulk, v6, l4, end, doff, tflags = _bulk_shape(fr)
+    bi = np.flatnonzero(bulk)
+    e = {k: v[bi] for k, v in _endpoints(fr).items()}
+    sh, sl, dh, dl, sx, dx, hs, hd = (e[k] for k in ("sh", "sl", "dh", "dl", "sx", "dx", "hs", "hd"))
     swap = hs > hd
     gk = _mix(np.where(swap, hd, hs) ^ _mix(np.where(swap, hs, hd)))
     _, rep, inv = np.unique(gk, return_index=True, return_inverse=True)
@@ -269,7 +308,7 @@ def _groups(fr: _Frames):
     hi = np.stack([np.where(swap, sh, dh), np.where(swap, sl, dl), np.where(swap, sx, dx)])
     r = rep[inv]
     same = (lo == lo[:, r]).all(0) & (hi == hi[:, r]).all(0) & (hs != hd)
-    return bulk, v6, l4, end, doff, tflags, bi, inv, rep, same, hs, hd, sport, dport
+    return bulk, v6, l4, end, doff, tflags, bi, inv, rep, same, hs, hd, e["sport"], e["dport"]
 
 
 class FastEngine(Engine):
@@ -499,7 +538,7 @@ class FastEngine(Engine):
         keep = np.array([gflow[x] is not None and id(gflow[x]) in cand for x in range(len(gflow))], dtype=bool)
         sel = keep[g] if len(g) else np.zeros(0, dtype=bool)
         order = np.flatnonzero(sel)
-        order = order[np.argsort(g[order], kind="stable")]
+        order = order[_stable_order(g[order])]
         q = {k: v[order] for k, v in pk.items()}
         bad_groups = self._check_tcp(q, gflow)
         for x in bad_groups:
@@ -592,7 +631,7 @@ class FastEngine(Engine):
             idx = np.flatnonzero(m)
             if not len(idx):
                 continue
-            idx = idx[np.argsort(q["j"][idx], kind="stable")]       # frame order: the order of the windows
+            idx = idx[np.argsort(q["j"][idx])]        # frame order (frames are unique): the windows' order
             gi = g[idx]
             # the weight: a new connection's first counted packet carries its cost
             _, firsts = np.unique(gi, return_index=True)
@@ -705,7 +744,7 @@ class FastEngine(Engine):
         if not n:
             return
         key2 = g * 2 + d
-        o = np.argsort(key2, kind="stable")
+        o = _stable_order(key2)
         k2, ts, wl = key2[o], q["ts"][o], q["wl"][o]
         starts = np.flatnonzero(np.concatenate(([True], k2[1:] != k2[:-1])))
         ends = np.append(starts[1:], n) - 1
