@@ -88,6 +88,7 @@ def _mix(x):
     return x ^ (x >> U(31))
 
 
+PAD = 104                     # zero bytes after a step's records: the words read around the last one stay inside
 HEAD = 72                     # bytes of each frame read as a matrix: Ethernet + IPv6 + TCP's fixed header fit
 
 
@@ -96,21 +97,23 @@ class _Frames:
 
     shape = groups = ends = None  # what _bulk_shape, _groups and _endpoints read, kept (cut with the parts)
 
-    def __init__(self, buf: bytes, offs: np.ndarray):
+    def __init__(self, buf: bytes, offs: np.ndarray, padded: bool = False):
+        """``padded``: ``buf`` ends with PAD zero bytes and its length is a multiple of 8 (else they are added)."""
         self.buf = buf
-        words = np.frombuffer(buf + bytes(-len(buf) % 8 + 8 + HEAD), dtype=np.uint64)
+        if not padded:
+            buf = buf + bytes(-len(buf) % 8 + PAD)                # what the last record's words reach past its end
+        words = np.frombuffer(buf, dtype=np.uint64)
         self.offs = offs
-
-        def word(pos):
-            """The 8 bytes at each (unaligned) offset in ``pos``, little-endian."""
-            i, r = pos >> 3, (pos & 7).astype(np.uint64) * U(8)
-            lo, hi = words[i], words[i + 1]
-            return (lo >> r) | ((hi << U(8)) << (U(56) - r))    # two shifts: r == 0 takes nothing of hi
-        self.ts = word(offs).view(np.int64)
-        lens = word(offs + 8)
-        self.wl = (lens & U(M32)).astype(np.int64)
-        self.cap = (lens >> U(32)).astype(np.int64)
-        self.head = np.stack([word(offs + 16 + 8 * k) for k in range(HEAD // 8)], axis=1).view(np.uint8)
+        # each record's 16-byte header and the first HEAD bytes of its frame, as unaligned 8-byte words: one
+        # gather of the aligned words around them, then each pair of neighbours shifted into place
+        span = (16 + HEAD) // 8
+        r = ((offs & 7) * 8).astype(np.uint64)[:, None]
+        w = words[(offs >> 3)[:, None] + np.arange(span + 1)]
+        w = (w[:, :-1] >> r) | ((w[:, 1:] << U(8)) << (U(56) - r))    # two shifts: r == 0 takes nothing of hi
+        self.ts = np.ascontiguousarray(w[:, 0]).view(np.int64)
+        self.wl = (w[:, 1] & U(M32)).astype(np.int64)
+        self.cap = (w[:, 1] >> U(32)).astype(np.int64)
+        self.head = np.ascontiguousarray(w[:, 2:]).view(np.uint8)
 
     def col(self, at: int, size: int = 1, rows=None):
         """The big-endian ``size``-byte field (1, 2, 4, 6 or 8) at byte ``at`` of each frame (or of ``rows``)."""
@@ -359,7 +362,8 @@ class FastEngine(Engine):
             owner_a = np.array(owner, dtype=np.int64)
             rank = np.arange(n) - np.searchsorted(owner_a, owner_a)
             index = np.asarray(starts, dtype=np.int64)[owner_a] + rank
-            whole = _Frames(b"".join(blobs), np.array(offs, dtype=np.int64))
+            size = sum(map(len, blobs))
+            whole = _Frames(b"".join(blobs + [bytes(-size % 8 + PAD)]), np.array(offs, dtype=np.int64), True)
             if persistent:
                 self._prefetch_step(whole)
             parts = deque(self._parts(whole))
