@@ -177,7 +177,7 @@ class _Family:
     total after each new entry, the flows (groups) whose entry crosses ``limit``, and the final deques."""
 
     def __init__(self, windows, limit, klist: list, kid, t, w, j, gi):
-        self.windows, self.klist, self.ok, self.crossing, self.first = windows, klist, True, set(), None
+        self.windows, self.klist, self.ok, self.crossing, self.first = windows, klist, True, set(), {}
         use = np.flatnonzero(kid >= 0)
         self.n = len(use)
         if not self.n:
@@ -235,7 +235,9 @@ class _Family:
         over = total > limit
         if over.any():
             self.crossing = set(self.gi[over].tolist())
-            self.first = int(self.j[over].min())       # the frame (of the part) of the first crossing
+            for x, j in zip(self.gi[over].tolist(), self.j[over].tolist()):
+                if j < self.first.get(x, j + 1):
+                    self.first[x] = j                     # group -> the frame (of the part) of its first crossing
 
     def apply(self, gflow, cand, owner, index, bids) -> None:
         """The windows as the reference leaves them: the entries of the last ``span`` (times in order), their
@@ -377,10 +379,14 @@ class FastEngine(Engine):
                         hi = lo + int(hit[0]) + 1
                 self._frames = whole.part(lo, hi)
                 at = self._step(self._frames, owner_a[lo:hi], index[lo:hi], bids, cuts < MAX_CUTS)
-                if at is not None:            # a bulk flow crosses a threshold at lo + at: its flag, then bulk again
+                if at is not None:            # bulk flows cross a threshold at lo + at[k]: their flags, then bulk
                     cuts += 1
-                    pieces = [(lo, lo + at), (lo + at, lo + at + 1), (lo + at + 1, hi)]
-                    parts.extendleft(reversed([(a, b) for a, b in pieces if b > a]))
+                    pieces, a = [], lo
+                    for k in at:
+                        pieces += [(a, lo + k), (lo + k, lo + k + 1)]
+                        a = lo + k + 1
+                    pieces.append((a, hi))
+                    parts.extendleft(reversed([(x, y) for x, y in pieces if y > x]))
             self._frames = None
         self._end_step(step)
         return n
@@ -554,8 +560,8 @@ class FastEngine(Engine):
         if entries is None:
             self._taint(cand, tainted, [s for f in list(cand.values()) for s in self._subjects(f)])
         else:
-            first = entries.pop("first")
-            if cut and first is not None and len(pk["j"]) and (first > 0 or self._frames.ts.size > 1):
+            first = sorted(set(entries.pop("first").values()))
+            if cut and first and (first[0] > 0 or self._frames.ts.size > 1):
                 return first
             for f in entries.pop("crossing"):
                 if id(f) in cand:
@@ -621,7 +627,7 @@ class FastEngine(Engine):
         bulk (unsorted times, a span too long); ``crossing``: flows whose windows would cross a threshold."""
         g = q["g"]
         n = len(g)
-        out: dict = {"crossing": set(), "first": None}
+        out: dict = {"crossing": set(), "first": {}}
         if not n or not self.classifiers:
             return out
         live = np.array([gflow[x] is not None and id(gflow[x]) in cand and id(gflow[x]) not in covered
@@ -670,8 +676,9 @@ class FastEngine(Engine):
                 if not fam.ok:
                     return None
                 out["crossing"].update(gflow[x] for x in fam.crossing)
-                if fam.first is not None and (out["first"] is None or fam.first < out["first"]):
-                    out["first"] = fam.first
+                for x, j in fam.first.items():
+                    if j < out["first"].get(x, j + 1):
+                        out["first"][x] = j
                 out[(ci, name)] = fam
         return out
 
