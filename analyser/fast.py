@@ -108,6 +108,7 @@ def _mix(x):
     return x ^ (x >> U(31))
 
 
+MAX_CACHE = 1 << 16           # flows whose subjects are kept (then forgotten at once)
 PAD = 104                     # zero bytes after a step's records: the words read around the last one stay inside
 HEAD = 72                     # bytes of each frame read as a matrix: Ethernet + IPv6 + TCP's fixed header fit
 
@@ -341,6 +342,9 @@ class FastEngine(Engine):
 
     bulk_packets = 0              # packets counted in bulk (not a counter of the reference: the tests' proof)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._subject_cache: dict = {}
     def bulk_possible(self) -> bool:
         from .report import XmppSeries
         return (all(type(cl) is XmppAbuse for cl in self.classifiers)
@@ -500,11 +504,20 @@ class FastEngine(Engine):
     # --- which flows are counted in bulk ----------------------------------------------------------------------
 
     def _subjects(self, f) -> list:
+        """What the flow's windows, neighbours and flags are kept by: its address, its MAC, its prefix unless
+        shared (kept per flow until the neighbours change)."""
         nb = self.neighbours
+        cache = self._subject_cache
+        got = cache.get(id(f))
+        if got is not None and got[0] is f and got[1] == nb.gen and got[2] == f.mac:
+            return got[3]
         out = [("ip", f.client), ("mac", f.mac)]
         seg = nb._segment(f.client)[0] if f.client else None
         if seg is not None and not nb.shared(seg):
             out.append(("seg", seg))
+        if len(cache) > 4 * MAX_CACHE:
+            cache.clear()
+        cache[id(f)] = (f, nb.gen, f.mac, out)
         return out
 
     def _expand(self, subject) -> list:
@@ -520,6 +533,8 @@ class FastEngine(Engine):
     def _taint(self, flows: dict, tainted: set, seeds: list) -> None:
         """Remove from ``flows`` (id -> flow) every flow sharing a subject, directly or through neighbours,
         with ``seeds``; ``tainted`` collects the subjects."""
+        if not seeds or not flows:
+            return
         by_subject = defaultdict(list)
         for fid, f in flows.items():
             for s in self._subjects(f):
