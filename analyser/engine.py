@@ -42,9 +42,14 @@ ICMP_ERRORS = {1: 3, 58: 1}
 
 
 def engine_class(cfg):
-    """The engine ``analyser.engine`` names: the fast one (analyser/fast.py) or this reference one."""
+    """The engine ``analyser.engine`` names: the fast one (analyser/fast.py) or this reference one (also when
+    numpy cannot be imported: the same results, slower, said once in the log)."""
     if cfg.analyser.engine == "fast":
-        from .fast import FastEngine
+        try:
+            from .fast import FastEngine
+        except ImportError as exc:
+            log.warning("analyser.engine fast needs numpy (%s): the reference engine analyses instead", exc)
+            return Engine
         return FastEngine
     return Engine
 
