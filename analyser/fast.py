@@ -108,7 +108,6 @@ def _mix(x):
     return x ^ (x >> U(31))
 
 
-MAX_CACHE = 1 << 16           # flows whose subjects are kept (then forgotten at once)
 PAD = 104                     # zero bytes after a step's records: the words read around the last one stay inside
 HEAD = 72                     # bytes of each frame read as a matrix: Ethernet + IPv6 + TCP's fixed header fit
 
@@ -413,6 +412,8 @@ class FastEngine(Engine):
                     parts.extendleft(reversed([(x, y) for x, y in pieces if y > x]))
             self._frames = None
         self._end_step(step)
+        if len(self._subject_cache) > 2 * len(self.flows.flows) + 1024:
+            self._subject_cache.clear()         # it holds flows: no more than about the live ones
         return n
 
     def _prefetch_step(self, fr: _Frames) -> None:
@@ -515,8 +516,6 @@ class FastEngine(Engine):
         seg = nb._segment(f.client)[0] if f.client else None
         if seg is not None and not nb.shared(seg):
             out.append(("seg", seg))
-        if len(cache) > 4 * MAX_CACHE:
-            cache.clear()
         cache[id(f)] = (f, nb.gen, f.mac, out)
         return out
 
