@@ -41,6 +41,19 @@ PROTO_NAMES = {TCP: "tcp", UDP: "udp"}
 ICMP_ERRORS = {1: 3, 58: 1}
 
 
+def engine_class(cfg):
+    """The engine ``analyser.engine`` names: the fast one (analyser/fast.py) or this reference one (also when
+    numpy cannot be imported: the same results, slower, said once in the log)."""
+    if cfg.analyser.engine == "fast":
+        try:
+            from .fast import FastEngine
+        except ImportError as exc:
+            log.warning("analyser.engine fast needs numpy (%s): the reference engine analyses instead", exc)
+            return Engine
+        return FastEngine
+    return Engine
+
+
 class Engine:
     def __init__(self, cfg, policy, flows: FlowTable, flagbook: FlagBook,
                  observers: Iterable[Callable[[Packet], None]] = (), on_flag: Optional[Callable[[dict], None]] = None):
@@ -90,18 +103,25 @@ class Engine:
             c["batches"] += 1
         c["frames"] += n
         if persistent:
-            for f in self.flows.prefetch(p for p, _, _ in parsed):
-                if f.tcp == VERIFIED:              # verified before a restart: who is who is learned again
-                    self._learn(f)
+            self._prefetch(p for p, _, _ in parsed)
         self._classify(parsed)
-        c["flows_written"] += self.flows.flush(step)
+        self._end_step(step)
+        return n
+
+    def _prefetch(self, packets) -> None:
+        for f in self.flows.prefetch(packets):
+            if f.tcp == VERIFIED:              # verified before a restart: who is who is learned again
+                self._learn(f)
+
+    def _end_step(self, step: int) -> None:
+        """Write the step's flows; now and then drop the classifiers' stale windows."""
+        self.counters["flows_written"] += self.flows.flush(step)
         if self.flows.newest_ns - self.pruned_ns > PRUNE_EVERY_NS:
             for cl in self.classifiers:
                 cl.prune(self.flows.newest_ns)
             self.pruned_ns = self.flows.newest_ns
-        return n
 
-    def _classify(self, parsed: list) -> None:
+    def _classify(self, parsed: list, now=None) -> None:
         update = self.flows.update
         observers = self.observers
         heap = self.settling
@@ -109,7 +129,7 @@ class Engine:
         judge = self._judge
         book = self.flagbook
         classifiers = self.classifiers
-        now = now_utc()
+        now = now or now_utc()
         replayed = v6 = verified = 0
         for p, bid, i in parsed:
             if heap and p.ts_ns >= heap[0][0]:

@@ -21,8 +21,9 @@ from appliance.neverban import own_addresses
 
 from . import flags as flags_mod
 from . import policy as policy_mod
-from .engine import Engine
+from .engine import engine_class
 from .flows import FlowTable, MongoFlows, latest_per_key
+from .packed import Packed
 from .reader import Follower
 from .status import Status
 
@@ -66,7 +67,7 @@ class Analyser:
                                        own_addresses(cfg))
         self.alerts = alerts.Alerter(cfg.alerts, cfg.snooper.sensor)
         self.watch = watch.Watch(cfg.alerts)
-        self.engine = Engine(cfg, self.policy, self.flows, self.book, on_flag=self.flagged)
+        self.engine = engine_class(cfg)(cfg, self.policy, self.flows, self.book, on_flag=self.flagged)
         self.status = Status(db, cfg, self.follower, self.engine, self.alerts)
         self.stop = threading.Event()
         self.reloader: service.Reloader | None = None
@@ -99,7 +100,7 @@ class Analyser:
         if not docs:
             return 0
         step = self.follower.step + 1
-        self.engine.run_step([(d["_id"], 0, store.batch_frames(d)) for d in docs], step)
+        self.engine.run_step([(d["_id"], 0, Packed(store.batch_blob(d))) for d in docs], step)
         self.follower.commit(docs, step)
         return len(docs)
 

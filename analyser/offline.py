@@ -11,20 +11,21 @@ from appliance import neverban
 from . import flags as flags_mod
 from . import policy as policy_mod
 from . import report
-from .engine import Engine
+from .engine import engine_class
 from .flows import FlowTable, MemoryFlows
 
 
 class Offline:
     """Frames in, flow records and flags kept in memory; ``report()`` makes the report of what it saw."""
 
-    def __init__(self, cfg, policy):
+    def __init__(self, cfg, policy, engine=None):
         self.cfg, self.policy = cfg, policy
         self.flow_docs = MemoryFlows()
         self.series = report.XmppSeries(policy_mod.server_ports(policy, cfg))
         own = neverban.own_addresses(cfg) if cfg.enforce.never_ban_self else ()
         self.book = flags_mod.FlagBook(cfg, flags_mod.MemoryFlags(), own=own)
-        self.engine = Engine(cfg, policy, FlowTable(self.flow_docs, cfg.snooper.sensor), self.book, [self.series])
+        table = FlowTable(self.flow_docs, cfg.snooper.sensor)
+        self.engine = (engine or engine_class(cfg))(cfg, policy, table, self.book, [self.series])
         self.step = 0
 
     def run(self, batches) -> None:

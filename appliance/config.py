@@ -229,6 +229,8 @@ class Analyser:
     poll_interval: float = field(default=0.5, metadata=value_range(0.05, 60, "seconds from 0.05 to 60"))
     status_interval: float = field(default=5.0, metadata=value_range(0.1, 3600, "seconds from 0.1 to 3600"))
     report_dir: str = field(default="/var/lib/pisnoop/reports", metadata={"check": "abspath"})
+    # fast: the steady state counted in bulk (analyser/fast.py); reference: the per-packet engine, same results
+    engine: Literal["fast", "reference"] = "fast"
 
 
 @dataclass(frozen=True)

@@ -137,5 +137,10 @@ def batch_document(sensor: str, run: str, seq: int, frames: list[tuple[int, int,
     }
 
 
+def batch_blob(doc: dict) -> bytes:
+    """The packed binary of a ``frames`` document (appliance/framebatch.py's format)."""
+    return bytes(doc["data"])
+
+
 def batch_frames(doc: dict) -> Iterable[framebatch.Frame]:
-    return framebatch.unpack(bytes(doc["data"]))
+    return framebatch.unpack(batch_blob(doc))

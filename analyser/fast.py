@@ -1,0 +1,902 @@
+"""The fast engine: the same analysis as ``engine.Engine``, with the steady state counted in bulk (numpy).
+
+Most frames are segments of connections already verified: nothing about
+them changes the state machine of ``analyser/flows.py`` but their flow's
+counters, windows and sequence numbers. A step is read as one array: the
+record offsets of its packed batches (``<qII`` headers, appliance/framebatch.py),
+then the header fields of every frame at fixed offsets (Ethernet + IPv4
+without options, or Ethernet + IPv6, + TCP). A flow is counted in bulk (a
+*bulk flow*) when it was verified before the step, every one of its packets
+in the step was read that way without SYN or RST and from the client's MAC,
+each fits the windows the packet before it left (the speculation "every
+segment is accepted and advances its side's sequence" is checked for each
+packet against the state it implies) and no classifier window it feeds
+crosses its threshold in the step.
+
+Every other packet (a handshake, an RST, an out-of-window or spoofed
+segment, UDP, ICMP, VLAN tags, a short or odd frame) goes through the
+reference engine's own code, in frame order, with the settling of held
+connections at the times of the bulk packets between them. The two never
+share state: a flow with one packet of the second kind is wholly in the
+second, and so is every flow sharing a subject with it (its client address,
+its MAC, its unshared prefix, the addresses its MAC carries, the MACs of its
+unshared prefix), since classifier windows, neighbours and flags are kept
+per subject. So flow records, flags and counters are the reference
+engine's (``tests/test_analyser_fast.py`` compares both on random captures).
+
+Policies with classifiers other than ``xmpp_abuse``, and observers other
+than the report's series, are analysed by the reference engine whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import sys
+from bisect import bisect_right
+from collections import Counter, defaultdict, deque
+
+import numpy as np
+
+from appliance import framebatch
+from appliance.framebatch import CorruptBatch
+
+from .classifiers.builtin import XmppAbuse
+from .engine import Engine
+from .flows import OK, SLACK, VERIFIED, flow_key
+from .parse import ACK, FIN, PSH, TCP, URG, Packet, parse
+
+log = logging.getLogger("pisnoop.analyser")
+M32 = 0xFFFFFFFF
+HALF = 1 << 31
+_CAP = struct.Struct("<I")
+LITTLE = sys.byteorder == "little"        # the records' lengths are little-endian (appliance/framebatch.py)
+MAX_CUTS = 16                 # cuts of a step at crossings (each costs an analysis of the rest of its part)
+PART = 8192                   # frames analysed together when handshakes are spread over a step
+REL_BITS = 43                 # frame-time span (ns, ~2.4 h) of one step's window entries, beside a key number
+U = np.uint64
+
+
+def records(blob: bytes, base: int, offs: list):
+    """Append the offsets (plus ``base``) of the records of ``blob``; the text of a damaged record, or None.
+
+    The same checks as ``framebatch.unpack``: the records before a damaged one count. The walk reads each
+    record's length through four 32-bit views of the blob (one per alignment), ~40% cheaper than
+    ``struct.unpack_from``; a blob whose walk does not end exactly at its end is walked again the slow way."""
+    n = len(blob)
+    if LITTLE and n >= 16:
+        views = tuple(memoryview(blob)[k:k + (n - k) // 4 * 4].cast("I") for k in range(4))
+        got: list = []
+        append = got.append
+        off, end = 0, n - 15
+        try:
+            while off < end:
+                append(off)
+                p = off + 12
+                off = p + 4 + views[p & 3][p >> 2]
+        except IndexError:
+            off = -1
+        if off == n:
+            offs.extend([base + o for o in got] if base else got)
+            return None
+    off = 0
+    cap = _CAP.unpack_from
+    append = offs.append
+    while off < n:
+        if n - off < 16:
+            return f"truncated record header at byte {off}"
+        size = cap(blob, off + 12)[0]
+        if off + 16 + size > n:
+            return f"record at byte {off} claims {size} bytes, {n - off - 16} left"
+        append(base + off)
+        off += 16 + size
+    return None
+
+
+def _stable_order(keys):
+    """``argsort(keys, kind="stable")``, as a radix sort when the keys fit in 16 bits (numpy's stable sort of
+    small integers)."""
+    if len(keys) and 0 <= keys.min() and keys.max() < (1 << 15):
+        keys = keys.astype(np.int16)
+    return np.argsort(keys, kind="stable")
+
+
+def _mix(x):
+    """splitmix64's finaliser: a hash to group endpoints (groups are then compared byte for byte)."""
+    x = (x ^ (x >> U(30))) * U(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> U(27))) * U(0x94D049BB133111EB)
+    return x ^ (x >> U(31))
+
+
+PAD = 104                     # zero bytes after a step's records: the words read around the last one stay inside
+HEAD = 72                     # bytes of each frame read as a matrix: Ethernet + IPv6 + TCP's fixed header fit
+
+
+class _Frames:
+    """The step's frames as arrays: record headers, and the first HEAD bytes of every frame as a matrix."""
+
+    shape = groups = ends = None  # what _bulk_shape, _groups and _endpoints read, kept (cut with the parts)
+
+    def __init__(self, buf: bytes, offs: np.ndarray, padded: bool = False):
+        """``padded``: ``buf`` ends with PAD zero bytes and its length is a multiple of 8 (else they are added)."""
+        self.buf = buf
+        if not padded:
+            buf = buf + bytes(-len(buf) % 8 + PAD)                # what the last record's words reach past its end
+        words = np.frombuffer(buf, dtype=np.uint64)
+        self.offs = offs
+        # each record's 16-byte header and the first HEAD bytes of its frame, as unaligned 8-byte words: one
+        # gather of the aligned words around them, then each pair of neighbours shifted into place
+        span = (16 + HEAD) // 8
+        r = ((offs & 7) * 8).astype(np.uint64)[:, None]
+        w = words[(offs >> 3)[:, None] + np.arange(span + 1)]
+        w = (w[:, :-1] >> r) | ((w[:, 1:] << U(8)) << (U(56) - r))    # two shifts: r == 0 takes nothing of hi
+        self.ts = np.ascontiguousarray(w[:, 0]).view(np.int64)
+        self.wl = (w[:, 1] & U(M32)).astype(np.int64)
+        self.cap = (w[:, 1] >> U(32)).astype(np.int64)
+        self.head = np.ascontiguousarray(w[:, 2:]).view(np.uint8)
+
+    def col(self, at: int, size: int = 1, rows=None):
+        """The big-endian ``size``-byte field (1, 2, 4, 6 or 8) at byte ``at`` of each frame (or of ``rows``)."""
+        h = self.head if rows is None else self.head[rows]
+        if size == 1:
+            return h[:, at].astype(np.uint64)
+        if size == 6:
+            return np.ascontiguousarray(h[:, at - 2:at + 6]).view(">u8")[:, 0] & U(0xFFFFFFFFFFFF)
+        return np.ascontiguousarray(h[:, at:at + size]).view(f">u{size}")[:, 0].astype(np.uint64)
+
+    def tcp(self, v6, at: int, size: int = 1, rows=None):
+        """A TCP header field (``at`` from the TCP header's start) of frames whose IP header is IPv4 without
+        options (the TCP header at 34) or IPv6 (at 54)."""
+        return np.where(v6, self.col(54 + at, size, rows), self.col(34 + at, size, rows))
+
+    def part(self, lo: int, hi: int) -> "_Frames":
+        """Frames lo..hi-1 (views of these arrays)."""
+        if lo == 0 and hi == len(self.ts):
+            return self
+        p = _Frames.__new__(_Frames)
+        p.buf = self.buf
+        p.offs, p.ts, p.wl, p.cap, p.head = (a[lo:hi] for a in (self.offs, self.ts, self.wl, self.cap, self.head))
+        if self.shape is not None:
+            p.shape = tuple(a[lo:hi] for a in self.shape)
+        if self.ends is not None:
+            p.ends = {k: v[lo:hi] for k, v in self.ends.items()}
+        return p
+
+    def packet(self, j: int):
+        o = int(self.offs[j])
+        return parse(int(self.ts[j]), int(self.wl[j]), self.buf[o + 16:o + 16 + int(self.cap[j])])
+
+
+def _bulk_shape(fr: _Frames):
+    """Frames of the shape read in bulk (Ethernet + IPv4 without options or IPv6 without extension headers,
+    then TCP without SYN or RST, as appliance/l3l4.py reads them) and their offsets."""
+    got = getattr(fr, "shape", None)
+    if got is None:
+        got = fr.shape = _read_shape(fr)
+    return got
+
+
+def _read_shape(fr: _Frames):
+    cap = fr.cap
+    etype = fr.col(12, 2)
+    b14 = fr.col(14)
+    v4 = (etype == 0x0800) & (b14 == 0x45) & (fr.col(23) == TCP) & ((fr.col(20, 2) & U(0x1FFF)) == 0)
+    v6 = (etype == 0x86DD) & ((b14 >> U(4)) == 6) & (fr.col(20) == TCP)
+    tot4 = fr.col(16, 2).astype(np.int64)
+    v4 &= tot4 >= 20
+    l4 = np.where(v6, 54, 34)
+    end = np.minimum(np.where(v6, 54 + fr.col(18, 2).astype(np.int64), 14 + tot4), cap)
+    doff = (fr.tcp(v6, 12) >> U(4)).astype(np.int64) * 4
+    tflags = fr.tcp(v6, 13).astype(np.int64)
+    bulk = (cap > 0) & (v4 | v6) & (end - l4 >= 20) & (doff >= 20) & (l4 + doff <= end) & ((tflags & 0x06) == 0)
+    return bulk, v6, l4, end, doff, tflags
+
+
+class _Family:
+    """One family of sliding windows of a classifier (``classifiers.Windows``) fed by the bulk packets: the
+    total after each new entry, the flows (groups) whose entry crosses ``limit``, and the final deques."""
+
+    def __init__(self, windows, limit, klist: list, kid, t, w, j, gi):
+        self.windows, self.klist, self.ok, self.crossing, self.first = windows, klist, True, set(), {}
+        use = np.flatnonzero(kid >= 0)
+        self.n = len(use)
+        if not self.n:
+            return
+        order = use[_stable_order(kid[use])]
+        self.k, self.t, self.w, self.j, self.gi = kid[order], t[order], w[order], j[order], gi[order]
+        k, t = self.k, self.t
+        cut = np.flatnonzero(k[1:] != k[:-1]) + 1
+        self.starts = np.concatenate(([0], cut))
+        self.stops = np.append(cut, self.n)
+        span = windows.span_ns
+        ex, exw = [], []
+        for key in klist:
+            win = windows.get(key)
+            if win is not None and win.times:
+                ex.append(np.fromiter(win.times, dtype=np.int64, count=len(win.times)))
+                exw.append(np.fromiter(win.weights, dtype=np.int64, count=len(win.weights)))
+            else:
+                ex.append(None)
+                exw.append(None)
+        self.ex, self.exw = ex, exw
+        sizes = np.array([0 if e is None else len(e) for e in ex], dtype=np.int64)
+        some = [e for e in ex if e is not None]
+        et = np.concatenate(some) if some else np.zeros(0, dtype=np.int64)
+        ewt = np.concatenate([e for e in exw if e is not None]) if some else np.zeros(0, dtype=np.int64)
+        ek = np.repeat(np.arange(len(klist)), sizes)
+        base = min(int(t.min()), int(et.min()) if len(et) else int(t.min()))
+        top = max(int(t.max()), int(et.max()) if len(et) else 0) - base
+        if top + span >= (1 << REL_BITS) or len(klist) >= (1 << (62 - REL_BITS)):
+            self.ok = False
+            return
+        same = k[1:] == k[:-1]
+        if (same & (np.diff(t) < 0)).any() or (len(et) > 1 and ((ek[1:] == ek[:-1]) & (np.diff(et) < 0)).any()):
+            self.ok = False                           # not in time order: the deque's popping is not a search
+            return
+        last_ex = np.full(len(klist), np.iinfo(np.int64).min)
+        if len(et):
+            ends = np.cumsum(sizes) - 1
+            has = sizes > 0
+            last_ex[has] = et[ends[has]]
+        if (last_ex[k[self.starts]] > t[self.starts]).any():
+            self.ok = False
+            return
+        nv = (k << REL_BITS) + (t - base) + span      # shifted by span so that nv - span >= the key's own start
+        kstart = np.repeat(self.starts, self.stops - self.starts)
+        lo = np.maximum(np.searchsorted(nv, nv - span, side="right"), kstart)
+        ncs = np.concatenate(([0], np.cumsum(self.w)))
+        total = ncs[np.arange(self.n) + 1] - ncs[lo]
+        if len(et):
+            ev = (ek << REL_BITS) + (et - base) + span
+            ecs = np.concatenate(([0], np.cumsum(ewt)))
+            kend = np.cumsum(sizes)
+            e_lo = np.searchsorted(ev, nv - span, side="right")
+            total += ecs[kend[k]] - ecs[np.minimum(e_lo, kend[k])]
+        over = total > limit
+        if over.any():
+            self.crossing = set(self.gi[over].tolist())
+            for x, j in zip(self.gi[over].tolist(), self.j[over].tolist()):
+                if j < self.first.get(x, j + 1):
+                    self.first[x] = j                     # group -> the frame (of the part) of its first crossing
+
+    def apply(self, gflow, cand, owner, index, bids) -> None:
+        """The windows as the reference leaves them: the entries of the last ``span`` (times in order), their
+        total, the last samples."""
+        if not self.n:
+            return
+        windows = self.windows
+        span = windows.span_ns
+        for s, e in zip(self.starts.tolist(), self.stops.tolist()):
+            if id(gflow[int(self.gi[s])]) not in cand:
+                continue
+            kk = int(self.k[s])
+            key = self.klist[kk]
+            win = windows.get(key)
+            if win is None:
+                win = windows.get_window(key)
+            t, w = self.t[s:e], self.w[s:e]
+            edge = int(t[-1]) - span
+            ex = self.ex[kk]
+            if ex is not None:
+                keep = np.searchsorted(ex, edge, side="right")
+                t = np.concatenate((ex[keep:], t))
+                w = np.concatenate((self.exw[kk][keep:], w))
+            keep = np.searchsorted(t, edge, side="right")
+            t, w = t[keep:], w[keep:]
+            win.times = deque(t.tolist())
+            win.weights = deque(w.tolist())
+            win.total = int(w.sum())
+            win.refs.extend((bids[owner[x]], int(index[x])) for x in self.j[max(s, e - 5):e].tolist())
+
+
+def _groups(fr: _Frames):
+    """The bulk-shaped frames (``_bulk_shape``) grouped by connection: a 64-bit hash of each side (address,
+    port, family), both sides in one order; ``same``: the frame has its group's first frame's endpoints, byte
+    for byte (a frame of a colliding hash is not in bulk)."""
+    got = getattr(fr, "groups", None)
+    if got is None:
+        got = fr.groups = _read_groups(fr)
+    return got
+
+
+def _endpoints(fr: _Frames) -> dict:
+    """Per frame: both ends as 64-bit lanes (address, port | family << 16) and their hashes (kept per step, cut
+    with its parts)."""
+    got = getattr(fr, "ends", None)
+    if got is not None:
+        return got
+    _, v6, *_ = _bulk_shape(fr)
+    four = ~v6
+
+    def lanes(a4: int, a6: int):
+        return (np.where(four, fr.col(a4, 4) << U(32), fr.col(a6, 8)), np.where(four, U(0), fr.col(a6 + 8, 8)))
+    sh, sl = lanes(26, 22)
+    dh, dl = lanes(30, 38)
+    sport, dport = fr.tcp(v6, 0, 2), fr.tcp(v6, 2, 2)
+    fam = np.where(v6, U(6), U(4)) << U(16)
+    sx, dx = sport | fam, dport | fam
+    fr.ends = {"sh": sh, "sl": sl, "dh": dh, "dl": dl, "sx": sx, "dx": dx, "sport": sport, "dport": dport,
+               "hs": _mix(_mix(_mix(sh) ^ sl) ^ sx), "hd": _mix(_mix(_mix(dh) ^ dl) ^ dx)}
+    return fr.ends
+
+
+def _read_groups(fr: _Frames):
+    bulk, v6, l4, end, doff, tflags = _bulk_shape(fr)
+    bi = np.flatnonzero(bulk)
+    e = {k: v[bi] for k, v in _endpoints(fr).items()}
+    sh, sl, dh, dl, sx, dx, hs, hd = (e[k] for k in ("sh", "sl", "dh", "dl", "sx", "dx", "hs", "hd"))
+    swap = hs > hd
+    gk = _mix(np.where(swap, hd, hs) ^ _mix(np.where(swap, hs, hd)))
+    _, rep, inv = np.unique(gk, return_index=True, return_inverse=True)
+    inv = inv.reshape(-1)
+    lo = np.stack([np.where(swap, dh, sh), np.where(swap, dl, sl), np.where(swap, dx, sx)])
+    hi = np.stack([np.where(swap, sh, dh), np.where(swap, sl, dl), np.where(swap, sx, dx)])
+    r = rep[inv]
+    same = (lo == lo[:, r]).all(0) & (hi == hi[:, r]).all(0) & (hs != hd)
+    return bulk, v6, l4, end, doff, tflags, bi, inv, rep, same, hs, hd, e["sport"], e["dport"]
+
+
+class FastEngine(Engine):
+    """``Engine`` counting verified steady-state TCP segments in bulk (see the module's docstring)."""
+
+    bulk_packets = 0              # packets counted in bulk (not a counter of the reference: the tests' proof)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._subject_cache: dict = {}
+    def bulk_possible(self) -> bool:
+        from .report import XmppSeries
+        return (all(type(cl) is XmppAbuse for cl in self.classifiers)
+                and all(type(o) is XmppSeries for o in self.observers))
+
+    def run_step(self, batches, step: int, persistent: bool = True) -> int:
+        if not self.bulk_possible():
+            return super().run_step(batches, step, persistent)
+        from .flags import now_utc
+        self._now = now_utc()
+        c = self.counters
+        blobs, bids, starts, offs, owner = [], [], [], [], []
+        base = 0
+        for bid, start, frames in batches:
+            blob = getattr(frames, "blob", None)
+            if blob is None:                        # frames as tuples: packed here (an empty one stays empty)
+                kept, damaged = [], False
+                try:
+                    for fr in frames:
+                        kept.append(fr)
+                except CorruptBatch as exc:
+                    damaged = exc
+                blob = framebatch.pack(kept)
+                if damaged:
+                    c["corrupt_batches"] += 1
+                    log.warning("batch %s: %s; its remaining frames are skipped", bid, damaged)
+            k = len(offs)
+            err = records(blob, base, offs)
+            owner.extend([len(bids)] * (len(offs) - k))
+            if err is not None:
+                c["corrupt_batches"] += 1
+                log.warning("batch %s: %s; its remaining frames are skipped", bid, err)
+            blobs.append(blob)
+            bids.append(bid)
+            starts.append(start)
+            base += len(blob)
+            c["batches"] += 1
+        n = len(offs)
+        c["frames"] += n
+        if n:
+            owner_a = np.array(owner, dtype=np.int64)
+            rank = np.arange(n) - np.searchsorted(owner_a, owner_a)
+            index = np.asarray(starts, dtype=np.int64)[owner_a] + rank
+            size = sum(map(len, blobs))
+            whole = _Frames(b"".join(blobs + [bytes(-size % 8 + PAD)]), np.array(offs, dtype=np.int64), True)
+            if persistent:
+                self._prefetch_step(whole)
+            parts = deque(self._parts(whole))
+            cuts = 0
+            while parts:
+                lo, hi = parts.popleft()
+                if self.settling:             # connections settling: a part of their own until they have settled
+                    hit = np.flatnonzero(whole.ts[lo:hi] >= max(e[0] for e in self.settling))
+                    if len(hit) and lo + int(hit[0]) + 1 < hi:
+                        parts.appendleft((lo + int(hit[0]) + 1, hi))
+                        hi = lo + int(hit[0]) + 1
+                self._frames = whole.part(lo, hi)
+                at = self._step(self._frames, owner_a[lo:hi], index[lo:hi], bids, cuts < MAX_CUTS)
+                if at is not None:            # bulk flows cross a threshold at lo + at[k]: their flags, then bulk
+                    cuts += 1
+                    pieces, a = [], lo
+                    for k in at:
+                        pieces += [(a, lo + k), (lo + k, lo + k + 1)]
+                        a = lo + k + 1
+                    pieces.append((a, hi))
+                    parts.extendleft(reversed([(x, y) for x, y in pieces if y > x]))
+            self._frames = None
+        self._end_step(step)
+        if len(self._subject_cache) > 2 * len(self.flows.flows) + 1024:
+            self._subject_cache.clear()         # it holds flows: no more than about the live ones
+        return n
+
+    def _prefetch_step(self, fr: _Frames) -> None:
+        """Load the stored flows of the step's keys not in memory, all at once before any is counted, as the
+        reference engine does (a flow verified before a restart teaches the neighbours at the step's start)."""
+        bulk, _, _, _, _, _, bi, inv, rep, same, *_ = _groups(fr)
+        odd = (fr.cap > 0) & ~bulk
+        odd[bi[~same]] = True
+        js = bi[rep].tolist() + np.flatnonzero(odd).tolist()
+        packets = [p for p in map(fr.packet, js) if p.__class__ is Packet]
+        if packets:
+            self._prefetch(packets)
+
+    def _parts(self, fr: _Frames):
+        """Where to cut the step: a flow that goes the reference way does so for its whole part, so when the
+        packets that must (handshakes...) all come early, they are a part of their own and the rest is counted in
+        bulk (run_step also cuts where settling connections have settled, and where a bulk flow crosses a
+        threshold). Any cut gives the same results; these are for speed."""
+        n = len(fr.ts)
+        lo = 0
+        odd = np.flatnonzero((fr.cap > 0) & ~_bulk_shape(fr)[0])
+        end = int(odd[-1]) + 1 if len(odd) else 0
+        if end > n // 2:                  # spread over the step: parts of PART frames, each flow slow in its own only
+            lo = (n - 1) // PART * PART
+            for k in range(0, lo, PART):
+                yield k, k + PART
+        elif end:
+            yield 0, end
+            lo = end
+        yield lo, n
+
+    # --- reading the step -------------------------------------------------------------------------------------
+
+    def _step(self, fr: _Frames, owner, index, bids: list, cut: bool):
+        """Analyse and count one part; with ``cut``, return instead the frame where a bulk flow would cross a
+        threshold (nothing counted yet), so that the part is cut there."""
+        c = self.counters
+        table = self.flows.flows
+        self._where = (owner, index, bids)            # the batch id and index of each frame of the part
+        bulk, v6, l4, end, doff, tflags, bi, inv, rep, same, hs, hd, sport, dport = _groups(fr)
+        nonempty = fr.cap > 0
+        G = len(rep)
+        gflow: list = [None] * G
+        gd0 = np.zeros(G, dtype=bool)                 # the representative was sent by the client
+        good = np.zeros(G, dtype=bool)
+        for g in range(G):
+            p = fr.packet(int(bi[rep[g]]))
+            if p.__class__ is not Packet:
+                continue
+            f = table.get(flow_key(p))
+            if f is None or f.tcp != VERIFIED or not f.mac or f.skip or f.held:
+                continue
+            gflow[g], good[g] = f, True
+            gd0[g] = p.sport == f.cport and p.src == f.client
+        ok = same & good[inv]
+        slow_ids: set = {id(gflow[g]) for g in np.unique(inv[~ok]).tolist() if gflow[g] is not None}
+        slow_mask = nonempty.copy()
+        slow_mask[bi[ok]] = False
+        slow: list = []                               # (frame number, Packet) in frame order
+        odd: Counter = Counter()                      # malformed, not_ip: counted once the part is counted
+        for j in np.flatnonzero(slow_mask).tolist():
+            p = fr.packet(j)
+            if p.__class__ is Packet:
+                slow.append((j, p))
+            else:
+                odd[p] += 1
+        for _, p in slow:
+            f = table.get(flow_key(p))
+            if f is not None:
+                slow_ids.add(id(f))
+        # the bulk candidates: per packet its group, direction and fields, in frame order
+        bk = np.flatnonzero(ok)
+        j = bi[bk]
+        g = inv[bk]
+        srcmatch = (hs[bk] == np.where(gd0[g], hs[rep[g]], hd[rep[g]]))
+        pk = {
+            "j": j, "g": g, "d": (~srcmatch).astype(np.int64), "ts": fr.ts[j], "wl": fr.wl[j],
+            "flags": tflags[j], "seq": fr.tcp(v6[j], 4, 4, j).astype(np.int64),
+            "ack": fr.tcp(v6[j], 8, 4, j).astype(np.int64),
+            "win": fr.tcp(v6[j], 14, 2, j).astype(np.int64),
+            "plen": end[j] - l4[j] - doff[j], "mac": fr.col(6, 6, j), "v6": v6[j],
+            "sport": sport[bk], "dport": dport[bk],
+        }
+        at = self._bulk(pk, gflow, slow, slow_ids, cut)
+        if at is None:
+            c.update(odd)
+        return at
+
+    # --- which flows are counted in bulk ----------------------------------------------------------------------
+
+    def _subjects(self, f) -> list:
+        """What the flow's windows, neighbours and flags are kept by: its address, its MAC, its prefix unless
+        shared (kept per flow until the neighbours change)."""
+        nb = self.neighbours
+        cache = self._subject_cache
+        got = cache.get(id(f))
+        if got is not None and got[0] is f and got[1] == nb.gen and got[2] == f.mac:
+            return got[3]
+        out = [("ip", f.client), ("mac", f.mac)]
+        seg = nb._segment(f.client)[0] if f.client else None
+        if seg is not None and not nb.shared(seg):
+            out.append(("seg", seg))
+        cache[id(f)] = (f, nb.gen, f.mac, out)
+        return out
+
+    def _expand(self, subject) -> list:
+        """Subjects whose windows or verdicts a change of ``subject`` can reach (neighbours' known links)."""
+        nb = self.neighbours
+        kind, v = subject
+        if kind == "mac":
+            return [("ip", a) for a in nb.addresses(v)]
+        if kind == "seg":
+            return [("mac", m) for m in nb.segment_macs.get(v, ())]
+        return []
+
+    def _taint(self, flows: dict, tainted: set, seeds: list) -> None:
+        """Remove from ``flows`` (id -> flow) every flow sharing a subject, directly or through neighbours,
+        with ``seeds``; ``tainted`` collects the subjects."""
+        if not seeds or not flows:
+            return
+        by_subject = defaultdict(list)
+        for fid, f in flows.items():
+            for s in self._subjects(f):
+                by_subject[s].append(fid)
+        todo = [s for s in seeds if s not in tainted]
+        tainted.update(todo)
+        while todo:
+            s = todo.pop()
+            more = self._expand(s)
+            for fid in by_subject.get(s, ()):
+                f = flows.pop(fid, None)
+                if f is not None:
+                    more.extend(self._subjects(f))
+            for m in more:
+                if m not in tainted:
+                    tainted.add(m)
+                    todo.append(m)
+
+    def _bulk(self, pk, gflow, slow, slow_ids, cut: bool):
+        """Choose the bulk flows and count the part; with ``cut``, the frame where one would cross instead."""
+        book = self.flagbook
+        cand = {id(f): f for f in gflow if f is not None and id(f) not in slow_ids}
+        seeds = []
+        slow_flows = {}
+        table = self.flows.flows
+        for _, p in slow:
+            if p.proto != TCP:      # UDP and ICMP reach no xmpp_abuse window, no neighbour, no flag of TCP flows
+                continue
+            seeds += [("ip", p.src), ("ip", p.dst), ("mac", p.mac)]
+            f = table.get(flow_key(p))
+            if f is not None:
+                slow_flows[id(f)] = f
+        for f in gflow:
+            if f is not None and id(f) in slow_ids:
+                slow_flows[id(f)] = f
+        for _, _, f in self.settling:               # settling meanwhile: learns, judges its held packets
+            slow_flows[id(f)] = f
+        for f in slow_flows.values():
+            seeds += self._subjects(f)
+        tainted: set = set()
+        self._taint(cand, tainted, seeds)
+        if not cand:
+            return self._reference(slow, pk, None)
+        # order by flow, then frame; check each flow's segments against the state the ones before leave
+        g = pk["g"]
+        keep = np.array([gflow[x] is not None and id(gflow[x]) in cand for x in range(len(gflow))], dtype=bool)
+        sel = keep[g] if len(g) else np.zeros(0, dtype=bool)
+        order = np.flatnonzero(sel)
+        order = order[_stable_order(g[order])]
+        q = {k: v[order] for k, v in pk.items()}
+        bad_groups = self._check_tcp(q, gflow)
+        for x in bad_groups:
+            f = gflow[x]
+            if id(f) in cand:
+                self._taint(cand, tainted, self._subjects(f))
+        covered = self._covered(cand, book)
+        entries = self._windows(q, gflow, cand, covered)
+        if entries is None:
+            self._taint(cand, tainted, [s for f in list(cand.values()) for s in self._subjects(f)])
+        else:
+            first = sorted(set(entries.pop("first").values()))
+            if cut and first and (first[0] > 0 or self._frames.ts.size > 1):
+                return first
+            for f in entries.pop("crossing"):
+                if id(f) in cand:
+                    self._taint(cand, tainted, self._subjects(f))
+        self._reference(slow, pk, cand, q=q, gflow=gflow, covered=covered, entries=entries)
+        return None
+
+    def _check_tcp(self, q, gflow) -> set:
+        """Groups with a segment the reference would not count inline (out of window, a retransmission, another
+        MAC): they go the reference way."""
+        n = len(q["g"])
+        if not n:
+            return set()
+        g, d = q["g"], q["d"]
+        groups, gstart = np.unique(g, return_index=True)
+        start = np.repeat(gstart, np.diff(np.append(gstart, n)))
+        init_nxt = np.zeros((len(gflow), 2), dtype=np.int64)
+        init_win = np.zeros((len(gflow), 2), dtype=np.int64)
+        ws = np.zeros((len(gflow), 2), dtype=np.int64)
+        mac = np.zeros(len(gflow), dtype=np.uint64)
+        for x in groups.tolist():
+            f = gflow[x]
+            init_nxt[x] = f.nxt
+            init_win[x] = f.win
+            ws[x] = [f.ws[0] or 0, f.ws[1] or 0]
+            mac[x] = int.from_bytes(f.mac, "big")
+        fin = q["flags"] & FIN
+        endseq = (q["seq"] + q["plen"] + fin) & M32
+        wv = q["win"] << ws[g, d]
+        ar = np.arange(n)
+        last0 = np.maximum.accumulate(np.where(d == 0, ar, -1))
+        last1 = np.maximum.accumulate(np.where(d == 1, ar, -1))
+        prev0 = np.concatenate(([-1], last0[:-1]))
+        prev1 = np.concatenate(([-1], last1[:-1]))
+        own = np.where(d == 0, prev0, prev1)
+        oth = np.where(d == 0, prev1, prev0)
+        has_own, has_oth = own >= start, oth >= start
+        own_c, oth_c = np.maximum(own, 0), np.maximum(oth, 0)
+        nxt_own = np.where(has_own, endseq[own_c], init_nxt[g, d])
+        nxt_oth = np.where(has_oth, endseq[oth_c], init_nxt[g, 1 - d])
+        win_own = np.where(has_own, wv[own_c], init_win[g, d])
+        win_oth = np.where(has_oth, wv[oth_c], init_win[g, 1 - d])
+        ds = (q["seq"] - nxt_own) & M32
+        fits = (ds < HALF) & (ds <= win_oth + SLACK)
+        da = (q["ack"] - nxt_oth) & M32
+        fits &= ~(((q["flags"] & ACK) != 0) & (da > SLACK) & (da < (1 << 32) - win_own - SLACK))
+        fits &= (d == 1) | (q["mac"] == mac[g])
+        q["endseq"], q["wv"], q["start"] = endseq, wv, start
+        return set(np.unique(g[~fits]).tolist())
+
+    def _covered(self, cand: dict, book) -> set:
+        """Ids of bulk flows an active flag holds (their packets count as verified and reach no classifier)."""
+        from .engine import PROTO_NAMES
+        from .parse import mac_text
+        if not book.covering:
+            return set()
+        now = self._now
+        return {fid for fid, f in cand.items() if f.cov_gen != book.gen and book.covers(
+            f.client, f.cport, now, mac_text(f.mac) if f.mac else "", PROTO_NAMES.get(f.proto, ""), f.sport)}
+
+    def _windows(self, q, gflow, cand, covered):
+        """The window entries of the bulk packets per classifier and window; None when they cannot be counted in
+        bulk (unsorted times, a span too long); ``crossing``: flows whose windows would cross a threshold."""
+        g = q["g"]
+        n = len(g)
+        out: dict = {"crossing": set(), "first": {}}
+        if not n or not self.classifiers:
+            return out
+        live = np.array([gflow[x] is not None and id(gflow[x]) in cand and id(gflow[x]) not in covered
+                         for x in range(len(gflow))], dtype=bool)
+        nb = self.neighbours
+        for ci, cl in enumerate(self.classifiers):
+            ports = np.array(sorted(cl.ports), dtype=np.int64)
+            # XmppAbuse.packet: client -> server, toward one of its ports, TCP
+            gport = np.array([gflow[x].sport if live[x] else -1 for x in range(len(gflow))], dtype=np.int64)
+            m = live[g] & (q["d"] == 0) & np.isin(gport[g], ports)
+            idx = np.flatnonzero(m)
+            if not len(idx):
+                continue
+            idx = idx[np.argsort(q["j"][idx])]        # frame order (frames are unique): the windows' order
+            gi = g[idx]
+            # the weight: a new connection's first counted packet carries its cost
+            _, firsts = np.unique(gi, return_index=True)
+            wt = np.ones(len(idx), dtype=np.int64)
+            for k in firsts.tolist():
+                f = gflow[gi[k]]
+                if f.counted[0] == 0 and f.new_connection:
+                    wt[k] = 1 + cl.cost
+            keyed = {"conns": {}, "ips": {}, "hosts": {}, "prefixes": {}}
+            for x in np.unique(gi).tolist():
+                f = gflow[x]
+                if f.agg_gen != nb.gen:
+                    f.agg, f.agg_gen = nb.keys(f.mac, f.client), nb.gen
+                host, pfx = f.agg
+                if host is not None and host not in cl.hosts:
+                    out["crossing"].add(f)            # its host window is seeded from its addresses': not in bulk
+                keyed["conns"][x], keyed["ips"][x] = (f.client, f.cport), f.client
+                keyed["hosts"][x], keyed["prefixes"][x] = host, pfx
+            t, jj = q["ts"][idx], q["j"][idx]
+            ones = np.ones_like(wt)
+            for name, limit, weights in (("conns", cl.limit, ones), ("ips", cl.ip_limit, wt),
+                                         ("hosts", cl.host_limit, wt), ("prefixes", cl.prefix_limit, wt)):
+                klist: list = []
+                kd: dict = {}
+                gk = np.full(len(gflow), -1, dtype=np.int64)
+                for x, k in keyed[name].items():
+                    if k is not None:
+                        gk[x] = kd.setdefault(k, len(klist))
+                        if gk[x] == len(klist):
+                            klist.append(k)
+                fam = _Family(getattr(cl, name), limit, klist, gk[gi], t, weights, jj, gi)
+                if not fam.ok:
+                    return None
+                out["crossing"].update(gflow[x] for x in fam.crossing)
+                for x, j in fam.first.items():
+                    if j < out["first"].get(x, j + 1):
+                        out["first"][x] = j
+                out[(ci, name)] = fam
+        return out
+
+    # --- counting -----------------------------------------------------------------------------------------
+
+    def _reference(self, slow, pk, cand, q=None, gflow=None, covered=(), entries=None) -> None:
+        """The reference engine's loop over the other packets in frame order (settling held connections at the
+        bulk packets' times between them), then the bulk flows' counts."""
+        book = self.flagbook
+        now = self._now
+        owner, index, bids = self._where
+        if cand:
+            inb = np.array([gflow[x] is not None and id(gflow[x]) in cand for x in range(len(gflow))], dtype=bool)
+            in_bulk = inb[pk["g"]] if len(pk["g"]) else np.zeros(0, dtype=bool)
+        else:
+            in_bulk = np.zeros(len(pk["g"]), dtype=bool)
+        fr = self._frames
+        back = [(j, fr.packet(j)) for j in pk["j"][~in_bulk].tolist()]
+        if back:
+            slow = sorted(slow + back, key=lambda e: e[0])
+        bj = pk["j"][in_bulk]
+        bts = pk["ts"][in_bulk]
+        timeline = [(-1, book.gen, bool(book.covering))]     # (frame, flag book's gen, covering) from that frame on
+        heap = self.settling
+        a = 0                                                 # next bulk packet to pass
+        run: list = []
+
+        def flush_run():
+            if run:
+                self._classify(run, now)
+                run.clear()
+                if book.gen != timeline[-1][1]:
+                    timeline.append((last_j[0], book.gen, bool(book.covering)))
+        last_j = [-1]
+        for j, p in slow:
+            b = int(np.searchsorted(bj, j)) if len(bj) else 0
+            if b > a:
+                flush_run()
+                if heap:
+                    self._settle_gap(bts, bj, a, b, now, timeline)
+                a = b
+            run.append((p, bids[owner[j]], int(index[j])))
+            last_j[0] = j
+        flush_run()
+        if heap and a < len(bj):
+            self._settle_gap(bts, bj, a, len(bj), now, timeline)
+        if cand:
+            self._apply(q, gflow, cand, covered, entries, timeline, owner, index, bids)
+
+    def _settle_gap(self, bts, bj, a: int, b: int, now, timeline) -> None:
+        """What the reference does before each bulk packet in [a, b): settle the connections due by its time."""
+        heap = self.settling
+        book = self.flagbook
+        while heap and a < b:
+            hit = np.flatnonzero(bts[a:b] >= heap[0][0])
+            if not len(hit):
+                return
+            k = a + int(hit[0])
+            self._settle_due(int(bts[k]), now)
+            if book.gen != timeline[-1][1]:
+                timeline.append((int(bj[k]) - 1, book.gen, bool(book.covering)))
+            a = k + 1
+
+    def _apply(self, q, gflow, cand, covered, entries, timeline, owner, index, bids) -> None:
+        c = self.counters
+        flows = self.flows
+        g, d = q["g"], q["d"]
+        ing = np.array([f is not None and id(f) in cand for f in gflow], dtype=bool)
+        sel = ing[g] if len(g) else np.zeros(0, dtype=bool)
+        if not sel.all():
+            q = {k: v[sel] for k, v in q.items() if hasattr(v, "__len__") and len(v) == len(sel)}
+            g, d = q["g"], q["d"]
+        n = len(g)
+        if not n:
+            return
+        key2 = g * 2 + d
+        o = _stable_order(key2)
+        k2, ts, wl = key2[o], q["ts"][o], q["wl"][o]
+        starts = np.flatnonzero(np.concatenate(([True], k2[1:] != k2[:-1])))
+        ends = np.append(starts[1:], n) - 1
+        cnt = np.diff(np.append(starts, n))
+        sum_wl = np.add.reduceat(wl, starts)
+        max_wl = np.maximum.reduceat(wl, starts)
+        min_ts = np.minimum.reduceat(ts, starts)
+        max_ts = np.maximum.reduceat(ts, starts)
+        dt = np.diff(ts)
+        inner = np.ones(max(n - 1, 0), dtype=bool)
+        inner[ends[:-1]] = False                          # no interval across two segments
+        BIG = np.iinfo(np.int64).max
+        dmin = np.where(inner, dt, BIG)
+        dmax = np.where(inner, dt, -BIG)
+        seg_min = np.minimum.reduceat(np.append(dmin, BIG), starts) if n > 1 else np.full(len(starts), BIG)
+        seg_max = np.maximum.reduceat(np.append(dmax, -BIG), starts) if n > 1 else np.full(len(starts), -BIG)
+        endseq, wv, fl = q["endseq"][o], q["wv"][o], q["flags"][o]
+        fin_any = np.maximum.reduceat(fl & FIN, starts)
+        bitcount = {name: np.add.reduceat((fl & bit) != 0, starts) for bit, name in
+                    ((ACK, "ACK"), (FIN, "FIN"), (PSH, "PSH"), (URG, "URG"))}
+        ob = owner[q["j"][o]]
+        series = self.observers
+        for s, e, k, nn, sw, mw, t0, t1, lo, hi, fa in zip(
+                starts.tolist(), ends.tolist(), k2[starts].tolist(), cnt.tolist(), sum_wl.tolist(),
+                max_wl.tolist(), min_ts.tolist(), max_ts.tolist(), seg_min.tolist(), seg_max.tolist(),
+                fin_any.tolist()):
+            f = gflow[k >> 1]
+            dd = k & 1
+            f.pkts[dd] += nn
+            f.bytes[dd] += sw
+            if mw > f.max_size:
+                f.max_size = mw
+            first_t, last_t = int(ts[s]), int(ts[e])
+            prev = f.last_dir_ns[dd]
+            if prev is not None:
+                iat = first_t - prev
+                lo = min(lo, iat)
+                hi = max(hi, iat)
+            if lo != BIG:
+                if f.iat_min[dd] is None or lo < f.iat_min[dd]:
+                    f.iat_min[dd] = lo
+                if f.iat_max[dd] is None or hi > f.iat_max[dd]:
+                    f.iat_max[dd] = hi
+            f.last_dir_ns[dd] = last_t
+            if t1 > f.last_ns:
+                f.last_ns = t1
+            if t0 < f.first_ns:
+                f.first_ns = t0
+            f.nxt[dd] = int(endseq[e])
+            f.win[dd] = int(wv[e])
+            if fa:
+                f.closed = True
+            f.counted[dd] += nn
+            f.status = OK
+            f.dirty = True
+            f.batches.update(bids[b] for b in set(ob[s:e + 1].tolist()))
+        for si, (s, k) in enumerate(zip(starts.tolist(), k2[starts].tolist())):
+            fl_d = gflow[k >> 1].flags
+            for name, arr in bitcount.items():
+                v = int(arr[si])
+                if v:
+                    fl_d[name] += v
+        if series:
+            self._series(series, gflow, k2, ts, starts)
+        newest = int(q["ts"].max())
+        if newest > flows.newest_ns:
+            flows.newest_ns = newest
+        v6 = int(q["v6"].sum())
+        self.bulk_packets += n
+        c["packets"] += n
+        c["packets_v6"] += v6
+        c["packets_v4"] += n - v6
+        c["verified"] += n
+        self._apply_windows(entries, gflow, cand, owner, index, bids)
+        # the flag book's gen as each flow's last packet saw it (Engine._judge's cache)
+        positions = [t[0] for t in timeline]
+        lastj = {}
+        for x, j in zip(g.tolist(), q["j"].tolist()):
+            lastj[x] = j
+        for x, j in lastj.items():
+            f = gflow[x]
+            if id(f) in covered:
+                continue
+            _, gen, cov = timeline[bisect_right(positions, j - 1) - 1] if positions else (0, 0, False)
+            if cov and f.cov_gen != gen:
+                f.cov_gen = gen
+
+    @staticmethod
+    def _series(series, gflow, k2, ts, starts) -> None:
+        """The report's packets per client per second (report.XmppSeries), for the bulk packets."""
+        sec = ts // 1_000_000_000
+        s0 = int(sec.min())
+        width = int(sec.max()) - s0 + 1
+        uk, cnt = np.unique(k2 * width + (sec - s0), return_counts=True)
+        for kk, m in zip(uk.tolist(), cnt.tolist()):
+            k, s_ = divmod(kk, width)
+            s_ += s0
+            f = gflow[k >> 1]
+            src, port = (f.client, f.sport) if k & 1 == 0 else (f.server, f.cport)
+            for obs in series:
+                if port in obs.ports:
+                    obs.counts[src][s_] += m
+
+    def _apply_windows(self, entries, gflow, cand, owner, index, bids) -> None:
+        if not entries:
+            return
+        for fam in entries.values():
+            fam.apply(gflow, cand, owner, index, bids)
+
+

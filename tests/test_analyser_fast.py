@@ -1,0 +1,309 @@
+"""The fast engine (analyser/fast.py) against the reference engine (analyser/engine.py) on the same frames:
+the same flow records, flags, counters, unverified sources, neighbours and report series, exactly.
+
+The captures are random mixes of what the analyser meets (both families, handshakes seen and not, spoofed
+SYNs, RSTs in and out of sequence, out-of-window segments, FINs, UDP answered or not, ICMP unreachables,
+VLAN tags, cut and garbage frames, clients crossing thresholds, hosts rotating addresses, routers), cut
+into random batches and steps, plus the adversary tests' own scenarios.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+
+from analyser import flags as flags_mod
+from analyser import policy as policy_mod
+from analyser import report
+from analyser.engine import Engine
+from analyser.fast import FastEngine
+from analyser.flows import FlowTable, MemoryFlows
+from analyser.offline import Offline
+from analyser.packed import Packed
+from appliance import config, framebatch
+from tests.analyser_frames import (
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    T0,
+    Conn,
+    S,
+    Spoofer,
+    frame,
+    icmp_unreachable,
+    server_for,
+    steady,
+)
+
+WALL_CLOCK = ("flagged_at", "expires_at", "created_at", "updated_at")     # the flag book's own times, not the frames'
+
+
+def _wire(ts, data):
+    return (ts, len(data), data)
+
+
+def _vlan(fr):
+    ts, wl, data = fr
+    data = data[:12] + b"\x81\x00\x00\x07" + data[12:]
+    return (ts, wl + 4, data)
+
+
+def _bare(fr, mac: str):
+    """The segment as an on-path forger sends it just before the real one: same sequence numbers, no payload,
+    its own MAC (the analyser must not count it: not the client's MAC)."""
+    ts, _, data = fr
+    if data[12:14] == b"\x08\x00":
+        data = data[:16] + struct.pack("!H", 40) + data[18:54]
+    else:
+        data = data[:18] + struct.pack("!H", 20) + data[20:74]
+    data = data[:6] + bytes.fromhex(mac.replace(":", "")) + data[12:]
+    return (ts - 1, len(data), data)
+
+
+def capture(seed: int, n_clients: int = 50, seconds: int = 300, odd: int = 60) -> list:
+    """A random capture of ``n_clients`` clients for ``seconds`` of frame time (mostly in time order)."""
+    rnd = random.Random(seed)
+    out: list = []
+    router_mac = "02:00:00:00:00:ee"
+    for i in range(n_clients):
+        six = rnd.random() < 0.4
+        host = i % 7 == 3                                      # a host rotating its addresses (one MAC)
+        behind_router = i % 11 == 5
+        client = (f"2001:db8:{1 + (i % 3 if behind_router else 0)}::{(i if not host else 1000) + rnd.randint(0, 3):x}"
+                  if six else f"10.{i % 3}.0.{10 + i}")
+        mac = router_mac if behind_router else f"02:00:00:00:{i // 256:02x}:{i % 256:02x}"
+        ttl = 63 if behind_router else rnd.choice((64, 64, 128))
+        start = T0 + rnd.randint(0, 30 * S)
+        port = 30000 + i
+        rate = rnd.choice((20, 40, 90, 200, 400))              # some cross the per-connection or per-address line
+        kind = rnd.random()
+        conn = Conn(client, port, mac=mac, ttl=ttl, isn=rnd.getrandbits(32), server_isn=rnd.getrandbits(32))
+        secs = rnd.randint(60, seconds - 30)
+        if kind < 0.55:                                        # handshake seen, steady chat with answers
+            out += steady(conn, start, rate, secs, replies=rnd.choice((0, 1, 3)))
+        elif kind < 0.7:                                       # picked up mid-stream: both sides talk
+            t = start
+            while t < start + secs * S:
+                out += conn.data(t)
+                out += conn.data(t + 300_000, b"<r/>", to_server=False)
+                t += int(60 * S / rate)
+        elif kind < 0.8:                                       # a short connection closed by FIN, then a new one
+            out += steady(conn, start, rate, 5)
+            out += conn.fin(start + 6 * S)
+            again = Conn(client, port, mac=mac, ttl=ttl, isn=rnd.getrandbits(32), server_isn=rnd.getrandbits(32))
+            out += steady(again, start + 8 * S, rate, secs)
+        elif kind < 0.88:                                      # spoofed in the client's name
+            sp = Spoofer(client, victim_mac=mac, seed=seed + i)
+            out += steady(conn, start, rate, secs, replies=1)
+            out += sp.syn_flood(start + S, rnd.randint(20, 200), per_second=100)
+            out += sp.data_flood(start + 2 * S, rnd.randint(20, 200), port=port, per_second=100)
+        elif kind < 0.94:                                      # RSTs: the end's own, and made-up ones
+            out += steady(conn, start, rate, secs // 2)
+            out += conn.rst(start + (secs // 2) * S + rnd.choice((0, 1)), to_server=rnd.random() < 0.5)
+            out.append(_wire(start + 3 * S, frame(client, port, server_for(client), 5222, RST,
+                                                  seq=rnd.getrandbits(32), mac=mac)))
+        else:                                                  # forged both sides, answered by the real ends
+            sp = Spoofer(client, victim_mac=mac, seed=seed + 100 + i)
+            out += sp.forged_connection(start, port + 1000, rnd.randint(20, 120), answer_ns=rnd.choice(
+                (400_000, 800_000_000)))
+            out += steady(conn, start + S, rate, secs)
+        if rnd.random() < 0.3:                                 # UDP, answered or not, or refused by ICMP
+            srv = server_for(client)
+            for k in range(rnd.randint(5, 60)):
+                t = start + k * 200_000_000
+                q = _wire(t, frame(client, 5000 + i, srv, 5222, 0, b"q", proto="udp", mac=mac))
+                out.append(q)
+                r = rnd.random()
+                if r < 0.5:
+                    out.append(_wire(t + 1_000_000, frame(srv, 5222, client, 5000 + i, 0, b"a", proto="udp",
+                                                          mac="02:00:00:00:00:02")))
+                elif r < 0.7:
+                    out.append(icmp_unreachable(q[2], rnd.choice((mac, "02:00:00:00:00:99")), t + 2_000_000))
+    # segments out of the windows on real connections, SYN retransmissions, odd frames
+    for _ in range(odd):
+        victim = rnd.choice(out)
+        ts, _, data = victim
+        if rnd.random() < 0.5 and len(data) > 54 and data[12:14] == b"\x08\x00" and data[23] == 6:
+            bad = bytearray(data)
+            bad[38:42] = struct.pack("!I", rnd.getrandbits(32))   # another sequence number
+            out.append((ts + 1, len(bad), bytes(bad)))
+        else:
+            out.append((ts + 1, len(data), data))                 # the same frame again
+    for _ in range(odd):
+        ts, _, data = victim = rnd.choice(out)
+        if len(data) > 54 and data[23 if data[12:14] == b"\x08\x00" else 20] == 6 and data[47 if data[12:14] ==
+                                                                                       b"\x08\x00" else 67] & ACK:
+            out.append(_bare(victim, "02:00:00:00:00:77"))
+    for _ in range(odd):
+        ts = T0 + rnd.randint(0, seconds * S)
+        r = rnd.random()
+        if r < 0.3:
+            out.append(_vlan(rnd.choice(out)))
+        elif r < 0.6:
+            ts0, wl, data = rnd.choice(out)
+            out.append((ts, wl, data[:rnd.randint(1, max(1, len(data) - 1))]))          # cut by the snap length
+        else:
+            out.append((ts, 60, bytes(rnd.getrandbits(8) for _ in range(rnd.randint(14, 90)))))   # garbage
+    out.sort(key=lambda f: f[0])
+    for _ in range(len(out) // 200):                           # a few frames out of time order
+        k = rnd.randrange(len(out) - 1)
+        out[k], out[k + 1] = out[k + 1], out[k]
+    return out
+
+
+def steps(frames: list, seed: int) -> list:
+    """The frames cut into batches of random sizes, the batches into steps of random counts."""
+    rnd = random.Random(seed)
+    batches, i = [], 0
+    while i < len(frames):
+        n = rnd.choice((1, 50, 300, 1000, 1000, 1000))
+        batches.append((f"b{len(batches)}", frames[i:i + n]))
+        i += n
+    out, i = [], 0
+    while i < len(batches):
+        n = rnd.choice((1, 2, 8, 16))
+        out.append(batches[i:i + n])
+        i += n
+    return out
+
+
+def outcome(engine, book) -> dict:
+    flows = engine.flows.sink.all()
+    return {
+        "flows": sorted(flows, key=lambda d: d["_id"]),
+        "flags": [{k: v for k, v in d.items() if k not in WALL_CLOCK} for d in book.backend.all()],
+        "counters": dict(engine.counters), "unverified": dict(engine.unverified),
+        "neighbours": engine.neighbours.describe(), "servers": engine.servers.addresses(),
+        "series": {ip: dict(c) for o in engine.observers for ip, c in o.counts.items()},
+        "windows": [{name: {k: (list(w.times), list(w.weights), w.total, list(w.refs)) for k, w in
+                            getattr(cl, name).items()} for name in ("conns", "ips", "hosts", "prefixes")}
+                    for cl in engine.classifiers],
+    }
+
+
+def run(kind, frames, seed: int, cfg=None, persistent: bool = False, forget_at: int = -1, bulk: float = 0.0) -> dict:
+    cfg = cfg or config.from_dict({"enforce": {"never_ban_self": False}})
+    policy = policy_mod.load(None)
+    book = flags_mod.FlagBook(cfg, flags_mod.MemoryFlags())
+    engine = kind(cfg, policy, FlowTable(MemoryFlows(), "t"), book,
+                  [report.XmppSeries(policy_mod.server_ports(policy, cfg))])
+    for n, step in enumerate(steps(frames, seed)):
+        if n == forget_at:                                     # flows evicted: loaded again from their documents
+            engine.flows.flows.clear()
+        engine.run_step([(bid, 0, Packed(framebatch.pack(b))) for bid, b in step], n + 1, persistent)
+    if kind is FastEngine:        # else the comparison would compare the reference with itself
+        assert engine.bulk_packets >= bulk * engine.counters["packets"], (engine.bulk_packets, engine.counters)
+    return outcome(engine, book)
+
+
+def same(a: dict, b: dict) -> None:
+    for key in a:
+        if key == "flows":
+            assert len(a[key]) == len(b[key])
+            for x, y in zip(a[key], b[key]):
+                assert x == y, {k: (x[k], y.get(k)) for k in x if x[k] != y.get(k)}
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_fast_engine_gives_the_reference_engines_flows_and_flags_on_a_random_capture(seed):
+    frames = capture(seed)
+    ref = run(Engine, frames, seed)
+    assert ref["flags"], "the capture must make flags, or it proves little"
+    assert ref["counters"].get("connections_contradicted") and ref["counters"].get("malformed")
+    same(ref, run(FastEngine, frames, seed, bulk=0.1))
+
+
+def test_the_same_after_flows_were_evicted_and_read_back_from_their_documents():
+    frames = capture(4, n_clients=25)
+    ref = run(Engine, frames, 4, persistent=True, forget_at=3)
+    same(ref, run(FastEngine, frames, 4, persistent=True, forget_at=3))
+
+
+def test_the_same_with_neighbours_prefixes_and_a_connection_cost():
+    cfg = config.from_dict({"enforce": {"never_ban_self": False},
+                            "xmpp": {"prefix_length_v4": 24, "connection_cost": 30, "per_ip_threshold_ppm": 150}})
+    frames = capture(5, n_clients=30)
+    ref = run(Engine, frames, 5, cfg=cfg)
+    same(ref, run(FastEngine, frames, 5, cfg=cfg))
+
+
+def test_the_fast_engine_counts_the_steady_state_in_bulk():
+    """Not a speed test: proof that the bulk path is taken (else the comparisons above compare the reference
+    with itself)."""
+    frames = []
+    for i in range(20):
+        frames += steady(Conn(f"10.0.1.{i + 1}", 31000 + i, mac=f"02:00:00:00:01:{i:02x}"), T0, 40, 120, replies=2)
+    frames.sort(key=lambda f: f[0])
+    cfg = config.Config()
+    engine = FastEngine(cfg, policy_mod.load(None), FlowTable(MemoryFlows(), "t"),
+                        flags_mod.FlagBook(cfg, flags_mod.MemoryFlags()))
+    counted = []
+    engine._apply_windows = lambda entries, *a: (counted.append(len(entries)), FastEngine._apply_windows(
+        engine, entries, *a))[1]
+    for k in range(0, len(frames), 1000):
+        engine.run_step([(f"b{k}", 0, Packed(framebatch.pack(frames[k:k + 1000])))], k + 1, False)
+    assert sum(counted) > 0
+
+
+def test_the_adversary_scenarios_give_the_same_results():
+    from tests import test_analyser_adversary as adv
+    frames = []
+    spoof = Spoofer(adv.VICTIM)
+    frames += adv.chat(adv.VICTIM, 40000)
+    frames += spoof.syn_flood(T0 + 5 * S, 500, per_second=100)
+    frames += spoof.data_flood(T0 + 10 * S, 500, port=40000, per_second=100)
+    frames += steady(Conn(adv.FLOODER, 41000), T0, 600, 60)
+    frames += Spoofer("10.0.0.40", seed=3).forged_connection(T0 + 2 * S, 42000, 200)
+    host = adv.HOST_MAC
+    for k in range(6):                                         # privacy addresses of one host
+        frames += steady(Conn(f"{adv.LAN6}{k + 10:x}", 43000 + k, mac=host), T0 + k * 5 * S, 150, 30)
+    frames += adv.chat(f"{adv.LAN6}99", 44000, mac=adv.BENIGN_MAC)
+    c = Conn("10.0.0.50", 45000)
+    frames += c.handshake(T0) + c.data(T0 + 3_000_000) + c.rst(T0 + 4_000_000)
+    frames += [_wire(T0 + k * S, frame("10.0.0.60", 46000, "10.0.0.1", 5222, ACK | PSH, b"x", seq=k * 100,
+                                       ack=1)) for k in range(30)]
+    frames.sort(key=lambda f: f[0])
+    for seed in (7, 8):
+        same(run(Engine, frames, seed), run(FastEngine, frames, seed))
+
+
+def test_offline_and_the_live_engine_choice_follow_the_config():
+    assert type(Offline(config.Config(), policy_mod.load(None)).engine) is FastEngine
+    cfg = config.from_dict({"analyser": {"engine": "reference"}})
+    assert type(Offline(cfg, policy_mod.load(None)).engine) is Engine
+
+
+def test_flag_bits_and_fin_are_counted_as_the_reference_does():
+    c = Conn("10.0.0.70", 47000)
+    frames = c.handshake(T0)
+    t = T0 + S
+    for k in range(300):
+        frames += c.data(t + k * 10_000_000)
+        frames += [c._f(t + k * 10_000_000 + 1, False, ACK | (0x20 if k % 7 == 0 else 0) | (0xC0 if k % 5 else 0))]
+    frames += c.fin(t + 4 * S)
+    frames += c.data(t + 5 * S)                                # after the FIN: still counted, the flow closed
+    assert SYN and FIN and PSH
+    same(run(Engine, frames, 9), run(FastEngine, frames, 9))
+
+
+def test_a_damaged_batch_counts_its_frames_before_the_damage_in_both_engines():
+    frames = steady(Conn("10.0.0.80", 48000), T0, 120, 60, replies=1)
+    blobs = [framebatch.pack(frames[k:k + 40]) for k in range(0, len(frames), 40)]
+    blobs[1] = blobs[1][:-7]                                   # a record cut short
+    blobs[2] = blobs[2] + b"\x01\x02\x03"                      # a record header cut short
+    out = []
+    for kind in (Engine, FastEngine):
+        cfg = config.Config()
+        book = flags_mod.FlagBook(cfg, flags_mod.MemoryFlags())
+        engine = kind(cfg, policy_mod.load(None), FlowTable(MemoryFlows(), "t"), book)
+        for n, blob in enumerate(blobs):
+            engine.run_step([(f"b{n}", 0, Packed(blob))], n + 1, False)
+        out.append(outcome(engine, book))
+    assert out[0]["counters"]["corrupt_batches"] == 2
+    same(*out)
