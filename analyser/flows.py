@@ -86,7 +86,7 @@ class Flow:
                  "verified_by", "held", "counted", "status", "v6", "agg", "agg_gen", "ttl", "queued", "cov_gen",
                  "settle_after", "reset")
 
-    def __init__(self, key: tuple, p: Packet, server_ports=(), settle_after: int = SETTLE_NS):
+    def __init__(self, key: tuple, p: Packet, server_ports=(), settle_after: int = SETTLE_NS, sensor: str = ""):
         self.key = key
         self.settle_after = settle_after
         self.proto = p.proto
@@ -106,7 +106,9 @@ class Flow:
             self.client, self.cport, self.server, self.sport = p.dst, p.dport, p.src, p.sport
             self.mac, self.ttl = b"", 0
         self.first_ns = self.last_ns = p.ts_ns
-        self.id = f"{key_text(key)} @{p.ts_ns}"
+        # the sensor in the id: two sites see the same private 5-tuples, and a pcap imported at two sensors has the
+        # same first packet at the same time (a document read back keeps the id it was stored with)
+        self.id = f"{sensor} {key_text(key)} @{p.ts_ns}" if sensor else f"{key_text(key)} @{p.ts_ns}"
         self.pkts = [0, 0]
         self.bytes = [0, 0]
         self.max_size = 0
@@ -418,7 +420,7 @@ class FlowTable:
         if f is None or self._new_connection(f, p):
             if f is not None and f.dirty:
                 self.replaced.append(f)
-            f = self.flows[key] = Flow(key, p, self.server_ports, self.settle_ns)
+            f = self.flows[key] = Flow(key, p, self.server_ports, self.settle_ns, self.sensor)
         elif f.skip and batch_id in f.skip:
             return None, 0
         if p.ts_ns > self.newest_ns:
