@@ -21,7 +21,7 @@ import time
 
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from appliance import indexes, store
+from appliance import framebatch, indexes, store
 
 from .batch import Batch
 from .spool import Spool
@@ -33,7 +33,7 @@ _STOP = object()
 
 
 def _size(batch: Batch) -> int:
-    return sum(len(f[2]) for f in batch.frames) + _FRAME_OVERHEAD * len(batch.frames)
+    return framebatch.captured_bytes(batch.frames) + _FRAME_OVERHEAD * len(batch.frames)
 
 
 def insert(db, batch: Batch, counters: dict) -> None:
