@@ -17,6 +17,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <xxhash.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -28,11 +29,11 @@
 #define TP_STATUS_USER 1u
 #define TP_STATUS_VLAN_VALID 0x10u
 #define TP_STATUS_VLAN_TPID_VALID 0x40u
-#define EMPTY INT64_MIN
+#define SIGN 0x8000000000000000ull
 
 typedef struct {
     uint64_t key;
-    int64_t ts;                      /* EMPTY marks a free slot */
+    uint64_t tsx;                    /* the time xor SIGN: 0 marks a free slot, so fresh zeroed pages are empty */
 } Slot;
 
 typedef struct {
@@ -58,24 +59,39 @@ typedef struct {
 
 /* --- the tables -------------------------------------------------------------------------------- */
 
+/* Anonymous memory, on huge pages where the kernel offers them (a lookup is a cache miss; without them a TLB
+ * miss as well). Fresh pages read as zeros: an empty table costs nothing to set up. */
 static int table_init(Table *t, size_t cap) {
-    t->slots = PyMem_Malloc(cap * sizeof(Slot));
-    if (!t->slots) {
+    void *m = mmap(NULL, cap * sizeof(Slot), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
         PyErr_NoMemory();
         return -1;
     }
-    for (size_t i = 0; i < cap; i++)
-        t->slots[i].ts = EMPTY;
+#ifdef MADV_HUGEPAGE
+    if (cap * sizeof(Slot) >= (2u << 20))
+        madvise(m, cap * sizeof(Slot), MADV_HUGEPAGE);
+#endif
+    t->slots = m;
     t->mask = cap - 1;
     t->used = 0;
     return 0;
+}
+
+static void table_free(Table *t) {
+    if (t->slots)
+        munmap(t->slots, (t->mask + 1) * sizeof(Slot));
+    t->slots = NULL;
+}
+
+static inline int64_t slot_ts(const Slot *s) {
+    return (int64_t)(s->tsx ^ SIGN);
 }
 
 static Slot *table_find(const Table *t, uint64_t key) {
     size_t i = (size_t)key & t->mask;
     for (;;) {
         Slot *s = &t->slots[i];
-        if (s->ts == EMPTY || s->key == key)
+        if (!s->tsx || s->key == key)
             return s;
         i = (i + 1) & t->mask;
     }
@@ -86,12 +102,12 @@ static int table_grow(Table *t) {
     if (table_init(&bigger, (t->mask + 1) * 2) < 0)
         return -1;
     for (size_t i = 0; i <= t->mask; i++) {
-        if (t->slots[i].ts != EMPTY) {
+        if (t->slots[i].tsx) {
             *table_find(&bigger, t->slots[i].key) = t->slots[i];
             bigger.used++;
         }
     }
-    PyMem_Free(t->slots);
+    table_free(t);
     *t = bigger;
     return 0;
 }
@@ -103,11 +119,10 @@ static int table_clear(Table *t) {
         size_t want = 4096;
         while (want < t->used * 4)
             want *= 2;
-        PyMem_Free(t->slots);
+        table_free(t);
         return table_init(t, want);
     }
-    for (size_t i = 0; i < cap; i++)
-        t->slots[i].ts = EMPTY;
+    memset(t->slots, 0, cap * sizeof(Slot));
     t->used = 0;
     return 0;
 }
@@ -162,28 +177,21 @@ static int finish_batch(Walker *w) {
 }
 
 /* The record (header + caplen bytes) is written at buf+len: keep it (1), drop it as a duplicate (0), or fail (-1). */
-static int commit(Walker *w, int64_t ts, uint32_t wire, uint32_t caplen) {
+static int commit(Walker *w, int64_t ts, uint32_t wire, uint32_t caplen, const uint64_t *hashed) {
     unsigned char *rec = w->buf + w->len;
     if (w->window > 0) {
         if ((!w->rotated || ts >= w->rotate_at) && rotate(w, ts) < 0)
             return -1;
-        uint64_t h = XXH3_64bits_withSeed(rec + REC_HDR, caplen, (XXH64_hash_t)wire);
+        uint64_t h = hashed ? *hashed : XXH3_64bits_withSeed(rec + REC_HDR, caplen, (XXH64_hash_t)wire);
         Slot *s = table_find(&w->cur, h);
-        int64_t first = s->ts;
-        if (first == EMPTY) {
-            Slot *p = table_find(&w->prev, h);
-            first = p->ts;
-        }
-        if (first != EMPTY && ts - first >= 0 && ts - first <= w->window)
+        const Slot *first = s->tsx ? s : table_find(&w->prev, h);
+        if (first->tsx && ts - slot_ts(first) >= 0 && ts - slot_ts(first) <= w->window)
             return 0;
-        if (s->ts == EMPTY) {
-            s->key = h;
-            s->ts = ts;
-            if (++w->cur.used * 2 > w->cur.mask + 1 && table_grow(&w->cur) < 0)
-                return -1;
-        } else {
-            s->ts = ts;
-        }
+        int fresh = !s->tsx;
+        s->key = h;
+        s->tsx = (uint64_t)ts ^ SIGN;
+        if (fresh && ++w->cur.used * 2 > w->cur.mask + 1 && table_grow(&w->cur) < 0)
+            return -1;
     }
     memcpy(rec, &ts, 8);
     memcpy(rec + 8, &wire, 4);
@@ -201,9 +209,9 @@ static int commit(Walker *w, int64_t ts, uint32_t wire, uint32_t caplen) {
 }
 
 /* commit() and the counters: captured, duplicates, kept but shorter than on the wire. */
-static int tally(Walker *w, int64_t ts, uint32_t wire, size_t len, long long *captured, long long *dups,
-                 long long *trunc) {
-    int kept = commit(w, ts, wire, (uint32_t)len);
+static int tally(Walker *w, int64_t ts, uint32_t wire, size_t len, const uint64_t *hashed, long long *captured,
+                 long long *dups, long long *trunc) {
+    int kept = commit(w, ts, wire, (uint32_t)len, hashed);
     if (kept < 0)
         return -1;
     ++*captured;
@@ -237,8 +245,8 @@ static int Walker_init(Walker *w, PyObject *args, PyObject *kw) {
 }
 
 static void Walker_dealloc(Walker *w) {
-    PyMem_Free(w->cur.slots);
-    PyMem_Free(w->prev.slots);
+    table_free(&w->cur);
+    table_free(&w->prev);
     PyMem_Free(w->buf);
     Py_XDECREF(w->ready);
     Py_TYPE(w)->tp_free((PyObject *)w);
@@ -254,6 +262,48 @@ static inline uint16_t rd16(const unsigned char *p) {
     uint16_t v;
     memcpy(&v, p, 2);
     return v;
+}
+
+/* The hash tables are far bigger than the caches: a lookup is a cache miss. A second cursor runs AHEAD frames in
+ * front of the walk, hashes each plain frame straight from the ring (the bytes the record will hold) and prefetches
+ * its slots, so the misses overlap. It only reads; the walk checks every header again, and a VLAN frame (whose
+ * record differs from the ring's bytes) is hashed by commit() as usual. */
+#define AHEAD 16
+
+typedef struct {
+    size_t off;
+    uint32_t i;                      /* the frame the cursor is at */
+    int more;
+    uint64_t hash[AHEAD];
+    int valid[AHEAD];
+} Ahead;
+
+static void look_ahead(const Walker *w, Ahead *a, const unsigned char *blk, size_t end, uint32_t num) {
+    uint32_t slot = a->i % AHEAD;
+    if (!a->more || a->i >= num || a->off + PKT_HDR > end) {
+        a->more = 0;
+        a->valid[slot] = 0;
+        a->i++;
+        return;
+    }
+    const unsigned char *h = blk + a->off;
+    uint32_t nxt = rd32(h), cap = rd32(h + 12), wire = rd32(h + 16), status = rd32(h + 20);
+    size_t start = a->off + rd16(h + 24);
+    a->valid[slot] = 0;
+    if (start + cap > end || cap > wire) {
+        a->more = 0;
+    } else if (!(status & TP_STATUS_VLAN_VALID)) {
+        size_t len = cap < (size_t)w->snaplen ? cap : (size_t)w->snaplen;
+        uint64_t hv = XXH3_64bits_withSeed(blk + start, len, (XXH64_hash_t)wire);
+        a->hash[slot] = hv;
+        a->valid[slot] = 1;
+        __builtin_prefetch(&w->cur.slots[hv & w->cur.mask], 1);
+        __builtin_prefetch(&w->prev.slots[hv & w->prev.mask], 0);
+    }
+    if (!nxt)
+        a->more = 0;
+    a->off += nxt;
+    a->i++;
 }
 
 /* walk(buf, base, block_size) -> (captured, duplicates, bad_headers, truncated): one ring block. */
@@ -272,6 +322,9 @@ static PyObject *Walker_walk(Walker *w, PyObject *args) {
     uint32_t num = rd32(blk + 12);
     size_t off = rd32(blk + 16), end = (size_t)bsize;
     size_t snaplen = (size_t)w->snaplen;
+    Ahead ahead = {.off = off, .i = 0, .more = w->window > 0};
+    for (uint32_t k = 0; k < AHEAD; k++)
+        look_ahead(w, &ahead, blk, end, num);
     for (uint32_t i = 0; i < num; i++) {
         if (off + PKT_HDR > end) {
             bad += num - i;
@@ -309,8 +362,12 @@ static PyObject *Walker_walk(Walker *w, PyObject *args) {
         }
         if (len > snaplen)
             len = snaplen;
-        if (tally(w, ts, wire, len, &captured, &dups, &trunc) < 0)
+        const uint64_t *hashed = NULL;
+        if (ahead.i == i + AHEAD && ahead.valid[i % AHEAD])
+            hashed = &ahead.hash[i % AHEAD];
+        if (tally(w, ts, wire, len, hashed, &captured, &dups, &trunc) < 0)
             goto fail;
+        look_ahead(w, &ahead, blk, end, num);       /* frame i + AHEAD, into the slot frame i just left */
         if (!nxt)
             break;
         off += nxt;
@@ -342,7 +399,7 @@ static PyObject *Walker_add(Walker *w, PyObject *frames) {
         memcpy(w->buf + w->len + REC_HDR, data.buf, data.len);
         size_t len = (size_t)data.len;
         PyBuffer_Release(&data);
-        if (tally(w, ts, wire, len, &captured, &dups, &trunc) < 0)
+        if (tally(w, ts, wire, len, NULL, &captured, &dups, &trunc) < 0)
             goto fail;
     }
     Py_DECREF(seq);
