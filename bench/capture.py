@@ -102,12 +102,12 @@ def make_pcap(path: Path, count: int, size: int) -> Path:
 
 
 class Sender:
-    """tcpreplay in the sender namespace; ``pps=None`` for top speed."""
+    """tcpreplay out of ``iface`` in namespace ``ns``; ``pps=None``: top speed; ``limit`` frames, else ``seconds``."""
 
-    def __init__(self, wire: Wire, pcap: Path, pps: int | None, seconds: float, limit: int | None = None):
+    def __init__(self, ns: str, iface: str, pcap: Path, pps: int | None, seconds: float, limit: int | None = None):
         rate = ["--topspeed"] if not pps else [f"--pps={pps}"]
         until = [f"--limit={limit}"] if limit else ["--loop=0", f"--duration={max(1, int(round(seconds)))}"]
-        self.proc = subprocess.Popen(["ip", "netns", "exec", wire.tx, "tcpreplay", "-q", "-K", "-i", "tx0", *rate,
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpreplay", "-q", "-K", "-i", iface, *rate,
                                       *until, str(pcap)],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -188,7 +188,7 @@ def bench_capture_only(wire: Wire, pcap: Path, ladder: list[int], step: float, m
         ready.wait(20)
         time.sleep(1.0)  # tcpdump opens its socket asynchronously
         rx0 = wire.rx_stats()
-        snd = Sender(wire, pcap, rate or None, step).result()
+        snd = Sender(wire.tx, "tx0", pcap, rate or None, step).result()
         time.sleep(1.0)
         stop.set()
         mine = results.get(timeout=60)
@@ -244,7 +244,7 @@ def bench_drain(wire: Wire, pcap: Path, frames: int, modes: list[str], profile: 
     for mode in modes:
         ring = Ring("rx0", wire.rx, cfg.ring_block_size, blocks, cfg.ring_block_timeout_ms, snaplen=cfg.snaplen)
         try:
-            snd = Sender(wire, pcap, None, 0, limit=frames).result()
+            snd = Sender(wire.tx, "tx0", pcap, None, 0, limit=frames).result()
             time.sleep(0.3)                          # the last block retires on its timeout
             c = new()
             cap = _capture(ring, cfg, c, threading.Event(), mode)
@@ -323,7 +323,7 @@ def bench_end_to_end(wire: Wire, pcap: Path, size: int, pps: int, seconds: float
             time.sleep(0.2)
         rx0 = wire.rx_stats()
         store_cpu0, snoop_cpu0, send_cpu0 = _cpu(store_pid), _cpu(proc.pid), _children_cpu()
-        snd = Sender(wire, pcap, pps, seconds).result()
+        snd = Sender(wire.tx, "tx0", pcap, pps, seconds).result()
         store_cpu = (_cpu(store_pid) - store_cpu0) / snd["seconds"] * 100
         snoop_cpu = (_cpu(proc.pid) - snoop_cpu0) / snd["seconds"] * 100
         send_cpu = (_children_cpu() - send_cpu0) / snd["seconds"] * 100
@@ -401,7 +401,7 @@ def bench_naive(wire: Wire, pcap: Path, pps: int, seconds: float, uri: str) -> d
     p.start()
     ready.wait(20)
     time.sleep(0.3)
-    snd = Sender(wire, pcap, pps, seconds).result()
+    snd = Sender(wire.tx, "tx0", pcap, pps, seconds).result()
     r = results.get(timeout=120)
     p.join(30)
     rate = r["inserted"] / snd["seconds"]
