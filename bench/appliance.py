@@ -166,7 +166,7 @@ def bench_load(args, tmp: Path) -> int:
                 c.get("stored", 0) - s0.get("stored", 0) >= c.get("captured", 0) - s0.get("captured", 0) \
                 - (c.get("duplicates", 0) - s0.get("duplicates", 0))
 
-        wait_until(snooper_done, 60)
+        wait_until(snooper_done, args.duration + args.catch_up)     # what it spooled meanwhile is replayed first
         s1 = counters(db, "snooper", sensor)
         stored = s1.get("stored", 0) - s0.get("stored", 0)
         cpu_snooper = cpu_of(pids["snooper"])
@@ -181,7 +181,11 @@ def bench_load(args, tmp: Path) -> int:
     finally:
         drain.set()
         problems = services.stop()
-        final = counters(db, "snooper", sensor) if "db" in locals() else {}   # its last status, after the flush
+        last = {}
+        if "db" in locals():        # the snooper's last status, after its flush
+            last = db[store.STATUS].find_one({"_id": f"snooper:{sensor}"}) or {}
+            tail = services.log_tail("snooper", 400)
+        final = last.get("counters", {})
         va.down()
     captured = final.get("captured", 0) - s0.get("captured", 0)
     stored = final.get("stored", 0) - s0.get("stored", 0)
@@ -196,6 +200,12 @@ def bench_load(args, tmp: Path) -> int:
           f"100 Mb/s line rate of {LINE_RATE} pps); captured {captured}, stored {stored}, kernel ring drops {lost}; "
           f"duplicates {dups}; analysed {read}"
           + ("" if caught_up else f" (behind by {stored - read} after --catch-up {args.catch_up:.0f} s)"))
+    print(f"snooper at the end: spooled {final.get('spooled', 0) - s0.get('spooled', 0)}, queue overflows "
+          f"{final.get('queue_overflows', 0) - s0.get('queue_overflows', 0)}, store errors "
+          f"{final.get('store_errors', 0) - s0.get('store_errors', 0)}, in the spool {last.get('spool_frames')}, "
+          f"unaccounted {last.get('unaccounted')}")
+    if stored < captured - dups:
+        print(f"snooper log: ...{tail}")
     print(f"stored rate {stored / snd['seconds']:.0f} pps -> {stored / snd['seconds'] / LINE_RATE:.3f}x the line rate")
     print(f"OVS port {va.config.switch.ports.mirror} rx during the send: {ovs_rx} packets (the frames did not pass the "
           f"bridge); ovs-vswitchd {(cpu_send['ovs-vswitchd'] - cpu0['ovs-vswitchd']) / snd['seconds'] * 100:.0f}% "
