@@ -3,9 +3,9 @@
 
 The virtual appliance (lab/virtual.py) with the embedded store; the controller, the snooper and the analyser
 started as the demo starts them (lab/scenario.py's ServiceSet: own processes, READY=1 on their notify
-sockets, the demo's config). tcpreplay sends benign 64-byte frames (16,384 hosts, XMPP, HTTPS and DNS,
-every one of them under every threshold; 400,000 unique frames, so no frame repeats within the dedupe
-window) at ``--rate`` (148,810 pps: the Zodiac FX's 100 Mb/s line rate) for ``--duration`` s out of the
+sockets, the demo's config). tcpreplay sends benign 64-byte frames (2,048 XMPP clients, each under every
+threshold, beside 128 bulk HTTPS and QUIC flows; 400,000 unique frames, so no frame repeats within the
+dedupe window) at ``--rate`` (148,810 pps: the Zodiac FX's 100 Mb/s line rate) for ``--duration`` s out of the
 switch's end of the mirror link: they arrive on ``mirror0`` exactly as mirrored frames do. They do not
 pass the userspace OVS bridge, which tops out near 20 kpps here (its port counters are printed to show
 it saw none of them). Then the services catch up; CPU is read from /proc for each process.
@@ -50,33 +50,34 @@ from lab import scenario  # noqa: E402
 from lab.virtual import VirtualAppliance  # noqa: E402
 
 LINE_RATE = LINE_RATE_100M[64]
-HOSTS = 16_384
+CHATTERS = 2048
+BULK = 64
 UNIQUE = 400_000
 
 
 def benign_pcap(path: Path, count: int = UNIQUE) -> Path:
-    """``count`` unique 64-byte frames (60 without the FCS) from ``HOSTS`` hosts in 10.2.0.0/16 to 10.0.0.1.
+    """``count`` unique 64-byte frames (60 without the FCS) to 10.0.0.1: chat beside bulk, as on a busy LAN's uplink.
 
-    Per host: one XMPP (TCP 5222) frame in eight, five HTTPS (TCP 443), two DNS (UDP 53); at 148,810 pps each
-    host sends ~68 XMPP packets a minute, under the per-connection, per-address and per-host thresholds.
+    One frame in 64 is XMPP (TCP 5222) from one of ``CHATTERS`` hosts in 10.2.0.0/16, each with its own MAC:
+    at 148,810 pps ~68 packets a minute each, under the per-connection, per-address and per-host thresholds.
+    The rest is bulk from ``BULK`` hosts in 10.3.0.0/24, each one HTTPS (TCP 443) and one QUIC (UDP 443) flow.
     """
     with open(path, "wb") as fh:
         w = dpkt.pcap.Writer(fh, snaplen=65535)
         for i in range(count):
-            host = i % HOSTS
-            kind = (i // HOSTS) % 8
-            mac = b"\x02\x00\x0a\x02" + struct.pack("!H", host)
-            eth = b"\x02\x00\x00\x00\x00\x01" + mac + b"\x08\x00"
-            src = b"\x0a\x02" + struct.pack("!H", host)
-            sport = 20_000 + host % 30_000
-            if kind < 6:
-                dport = 5222 if kind == 0 else 443
-                l4 = struct.pack("!HHIIBBHHH", sport, dport, i, 1, 0x50, 0x18, 512, 0, 0) + struct.pack("!Q", i)[2:]
-                proto = 6
+            if i % 64 == 0:
+                host = (i // 64) % CHATTERS
+                src, mac, dport, tcp = b"\x0a\x02" + struct.pack("!H", host), struct.pack("!H", host), 5222, True
             else:
-                l4 = struct.pack("!HHHH", sport, 53, 26, 0) + struct.pack("!Q", i) + bytes(10)
-                proto = 17
-            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), i & 0xFFFF, 0, 64, proto, 0, src,
+                host = i % BULK
+                src, mac, dport, tcp = b"\x0a\x03\x00" + bytes([host]), b"\xff" + bytes([host]), 443, i % 3 != 0
+            eth = b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x0a\x02" + mac + b"\x08\x00"
+            sport = 20_000 + host
+            if tcp:
+                l4 = struct.pack("!HHIIBBHHH", sport, dport, i, 1, 0x50, 0x18, 512, 0, 0) + struct.pack("!Q", i)[2:]
+            else:
+                l4 = struct.pack("!HHHH", sport, dport, 26, 0) + struct.pack("!Q", i) + bytes(10)
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), i & 0xFFFF, 0, 64, 6 if tcp else 17, 0, src,
                              b"\x0a\x00\x00\x01")
             w.writepkt(eth + ip + l4, ts=1.0)
     return path
