@@ -59,13 +59,6 @@ def summary(frames) -> tuple[int, int, int, int]:
     return (len(frames), sum(f[1] for f in frames), min(f[0] for f in frames), max(f[0] for f in frames))
 
 
-def captured_bytes(frames) -> int:
-    """The captured bytes of a batch, record headers not counted."""
-    if isinstance(frames, Packed):
-        return len(frames.data) - HEADER_SIZE * frames.n
-    return sum(len(f[2]) for f in frames)
-
-
 def pack(frames: Iterable[tuple[int, int, bytes]]) -> bytes:
     """Pack ``(ts_ns, wire_len, data)`` tuples into one binary (a ``Packed`` batch is returned as it is)."""
     if isinstance(frames, Packed):

@@ -203,3 +203,25 @@ def test_env_picks_the_engine(monkeypatch):
     monkeypatch.setenv(engine.ENV, "fast")
     with pytest.raises(engine.BadInput, match="PISNOOP_FASTCAP"):
         engine.make(2.0, 64, 10)
+
+
+def test_packed_batches_fill_the_writer_queue_by_their_size_and_spool_as_lists_do(tmp_path):
+    import logging
+
+    from snooper.batch import Batch
+    from snooper.spool import Spool
+    from snooper.writer import Writer
+
+    eng = c_engine(2.0, 262144, 100)
+    eng.add([(S + i, 60, struct.pack("!Q", i).ljust(60, b"\x33")) for i in range(300)])
+    packed = [framebatch.Packed(*b) for b in eng.take()]
+    assert [len(p) for p in packed] == [100, 100, 100] and all(len(p.data) == 100 * 76 for p in packed)
+    c = counters.new()
+    spool = Spool(tmp_path, 10, "drop_newest", c, logging.getLogger("test"))
+    w = Writer(None, spool, c, logging.getLogger("test"), None, queue_bytes=2 * 100 * 76)   # not started: it holds
+    for seq, p in enumerate(packed):
+        w.offer(Batch("s", "r", seq, p))
+    assert w.pending_frames == 200 and w.pending_bytes == 2 * 100 * 76 and c["queue_overflows"] == 1
+    back = spool.load(spool.oldest())
+    assert back.seq == 2 and back.frames == list(packed[2]) and c["spooled"] == 100
+    spool.close()
