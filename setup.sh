@@ -25,7 +25,7 @@ APT_PACKAGES=(
   procps iproute2 iputils-ping ethtool tcpdump tcpreplay
   openvswitch-switch openvswitch-common
   prosody
-  python3 python3-venv python3-dev gcc pkg-config libsystemd-dev
+  python3 python3-venv python3-dev gcc pkg-config libsystemd-dev libxxhash-dev
   systemd systemd-container debootstrap qemu-user-static binfmt-support util-linux
   chromium chromium-driver prometheus
 )

@@ -27,8 +27,42 @@ class CorruptBatch(ValueError):
     """A packed binary whose records do not add up (truncated or damaged)."""
 
 
+class Packed:
+    """A batch already packed (by the capture's engine), with what its document says about it.
+
+    It stands wherever a list of ``(ts_ns, wire_len, data)`` frames does: ``len`` is the frame count,
+    iterating unpacks, ``pack`` returns the binary as it is and ``summary`` reads no record.
+    """
+
+    __slots__ = ("data", "n", "wire_bytes", "first_ns", "last_ns")
+
+    def __init__(self, data: bytes, n: int, wire_bytes: int, first_ns: int, last_ns: int):
+        self.data, self.n, self.wire_bytes, self.first_ns, self.last_ns = data, n, wire_bytes, first_ns, last_ns
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Frame]:
+        return unpack(self.data)
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"Packed(n={self.n}, {len(self.data)} bytes)"
+
+
+def summary(frames) -> tuple[int, int, int, int]:
+    """``(n, wire_bytes, first_ns, last_ns)`` of a batch (first/last: the smallest and largest time)."""
+    if isinstance(frames, Packed):
+        return frames.n, frames.wire_bytes, frames.first_ns, frames.last_ns
+    return (len(frames), sum(f[1] for f in frames), min(f[0] for f in frames), max(f[0] for f in frames))
+
+
 def pack(frames: Iterable[tuple[int, int, bytes]]) -> bytes:
-    """Pack ``(ts_ns, wire_len, data)`` tuples into one binary."""
+    """Pack ``(ts_ns, wire_len, data)`` tuples into one binary (a ``Packed`` batch is returned as it is)."""
+    if isinstance(frames, Packed):
+        return frames.data
     out = bytearray()
     hdr = HEADER.pack
     for ts_ns, wire_len, data in frames:

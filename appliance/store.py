@@ -111,24 +111,23 @@ def batch_id(sensor: str, run: str, seq: int) -> str:
     return f"{sensor}:{run}:{seq:012d}"
 
 
-def batch_document(sensor: str, run: str, seq: int, frames: list[tuple[int, int, bytes]]) -> dict:
-    """The ``frames`` document for one batch (frames are ``(ts_ns, wire_len, data)``).
+def batch_document(sensor: str, run: str, seq: int, frames) -> dict:
+    """The ``frames`` document for one batch (frames are ``(ts_ns, wire_len, data)``, or a ``framebatch.Packed``).
 
     ``ins`` (when the batch reached the store) is set by the writer at write
     time, so that a reader following new batches also sees batches replayed
     late from the spool.
     """
-    if not frames:
+    if not len(frames):
         raise ValueError("a batch holds at least one frame")
-    first = min(f[0] for f in frames)
-    last = max(f[0] for f in frames)
+    n, wire_bytes, first, last = framebatch.summary(frames)
     return {
         "_id": batch_id(sensor, run, seq),
         "sensor": sensor,
         "run": run,
         "seq": seq,
-        "n": len(frames),
-        "wire_bytes": sum(f[1] for f in frames),
+        "n": n,
+        "wire_bytes": wire_bytes,
         "first_ns": first,
         "last_ns": last,
         "t0": timespec.utc(first),

@@ -11,7 +11,7 @@ class Batch(NamedTuple):
     sensor: str
     run: str
     seq: int
-    frames: list  # of (ts_ns, wire_len, data)
+    frames: list  # of (ts_ns, wire_len, data), or a framebatch.Packed (the capture engine's)
 
 
 def new_run_id() -> str:

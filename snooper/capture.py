@@ -11,31 +11,31 @@ from __future__ import annotations
 import threading
 import time
 
-from appliance import service
+from appliance import framebatch, service
 
 from .batch import Batch
+from .engine import PyEngine
 
 
 class Capture:
     def __init__(self, ring, dedupe, writer, counters: dict, sensor: str, run: str, batch_size: int,
-                 batch_interval: float, stop_event: threading.Event, blocking: bool = False):
+                 batch_interval: float, stop_event: threading.Event, blocking: bool = False, engine=None):
         self.ring = ring
-        self.dedupe = dedupe
         self.writer = writer
         self.c = counters
         self.sensor = sensor
         self.run_id = run
-        self.batch_size = batch_size
         self.batch_interval = batch_interval
         self.stop_event = stop_event
         self.blocking = blocking
         self.seq = 0
-        self.batch: list = []
         self.batch_started = 0.0
         self.watchdog = service.Watchdog()
+        # the engine (snooper/engine.py) dedupes and packs; ``dedupe`` is the Python one's window
+        self.engine = engine if engine is not None else PyEngine(dedupe, getattr(ring, "snaplen", 1 << 18), batch_size)
 
     def in_batch(self) -> int:
-        return len(self.batch)
+        return self.engine.pending
 
     def run(self) -> None:
         ring, stop = self.ring, self.stop_event
@@ -46,51 +46,51 @@ class Capture:
             self.watchdog.kick()
             if ring.wait(wait_ms):
                 self._block()
-            if self.batch and time.monotonic() - self.batch_started >= self.batch_interval:
+            if self.engine.pending and time.monotonic() - self.batch_started >= self.batch_interval:
                 self._flush()
         while self._block() is not None:  # what the kernel already handed over is kept
             pass
         self._flush()
 
     def _block(self) -> int | None:
-        frames: list = []
-        n = self.ring.read_block(frames)
-        if n is None:
+        ring = self.ring
+        base = ring.ready()
+        if base is None:
             return None
-        if self.ring.bad_headers:
-            self.c["dropped_parse"] += self.ring.bad_headers
-            self.ring.bad_headers = 0
-        self.add(frames)
-        return n
+        was = self.engine.pending
+        try:
+            captured, dups, bad, trunc = self.engine.walk(ring.mm, base, ring.block_size)
+        finally:
+            ring.release()
+        self._count(captured, dups, trunc, was)
+        if bad:
+            self.c["dropped_parse"] += bad
+        return captured
 
     def add(self, frames: list) -> None:
         """Dedupe and batch frames ``(ts_ns, wire_len, data)`` (also used by import-pcap)."""
+        was = self.engine.pending
+        self._count(*self.engine.add(frames), was)
+
+    def _count(self, captured: int, dups: int, trunc: int, was_pending: int) -> None:
         c = self.c
-        c["captured"] += len(frames)
-        kept, dups = self.dedupe.filter(frames)
+        c["captured"] += captured
         c["duplicates"] += dups
-        c["truncated"] += sum(1 for f in kept if f[1] > len(f[2]))
-        size = self.batch_size
-        while kept:
-            if not self.batch:
-                self.batch_started = time.monotonic()
-            room = size - len(self.batch)
-            if len(kept) <= room:
-                self.batch.extend(kept)
-                kept = None
-            else:
-                self.batch.extend(kept[:room])
-                kept = kept[room:]
-            if len(self.batch) >= size:
-                self._flush()
+        c["truncated"] += trunc
+        full = self.engine.ready()
+        if self.engine.pending and (not was_pending or full):
+            self.batch_started = time.monotonic()    # a new open batch: its age counts from now
+        self._offer(full)
 
     def flush(self) -> None:
         self._flush()
 
     def _flush(self) -> None:
-        if not self.batch:
-            return
-        batch, self.batch = self.batch, []
-        self.c["batches"] += 1
-        self.writer.offer(Batch(self.sensor, self.run_id, self.seq, batch), block=self.blocking)
-        self.seq += 1
+        self._offer(self.engine.take())
+
+    def _offer(self, batches: list) -> None:
+        for data, n, wire, first, last in batches:
+            self.c["batches"] += 1
+            packed = framebatch.Packed(data, n, wire, first, last)
+            self.writer.offer(Batch(self.sensor, self.run_id, self.seq, packed), block=self.blocking)
+            self.seq += 1

@@ -51,6 +51,7 @@ _BLOCK_SEQ_OFF = 24
 _PKT = struct.Struct("<IIIIIIH")
 _VLAN = struct.Struct("<IH")
 _VLAN_OFF = 32
+_PKT_HDR = 48                                 # sizeof(struct tpacket3_hdr): a header must fit in the block
 _STATS = struct.Struct("<III")                # tp_packets (incl. drops), tp_drops, tp_freeze_q_cnt
 _MAX_BPF_SNAP = 262144
 
@@ -198,44 +199,31 @@ class Ring:
         self.block, self._resync = start, False
         return True
 
+    def ready(self) -> int | None:
+        """The offset of the next block in ``mm`` when the kernel has handed it over, else None."""
+        if self._resync and not self._find_start(0):
+            return None
+        base = self.block * self.block_size
+        return base if self.mm[base + _BLOCK_STATUS_OFF] & TP_STATUS_USER else None
+
+    def release(self) -> None:
+        """Give the current block back to the kernel and move on to the next."""
+        base = self.block * self.block_size + _BLOCK_STATUS_OFF
+        self.mm[base:base + 4] = b"\0\0\0\0"
+        self.block = (self.block + 1) % self.block_count
+
     def read_block(self, out: list) -> int | None:
         """Append ``(ts_ns, wire_len, data)`` for each frame of the next ready block to ``out``; None if none is ready.
 
         The block goes back to the kernel before returning. A frame whose
         header points outside the block is counted in ``bad_headers``.
         """
-        if self._resync and not self._find_start(0):
+        base = self.ready()
+        if base is None:
             return None
-        mm, base, bsize = self.mm, self.block * self.block_size, self.block_size
-        _v, _p, status, num, off = _BLOCK.unpack_from(mm, base)
-        if not status & TP_STATUS_USER:
-            return None
-        unpack = _PKT.unpack_from
-        append = out.append
-        snaplen = self.snaplen
-        end = base + bsize
-        off += base
-        done = 0
-        for _ in range(num):
-            nxt, sec, nsec, cap, wire, pstatus, mac = unpack(mm, off)
-            start = off + mac
-            if start + cap > end or cap > wire:
-                self.bad_headers += num - done
-                break
-            if pstatus & TP_STATUS_VLAN_VALID:
-                tci, tpid = _VLAN.unpack_from(mm, off + _VLAN_OFF)
-                data = _with_vlan(mm[start:start + cap], tci,
-                                  tpid if pstatus & TP_STATUS_VLAN_TPID_VALID else 0x8100)[:snaplen]
-                wire += 4
-            else:
-                data = mm[start:start + (cap if cap < snaplen else snaplen)]
-            append((sec * 1_000_000_000 + nsec, wire, data))
-            done += 1
-            if not nxt:
-                break
-            off += nxt
-        mm[base + _BLOCK_STATUS_OFF:base + _BLOCK_STATUS_OFF + 4] = b"\0\0\0\0"
-        self.block = (self.block + 1) % self.block_count
+        done, bad = walk_block(self.mm, base, self.block_size, self.snaplen, out)
+        self.bad_headers += bad
+        self.release()
         return done
 
     def close(self) -> None:
@@ -269,6 +257,39 @@ def frames_waiting(mm, block_size: int, block_count: int) -> int:
         if seq > newest[0]:
             newest = (seq, status, num)
     return total + (0 if newest[1] & TP_STATUS_USER else newest[2])
+
+
+def walk_block(buf, base: int, bsize: int, snaplen: int, out: list) -> tuple[int, int]:
+    """Append ``(ts_ns, wire_len, data)`` for each frame of the block at ``base`` to ``out``: (frames, bad headers).
+
+    The Python half of the capture engine (snooper/engine.py); snooper/_fastcap.c walks a block the same way.
+    """
+    _v, _p, _status, num, off = _BLOCK.unpack_from(buf, base)
+    unpack = _PKT.unpack_from
+    append = out.append
+    end = base + bsize
+    off += base
+    done = 0
+    for _ in range(num):
+        if off + _PKT_HDR > end:
+            return done, num - done
+        nxt, sec, nsec, cap, wire, pstatus, mac = unpack(buf, off)
+        start = off + mac
+        if start + cap > end or cap > wire:
+            return done, num - done
+        if pstatus & TP_STATUS_VLAN_VALID:
+            tci, tpid = _VLAN.unpack_from(buf, off + _VLAN_OFF)
+            data = _with_vlan(buf[start:start + cap], tci,
+                              tpid if pstatus & TP_STATUS_VLAN_TPID_VALID else 0x8100)[:snaplen]
+            wire += 4
+        else:
+            data = buf[start:start + (cap if cap < snaplen else snaplen)]
+        append((sec * 1_000_000_000 + nsec, wire, data))
+        done += 1
+        if not nxt:
+            break
+        off += nxt
+    return done, 0
 
 
 def _with_vlan(frame: bytes, tci: int, tpid: int) -> bytes:

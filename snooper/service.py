@@ -18,10 +18,10 @@ from appliance import netns, retention, service, store
 from appliance.errors import UsageError
 
 from . import counters as counters_mod
+from . import engine as engine_mod
 from . import fdstore, ifcheck
 from .batch import new_run_id
 from .capture import Capture
-from .dedupe import Dedupe
 from .ring import CaptureError, Ring
 from .spool import Spool
 from .status import Reporter, snapshot_of
@@ -68,6 +68,7 @@ def run(cfg, log, duration: float | None = None) -> int:
         ifcheck.check(sc.interface, sc.netns, log)
     except ifcheck.UnsafeInterface as exc:
         raise UsageError(f"refusing to capture: {exc}") from None
+    engine = engine_mod.make(sc.dedupe_window, sc.snaplen, sc.batch_size)   # C unless missing or turned off
     c = counters_mod.new()
     run_id = new_run_id()
     spool = open_spool(sc, c, log)
@@ -78,12 +79,11 @@ def run(cfg, log, duration: float | None = None) -> int:
         raise UsageError(str(exc)) from None
     db = store.database(cfg.mongodb, "pisnoop-snooper")
     writer = Writer(db, spool, c, log, cfg)
-    dedupe = Dedupe(sc.dedupe_window)
     stop = threading.Event()
-    capture = Capture(ring, dedupe, writer, c, sc.sensor, run_id, sc.batch_size, sc.batch_interval, stop)
+    capture = Capture(ring, None, writer, c, sc.sensor, run_id, sc.batch_size, sc.batch_interval, stop, engine=engine)
     live = {"cfg": cfg}    # the config in force: a reload (SIGHUP) swaps it for what can change while running
     trimmer = retention.Trimmer(db, lambda: live["cfg"], c, sc.status_interval, threading.Event(), log)
-    snapshot = snapshot_of(c, writer, spool, ring, dedupe, run_id, sc.interface, capture.in_batch, trimmer)
+    snapshot = snapshot_of(c, writer, spool, ring, engine, run_id, sc.interface, capture.in_batch, trimmer)
     reporter = Reporter(db, sc.sensor, sc.status_interval, snapshot, log, threading.Event())
     _metrics(cfg, c, snapshot, log)
 
@@ -104,8 +104,9 @@ def run(cfg, log, duration: float | None = None) -> int:
     writer.start()
     reporter.start()
     trimmer.start()
-    log.info("capturing on %s%s, run %s, dedupe window %.3g s, batches of %d, spool %s", sc.interface,
-             f" (netns {sc.netns})" if sc.netns else "", run_id, sc.dedupe_window, sc.batch_size, sc.spool_dir)
+    log.info("capturing on %s%s, run %s, dedupe window %.3g s, batches of %d, spool %s, %s engine", sc.interface,
+             f" (netns {sc.netns})" if sc.netns else "", run_id, sc.dedupe_window, sc.batch_size, sc.spool_dir,
+             "Python" if isinstance(engine, engine_mod.PyEngine) else "C")
     try:
         capture.run()
     finally:

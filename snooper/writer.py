@@ -21,18 +21,21 @@ import time
 
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from appliance import indexes, store
+from appliance import framebatch, indexes, store
 
 from .batch import Batch
 from .spool import Spool
 
 RETRY_SECONDS = 1.0
-QUEUE_BYTES = 96 << 20   # frames waiting in memory for the store (est. 100 B Python overhead each) before spooling
+QUEUE_BYTES = 96 << 20   # frames waiting in memory for the store before spooling (see _size)
 _FRAME_OVERHEAD = 100
 _STOP = object()
 
 
 def _size(batch: Batch) -> int:
+    """The memory a queued batch holds: a packed one its binary, a list its bytes and ~100 B a tuple."""
+    if isinstance(batch.frames, framebatch.Packed):
+        return len(batch.frames.data)
     return sum(len(f[2]) for f in batch.frames) + _FRAME_OVERHEAD * len(batch.frames)
 
 

@@ -52,7 +52,7 @@ BASE_PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3", "python3-apt", "c
 SYSTEM_PACKAGES = ["network-manager"]
 # what the playbook installs (roles base and openvswitch): only downloaded at build time
 PLAYBOOK_PACKAGES = ["ifupdown", "iproute2", "procps", "tcpdump", "python3-venv", "python3-systemd",
-                     "openvswitch-switch"]
+                     "gcc", "libc6-dev", "python3-dev", "libxxhash-dev", "openvswitch-switch"]
 # the wheels for the venv: pyproject's dependencies minus systemd-python (Debian's python3-systemd), plus the store
 _PLATFORMS = {
     "amd64": ["manylinux2014_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64"],
