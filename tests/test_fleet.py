@@ -4,7 +4,8 @@ Appliance A and appliance B each have their bridge, snooper, controller and anal
 ``ServiceSet``); B joins A's store (``VirtualAppliance(store_uri=...)``) under its own sensor name. Both
 inside hosts are 10.0.0.10 (two sites with the same private addresses). The policy has two payload rules
 on the echo servers' ports: ``spam_here`` on 5222 raises ``local`` flags, ``spam_everywhere`` on 5223
-``fleet`` ones. One fixture for the module: the tests run in order on the same two appliances.
+``fleet`` ones. One fixture for the module: the tests run in order on the same two appliances. The last one
+also watches the dashboard's fleet page (``pisnoop web`` of B, in a headless Chromium).
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ import yaml
 
 from appliance import store
 from lab import scenario
+from lab.procs import free_port
 from lab.virtual import VirtualAppliance
+from tests import webutil
 from tests.conftest import assert_gone, pisnoop
 from tests.ctlutil import flows_matching, start_echo_server, wait_for
+from webui import auth
 
 CLIENT_IP, SERVER_IP = "10.0.0.10", "10.0.0.1"
 LOCAL_PORT, FLEET_PORT, PLAIN_PORT = 5222, 5223, 7000
 PATTERN = "<m[0-9]{6}/>"
+PASSWORD = "pw-fleet-page-" + secrets.token_hex(4)
 
 # Sends n echo messages; closes with an RST (SO_LINGER 0) so that no orphaned socket retransmits a blocked
 # segment after the test released its ban (a late copy would count toward the next flag).
@@ -93,12 +98,15 @@ def fleet(tmp_path_factory):
              "scope": "ip", "flag_scope": "fleet"}]}))
     base = scenario.service_config(settings={"analyser": {"policy_file": str(policy)},
                                              "xmpp": {"server_ports": [LOCAL_PORT, FLEET_PORT]},
-                                             "enforce": {"never_ban_servers": False}})
+                                             "enforce": {"never_ban_servers": False},
+                                             "web": {"port": free_port(), "password_hash": auth.hash_password(PASSWORD),
+                                                     "session_seconds": 600}})
     tag = secrets.token_hex(2)
     a = VirtualAppliance(base, prefix=f"pf{tag}a", sensor=f"site-a-{tag}")
     made: list[VirtualAppliance] = []
     sites: list[Site] = []
     drain_stop = threading.Event()
+    drainer = None
     try:
         a.up()
         made.append(a)
@@ -111,12 +119,14 @@ def fleet(tmp_path_factory):
             s.servers = [start_echo_server(s.va, p) for p in (LOCAL_PORT, FLEET_PORT, PLAIN_PORT)]
             for name in ("controller", "snooper", "analyser"):
                 s.services.start(name)
+        sites[1].services.start("web")          # B's dashboard, for the fleet page (before the drain thread reads)
 
         def drain():
             while not drain_stop.wait(0.2):
                 for s in sites:
                     s.services.drain()
-        threading.Thread(target=drain, daemon=True).start()
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
         for s in sites:
             assert wait_for(lambda s=s: "full set pushed" in s.services.log_tail("controller", 100_000), 20), \
                 s.services.log_tail("controller")
@@ -125,7 +135,10 @@ def fleet(tmp_path_factory):
         db.client.close()
     finally:
         drain_stop.set()
+        if drainer is not None:
+            drainer.join(10)              # before the services' stop closes the sockets it reads
         for s in sites:
+            webutil.stop_web(s.services)
             s.services.stop()
             for p in s.servers:
                 p.kill()
@@ -246,13 +259,38 @@ def test_report_of_one_sensor_another_sensor_and_all_sensors(fleet, tmp_path):
     assert bad.returncode == 2 and "--sensor 'no such'" in bad.stderr and len(bad.stderr.splitlines()) == 1
 
 
+@pytest.fixture(scope="module")
+def fleet_page(fleet, tmp_path_factory):
+    """B's dashboard (``pisnoop web`` on the shared store) in a headless Chromium, logged in: (driver, base URL)."""
+    (_a, b), _db = fleet
+    if not webutil.browser_ready():
+        pytest.skip("chromium and chromium-driver are not installed (setup.sh installs them)")
+    with webutil.chromium(tmp_path_factory.mktemp("downloads")) as d:
+        base = f"http://127.0.0.1:{b.va.config.web.port}"
+        d.get(base + "/fleet")
+        webutil.browser_login(d, base, PASSWORD)
+        yield d, base
+
+
+def page_health(d) -> dict[str, str]:
+    """sensor -> health, as the fleet page shows it now (its script replaces the table every 2 s)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    try:
+        return {r.get_attribute("data-sensor"): r.get_attribute("data-health")
+                for r in d.find_elements(By.CSS_SELECTOR, "#fleet tbody tr")}
+    except StaleElementReferenceException:       # replaced while read: the next look sees the new one
+        return {}
+
+
 def fleet_status(site) -> tuple[int, dict]:
     r = site.cli("status", "--fleet", "--json")
     return r.returncode, json.loads(r.stdout)
 
 
-def test_status_fleet_shows_both_sensors_and_a_stopped_snooper_degrades_only_its_own(fleet):
+def test_status_fleet_shows_both_sensors_and_a_stopped_snooper_degrades_only_its_own(fleet, fleet_page, tmp_path):
     (a, b), db = fleet
+    d, base = fleet_page
     code, f = wait_for(lambda: (lambda cf: cf if cf[0] == 0 else None)(fleet_status(b)), 15, 0.5) or fleet_status(b)
     by = {s["sensor"]: s for s in f["sensors"]}
     assert code == 0 and set(by) == {a.sensor, b.sensor}, f
@@ -261,6 +299,15 @@ def test_status_fleet_shows_both_sensors_and_a_stopped_snooper_degrades_only_its
                for s in by.values() for v in s["services"].values()), f
     text = b.cli("status", "--fleet").stdout
     assert a.sensor in text and b.sensor in text and "all healthy" in text, text
+
+    # the dashboard's fleet page (B's): both sensors healthy, refreshed by its script without a reload
+    from selenium.webdriver.common.by import By
+    d.get(base + "/fleet")
+    both_healthy = {a.sensor: "healthy", b.sensor: "healthy"}
+    assert webutil.wait(lambda: page_health(d) == both_healthy, 10, what="both sensors healthy on the fleet page")
+    shown = d.find_element(By.ID, "fleet-verdict").text
+    assert shown.endswith("2 sensors, all healthy"), shown
+    loaded_at = shown
 
     proc = a.services.procs["snooper"]
     proc.terminate()
@@ -278,3 +325,20 @@ def test_status_fleet_shows_both_sensors_and_a_stopped_snooper_degrades_only_its
     assert by[a.sensor]["capture_per_second"] == 0.0
     text = a.cli("status", "--fleet").stdout
     assert f"!!{a.sensor}" in text and "snooper: down" in text, text
+
+    # the page, not reloaded, follows: A degraded (its snooper down), B still healthy
+    degraded_a = {a.sensor: "degraded", b.sensor: "healthy"}
+    webutil.wait(lambda: page_health(d) == degraded_a, 10, what="A degraded on the fleet page")
+    shown = d.find_element(By.ID, "fleet-verdict").text
+    assert shown != loaded_at and shown.endswith("2 sensors, 1 not healthy"), shown
+    row = d.find_element(By.CSS_SELECTOR, f'#fleet tr[data-sensor="{a.sensor}"]').text
+    assert "snooper: down" in row and "(down)" in row, row
+    assert "(this one)" in d.find_element(By.CSS_SELECTOR, f'#fleet tr[data-sensor="{b.sensor}"]').text
+    webutil.shot(d, tmp_path, "fleet")
+    severe = webutil.severe_console(d)
+    assert not severe, severe
+    c = webutil.Client(base)
+    assert c.get("/api/fleet")[0] == 401 and c.login(PASSWORD) == 303
+    j = json.loads(c.get("/api/fleet")[2])
+    assert {s["sensor"]: s["health"] for s in j["fleet"]["sensors"]} == degraded_a, j
+    print(f"fleet page weight (bytes, HTML + JS + CSS as served): {webutil.page_weight(c, '/fleet')}")

@@ -7,15 +7,16 @@ One appliance for the module: building it and starting the services is most of t
 
 from __future__ import annotations
 
-import http.cookiejar
+import datetime as dt
 import json
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import urllib.parse
+import threading
 import urllib.request
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -26,18 +27,26 @@ from lab import scenario
 from lab.procs import free_port, stop_pid
 from lab.virtual import VirtualAppliance
 from tests import ctlutil
-from tests.conftest import REPO, assert_gone
+from tests.conftest import REPO, assert_gone, pisnoop
+from tests.webutil import (
+    Client,
+    browser_login,
+    chromium,
+    needs_browser,
+    page_weight,
+    severe_console,
+    shot,
+    stop_web,
+    wait,
+)
 from webui import auth
 
-CHROMIUM, CHROMEDRIVER, PROMETHEUS = "/usr/bin/chromium", "/usr/bin/chromedriver", shutil.which("prometheus")
+PROMETHEUS = shutil.which("prometheus")
 PASSWORD = "pw-correct-horse-battery"
 FLOODER = "10.0.0.10"
 BENIGN = "10.0.0.11"
 XMPP_PORT = 5222
 RULES = REPO / "monitoring" / "pisnoop-rules.yml"
-
-needs_browser = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-                                   reason="chromium and chromium-driver are not installed (setup.sh installs them)")
 
 
 @pytest.fixture(scope="module")
@@ -57,98 +66,19 @@ def appliance():
         finally:
             if echo is not None:
                 stop_pid(echo.pid)
-            web = services.procs.pop("web", None)
-            if web is not None and web.poll() is None:
-                web.send_signal(signal.SIGTERM)
-                web.wait(timeout=20)
+            stop_web(services)
             services.stop()
     assert_gone(va)
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    downloads = tmp_path_factory.mktemp("downloads")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update"):
-        opts.add_argument(arg)
-    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                           "download.prompt_for_download": False})
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(30)
-    driver.downloads = downloads
-    yield driver
-    driver.quit()
-
-
-def wait(pred, timeout: float = 30.0, step: float = 0.25, what: str = ""):
-    got = ctlutil.wait_for(pred, timeout, step)
-    assert got, f"timed out after {timeout:.0f} s waiting for {what or pred}"
-    return got
-
-
-def shot(driver, out: Path, name: str) -> Path:
-    path = out / f"{name}.png"
-    driver.get_screenshot_as_file(str(path))
-    print(f"screenshot: {path}")
-    return path
-
-
-class Client:
-    """The dashboard seen without a browser (urllib, its own cookies): forged posts and page weights."""
-
-    def __init__(self, base: str):
-        self.base = base
-        self.jar = http.cookiejar.CookieJar()
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect)
-
-    def get(self, path: str) -> tuple[int, dict, bytes]:
-        try:
-            with self.opener.open(self.base + path, timeout=30) as r:
-                return r.status, dict(r.headers), r.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read()
-
-    def post(self, path: str, fields: dict) -> tuple[int, dict, bytes]:
-        data = urllib.parse.urlencode(fields).encode()
-        try:
-            with self.opener.open(urllib.request.Request(self.base + path, data=data), timeout=30) as r:
-                return r.status, dict(r.headers), r.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read()
-
-    def login(self, password: str) -> int:
-        _s, _h, body = self.get("/login")
-        token = re.search(rb'name="csrf" value="([^"]+)"', body).group(1).decode()
-        status, headers, _b = self.post("/login", {"csrf": token, "password": password})
-        return status if headers.get("Location", "").endswith("/") else -status
-
-    def csrf(self, path: str) -> str:
-        _s, _h, body = self.get(path)
-        return re.search(rb'name="csrf" value="([^"]+)"', body).group(1).decode()
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *a, **kw):
-        return None
+    with chromium(tmp_path_factory.mktemp("downloads")) as driver:
+        yield driver
 
 
 def drop_flows(va) -> list[str]:
     return scenario.ban_flows(va, FLOODER)
-
-
-def page_weight(c: Client, path: str) -> int:
-    """Bytes of the page's HTML plus every script and stylesheet it loads, as served."""
-    _s, _h, html = c.get(path)
-    total = len(html)
-    for ref in re.findall(rb'(?:src|href)="(/static/[^"]+)"', html):
-        _s2, _h2, body = c.get(ref.decode())
-        total += len(body)
-    return total
 
 
 @needs_browser
@@ -181,9 +111,7 @@ def test_dashboard_in_a_browser(appliance, browser, tmp_path):
     assert d.current_url.endswith("/login?failed=1")
     assert Client(base).post("/login", {"password": PASSWORD})[0] == 403
     shot(d, out, "login")
-    d.find_element(By.ID, "password").send_keys(PASSWORD)
-    d.find_element(By.ID, "login-button").click()
-    wait(lambda: d.find_elements(By.ID, "tiles"), what="the overview after login")
+    browser_login(d, base, PASSWORD)
 
     # a logged-in session's forged post (no CSRF token, or another one) is 403 and bans nothing
     c = Client(base)
@@ -292,11 +220,10 @@ def test_dashboard_in_a_browser(appliance, browser, tmp_path):
     shot(d, out, "switch")
 
     # the pages ran under their CSP without a violation or a script error (the browser's console)
-    severe = [e["message"] for e in d.get_log("browser")
-              if e["level"] == "SEVERE" and "favicon.ico" not in e["message"]]
+    severe = severe_console(d)
     assert not severe, severe
 
-    weights = {p: page_weight(c, p) for p in ("/login", "/", "/flags", "/talkers", "/switch")}
+    weights = {p: page_weight(c, p) for p in ("/login", "/", "/flags", "/talkers", "/switch", "/fleet")}
     print("page weight (bytes, HTML + JS + CSS as served): " + json.dumps(weights))
 
 
@@ -389,3 +316,72 @@ def test_sessions_end_after_their_lifetime_and_on_logout():
     s.end(b.token)
     assert s.get(b.token) is None
     assert not auth.same(b.csrf, None) and not auth.same("", "") and auth.same(b.csrf, b.csrf)
+
+
+def test_fleet_page_and_its_json_show_each_sensor_as_status_fleet_judges_it(store_config):
+    """Four sensors on one store, written as their services write their status documents: all fresh, the snooper
+    stale, all stale, and one whose name is markup. The page and ``/api/fleet`` say what ``status --fleet`` says."""
+    from appliance import flagdoc, statusview
+    from appliance import store as store_mod
+    from webui import app as app_mod
+    from webui import command
+    path, db = store_config
+    settings = yaml.safe_load(path.read_text())
+    settings["snooper"]["sensor"] = "alpha"
+    settings["web"] = {"password_hash": auth.hash_password(PASSWORD)}
+    path.write_text(yaml.safe_dump(settings))
+    cfg = config_mod.load(path)
+    now = dt.datetime.now(dt.timezone.utc)
+    fresh, stale = now - dt.timedelta(seconds=1), now - dt.timedelta(minutes=10)
+    hostile = '<img src=x onerror="alert(1)">'
+    ages = {"alpha": (fresh, fresh, fresh), "beta": (fresh, stale, fresh), "gamma": (stale, stale, stale),
+            hostile: (fresh, fresh, fresh)}
+    for sensor, times in ages.items():
+        for name, t in zip(statusview.SERVICES, times):
+            doc = {"_id": f"{name}:{sensor}", "updated_at": t, "counters": {}}
+            doc.update({"controller": {"connected": True}, "snooper": {"captured_per_second": 12.5}}.get(name, {}))
+            db[store_mod.STATUS].insert_one(doc)
+    for sensor, scope, ip in (("beta", "local", "10.0.0.20"), ("gamma", "fleet", "10.0.0.21")):
+        db[store_mod.FLAGS].insert_one(flagdoc.build(
+            client_ip=ip, server_ports=[5222], classifier="test", reason="test", action="drop", evidence={},
+            offence=1, ban_seconds=600, sensor=sensor, scope=scope, flagged_at=now))
+
+    server = command.serve(app_mod.build(cfg, db), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        anon = Client(f"http://127.0.0.1:{server.server_port}")
+        status, headers, _b = anon.get("/fleet")
+        assert status == 303 and headers["Location"].endswith("/login")
+        status, _h, body = anon.get("/api/fleet")
+        assert status == 401 and json.loads(body) == {"error": "log in first"}
+        c = Client(anon.base)
+        assert c.login(PASSWORD) == 303
+        for page in ("/", "/flags", "/talkers", "/switch"):
+            assert b'<a href="/fleet">Fleet</a>' in c.get(page)[2], page
+        status, headers, body = c.get("/fleet")
+        html = body.decode()
+        assert status == 200 and "script-src 'self'" in headers["Content-Security-Policy"], headers
+        assert headers["Cache-Control"] == "no-store" and headers["X-Frame-Options"] == "DENY"
+        assert '<a href="/fleet" class="here">Fleet</a>' in html and "<script>" not in html
+        assert "<img" not in html and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
+        want = {"alpha": "healthy", "beta": "degraded", "gamma": "down", hostile: "healthy"}
+        rows = dict(re.findall(r'<tr class="health-\w+" data-sensor="([^"]*)" data-health="(\w+)"', html))
+        assert {unescape(k): v for k, v in rows.items()} == want, rows
+        assert "alpha (this one)" in html and "fleet bans 1 (enforced at every sensor): 10.0.0.21" in html
+
+        status, headers, body = c.get("/api/fleet")
+        j = json.loads(body)
+        assert status == 200 and headers["Content-Type"].startswith("application/json") and j["ok"] is False
+        by = {s["sensor"]: s for s in j["fleet"]["sensors"]}
+        assert {k: s["health"] for k, s in by.items()} == want
+        assert {k: s["bans"] for k, s in by.items() if k in ("beta", "gamma")} == {
+            "beta": {"local": 1, "fleet": 1}, "gamma": {"local": 0, "fleet": 1}}
+        assert not by["beta"]["services"]["snooper"]["up"] and by["beta"]["capture_per_second"] == 0.0
+        assert by["alpha"]["capture_per_second"] == 12.5
+        assert 'data-sensor="beta" data-health="degraded"' in j["html"] and "<img" not in j["html"]
+        cli = pisnoop("--config", str(path), "status", "--fleet", "--json")
+        assert cli.returncode == 1
+        assert {s["sensor"]: s["health"] for s in json.loads(cli.stdout)["sensors"]} == want
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -188,6 +188,17 @@ def build(cfg, db, clock=time.monotonic):
     def switch(csrf, flash):
         return pages.switch(data.switch(cfg, db), csrf, flash)
 
+    @app.get("/fleet")
+    @page
+    def fleet(csrf, flash):
+        return pages.fleet(data.fleet(cfg, db), cfg.snooper.sensor, csrf, flash)
+
+    @app.get("/api/fleet")
+    @api
+    def fleet_json():
+        f = data.fleet(cfg, db)
+        return {"html": pages.fleet_html(f, cfg.snooper.sensor), "ok": f["ok"], "fleet": f}
+
     @app.get("/static/<name>")
     def static(name):
         path = STATIC / name

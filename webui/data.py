@@ -7,7 +7,9 @@
   (``pisnoop export-pcap``);
 * talkers: ``analyser.report.summary`` over the ``flows`` collection;
 * the switch: the controller's status document (``switch``: the flows and
-  meters it installed, by module, with the counters it last polled).
+  meters it installed, by module, with the counters it last polled);
+* the fleet: ``appliance.statusview.fleet_read`` and ``fleet_facts``
+  (``pisnoop status --fleet``'s picture of every sensor on the store).
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ FLOWS_SHOWN = 300
 def overview(cfg, db) -> dict:
     from appliance import status_command
     return status_command.once(cfg, db)
+
+
+def fleet(cfg, db) -> dict:
+    """Every sensor sharing the store, judged as ``pisnoop status --fleet`` judges it."""
+    from appliance import statusview
+    return statusview.fleet_facts(cfg, statusview.fleet_read(cfg, db))
 
 
 def _policy(cfg):

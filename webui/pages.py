@@ -1,6 +1,6 @@
 """The HTML of each page: plain markup, every value escaped, no inline script or style (the CSP forbids both).
 
-``static/app.js`` adds what moves: the overview's refresh, the flags' charts,
+``static/app.js`` adds what moves: the overview's and the fleet's refresh, the flags' charts,
 sortable tables. Every form carries the session's CSRF token.
 """
 
@@ -12,7 +12,8 @@ from html import escape
 from typing import Iterable
 
 HERE, NUM_HEAD, NUM_CELL = ' class="here"', ' data-num="1"', ' class="num"'
-NAV = (("/", "Overview"), ("/flags", "Flags"), ("/talkers", "Talkers and flows"), ("/switch", "Switch"))
+NAV = (("/", "Overview"), ("/flags", "Flags"), ("/talkers", "Talkers and flows"), ("/switch", "Switch"),
+       ("/fleet", "Fleet"))
 
 
 def e(v) -> str:
@@ -166,6 +167,50 @@ def switch(s: dict, csrf: str, flash: str) -> str:
                      for m in s["meters"]), {0, 4})
     body = head + "".join(parts) + f"<h3>Meters ({len(s['meters'])})</h3>{meters}"
     return layout("Switch", body, csrf, "/switch", flash, page="switch")
+
+
+FLEET_HEADS = ("sensor", "health", "controller", "snooper", "analyser", "capture/s", "store/s", "switch",
+               "local bans", "fleet bans", "analyser lag", "problems")
+FLEET_NUM = {5, 6, 8, 9}
+
+
+def _heartbeat(svc: dict) -> str:
+    hb = svc["heartbeat_seconds"]
+    return ("no status" if hb is None else f"{hb:.0f} s ago") + ("" if svc["up"] else " (down)")
+
+
+def fleet_html(f: dict, here: str) -> str:
+    """``pisnoop status --fleet``'s picture (``statusview.fleet_facts``): a row per sensor, ``here`` marked."""
+    at = e(f["at"][11:19])
+    if f["store_error"]:
+        return f'<p id="fleet-verdict" class="bad">at {at} UTC: store UNREACHABLE: {e(f["store_error"])}</p>'
+    sensors = f["sensors"]
+    bad = sum(s["health"] != "healthy" for s in sensors)
+    verdict = (f"{len(sensors)} sensors, all healthy" if f["ok"] else
+               f"{len(sensors)} sensors, {bad} not healthy" if sensors else "no sensor has written a status document")
+    subjects = ", ".join(f.get("fleet_ban_subjects", [])[:5])
+    rows = []
+    for s in sensors:
+        cap = s["capture_per_second"]
+        cells = (s["sensor"] + (" (this one)" if s["sensor"] == here else ""), s["health"],
+                 *(_heartbeat(v) for v in s["services"].values()), f"{cap or 0:.1f}", f"{s['store_per_second']:.1f}",
+                 "up" if s["switch_connected"] else "DOWN", s["bans"]["local"], s["bans"]["fleet"],
+                 s["analyser_lag"], "; ".join(s["problems"]))
+        tds = "".join(f'<td{NUM_CELL if i in FLEET_NUM else ""}>{e(v)}</td>' for i, v in enumerate(cells))
+        rows.append(f'<tr class="health-{e(s["health"])}" data-sensor="{e(s["sensor"])}" '
+                    f'data-health="{e(s["health"])}">{tds}</tr>')
+    head = "".join(f"<th>{e(h)}</th>" for h in FLEET_HEADS)
+    return (f'<p id="fleet-verdict" class="{"ok" if f["ok"] else "bad"}">at {at} UTC: {e(verdict)}</p>'
+            f'<p id="fleet-bans">fleet bans {e(f["fleet_bans"])} (enforced at every sensor)'
+            + (f": {e(subjects)}" if subjects else "") + "</p>"
+            f'<table id="fleet"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def fleet(f: dict, here: str, csrf: str, flash: str) -> str:
+    body = (f'<div id="fleet-box">{fleet_html(f, here)}</div><p class="muted">every sensor sharing the store, '
+            'heartbeats of controller, snooper and analyser; refreshed every 2 s (<code>pisnoop status --fleet</code>)'
+            '</p>')
+    return layout("Fleet", body, csrf, "/fleet", flash, page="fleet")
 
 
 def as_json(v) -> str:

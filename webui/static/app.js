@@ -1,5 +1,5 @@
-/* pisnoop dashboard: the overview's live refresh, the flags' charts, sortable tables. No inline script anywhere:
-   the page's CSP allows this file and uPlot only. Values are put in with textContent, never as markup. */
+/* pisnoop dashboard: the overview's and the fleet's live refresh, the flags' charts, sortable tables. No inline
+   script anywhere: the page's CSP allows this file and uPlot only. Values are put in with textContent, never as markup. */
 "use strict";
 (function () {
   var page = document.body.getAttribute("data-page");
@@ -17,11 +17,19 @@
         var el = document.getElementById("c-" + k);
         if (el) el.textContent = String(j.counters[k]);
       });
-      /* facts_html is built by the server with every value escaped (webui/pages.py) */
-      var doc = new DOMParser().parseFromString(j.facts_html, "text/html");
-      var box = document.getElementById("status");
-      box.replaceChildren.apply(box, Array.prototype.slice.call(doc.body.childNodes));
+      replaceInside("status", j.facts_html);
     });
+  }
+
+  /* html is built by the server with every value escaped (webui/pages.py) */
+  function replaceInside(id, html) {
+    var doc = new DOMParser().parseFromString(html, "text/html");
+    var box = document.getElementById(id);
+    box.replaceChildren.apply(box, Array.prototype.slice.call(doc.body.childNodes));
+  }
+
+  function refreshFleet() {
+    getJSON("/api/fleet", function (j) { replaceInside("fleet-box", j.html); });
   }
 
   function drawChart(el) {
@@ -66,6 +74,7 @@
   }
 
   if (page === "overview") window.setInterval(refreshOverview, 2000);
+  if (page === "fleet") window.setInterval(refreshFleet, 2000);
   if (page === "flags" && window.uPlot) document.querySelectorAll(".chart").forEach(drawChart);
   document.querySelectorAll("table.sortable").forEach(sortable);
 })();
