@@ -133,6 +133,7 @@ def test_restart_reads_on_in_the_kept_ring_and_loses_nothing(app, manager, tmp_p
     cfg = write_config(app, cfg_path, sensor=sensor, spool_dir=str(tmp_path / "spool"), status_interval=0.5)
     env = {"NOTIFY_SOCKET": manager.path}
     first = SnooperProcess(cfg_path, cfg, app.db, tmp_path / "first.log", env=env)
+    first_run = first.status()["run"]
     kept = manager.wait_stored()
     assert len(kept) == 1 and next(iter(kept)).startswith("ring."), (manager.messages, first.output()[-2000:])
     tag = secrets.token_bytes(6)
@@ -145,6 +146,7 @@ def test_restart_reads_on_in_the_kept_ring_and_loses_nothing(app, manager, tmp_p
     time.sleep(0.5)
     second = SnooperProcess(cfg_path, cfg, app.db, tmp_path / "second.log", env=env, listen_fds=kept)
     try:
+        second.wait_status(lambda doc: doc["run"] != first_run, 30)
         back = time.monotonic()
         sender.join(30)
         got = wait_stored(app.db, sensor, tag, len(sender.frames) - bridge.lost(), timeout=30)
@@ -172,6 +174,7 @@ def test_a_kept_ring_of_another_shape_is_closed_and_its_frames_counted(app, mana
                        ring_block_count=8, ring_block_size=1 << 16, ring_block_timeout_ms=10)
     env = {"NOTIFY_SOCKET": manager.path}
     first = SnooperProcess(cfg_path, cfg, app.db, tmp_path / "first.log", env=env)
+    first_run = first.status()["run"]
     kept = manager.wait_stored()
     assert first.stop() == 0
     tag = secrets.token_bytes(6)
@@ -184,6 +187,7 @@ def test_a_kept_ring_of_another_shape_is_closed_and_its_frames_counted(app, mana
                           ring_block_count=16, ring_block_size=1 << 16, ring_block_timeout_ms=10)
     second = SnooperProcess(cfg_path, bigger, app.db, tmp_path / "second.log", env=env, listen_fds=kept)
     try:
+        second.wait_status(lambda doc: doc["run"] != first_run, 30)   # running: SIGTERM is its stop, not its end
         deadline = time.monotonic() + 20
         while len(manager.fds) != 1 or set(manager.fds) == set(kept):
             assert time.monotonic() < deadline, (manager.fds, kept, second.output()[-2000:])
