@@ -128,6 +128,10 @@ def _age(doc: Optional[dict], now: dt.datetime) -> Optional[float]:
     return (now - t).total_seconds() if isinstance(t, dt.datetime) else None
 
 
+def _hms(t) -> str:
+    return t.strftime("%H:%M:%S UTC") if isinstance(t, dt.datetime) else str(t)
+
+
 def stale_after(cfg, name: str) -> float:
     interval = cfg.analyser.status_interval if name == "analyser" else cfg.snooper.status_interval
     return max(STALE_INTERVALS * interval, STALE_MIN_SECONDS)
@@ -160,6 +164,9 @@ def service_lines(cfg, raw: dict) -> list[dict]:
                     f"{'ready' if ready else 'not ready'}, {heartbeat}, restarts {unit.get('NRestarts', '?')}"
                     f" (systemd)")
             problem = "" if up else f"{UNITS[name]} is {unit.get('ActiveState')}"
+        elif doc is not None and doc.get("stopped_at"):     # its last document says it stopped (a clean stop)
+            text = f"down (stopped), {heartbeat}, restarts n/a (status document)"
+            problem = f"down: stopped at {_hms(doc['stopped_at'])} (its last status document)"
         else:
             limit = stale_after(cfg, name)
             up = age is not None and age <= limit

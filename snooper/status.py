@@ -46,9 +46,12 @@ class Reporter(threading.Thread):
             rate = (c["captured"] - self._last[1]) / (now_m - self._last[0])
         self._last = (now_m, c["captured"])
         # _id in the replacement too: nx-27017 gives an upserted document a fresh ObjectId otherwise
-        doc = {"_id": sid, "component": "snooper", "sensor": self.sensor,
-               "updated_at": dt.datetime.now(dt.timezone.utc),
+        now = dt.datetime.now(dt.timezone.utc)
+        doc = {"_id": sid, "component": "snooper", "sensor": self.sensor, "updated_at": now,
                "counters": counters, "captured_per_second": round(rate, 1), "health": service.health(), **extra}
+        if final:       # the last word of a run that stopped: `pisnoop status` says so at once, not when it goes stale
+            doc["stopped_at"] = now
+            doc["captured_per_second"] = 0.0
         try:
             self.db[store.STATUS].replace_one({"_id": sid}, doc, upsert=True)
         except PyMongoError as exc:

@@ -126,17 +126,16 @@ def test_status_healthy_then_snooper_stopped_then_store_stopped(running):
         out, err = watching.communicate(timeout=30)
     assert watching.returncode == 0 and err == "" and out.count("pisnoop status of sensor") >= 2, (out[-500:], err)
 
-    # the snooper stops: its heartbeat goes stale, the line naming it says so
+    # the snooper stops: its last status document says so, and the line naming it says so at once
     proc = services.procs["snooper"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
-    limit = statusview.stale_after(va.config, "snooper")
-    res = wait_status(va, lambda r: r.returncode == 1, timeout=limit + 15)
+    res = status(va)
     assert res.returncode == 1, res.stdout
     save("status-broken.txt", res.stdout)
     broken = lines_of(res.stdout)
-    assert broken["snooper"].startswith(" !! snooper       down, last heartbeat"), broken["snooper"]
-    assert f"down: its status document is older than {limit:.0f} s" in broken["snooper"]
+    assert broken["snooper"].startswith(" !! snooper       down (stopped), last heartbeat"), broken["snooper"]
+    assert "down: stopped at " in broken["snooper"] and "(its last status document)" in broken["snooper"]
     assert [ln for ln in res.stdout.splitlines() if ln.startswith(" !!")] == [broken["snooper"]]
     assert "1 PROBLEM(S)" in res.stdout.splitlines()[0]
     doc = json.loads(status(va, "--json").stdout)
@@ -175,6 +174,22 @@ def test_the_snoopers_retention_counters_are_shown_when_it_has_them():
     text = statusview.render(statusview.facts(config_mod.Config(), raw))
     assert "    retention     3 batches (3000 frames, 2.0 KB) removed by size" in text
     assert "retention" not in statusview.render(statusview.facts(config_mod.Config(), raw_inputs()))
+
+
+def test_a_stopped_service_is_down_at_once_and_a_silent_one_once_its_document_is_stale():
+    cfg = config_mod.Config()
+    stopped = raw_inputs()
+    stopped["docs"]["snooper"]["stopped_at"] = NOW - dt.timedelta(seconds=2)
+    f = statusview.facts(cfg, stopped)
+    assert f["problems"] == ["snooper: down: stopped at 11:59:58 UTC (its last status document)"]
+    limit = statusview.stale_after(cfg, "snooper")
+    silent = raw_inputs()
+    silent["docs"]["snooper"]["updated_at"] = NOW - dt.timedelta(seconds=limit + 1)
+    f = statusview.facts(cfg, silent)
+    assert f["problems"] == [f"snooper: down: its status document is older than {limit:.0f} s"]
+    assert " !! snooper       down, last heartbeat" in statusview.render(f)
+    silent["docs"]["snooper"]["updated_at"] = NOW - dt.timedelta(seconds=limit - 1)
+    assert statusview.facts(cfg, silent)["ok"]
 
 
 def test_a_failed_unit_under_systemd_is_named_with_its_restarts():
