@@ -14,12 +14,14 @@ from __future__ import annotations
 import re
 
 MASK = "***"
-# scheme://user:password@hosts: the password is everything from the ':' after the user to the '@' that the host
-# list follows (no '@' in it up to the path, the options or the text's end): a raw '@' or a space in a password
-# (a URI that is wrong, shown in the refusal) is masked too
-_USERINFO = re.compile(r"(mongodb(?:\+srv)?://)([^:/@\s]*):([^\n]*?)@(?=[^@\s/?'\"]*(?:[/?\s'\"]|$))", re.IGNORECASE)
-_SECRET_OPTIONS = re.compile(r"((?:^|[?&;])(?:password|tlsCertificateKeyFilePassword|AWS_SESSION_TOKEN)=)[^&;\s]*",
-                             re.IGNORECASE)
+# scheme://user:password@hosts: the password runs from the ':' after the user to the '@' after which no other '@'
+# comes before a space, a quote or the text's end (so a raw '@', '/', '?' or space in a password, a URI that is
+# wrong, shown in the refusal, is masked whole; of two URIs on a line, each is masked on its own)
+_USERINFO = re.compile(r"(mongodb(?:\+srv)?://)([^:/@\s'\"]*):([^\n'\"]*?)@(?=[^@\s'\"]*(?:[\s'\"]|$))",
+                       re.IGNORECASE)
+# options that hold a secret, masked whole (authMechanismProperties carries AWS_SESSION_TOKEN:... inside its value)
+_SECRET_OPTIONS = re.compile(r"((?:^|[?&;])(?:password|tlsCertificateKeyFilePassword|AWS_SESSION_TOKEN|"
+                             r"authMechanismProperties)=)[^&;\s'\"]*", re.IGNORECASE)
 
 
 def redact(text: str) -> str:

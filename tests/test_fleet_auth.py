@@ -38,6 +38,14 @@ def test_redact_masks_the_password_of_every_uri_form():
     assert redact("mongodb://h1,h2:27018/?w=majority") == "mongodb://h1,h2:27018/?w=majority"
     assert redact("mongodb://u@h/?authMechanism=MONGODB-X509") == "mongodb://u@h/?authMechanism=MONGODB-X509"
     assert redact("mongodb://h/?password=zz&w=1") == "mongodb://h/?password=***&w=1"
+    # a raw '@' then '/' or '?' in a password (pymongo even takes the first as host 'ss'), secrets in options
+    assert redact("mongodb://user:p@ss/w0rd@h/") == "mongodb://user:***@h/"
+    assert redact("mongodb://user:p@ss?w0rd@h/?w=1") == "mongodb://user:***@h/?w=1"
+    assert redact("mongodb://h/?authMechanismProperties=AWS_SESSION_TOKEN:tok123&w=1") == \
+        "mongodb://h/?authMechanismProperties=***&w=1"
+    assert redact("mongodb://h/?tlsCertificateKeyFilePassword=zz") == "mongodb://h/?tlsCertificateKeyFilePassword=***"
+    two = "at mongodb://a:b@h:1/ and mongodb://c:d@k/ ok"
+    assert redact(two) == "at mongodb://a:***@h:1/ and mongodb://c:***@k/ ok"
 
 
 def test_flags_are_written_with_majority_and_read_from_the_primary_frames_as_configured(embedded_store):

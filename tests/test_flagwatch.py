@@ -1,0 +1,51 @@
+"""The controller's flag poll against the real embedded store: what another writer's clock does to it.
+
+Flags are stamped (``updated_at``) by whoever writes them: this sensor's
+analyser, another sensor's, an operator's ``flags ban`` on a laptop. A poll
+that only read what is newer than the newest stamp it had seen would never
+see a fleet ban from a machine whose clock is a few seconds behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from appliance import config, flagdoc, store
+from static_controller import flagwatch
+
+
+def flag(sensor: str, ip: str, at: dt.datetime, scope: str = flagdoc.LOCAL) -> dict:
+    doc = flagdoc.build(client_ip=ip, server_ports=[5222], classifier="xmpp_abuse", reason="test", action="drop",
+                        evidence={}, offence=1, ban_seconds=3600, flagged_at=at, sensor=sensor, scope=scope)
+    doc["_id"] = f"{sensor}-{ip}"
+    return doc
+
+
+def test_a_fleet_ban_stamped_by_a_clock_behind_is_enforced_and_nothing_is_handed_on_twice(store_config):
+    path, db = store_config
+    cfg = config.load(path)
+    cfg = config.from_dict({**config.to_dict(cfg), "snooper": {**config.to_dict(cfg)["snooper"], "sensor": "a"}})
+    posted = []
+    watcher = flagwatch.FlagWatcher(cfg, posted.append, "controller:a")
+    now = flagwatch.utcnow()
+    flags = db[store.FLAGS]
+    flags.insert_one(flag("a", "10.0.0.5", now))                       # A's own analyser, A's clock
+    watcher._once(db)                                                   # the snapshot
+    assert posted[-1].snapshot and [d["_id"] for d in posted[-1].docs] == ["a-10.0.0.5"]
+    flags.insert_one(flag("a", "10.0.0.6", now + dt.timedelta(seconds=1)))
+    watcher._once(db)
+    assert [d["_id"] for d in posted[-1].docs] == ["a-10.0.0.6"]        # only what changed since
+    # B's analyser, its clock 3 s behind A's: a fleet ban and one of its own (local: not A's)
+    behind = now - dt.timedelta(seconds=3)
+    flags.insert_many([flag("b", "10.0.0.7", behind, flagdoc.FLEET), flag("b", "10.0.0.8", behind)])
+    n = len(posted)
+    watcher._once(db)
+    assert len(posted) == n + 1 and [d["_id"] for d in posted[-1].docs] == ["b-10.0.0.7"]
+    watcher._once(db)
+    assert len(posted) == n + 1, "the same documents were handed on again"
+    # B releases its fleet ban, still 3 s behind: lifted at A too
+    flags.replace_one({"_id": "b-10.0.0.7"}, flagdoc.ended(flags.find_one({"_id": "b-10.0.0.7"}), flagdoc.RELEASED,
+                                                            behind + dt.timedelta(seconds=1)))
+    watcher._once(db)
+    assert len(posted) == n + 2
+    assert [(d["_id"], d["status"]) for d in posted[-1].docs] == [("b-10.0.0.7", flagdoc.RELEASED)]
