@@ -224,6 +224,12 @@ static int tally(Walker *w, int64_t ts, uint32_t wire, size_t len, const uint64_
 
 /* --- the type ------------------------------------------------------------------------------------ */
 
+/* a Walker made with __new__ and never __init__'d has no tables and no batch list: every method says so */
+static PyObject *not_ready(void) {
+    PyErr_SetString(PyExc_RuntimeError, "Walker used before __init__");
+    return NULL;
+}
+
 static int Walker_init(Walker *w, PyObject *args, PyObject *kw) {
     static char *names[] = {"window_ns", "snaplen", "batch_size", NULL};
     long long window;
@@ -313,7 +319,11 @@ static PyObject *Walker_walk(Walker *w, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*nn", &view, &base, &bsize))
         return NULL;
     long long captured = 0, dups = 0, bad = 0, trunc = 0;
-    if (base < 0 || bsize < 20 || base + bsize > view.len) {
+    if (!w->ready) {
+        PyBuffer_Release(&view);
+        return not_ready();
+    }
+    if (base < 0 || bsize < 20 || base > view.len || bsize > view.len - base) {   /* no overflow: both < len */
         PyBuffer_Release(&view);
         PyErr_SetString(PyExc_ValueError, "block outside the buffer");
         return NULL;
@@ -334,7 +344,8 @@ static PyObject *Walker_walk(Walker *w, PyObject *args) {
         uint32_t nxt = rd32(h), sec = rd32(h + 4), nsec = rd32(h + 8), cap = rd32(h + 12), wire = rd32(h + 16);
         uint32_t status = rd32(h + 20);
         size_t start = off + rd16(h + 24);
-        if (start + cap > end || cap > wire) {
+        if (start + cap > end || cap > wire ||
+            ((status & TP_STATUS_VLAN_VALID) && wire > UINT32_MAX - 4)) {   /* the tag must fit the wire length */
             bad += num - i;
             break;
         }
@@ -381,6 +392,8 @@ fail:
 
 /* add(frames) -> (captured, duplicates, truncated): frames (ts_ns, wire_len, data) from elsewhere (a pcap). */
 static PyObject *Walker_add(Walker *w, PyObject *frames) {
+    if (!w->ready)
+        return not_ready();
     PyObject *seq = PySequence_Fast(frames, "frames must be a sequence");
     if (!seq)
         return NULL;
@@ -411,6 +424,8 @@ fail:
 
 /* ready() -> the completed batches since the last call. */
 static PyObject *Walker_ready(Walker *w, PyObject *Py_UNUSED(ignored)) {
+    if (!w->ready)
+        return not_ready();
     PyObject *out = w->ready, *fresh = PyList_New(0);
     if (!fresh)
         return NULL;
@@ -420,6 +435,8 @@ static PyObject *Walker_ready(Walker *w, PyObject *Py_UNUSED(ignored)) {
 
 /* take() -> the completed batches, then the open one if any, as (bytes, n, wire_bytes, first_ns, last_ns). */
 static PyObject *Walker_take(Walker *w, PyObject *Py_UNUSED(ignored)) {
+    if (!w->ready)
+        return not_ready();
     if (w->n && finish_batch(w) < 0)
         return NULL;
     return Walker_ready(w, NULL);

@@ -48,8 +48,9 @@ class Capture:
                 self._block()
             if self.engine.pending and time.monotonic() - self.batch_started >= self.batch_interval:
                 self._flush()
-        while self._block() is not None:  # what the kernel already handed over is kept
-            pass
+        for _ in range(ring.block_count):    # what the kernel already handed over is kept: at most one ring's worth,
+            if self._block() is None:        # so an overloaded link cannot hold the stop past TimeoutStopSec (a kept
+                break                        # ring's next run reads the rest)
         self._flush()
 
     def _block(self) -> int | None:

@@ -32,26 +32,30 @@ LISTEN_FDS_START = 3
 
 
 class RingShape(NamedTuple):
+    netns: int          # the network namespace's inode: interface indexes are per namespace
     ifindex: int
     block_size: int
     block_count: int
+    block_timeout_ms: int
     snaplen: int
     filter_id: str
 
     def name(self) -> str:
-        return f"{PREFIX}.{self.ifindex}.{self.block_size}.{self.block_count}.{self.snaplen}.{self.filter_id}"
+        return ".".join(map(str, (PREFIX, *self)))
 
     @classmethod
     def parse(cls, name: str) -> "RingShape | None":
         parts = name.split(".")
-        if len(parts) != 6 or parts[0] != PREFIX or not all(p.isdigit() for p in parts[1:5]):
+        if len(parts) != 8 or parts[0] != PREFIX or not all(p.isdigit() for p in parts[1:7]):
             return None
-        return cls(int(parts[1]), int(parts[2]), int(parts[3]), int(parts[4]), parts[5])
+        return cls(*map(int, parts[1:7]), parts[7])
 
 
-def shape(ifindex: int, block_size: int, block_count: int, snaplen: int, bpf_filter: str) -> RingShape:
+def shape(netns_inode: int, ifindex: int, block_size: int, block_count: int, block_timeout_ms: int, snaplen: int,
+          bpf_filter: str) -> RingShape:
     """The shape of the ring this config makes (the filter by a short digest: names stay short and plain)."""
-    return RingShape(ifindex, block_size, block_count, snaplen, hashlib.sha256(bpf_filter.encode()).hexdigest()[:12])
+    return RingShape(netns_inode, ifindex, block_size, block_count, block_timeout_ms, snaplen,
+                     hashlib.sha256(bpf_filter.encode()).hexdigest()[:12])
 
 
 def passed(environ: Mapping[str, str] | None = None) -> dict[str, int]:
@@ -97,10 +101,26 @@ def waiting_frames(fd: int, ring: RingShape) -> int:
 
 def _dropped(fd: int) -> int:
     try:
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            return kernel_stats(sock)[1]
+        copy = os.dup(fd)
     except OSError:
         return 0
+    try:
+        sock = socket.socket(fileno=copy)
+    except OSError:             # not a socket at all
+        os.close(copy)
+        return 0
+    with sock:
+        try:
+            return kernel_stats(sock)[1]
+        except OSError:
+            return 0
+
+
+def _bound_to(sock: socket.socket) -> str:
+    try:
+        return sock.getsockname()[0]
+    except OSError:
+        return ""
 
 
 class Discarded(NamedTuple):
@@ -114,8 +134,9 @@ class Adopted(NamedTuple):
     discarded: list[Discarded]      # every other stored fd, closed
 
 
-def adopt(want: RingShape, environ: Mapping[str, str] | None = None) -> Adopted:
-    """Take the stored socket of shape ``want``; close (and remove from the store) every other passed fd."""
+def adopt(want: RingShape, ifname: str, environ: Mapping[str, str] | None = None) -> Adopted:
+    """Take the stored socket of shape ``want``, still bound to ``ifname``; close (and remove from the store) every
+    other passed fd. A socket whose interface went away is unbound by the kernel (its name reads ``''``)."""
     sock, discarded = None, []
     for name, fd in passed(environ).items():
         if sock is None and name == want.name():
@@ -123,7 +144,7 @@ def adopt(want: RingShape, environ: Mapping[str, str] | None = None) -> Adopted:
                 sock = socket.socket(fileno=fd)
             except OSError:
                 sock = None
-            if sock is not None and sock.family == socket.AF_PACKET:
+            if sock is not None and sock.family == socket.AF_PACKET and _bound_to(sock) == ifname:
                 continue
             if sock is not None:
                 sock.detach()

@@ -207,8 +207,13 @@ class Ring:
         return base if self.mm[base + _BLOCK_STATUS_OFF] & TP_STATUS_USER else None
 
     def release(self) -> None:
-        """Give the current block back to the kernel and move on to the next."""
+        """Give the current block back to the kernel and move on to the next.
+
+        Its frame count is cleared first: a released block that the kernel has
+        not opened again must not look like one being filled (``frames_waiting``).
+        """
         base = self.block * self.block_size + _BLOCK_STATUS_OFF
+        self.mm[base + 4:base + 8] = b"\0\0\0\0"
         self.mm[base:base + 4] = b"\0\0\0\0"
         self.block = (self.block + 1) % self.block_count
 
@@ -236,8 +241,12 @@ class Ring:
 
 
 def kernel_stats(sock: socket.socket) -> tuple[int, int, int]:
-    """The socket's (packets, drops, freezes) since the last read: the kernel resets them on every read."""
-    return _STATS.unpack(sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS.size))
+    """The socket's (packets, drops, freezes) since the last read: the kernel resets them on every read.
+
+    A socket without a TPACKET_V3 ring answers the older two-counter form.
+    """
+    raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS.size)
+    return _STATS.unpack(raw) if len(raw) == _STATS.size else (*struct.unpack("<II", raw[:8]), 0)
 
 
 def frames_waiting(mm, block_size: int, block_count: int) -> int:
@@ -275,7 +284,7 @@ def walk_block(buf, base: int, bsize: int, snaplen: int, out: list) -> tuple[int
             return done, num - done
         nxt, sec, nsec, cap, wire, pstatus, mac = unpack(buf, off)
         start = off + mac
-        if start + cap > end or cap > wire:
+        if start + cap > end or cap > wire or (pstatus & TP_STATUS_VLAN_VALID and wire > 0xFFFFFFFB):
             return done, num - done
         if pstatus & TP_STATUS_VLAN_VALID:
             tci, tpid = _VLAN.unpack_from(buf, off + _VLAN_OFF)

@@ -9,6 +9,7 @@ into the store or the spool, a final status is written, STOPPING=1.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -47,17 +48,29 @@ def open_ring(sc, log) -> Ring:
             ifindex = socket.if_nametoindex(sc.interface)
         except OSError:
             raise CaptureError(f"interface {sc.interface} does not exist") from None
-    want = fdstore.shape(ifindex, sc.ring_block_size, sc.ring_block_count, sc.snaplen, sc.bpf_filter)
-    kept = fdstore.adopt(want)
+        ns_inode = os.stat("/proc/thread-self/ns/net").st_ino
+    want = fdstore.shape(ns_inode, ifindex, sc.ring_block_size, sc.ring_block_count, sc.ring_block_timeout_ms,
+                         sc.snaplen, sc.bpf_filter)
+    kept = fdstore.adopt(want, sc.interface)
     for old in kept.discarded:
-        log.warning("the ring kept from the previous run (%s) is not this config's (%s): closed, %d frames "
-                    "waiting in it and %d the kernel dropped for want of room lost", old.name, want.name(),
-                    old.waiting, old.dropped)
-    ring = Ring(sc.interface, sc.netns, sc.ring_block_size, sc.ring_block_count, sc.ring_block_timeout_ms,
-                snaplen=sc.snaplen, bpf_filter=sc.bpf_filter, sock=kept.sock)
-    if ring.adopted:
-        log.info("capture ring kept from the previous run: %d frames waiting in it", ring.waiting())
-    if not kept.sock and fdstore.store(ring.sock, want.name()):
+        log.warning("the ring kept from the previous run (%s) is not this config's (%s) or no longer bound to %s: "
+                    "closed, %d frames waiting in it and %d the kernel dropped for want of room lost", old.name,
+                    want.name(), sc.interface, old.waiting, old.dropped)
+
+    def new_ring(sock=None) -> Ring:
+        return Ring(sc.interface, sc.netns, sc.ring_block_size, sc.ring_block_count, sc.ring_block_timeout_ms,
+                    snaplen=sc.snaplen, bpf_filter=sc.bpf_filter, sock=sock)
+    ring = None
+    if kept.sock is not None:
+        try:
+            ring = new_ring(kept.sock)
+            log.info("capture ring kept from the previous run: %d frames waiting in it", ring.waiting())
+        except CaptureError as exc:        # a kept ring that cannot be mapped again: a new one, not a stopped snooper
+            fdstore.remove(want.name())
+            log.warning("the ring kept from the previous run cannot be used (%s): a new one", exc)
+    if ring is None:
+        ring = new_ring()
+    if not ring.adopted and fdstore.store(ring.sock, want.name()):
         log.info("capture ring given to systemd's fd store: a restart reads on where this run stops")
     return ring
 

@@ -138,6 +138,19 @@ def test_broken_headers_count_the_rest_of_the_block():
         assert c_res == p_res == expect, name
     with pytest.raises(ValueError):
         c_engine(2.0, 262144, 10).walk(bytearray(100), 0, 200)     # a block beyond the buffer: refused
+    with pytest.raises(ValueError):
+        c_engine(2.0, 262144, 10).walk(bytearray(100), 2**62, 2**62)   # offsets whose sum overflows: refused
+    huge = [good, (7 * S + 3, 0xFFFFFFFE, b"d" * 60, TP_STATUS_VLAN_VALID, 7, 0, None), good]
+    b = block(huge)                             # a tag that does not fit the 32-bit wire length: a broken header
+    assert c_engine(2.0, 262144, 10).walk(b, 0, len(b)) == py_engine(2.0, 262144, 10).walk(b, 0, len(b)) == (1, 0, 2, 0)
+
+
+def test_a_walker_never_initialised_refuses_every_call():
+    from snooper import _fastcap
+    bare = _fastcap.Walker.__new__(_fastcap.Walker)
+    for call in (lambda: bare.add([(0, 10, b"x")]), bare.take, bare.ready, lambda: bare.walk(bytearray(100), 0, 64)):
+        with pytest.raises(RuntimeError, match="before __init__"):
+            call()
 
 
 def test_add_frames_same_as_python_and_as_dedupe_seen():

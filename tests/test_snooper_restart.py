@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from appliance import store
+from appliance import netns, store
 
 from .snooperutil import (
     BridgeLoss,
@@ -95,6 +95,10 @@ class FdStore:
         self.sock.close()
         for fd in self.fds.values():
             os.close(fd)
+
+
+def env_of(manager) -> dict:
+    return {"NOTIFY_SOCKET": manager.path}
 
 
 @pytest.fixture
@@ -200,3 +204,33 @@ def test_a_kept_ring_of_another_shape_is_closed_and_its_frames_counted(app, mana
     assert found, log[-2000:]
     assert int(found[1]) + int(found[2]) == waiting and int(found[1]) > 0, found[0]
     assert not with_tag(stored_frames(app.db, sensor), tag)   # they were in the old ring: counted, not read
+
+
+def test_a_kept_socket_no_longer_bound_to_the_interface_is_not_adopted(app, manager, tmp_path):
+    """The same name (interface indexes repeat in a remade namespace) but a socket bound elsewhere: a new ring."""
+    sensor = "u" + secrets.token_hex(4)
+    cfg_path = tmp_path / "snooper.yaml"
+    cfg = write_config(app, cfg_path, sensor=sensor, spool_dir=str(tmp_path / "spool"), status_interval=0.5)
+    first = SnooperProcess(cfg_path, cfg, app.db, tmp_path / "first.log", env=env_of(manager))
+    first_run = first.status()["run"]
+    (name, fd), = manager.wait_stored().items()
+    assert first.stop() == 0
+    mirror = app.config.snooper
+    with netns.enter(mirror.netns):
+        elsewhere = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        elsewhere.bind(("lo", 0))
+    os.close(fd)
+    manager.fds[name] = elsewhere.detach()
+    second = SnooperProcess(cfg_path, cfg, app.db, tmp_path / "second.log", env=env_of(manager),
+                            listen_fds=dict(manager.fds))
+    try:
+        second.wait_status(lambda doc: doc["run"] != first_run, 30)
+        tag = secrets.token_bytes(6)
+        bridge = BridgeLoss(app)
+        Sender(app, tag, 100, rate=500).run()
+        got = wait_stored(app.db, sensor, tag, 100 - bridge.lost(), timeout=30)
+    finally:
+        assert second.stop() == 0
+    log = second.output()
+    assert f"or no longer bound to {mirror.interface}" in log and "capture ring kept" not in log, log[-2000:]
+    assert len(got) == 100 - bridge.lost()
