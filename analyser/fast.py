@@ -41,6 +41,7 @@ import numpy as np
 from appliance import framebatch
 from appliance.framebatch import CorruptBatch
 
+from .classifiers import SAMPLES
 from .classifiers.builtin import XmppAbuse
 from .engine import Engine
 from .flows import OK, SLACK, VERIFIED, flow_key
@@ -286,7 +287,7 @@ class _Family:
             win.times = deque(t.tolist())
             win.weights = deque(w.tolist())
             win.total = int(w.sum())
-            win.refs.extend((bids[owner[x]], int(index[x])) for x in self.j[max(s, e - 5):e].tolist())
+            win.refs.extend((bids[owner[x]], int(index[x])) for x in self.j[max(s, e - SAMPLES):e].tolist())
 
 
 def _groups(fr: _Frames):
