@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 
 from appliance import netns
 from appliance.errors import BadInput
@@ -97,6 +98,7 @@ class Ring:
         self.kernel_drops = 0
         self.kernel_freezes = 0
         self.bad_headers = 0
+        self.socket_errors = 0
         self._stats_lock = threading.Lock()
         self.adopted = sock is not None
         self._resync = self.adopted
@@ -185,14 +187,24 @@ class Ring:
             return self._find_start(timeout_ms)
         if self.mm[self.block * self.block_size + _BLOCK_STATUS_OFF] & TP_STATUS_USER:
             return True
-        self.poller.poll(timeout_ms)
+        self._poll(timeout_ms)
         return bool(self.mm[self.block * self.block_size + _BLOCK_STATUS_OFF] & TP_STATUS_USER)
+
+    def _poll(self, timeout_ms: int) -> None:
+        """Wait for the kernel; a pending socket error (the link went down: ENETDOWN) is read, which clears it,
+        else every poll would return at once and the capture loop would spin."""
+        for _fd, events in self.poller.poll(timeout_ms):
+            if events & select.POLLERR:
+                err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self.socket_errors += 1
+                    time.sleep(timeout_ms / 1000)      # the link is down: do not spin while it stays down
 
     def _find_start(self, timeout_ms: int) -> bool:
         """An adopted ring: wait for any ready block and start at the oldest one; in order from then on."""
         start = self._oldest_ready()
         if start is None:
-            self.poller.poll(timeout_ms)
+            self._poll(timeout_ms)
             start = self._oldest_ready()
         if start is None:
             return False

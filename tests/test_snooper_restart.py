@@ -234,3 +234,31 @@ def test_a_kept_socket_no_longer_bound_to_the_interface_is_not_adopted(app, mana
     log = second.output()
     assert f"or no longer bound to {mirror.interface}" in log and "capture ring kept" not in log, log[-2000:]
     assert len(got) == 100 - bridge.lost()
+
+
+def test_a_mirror_link_that_goes_down_and_up_neither_spins_the_snooper_nor_ends_its_capture(app, tmp_path):
+    """The kernel flags the socket ENETDOWN when the link goes down; unread, that error made every poll return at
+    once, a core spent for as long as the process lived. Read, it clears: idle is idle again, capture goes on."""
+    import psutil
+    sensor = "l" + secrets.token_hex(4)
+    cfg_path = tmp_path / "snooper.yaml"
+    cfg = write_config(app, cfg_path, sensor=sensor, spool_dir=str(tmp_path / "spool"), status_interval=0.5)
+    proc = SnooperProcess(cfg_path, cfg, app.db, tmp_path / "snooper.log")
+    mirror = app.config.snooper
+    try:
+        for state in ("down", "up"):
+            netns.run(["ip", "link", "set", mirror.interface, state], ns=mirror.netns)
+            time.sleep(0.5)
+        ps = psutil.Process(proc.proc.pid)
+        before = sum(ps.cpu_times()[:2])
+        time.sleep(3)
+        busy = sum(ps.cpu_times()[:2]) - before
+        assert busy < 1.0, f"the idle snooper used {busy:.2f} s of CPU in 3 s after the link came back"
+        tag = secrets.token_bytes(6)
+        bridge = BridgeLoss(app)
+        Sender(app, tag, 100, rate=500).run()
+        got = wait_stored(app.db, sensor, tag, 100 - bridge.lost(), timeout=30)
+        assert len(got) == 100 - bridge.lost()
+    finally:
+        netns.run(["ip", "link", "set", mirror.interface, "up"], ns=mirror.netns)
+        assert proc.stop() == 0
