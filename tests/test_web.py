@@ -34,6 +34,7 @@ from tests.webutil import (
     chromium,
     needs_browser,
     page_weight,
+    served,
     severe_console,
     shot,
     stop_web,
@@ -385,3 +386,55 @@ def test_fleet_page_and_its_json_show_each_sensor_as_status_fleet_judges_it(stor
     finally:
         server.shutdown()
         server.server_close()
+
+
+def web_config(path: Path, sensor: str = "alpha", **mongodb):
+    """The store_config fixture's config with a dashboard password, sensor ``sensor``, ``mongodb`` overrides."""
+    settings = yaml.safe_load(path.read_text())
+    settings["snooper"]["sensor"] = sensor
+    settings["mongodb"].update(mongodb)
+    settings["web"] = {"password_hash": auth.hash_password(PASSWORD)}
+    path.write_text(yaml.safe_dump(settings))
+    return config_mod.load(path)
+
+
+def test_logins_verify_at_most_two_passwords_at_once_and_the_rest_are_told_busy(store_config, monkeypatch):
+    """Twelve logins at once: scrypt (32 MiB each) never runs more than twice at a time; a login that finds no free
+    verifier within the short wait is a 503 'busy' and was never verified; each one verified is logged in."""
+    from webui import app as app_mod
+    path, db = store_config
+    cfg = web_config(path)
+    real, lock, now, peak, calls = auth.verify_password, threading.Lock(), [0], [0], [0]
+
+    def counting(password, stored):
+        with lock:
+            now[0] += 1
+            calls[0] += 1
+            peak[0] = max(peak[0], now[0])
+        try:
+            threading.Event().wait(1.0)         # longer than the wait for a slot: the others cannot get one
+            return real(password, stored)
+        finally:
+            with lock:
+                now[0] -= 1
+    monkeypatch.setattr(auth, "verify_password", counting)
+    n = 12
+    with served(cfg, db) as base:
+        clients = [Client(base) for _ in range(n)]
+        tokens = [c.csrf("/login") for c in clients]
+        got: list = [None] * n
+        go = threading.Barrier(n)
+
+        def one(i):
+            go.wait()
+            got[i] = clients[i].post("/login", {"csrf": tokens[i], "password": PASSWORD})
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    busy = [g for g in got if g[0] == 503]
+    logged_in = [g for g in got if g[0] == 303 and g[1]["Location"].endswith("/")]
+    assert peak[0] == app_mod.VERIFY_SLOTS == 2, peak
+    assert len(busy) + len(logged_in) == n and len(logged_in) == calls[0], [g[0] for g in got]
+    assert len(busy) >= n - 4 and all(b"busy, try again" in g[2] for g in busy), [g[0] for g in got]

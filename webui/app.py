@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ STATIC = Path(__file__).with_name("static")
 COOKIE = "pisnoop_session"
 LOGIN_COOKIE = "pisnoop_login"        # the login form's own CSRF token (double submit: cookie and field)
 FAILED_LOGIN_DELAY_S = 1.0
+VERIFY_SLOTS = 2                      # scrypt takes 32 MiB per login: at most this many verify at once
+VERIFY_WAIT_S = 0.5                   # a login waits this long for a slot, then is told to try again (503)
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
@@ -49,6 +52,7 @@ def build(cfg, db, clock=time.monotonic):
     sessions = auth.Sessions(cfg.web.session_seconds, clock)
     password_hash = cfg.web.password_hash
     config_path = cfg.source
+    verifying = threading.BoundedSemaphore(VERIFY_SLOTS)
 
     def session():
         return sessions.get(bottle.request.get_cookie(COOKIE))
@@ -98,7 +102,18 @@ def build(cfg, db, clock=time.monotonic):
     def login():
         if not auth.same(bottle.request.forms.get("csrf"), bottle.request.get_cookie(LOGIN_COOKIE)):
             bottle.abort(403, "forbidden: no valid CSRF token")
-        if not auth.verify_password(bottle.request.forms.getunicode("password") or "", password_hash):
+        if not verifying.acquire(timeout=VERIFY_WAIT_S):
+            log.warning("login from %s refused: %d logins already being verified", bottle.request.remote_addr,
+                        VERIFY_SLOTS)
+            bottle.response.status = 503
+            bottle.response.set_header("Retry-After", "1")
+            bottle.response.content_type = "text/plain; charset=utf-8"
+            return "busy, try again\n"
+        try:
+            right = auth.verify_password(bottle.request.forms.getunicode("password") or "", password_hash)
+        finally:
+            verifying.release()
+        if not right:
             log.warning("failed login from %s", bottle.request.remote_addr)
             time.sleep(FAILED_LOGIN_DELAY_S)
             return bottle.redirect("/login?failed=1", 303)
