@@ -438,3 +438,23 @@ def test_logins_verify_at_most_two_passwords_at_once_and_the_rest_are_told_busy(
     assert peak[0] == app_mod.VERIFY_SLOTS == 2, peak
     assert len(busy) + len(logged_in) == n and len(logged_in) == calls[0], [g[0] for g in got]
     assert len(busy) >= n - 4 and all(b"busy, try again" in g[2] for g in busy), [g[0] for g in got]
+
+
+def test_switch_page_escapes_a_hostile_module_name_in_the_table_id(store_config):
+    from appliance import statusview
+    from appliance import store as store_mod
+    path, db = store_config
+    cfg = web_config(path)
+    hostile = 'x"><img src=x onerror="alert(1)">'
+    db[store_mod.STATUS].insert_one({
+        "_id": statusview.status_ids("alpha")["controller"], "updated_at": dt.datetime.now(dt.timezone.utc),
+        "connected": True, "modules": [hostile],
+        "switch": {"flows": [{"module": hostile, "table": 0, "priority": 1, "match": "any", "actions": "drop"}],
+                   "meters": []}})
+    with served(cfg, db) as base:
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        status, _h, body = c.get("/switch")
+    html = body.decode()
+    assert status == 200 and "<img" not in html, html
+    assert 'id="flows-x&quot;&gt;&lt;img src=x onerror=&quot;alert(1)&quot;&gt;"' in html

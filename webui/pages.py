@@ -128,7 +128,7 @@ def _table(table_id: str, heads: Iterable[str], rows: Iterable[Iterable], numeri
                  for i, h in enumerate(heads))
     trs = "".join("<tr>" + "".join(f'<td{NUM_CELL if i in numeric else ""}>{e(v)}</td>'
                                    for i, v in enumerate(r)) + "</tr>" for r in rows)
-    return f'<table class="sortable" id="{table_id}"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
+    return f'<table class="sortable" id="{e(table_id)}"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
 
 
 def talkers(top: list, flows: list, minutes: float, address: str, csrf: str, flash: str) -> str:
