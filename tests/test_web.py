@@ -458,3 +458,51 @@ def test_switch_page_escapes_a_hostile_module_name_in_the_table_id(store_config)
     html = body.decode()
     assert status == 200 and "<img" not in html, html
     assert 'id="flows-x&quot;&gt;&lt;img src=x onerror=&quot;alert(1)&quot;&gt;"' in html
+
+
+def _flag(db, sensor: str, scope: str, ip: str, evidence: dict | None = None):
+    from appliance import flagdoc
+    from appliance import store as store_mod
+    doc = flagdoc.build(client_ip=ip, server_ports=[5222], classifier="test", reason="test", action="drop",
+                        evidence=evidence or {}, offence=1, ban_seconds=600, sensor=sensor, scope=scope,
+                        flagged_at=dt.datetime.now(dt.timezone.utc))
+    return db[store_mod.FLAGS].insert_one(doc).inserted_id
+
+
+def test_flags_page_lists_the_flags_this_sensor_enforces_with_their_sensor_and_reach(store_config):
+    """Sensor alpha's page: its own flag and gamma's fleet flag, each card naming its sensor and reach; beta's
+    local flag (enforced at beta only, alpha could not release it) is not listed."""
+    path, db = store_config
+    cfg = web_config(path)
+    _flag(db, "alpha", "local", "10.0.0.22")
+    _flag(db, "beta", "local", "10.0.0.20")
+    _flag(db, "gamma", "fleet", "10.0.0.21")
+    with served(cfg, db) as base:
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        html = c.get("/flags")[2].decode()
+    cards = {m.group(1): m.group(0)
+             for m in re.finditer(r'<section class="flag \w+" data-subject="([^"]*)".*?</section>', html, re.S)}
+    assert set(cards) == {"10.0.0.22", "10.0.0.21"}, html
+    assert '<span class="sensor">sensor gamma</span>, <span class="reach">fleet</span>' in cards["10.0.0.21"]
+    assert '<span class="sensor">sensor alpha</span>, <span class="reach">local</span>' in cards["10.0.0.22"]
+
+
+def test_chart_of_a_fleet_flag_reads_the_frames_of_the_sensor_that_raised_it(store_config):
+    """Gamma flagged 10.0.0.60 fleet-wide from its own frames; alpha's chart of that flag draws gamma's frames
+    (alpha saw none of that client)."""
+    from tests import analyser_frames as af
+    path, db = store_config
+    cfg = web_config(path)
+    flood = af.steady(af.Conn("10.0.0.60", 40000), af.T0, per_minute=300, seconds=60)
+    af.store_frames(db, flood, sensor="gamma")
+    af.store_frames(db, af.steady(af.Conn("10.0.0.61", 40001), af.T0, per_minute=300, seconds=60), sensor="alpha")
+    fid = _flag(db, "gamma", "fleet", "10.0.0.60", {"first_packet_ns": af.T0, "last_packet_ns": af.T0 + 60 * af.S,
+                                                     "threshold": 100, "window_seconds": 60})
+    with served(cfg, db) as base:
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        status, _h, body = c.get(f"/api/flags/{fid}/chart")
+    j = json.loads(body)
+    assert status == 200 and j["threshold"] == 100 and len(j["y"]) > 10, j
+    assert max(j["y"]) >= 250, j["y"]

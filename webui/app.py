@@ -145,7 +145,7 @@ def build(cfg, db, clock=time.monotonic):
     @app.get("/flags")
     @page
     def flags(csrf, flash):
-        return pages.flags(data.flags(cfg, db), csrf, flash)
+        return pages.flags(data.flags(cfg, db), cfg.snooper.sensor, csrf, flash)
 
     @app.get("/api/flags/<flag_id>/chart")
     @api

@@ -91,7 +91,8 @@ def _form(action: str, csrf: str, button: str, fields: str = "", cls: str = "") 
             f'<button type="submit">{e(button)}</button></form>')
 
 
-def flags(rows: list[dict], csrf: str, flash: str) -> str:
+def flags(rows: list[dict], here: str, csrf: str, flash: str) -> str:
+    """The flags sensor ``here`` enforces, each card saying which sensor raised it and its reach (local, fleet)."""
     ban = _form("/flags/ban", csrf, "Ban", '<input name="subject" placeholder="ADDR[/LEN], ADDR:PORT or MAC" required>'
                 '<input name="duration" placeholder="for (e.g. 30m)"><input name="reason" placeholder="reason">',
                 "ban")
@@ -114,7 +115,9 @@ def flags(rows: list[dict], csrf: str, flash: str) -> str:
             f'<section class="flag {e(r["status"])}" data-subject="{e(r["subject"])}" data-id="{e(r["id"])}">'
             f'<h3>{e(r["subject"])} <small>{e(r["scope"])}, {e(r["status"])}, {e(r["action"])} {e(r["ports"])}'
             f'</small></h3><p>{e(r["reason"])} (classifier {e(r["classifier"])}, offence {e(r["offence"])}, '
-            f'{e(r["origin"])}); flagged {e(r["flagged_at"])}, until {e(r["expires_at"])} UTC; id '
+            f'{e(r["origin"])}); <span class="sensor">sensor {e(r["sensor"])}</span>, '
+            f'<span class="reach">{e(r["reach"])}</span>; flagged {e(r["flagged_at"])}, '
+            f'until {e(r["expires_at"])} UTC; id '
             f'<code>{e(r["id"])}</code></p><p class="evidence">evidence: {e(evidence)}'
             + (f'; sample frames {e(samples)}' if samples else "")
             + f'</p>{chart}<div class="buttons">{buttons}</div></section>')
