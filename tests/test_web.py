@@ -506,3 +506,43 @@ def test_chart_of_a_fleet_flag_reads_the_frames_of_the_sensor_that_raised_it(sto
     j = json.loads(body)
     assert status == 200 and j["threshold"] == 100 and len(j["y"]) > 10, j
     assert max(j["y"]) >= 250, j["y"]
+
+
+def test_never_ban_button_exempts_at_this_sensor_only(store_config):
+    from appliance import neverban
+    from appliance import store as store_mod
+    path, db = store_config
+    cfg = web_config(path)
+    _flag(db, "alpha", "local", "10.0.0.30")
+    with served(cfg, db) as base:
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        html = c.get("/flags")[2].decode()
+        assert ('<button type="submit" title="never ban 10.0.0.30 at sensor alpha only (pisnoop flags allow '
+                '--local)">Never ban here</button>') in html, html
+        status, headers, _b = c.post("/flags/allow", {"network": "10.0.0.30", "csrf": c.csrf("/flags")})
+        assert status == 303 and headers["Location"].endswith("/flags")
+        flash = re.search(r'<p class="flash" id="flash">([^<]*)</p>', c.get("/flags")[2].decode()).group(1)
+    assert flash.startswith("never banned from now: 10.0.0.30 (flags allow on alpha only: allowed from the "), flash
+    entries = list(db[store_mod.NEVER_BAN].find({}, {"_id": 0, neverban.SCOPE: 1, neverban.SENSOR: 1}))
+    assert entries == [{neverban.SCOPE: neverban.LOCAL, neverban.SENSOR: "alpha"}], entries
+
+
+def test_buttons_run_the_commands_over_the_dashboards_own_client(store_config, monkeypatch):
+    """Ban, release, allow from the dashboard: done, and not one new MongoClient (each click used to leave one open)."""
+    from appliance import store as store_mod
+    path, db = store_config
+    cfg = web_config(path)
+    opened = []
+    real = store_mod.client
+    monkeypatch.setattr(store_mod, "client", lambda *a, **kw: opened.append(a) or real(*a, **kw))
+    with served(cfg, db) as base:
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        csrf = c.csrf("/flags")
+        assert c.post("/flags/ban", {"subject": "10.0.0.70", "csrf": csrf})[0] == 303
+        fid = str(db[store_mod.FLAGS].find_one({"client_ip": "10.0.0.70"})["_id"])
+        assert c.post(f"/flags/{fid}/release", {"csrf": csrf})[0] == 303
+        assert f"released 1 flag(s) of {fid}" in c.get("/flags")[2].decode()
+        assert c.post("/flags/allow", {"network": "10.0.0.71", "csrf": csrf})[0] == 303
+    assert db[store_mod.NEVER_BAN].count_documents({}) == 1 and opened == [], opened

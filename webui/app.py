@@ -171,20 +171,20 @@ def build(cfg, db, clock=time.monotonic):
     @app.post("/flags/<flag_id>/release")
     @post
     def release(flag_id):
-        return "/flags", actions.release(config_path, flag_id)
+        return "/flags", actions.release(config_path, db, flag_id)
 
     @app.post("/flags/ban")
     @post
     def ban():
         f = bottle.request.forms
-        return "/flags", actions.ban(config_path, f.getunicode("subject") or "", f.getunicode("duration"),
+        return "/flags", actions.ban(config_path, db, f.getunicode("subject") or "", f.getunicode("duration"),
                                      f.getunicode("reason") or "")
 
     @app.post("/flags/allow")
     @post
     def allow():
         f = bottle.request.forms
-        return "/flags", actions.allow(config_path, f.getunicode("network") or "", f.getunicode("reason") or "")
+        return "/flags", actions.allow(config_path, db, f.getunicode("network") or "", f.getunicode("reason") or "")
 
     @app.get("/talkers")
     @page

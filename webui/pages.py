@@ -86,9 +86,10 @@ def overview(f: dict, csrf: str, flash: str) -> str:
     return layout("Overview", body, csrf, "/", flash, page="overview")
 
 
-def _form(action: str, csrf: str, button: str, fields: str = "", cls: str = "") -> str:
+def _form(action: str, csrf: str, button: str, fields: str = "", cls: str = "", title: str = "") -> str:
+    tip = f' title="{e(title)}"' if title else ""
     return (f'<form method="post" action="{e(action)}" class="inline {cls}">{csrf_field(csrf)}{fields}'
-            f'<button type="submit">{e(button)}</button></form>')
+            f'<button type="submit"{tip}>{e(button)}</button></form>')
 
 
 def flags(rows: list[dict], here: str, csrf: str, flash: str) -> str:
@@ -105,8 +106,9 @@ def flags(rows: list[dict], here: str, csrf: str, flash: str) -> str:
         if r["active"]:
             buttons += _form(f"/flags/{r['id']}/release", csrf, "Release", cls="release")
         if r["client_ip"]:
-            buttons += _form("/flags/allow", csrf, "Never ban",
-                             f'<input type="hidden" name="network" value="{e(r["client_ip"])}">', "allow")
+            buttons += _form("/flags/allow", csrf, "Never ban here",
+                             f'<input type="hidden" name="network" value="{e(r["client_ip"])}">', "allow",
+                             f"never ban {r['client_ip']} at sensor {here} only (pisnoop flags allow --local)")
         if "first_packet_ns" in ev:
             buttons += f'<a class="button pcap" href="/flags/{e(r["id"])}/pcap">evidence pcap</a>'
         chart = (f'<div class="chart" data-flag="{e(r["id"])}" id="chart-{e(r["id"])}"></div>'
