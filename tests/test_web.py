@@ -528,6 +528,36 @@ def test_never_ban_button_exempts_at_this_sensor_only(store_config):
     assert entries == [{neverban.SCOPE: neverban.LOCAL, neverban.SENSOR: "alpha"}], entries
 
 
+def test_a_store_away_is_a_503_with_one_redacted_line_and_no_traceback(store_config, capfd):
+    """The store's URI points at a closed port (with a password): every page that reads the store answers 503
+    with ``statusview.store_error``'s line, no traceback and no password; a button is refused, nothing raised."""
+    path, db = store_config
+    fid = str(_flag(db, "alpha", "local", "10.0.0.50"))
+    secret = "s3cret-Pw-zz"
+    cfg = web_config(path, uri=f"mongodb://op:{secret}@127.0.0.1:{free_port()}/?authSource=admin", timeout_ms=300)
+    from appliance import store as store_mod
+    away = store_mod.database(cfg.mongodb, "pisnoop-web")
+    try:
+        with served(cfg, away) as base:
+            c = Client(base)
+            assert c.login(PASSWORD) == 303
+            csrf = c.csrf("/fleet")
+            for path_ in ("/flags", "/talkers", "/switch", f"/api/flags/{fid}/chart", f"/flags/{fid}/pcap"):
+                status, headers, body = c.get(path_)
+                text = body.decode()
+                assert status == 503 and "did not answer: ServerSelectionTimeoutError" in text, (path_, status, text)
+                assert secret not in text and "Traceback" not in text and "Content-Disposition" not in headers
+            assert "application/json" in c.get(f"/api/flags/{fid}/chart")[1]["Content-Type"]
+            for path_, fields in (("/flags/ban", {"subject": "10.0.0.99"}), (f"/flags/{fid}/release", {}),
+                                  ("/flags/allow", {"network": "10.0.0.99"})):
+                status, _h, body = c.post(path_, {**fields, "csrf": csrf})
+                assert status in (303, 503) and secret.encode() not in body and b"Traceback" not in body, path_
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and secret not in err, err[-2000:]
+    finally:
+        away.client.close()
+
+
 def test_buttons_run_the_commands_over_the_dashboards_own_client(store_config, monkeypatch):
     """Ban, release, allow from the dashboard: done, and not one new MongoClient (each click used to leave one open)."""
     from appliance import store as store_mod

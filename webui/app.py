@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 
 import bottle
+import pymongo.errors
+
+from appliance import statusview
 
 from . import actions, auth, data, pages
 
@@ -64,8 +67,20 @@ def build(cfg, db, clock=time.monotonic):
             if s is None:
                 return bottle.redirect("/login", 303)
             flash, s.flash = getattr(s, "flash", ""), ""
-            return fn(s.csrf, flash, *a, **kw)
+            try:
+                return fn(s.csrf, flash, *a, **kw)
+            except pymongo.errors.PyMongoError as exc:
+                return store_away(exc) + "\n"
         return handler
+
+    def store_away(exc) -> str:
+        """A 503 (plain text) and the store error's redacted line (``statusview.store_error``): no traceback."""
+        text = f"the store did not answer: {statusview.store_error(exc)}"
+        log.warning("%s: %s", bottle.request.path, text)
+        bottle.response.status = 503
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        bottle.response.headers.pop("Content-Disposition", None)
+        return text
 
     def api(fn):
         def handler(*a, **kw):
@@ -74,7 +89,12 @@ def build(cfg, db, clock=time.monotonic):
                 bottle.response.content_type = "application/json"
                 return pages.as_json({"error": "log in first"})
             bottle.response.content_type = "application/json"
-            return pages.as_json(fn(*a, **kw))
+            try:
+                return pages.as_json(fn(*a, **kw))
+            except pymongo.errors.PyMongoError as exc:
+                text = store_away(exc)
+                bottle.response.content_type = "application/json"
+                return pages.as_json({"error": text})
         return handler
 
     def post(fn):
@@ -85,7 +105,10 @@ def build(cfg, db, clock=time.monotonic):
                 log.warning("refused a POST to %s: %s", bottle.request.path,
                             "no session" if s is None else "no or wrong CSRF token")
                 bottle.abort(403, "forbidden: no session or no valid CSRF token")
-            back, outcome = fn(*a, **kw)
+            try:
+                back, outcome = fn(*a, **kw)
+            except pymongo.errors.PyMongoError as exc:
+                return store_away(exc) + "\n"
             if outcome is not None:
                 s.flash = outcome.text if outcome.code == 0 else f"refused (exit {outcome.code}): {outcome.text}"
                 log.info("%s: exit %d: %s", bottle.request.path, outcome.code, outcome.text)
