@@ -528,6 +528,18 @@ def test_never_ban_button_exempts_at_this_sensor_only(store_config):
     assert entries == [{neverban.SCOPE: neverban.LOCAL, neverban.SENSOR: "alpha"}], entries
 
 
+def test_talkers_minutes_not_a_finite_number_is_the_default(store_config):
+    path, db = store_config
+    cfg = web_config(path)
+    with served(cfg, db) as base:
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        for text in ("nan", "inf", "-inf", "NaN", "x"):
+            status, _h, body = c.get(f"/talkers?minutes={text}")
+            assert status == 200 and b'name="minutes" size="4" value="15"' in body, text
+        assert b'value="30"' in c.get("/talkers?minutes=30")[2]
+
+
 def test_a_store_away_is_a_503_with_one_redacted_line_and_no_traceback(store_config, capfd):
     """The store's URI points at a closed port (with a password): every page that reads the store answers 503
     with ``statusview.store_error``'s line, no traceback and no password; a button is refused, nothing raised."""

@@ -9,6 +9,7 @@ without the session's CSRF token, is 403 and changes nothing.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -214,9 +215,10 @@ def build(cfg, db, clock=time.monotonic):
     def talkers(csrf, flash):
         q = bottle.request.query
         try:
-            minutes = min(max(float(q.get("minutes") or 15), 1.0), 7 * 24 * 60.0)
+            minutes = float(q.get("minutes") or 15)
         except ValueError:
             minutes = 15.0
+        minutes = min(max(minutes, 1.0), 7 * 24 * 60.0) if math.isfinite(minutes) else 15.0
         address = (q.getunicode("addr") or "").strip()
         top, fl = data.talkers(cfg, db, minutes, address)
         return pages.talkers(top, fl, minutes, address, csrf, flash)
