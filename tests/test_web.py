@@ -540,6 +540,31 @@ def test_talkers_minutes_not_a_finite_number_is_the_default(store_config):
         assert b'value="30"' in c.get("/talkers?minutes=30")[2]
 
 
+def test_anonymous_requests_get_nothing_and_the_session_cookie_is_httponly_strict(store_config):
+    path, db = store_config
+    cfg = web_config(path)
+    fid = str(_flag(db, "alpha", "local", "10.0.0.40"))
+    with served(cfg, db) as base:
+        anon = Client(base)
+        for path_ in ("/", "/flags", f"/flags/{fid}/pcap", "/talkers", "/switch", "/fleet"):
+            for method in ("GET", "HEAD"):
+                status, headers, _b = anon.request(path_, method)
+                assert status == 303 and headers["Location"].endswith("/login"), (path_, method, status)
+        for path_ in ("/api/overview", f"/api/flags/{fid}/chart", "/api/fleet"):
+            assert anon.get(path_)[0] == 401, path_
+        for path_ in ("/logout", "/flags/ban", f"/flags/{fid}/release", "/flags/allow"):
+            assert anon.post(path_, {"subject": "10.0.0.99", "network": "10.0.0.99"})[0] == 403, path_
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        session = [h for h in c.set_cookies if h.startswith("pisnoop_session=")]
+        assert len(session) == 1, c.set_cookies
+        attrs = {a.strip().lower() for a in session[0].split(";")[1:]}
+        assert {"httponly", "samesite=strict", "path=/"} <= attrs, session
+        assert c.post("/logout", {})[0] == 403, "a logged-in POST /logout without its token changes nothing"
+        assert c.get("/flags")[0] == 200
+    assert db["flags"].count_documents({}) == 1 and db["never_ban"].count_documents({}) == 0
+
+
 def test_a_store_away_is_a_503_with_one_redacted_line_and_no_traceback(store_config, capfd):
     """The store's URI points at a closed port (with a password): every page that reads the store answers 503
     with ``statusview.store_error``'s line, no traceback and no password; a button is refused, nothing raised."""
