@@ -75,9 +75,11 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     fa.set_defaults(func=cmd_allow)
 
 
-def _db(cfg):
+def _db(cfg, args):
+    """The caller's database (``args.db``: the dashboard's own client, so a button opens none) or a new client."""
     from appliance import store
-    db = store.database(cfg.mongodb, "pisnoop-flags")
+    db = getattr(args, "db", None)
+    db = store.database(cfg.mongodb, "pisnoop-flags") if db is None else db
     store.ping(db)
     return db
 
@@ -96,7 +98,7 @@ def cmd_list(args) -> int:
 
     from . import flags as flags_mod
     cfg = config_mod.load(args.config)
-    book = flags_mod.MongoFlags(_db(cfg), None if getattr(args, "all_sensors", False) else cfg.snooper.sensor)
+    book = flags_mod.MongoFlags(_db(cfg, args), None if getattr(args, "all_sensors", False) else cfg.snooper.sensor)
     docs = book.all() if args.all else book.active(flags_mod.now_utc())
     if args.json:
         for d in docs:
@@ -161,7 +163,7 @@ def cmd_ban(args) -> int:
                   sensor=cfg.snooper.sensor, origin=flagdoc.MANUAL,
                   scope=flagdoc.FLEET if getattr(args, "fleet", False) else flagdoc.LOCAL)
     flagdoc.build(offence=1, **fields)            # every argument checked before the store is asked anything
-    db = _db(cfg)
+    db = _db(cfg, args)
     from appliance import store
     earlier = db[store.FLAGS].count_documents({flagdoc.CLIENT_MAC: mac} if mac else {flagdoc.CLIENT_IP: ip})
     exempt = _never_ban(cfg, db).exempts(_net_of(doc_of(ip))) if ip else None
@@ -195,7 +197,7 @@ def cmd_release(args) -> int:
         if port is not None:
             query[flagdoc.CLIENT_PORT] = port
     cfg = config_mod.load(args.config)
-    released = flags_mod.MongoFlags(_db(cfg), cfg.snooper.sensor).release_where(query, flags_mod.now_utc())
+    released = flags_mod.MongoFlags(_db(cfg, args), cfg.snooper.sensor).release_where(query, flags_mod.now_utc())
     if not released:
         print(f"pisnoop: no active flag for {text}", file=sys.stderr)
         return 1
@@ -226,7 +228,7 @@ def cmd_allow(args) -> int:
         raise UsageError("flags allow: give exactly one of ADDR[/LEN], --list or --remove ADDR[/LEN]")
     cfg = config_mod.load(args.config)
     if args.list:
-        db = _db(cfg)
+        db = _db(cfg, args)
         entries = _never_ban(cfg, db).entries
         for e in entries:
             print(e.describe())
@@ -239,13 +241,13 @@ def cmd_allow(args) -> int:
         if str(net) in cfg.enforce.never_ban or any(neverban.network(t) == net for t in cfg.enforce.never_ban):
             raise UsageError(f"{args.remove} is in the config (enforce.never_ban): remove it there")
         entry = {neverban.NETWORK: neverban.entry_id(net, sensor)}
-        if not _db(cfg)[store.NEVER_BAN].delete_one(entry).deleted_count:
+        if not _db(cfg, args)[store.NEVER_BAN].delete_one(entry).deleted_count:
             print(f"pisnoop: {args.remove} is not on the stored never-ban list", file=sys.stderr)
             return 1
         print(f"{args.remove} taken off the never-ban list: it can be banned again")
         return 0
     doc = neverban.entry_doc(args.network, args.reason, flags_mod.now_utc(), sensor)
-    db = _db(cfg)
+    db = _db(cfg, args)
     db[store.NEVER_BAN].replace_one({neverban.NETWORK: doc[neverban.NETWORK]}, doc, upsert=True)
     held = [d for d in flags_mod.MongoFlags(db, sensor).active(flags_mod.now_utc())
             if neverban.NeverBan([neverban.parse_entry(doc)]).exempts(_net_of(d))]

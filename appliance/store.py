@@ -85,7 +85,7 @@ def frames_reader(db: Database, mcfg: MongoDB) -> Database:
 
 def flags(db: Database, timeout_ms: Optional[int] = None) -> Collection:
     """The ``flags`` collection, written with ``w: majority`` and read from the primary (every controller)."""
-    wtimeout = timeout_ms or max(int((db.client.options.pool_options.socket_timeout or 10) * 1000), 1000)
+    wtimeout = timeout_ms or max(int((db.client.options.pool_options.socket_timeout or 10) * 500), 1000)
     return db.get_collection(FLAGS, write_concern=WriteConcern("majority", wtimeout=wtimeout),
                              read_preference=ReadPreference.PRIMARY)
 

@@ -34,6 +34,7 @@ from tests.webutil import (
     chromium,
     needs_browser,
     page_weight,
+    served,
     severe_console,
     shot,
     stop_web,
@@ -385,3 +386,230 @@ def test_fleet_page_and_its_json_show_each_sensor_as_status_fleet_judges_it(stor
     finally:
         server.shutdown()
         server.server_close()
+
+
+def web_config(path: Path, sensor: str = "alpha", **mongodb):
+    """The store_config fixture's config with a dashboard password, sensor ``sensor``, ``mongodb`` overrides."""
+    settings = yaml.safe_load(path.read_text())
+    settings["snooper"]["sensor"] = sensor
+    settings["mongodb"].update(mongodb)
+    settings["web"] = {"password_hash": auth.hash_password(PASSWORD)}
+    path.write_text(yaml.safe_dump(settings))
+    return config_mod.load(path)
+
+
+def test_logins_verify_at_most_two_passwords_at_once_and_the_rest_are_told_busy(store_config, monkeypatch):
+    """Twelve logins at once: scrypt (32 MiB each) never runs more than twice at a time; a login that finds no free
+    verifier within the short wait is a 503 'busy' and was never verified; each one verified is logged in."""
+    from webui import app as app_mod
+    path, db = store_config
+    cfg = web_config(path)
+    real, lock, now, peak, calls = auth.verify_password, threading.Lock(), [0], [0], [0]
+
+    def counting(password, stored):
+        with lock:
+            now[0] += 1
+            calls[0] += 1
+            peak[0] = max(peak[0], now[0])
+        try:
+            threading.Event().wait(1.0)         # longer than the wait for a slot: the others cannot get one
+            return real(password, stored)
+        finally:
+            with lock:
+                now[0] -= 1
+    monkeypatch.setattr(auth, "verify_password", counting)
+    n = 12
+    with served(cfg, db) as base:
+        clients = [Client(base) for _ in range(n)]
+        tokens = [c.csrf("/login") for c in clients]
+        got: list = [None] * n
+        go = threading.Barrier(n)
+
+        def one(i):
+            go.wait()
+            got[i] = clients[i].post("/login", {"csrf": tokens[i], "password": PASSWORD})
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    busy = [g for g in got if g[0] == 503]
+    logged_in = [g for g in got if g[0] == 303 and g[1]["Location"].endswith("/")]
+    assert peak[0] == app_mod.VERIFY_SLOTS == 2, peak
+    assert len(busy) + len(logged_in) == n and len(logged_in) == calls[0], [g[0] for g in got]
+    assert len(busy) >= n - 4 and all(b"busy, try again" in g[2] for g in busy), [g[0] for g in got]
+
+
+def test_switch_page_escapes_a_hostile_module_name_in_the_table_id(store_config):
+    from appliance import statusview
+    from appliance import store as store_mod
+    path, db = store_config
+    cfg = web_config(path)
+    hostile = 'x"><img src=x onerror="alert(1)">'
+    db[store_mod.STATUS].insert_one({
+        "_id": statusview.status_ids("alpha")["controller"], "updated_at": dt.datetime.now(dt.timezone.utc),
+        "connected": True, "modules": [hostile],
+        "switch": {"flows": [{"module": hostile, "table": 0, "priority": 1, "match": "any", "actions": "drop"}],
+                   "meters": []}})
+    with served(cfg, db) as base:
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        status, _h, body = c.get("/switch")
+    html = body.decode()
+    assert status == 200 and "<img" not in html, html
+    assert 'id="flows-x&quot;&gt;&lt;img src=x onerror=&quot;alert(1)&quot;&gt;"' in html
+
+
+def _flag(db, sensor: str, scope: str, ip: str, evidence: dict | None = None):
+    from appliance import flagdoc
+    from appliance import store as store_mod
+    doc = flagdoc.build(client_ip=ip, server_ports=[5222], classifier="test", reason="test", action="drop",
+                        evidence=evidence or {}, offence=1, ban_seconds=600, sensor=sensor, scope=scope,
+                        flagged_at=dt.datetime.now(dt.timezone.utc))
+    return db[store_mod.FLAGS].insert_one(doc).inserted_id
+
+
+def test_flags_page_lists_the_flags_this_sensor_enforces_with_their_sensor_and_reach(store_config):
+    """Sensor alpha's page: its own flag and gamma's fleet flag, each card naming its sensor and reach; beta's
+    local flag (enforced at beta only, alpha could not release it) is not listed."""
+    path, db = store_config
+    cfg = web_config(path)
+    _flag(db, "alpha", "local", "10.0.0.22")
+    _flag(db, "beta", "local", "10.0.0.20")
+    _flag(db, "gamma", "fleet", "10.0.0.21")
+    with served(cfg, db) as base:
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        html = c.get("/flags")[2].decode()
+    cards = {m.group(1): m.group(0)
+             for m in re.finditer(r'<section class="flag \w+" data-subject="([^"]*)".*?</section>', html, re.S)}
+    assert set(cards) == {"10.0.0.22", "10.0.0.21"}, html
+    assert '<span class="sensor">sensor gamma</span>, <span class="reach">fleet</span>' in cards["10.0.0.21"]
+    assert '<span class="sensor">sensor alpha</span>, <span class="reach">local</span>' in cards["10.0.0.22"]
+
+
+def test_chart_of_a_fleet_flag_reads_the_frames_of_the_sensor_that_raised_it(store_config):
+    """Gamma flagged 10.0.0.60 fleet-wide from its own frames; alpha's chart of that flag draws gamma's frames
+    (alpha saw none of that client)."""
+    from tests import analyser_frames as af
+    path, db = store_config
+    cfg = web_config(path)
+    flood = af.steady(af.Conn("10.0.0.60", 40000), af.T0, per_minute=300, seconds=60)
+    af.store_frames(db, flood, sensor="gamma")
+    af.store_frames(db, af.steady(af.Conn("10.0.0.61", 40001), af.T0, per_minute=300, seconds=60), sensor="alpha")
+    fid = _flag(db, "gamma", "fleet", "10.0.0.60", {"first_packet_ns": af.T0, "last_packet_ns": af.T0 + 60 * af.S,
+                                                     "threshold": 100, "window_seconds": 60})
+    with served(cfg, db) as base:
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        status, _h, body = c.get(f"/api/flags/{fid}/chart")
+    j = json.loads(body)
+    assert status == 200 and j["threshold"] == 100 and len(j["y"]) > 10, j
+    assert max(j["y"]) >= 250, j["y"]
+
+
+def test_never_ban_button_exempts_at_this_sensor_only(store_config):
+    from appliance import neverban
+    from appliance import store as store_mod
+    path, db = store_config
+    cfg = web_config(path)
+    _flag(db, "alpha", "local", "10.0.0.30")
+    with served(cfg, db) as base:
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        html = c.get("/flags")[2].decode()
+        assert ('<button type="submit" title="never ban 10.0.0.30 at sensor alpha only (pisnoop flags allow '
+                '--local)">Never ban here</button>') in html, html
+        status, headers, _b = c.post("/flags/allow", {"network": "10.0.0.30", "csrf": c.csrf("/flags")})
+        assert status == 303 and headers["Location"].endswith("/flags")
+        flash = re.search(r'<p class="flash" id="flash">([^<]*)</p>', c.get("/flags")[2].decode()).group(1)
+    assert flash.startswith("never banned from now: 10.0.0.30 (flags allow on alpha only: allowed from the "), flash
+    entries = list(db[store_mod.NEVER_BAN].find({}, {"_id": 0, neverban.SCOPE: 1, neverban.SENSOR: 1}))
+    assert entries == [{neverban.SCOPE: neverban.LOCAL, neverban.SENSOR: "alpha"}], entries
+
+
+def test_talkers_minutes_not_a_finite_number_is_the_default(store_config):
+    path, db = store_config
+    cfg = web_config(path)
+    with served(cfg, db) as base:
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        for text in ("nan", "inf", "-inf", "NaN", "x"):
+            status, _h, body = c.get(f"/talkers?minutes={text}")
+            assert status == 200 and b'name="minutes" size="4" value="15"' in body, text
+        assert b'value="30"' in c.get("/talkers?minutes=30")[2]
+
+
+def test_anonymous_requests_get_nothing_and_the_session_cookie_is_httponly_strict(store_config):
+    path, db = store_config
+    cfg = web_config(path)
+    fid = str(_flag(db, "alpha", "local", "10.0.0.40"))
+    with served(cfg, db) as base:
+        anon = Client(base)
+        for path_ in ("/", "/flags", f"/flags/{fid}/pcap", "/talkers", "/switch", "/fleet"):
+            for method in ("GET", "HEAD"):
+                status, headers, _b = anon.request(path_, method)
+                assert status == 303 and headers["Location"].endswith("/login"), (path_, method, status)
+        for path_ in ("/api/overview", f"/api/flags/{fid}/chart", "/api/fleet"):
+            assert anon.get(path_)[0] == 401, path_
+        for path_ in ("/logout", "/flags/ban", f"/flags/{fid}/release", "/flags/allow"):
+            assert anon.post(path_, {"subject": "10.0.0.99", "network": "10.0.0.99"})[0] == 403, path_
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        session = [h for h in c.set_cookies if h.startswith("pisnoop_session=")]
+        assert len(session) == 1, c.set_cookies
+        attrs = {a.strip().lower() for a in session[0].split(";")[1:]}
+        assert {"httponly", "samesite=strict", "path=/"} <= attrs, session
+        assert c.post("/logout", {})[0] == 403, "a logged-in POST /logout without its token changes nothing"
+        assert c.get("/flags")[0] == 200
+    assert db["flags"].count_documents({}) == 1 and db["never_ban"].count_documents({}) == 0
+
+
+def test_a_store_away_is_a_503_with_one_redacted_line_and_no_traceback(store_config, capfd):
+    """The store's URI points at a closed port (with a password): every page that reads the store answers 503
+    with ``statusview.store_error``'s line, no traceback and no password; a button is refused, nothing raised."""
+    path, db = store_config
+    fid = str(_flag(db, "alpha", "local", "10.0.0.50"))
+    secret = "s3cret-Pw-zz"
+    cfg = web_config(path, uri=f"mongodb://op:{secret}@127.0.0.1:{free_port()}/?authSource=admin", timeout_ms=300)
+    from appliance import store as store_mod
+    away = store_mod.database(cfg.mongodb, "pisnoop-web")
+    try:
+        with served(cfg, away) as base:
+            c = Client(base)
+            assert c.login(PASSWORD) == 303
+            csrf = c.csrf("/fleet")
+            for path_ in ("/flags", "/talkers", "/switch", f"/api/flags/{fid}/chart", f"/flags/{fid}/pcap"):
+                status, headers, body = c.get(path_)
+                text = body.decode()
+                assert status == 503 and "did not answer: ServerSelectionTimeoutError" in text, (path_, status, text)
+                assert secret not in text and "Traceback" not in text and "Content-Disposition" not in headers
+            assert "application/json" in c.get(f"/api/flags/{fid}/chart")[1]["Content-Type"]
+            for path_, fields in (("/flags/ban", {"subject": "10.0.0.99"}), (f"/flags/{fid}/release", {}),
+                                  ("/flags/allow", {"network": "10.0.0.99"})):
+                status, _h, body = c.post(path_, {**fields, "csrf": csrf})
+                assert status in (303, 503) and secret.encode() not in body and b"Traceback" not in body, path_
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and secret not in err, err[-2000:]
+    finally:
+        away.client.close()
+
+
+def test_buttons_run_the_commands_over_the_dashboards_own_client(store_config, monkeypatch):
+    """Ban, release, allow from the dashboard: done, and not one new MongoClient (each click used to leave one open)."""
+    from appliance import store as store_mod
+    path, db = store_config
+    cfg = web_config(path)
+    opened = []
+    real = store_mod.client
+    monkeypatch.setattr(store_mod, "client", lambda *a, **kw: opened.append(a) or real(*a, **kw))
+    with served(cfg, db) as base:
+        c = Client(base)
+        assert c.login(PASSWORD) == 303
+        csrf = c.csrf("/flags")
+        assert c.post("/flags/ban", {"subject": "10.0.0.70", "csrf": csrf})[0] == 303
+        fid = str(db[store_mod.FLAGS].find_one({"client_ip": "10.0.0.70"})["_id"])
+        assert c.post(f"/flags/{fid}/release", {"csrf": csrf})[0] == 303
+        assert f"released 1 flag(s) of {fid}" in c.get("/flags")[2].decode()
+        assert c.post("/flags/allow", {"network": "10.0.0.71", "csrf": csrf})[0] == 303
+    assert db[store_mod.NEVER_BAN].count_documents({}) == 1 and opened == [], opened

@@ -7,6 +7,7 @@ import contextlib
 import http.cookiejar
 import re
 import signal
+import threading
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -91,6 +92,14 @@ class Client:
         self.base = base
         self.jar = http.cookiejar.CookieJar()
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect)
+        self.set_cookies: list[str] = []      # the last POST's Set-Cookie headers, as sent
+
+    def request(self, path: str, method: str) -> tuple[int, dict, bytes]:
+        try:
+            with self.opener.open(urllib.request.Request(self.base + path, method=method), timeout=30) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
 
     def get(self, path: str) -> tuple[int, dict, bytes]:
         try:
@@ -103,8 +112,10 @@ class Client:
         data = urllib.parse.urlencode(fields).encode()
         try:
             with self.opener.open(urllib.request.Request(self.base + path, data=data), timeout=30) as r:
+                self.set_cookies = r.headers.get_all("Set-Cookie") or []
                 return r.status, dict(r.headers), r.read()
         except urllib.error.HTTPError as exc:
+            self.set_cookies = exc.headers.get_all("Set-Cookie") or []
             return exc.code, dict(exc.headers), exc.read()
 
     def login(self, password: str) -> int:
@@ -131,3 +142,17 @@ def page_weight(c: Client, path: str) -> int:
         _s2, _h2, body = c.get(ref.decode())
         total += len(body)
     return total
+
+
+@contextlib.contextmanager
+def served(cfg, db):
+    """``webui.app.build(cfg, db)`` served in this process on a free port (``pisnoop web``'s server): its base URL."""
+    from webui import app as app_mod
+    from webui import command
+    server = command.serve(app_mod.build(cfg, db), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()

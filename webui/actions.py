@@ -26,8 +26,9 @@ class Outcome:
     text: str
 
 
-def _run(config_path: str, func, **fields) -> Outcome:
-    args = argparse.Namespace(config=config_path, **fields)
+def _run(config_path: str, db, func, **fields) -> Outcome:
+    """``func`` (a ``pisnoop flags`` command) over the dashboard's own database ``db``: a click opens no client."""
+    args = argparse.Namespace(config=config_path, db=db, **fields)
     out, err = io.StringIO(), io.StringIO()
     with _ONE_AT_A_TIME, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -40,18 +41,19 @@ def _run(config_path: str, func, **fields) -> Outcome:
     return Outcome(code, text)
 
 
-def release(config_path: str, flag_id: str) -> Outcome:
+def release(config_path: str, db, flag_id: str) -> Outcome:
     from analyser import flag_commands
-    return _run(config_path, flag_commands.cmd_release, target=flag_id)
+    return _run(config_path, db, flag_commands.cmd_release, target=flag_id)
 
 
-def ban(config_path: str, subject: str, duration: str | None, reason: str) -> Outcome:
+def ban(config_path: str, db, subject: str, duration: str | None, reason: str) -> Outcome:
     from analyser import flag_commands
-    return _run(config_path, flag_commands.cmd_ban, subject=subject, port=None, protocol="tcp", inbound=False,
+    return _run(config_path, db, flag_commands.cmd_ban, subject=subject, port=None, protocol="tcp", inbound=False,
                 duration=duration or None, action=None, reason=reason or "banned from the dashboard")
 
 
-def allow(config_path: str, network: str, reason: str) -> Outcome:
+def allow(config_path: str, db, network: str, reason: str) -> Outcome:
+    """Never ban ``network`` at this sensor only (``flags allow --local``: its text says "on SENSOR only")."""
     from analyser import flag_commands
-    return _run(config_path, flag_commands.cmd_allow, network=network, reason=reason or "allowed from the dashboard",
-                list=False, remove=None)
+    return _run(config_path, db, flag_commands.cmd_allow, network=network,
+                reason=reason or "allowed from the dashboard", list=False, remove=None, local=True)

@@ -9,11 +9,16 @@ without the session's CSRF token, is 403 and changes nothing.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
+import threading
 import time
 from pathlib import Path
 
 import bottle
+import pymongo.errors
+
+from appliance import statusview
 
 from . import actions, auth, data, pages
 
@@ -21,6 +26,8 @@ STATIC = Path(__file__).with_name("static")
 COOKIE = "pisnoop_session"
 LOGIN_COOKIE = "pisnoop_login"        # the login form's own CSRF token (double submit: cookie and field)
 FAILED_LOGIN_DELAY_S = 1.0
+VERIFY_SLOTS = 2                      # scrypt takes 32 MiB per login: at most this many verify at once
+VERIFY_WAIT_S = 0.5                   # a login waits this long for a slot, then is told to try again (503)
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
@@ -49,6 +56,7 @@ def build(cfg, db, clock=time.monotonic):
     sessions = auth.Sessions(cfg.web.session_seconds, clock)
     password_hash = cfg.web.password_hash
     config_path = cfg.source
+    verifying = threading.BoundedSemaphore(VERIFY_SLOTS)
 
     def session():
         return sessions.get(bottle.request.get_cookie(COOKIE))
@@ -60,8 +68,20 @@ def build(cfg, db, clock=time.monotonic):
             if s is None:
                 return bottle.redirect("/login", 303)
             flash, s.flash = getattr(s, "flash", ""), ""
-            return fn(s.csrf, flash, *a, **kw)
+            try:
+                return fn(s.csrf, flash, *a, **kw)
+            except pymongo.errors.PyMongoError as exc:
+                return store_away(exc) + "\n"
         return handler
+
+    def store_away(exc) -> str:
+        """A 503 (plain text) and the store error's redacted line (``statusview.store_error``): no traceback."""
+        text = f"the store did not answer: {statusview.store_error(exc)}"
+        log.warning("%s: %s", bottle.request.path, text)
+        bottle.response.status = 503
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        bottle.response.headers.pop("Content-Disposition", None)
+        return text
 
     def api(fn):
         def handler(*a, **kw):
@@ -70,7 +90,12 @@ def build(cfg, db, clock=time.monotonic):
                 bottle.response.content_type = "application/json"
                 return pages.as_json({"error": "log in first"})
             bottle.response.content_type = "application/json"
-            return pages.as_json(fn(*a, **kw))
+            try:
+                return pages.as_json(fn(*a, **kw))
+            except pymongo.errors.PyMongoError as exc:
+                text = store_away(exc)
+                bottle.response.content_type = "application/json"
+                return pages.as_json({"error": text})
         return handler
 
     def post(fn):
@@ -81,7 +106,10 @@ def build(cfg, db, clock=time.monotonic):
                 log.warning("refused a POST to %s: %s", bottle.request.path,
                             "no session" if s is None else "no or wrong CSRF token")
                 bottle.abort(403, "forbidden: no session or no valid CSRF token")
-            back, outcome = fn(*a, **kw)
+            try:
+                back, outcome = fn(*a, **kw)
+            except pymongo.errors.PyMongoError as exc:
+                return store_away(exc) + "\n"
             if outcome is not None:
                 s.flash = outcome.text if outcome.code == 0 else f"refused (exit {outcome.code}): {outcome.text}"
                 log.info("%s: exit %d: %s", bottle.request.path, outcome.code, outcome.text)
@@ -98,7 +126,18 @@ def build(cfg, db, clock=time.monotonic):
     def login():
         if not auth.same(bottle.request.forms.get("csrf"), bottle.request.get_cookie(LOGIN_COOKIE)):
             bottle.abort(403, "forbidden: no valid CSRF token")
-        if not auth.verify_password(bottle.request.forms.getunicode("password") or "", password_hash):
+        if not verifying.acquire(timeout=VERIFY_WAIT_S):
+            log.warning("login from %s refused: %d logins already being verified", bottle.request.remote_addr,
+                        VERIFY_SLOTS)
+            bottle.response.status = 503
+            bottle.response.set_header("Retry-After", "1")
+            bottle.response.content_type = "text/plain; charset=utf-8"
+            return "busy, try again\n"
+        try:
+            right = auth.verify_password(bottle.request.forms.getunicode("password") or "", password_hash)
+        finally:
+            verifying.release()
+        if not right:
             log.warning("failed login from %s", bottle.request.remote_addr)
             time.sleep(FAILED_LOGIN_DELAY_S)
             return bottle.redirect("/login?failed=1", 303)
@@ -130,7 +169,7 @@ def build(cfg, db, clock=time.monotonic):
     @app.get("/flags")
     @page
     def flags(csrf, flash):
-        return pages.flags(data.flags(cfg, db), csrf, flash)
+        return pages.flags(data.flags(cfg, db), cfg.snooper.sensor, csrf, flash)
 
     @app.get("/api/flags/<flag_id>/chart")
     @api
@@ -156,29 +195,30 @@ def build(cfg, db, clock=time.monotonic):
     @app.post("/flags/<flag_id>/release")
     @post
     def release(flag_id):
-        return "/flags", actions.release(config_path, flag_id)
+        return "/flags", actions.release(config_path, db, flag_id)
 
     @app.post("/flags/ban")
     @post
     def ban():
         f = bottle.request.forms
-        return "/flags", actions.ban(config_path, f.getunicode("subject") or "", f.getunicode("duration"),
+        return "/flags", actions.ban(config_path, db, f.getunicode("subject") or "", f.getunicode("duration"),
                                      f.getunicode("reason") or "")
 
     @app.post("/flags/allow")
     @post
     def allow():
         f = bottle.request.forms
-        return "/flags", actions.allow(config_path, f.getunicode("network") or "", f.getunicode("reason") or "")
+        return "/flags", actions.allow(config_path, db, f.getunicode("network") or "", f.getunicode("reason") or "")
 
     @app.get("/talkers")
     @page
     def talkers(csrf, flash):
         q = bottle.request.query
         try:
-            minutes = min(max(float(q.get("minutes") or 15), 1.0), 7 * 24 * 60.0)
+            minutes = float(q.get("minutes") or 15)
         except ValueError:
             minutes = 15.0
+        minutes = min(max(minutes, 1.0), 7 * 24 * 60.0) if math.isfinite(minutes) else 15.0
         address = (q.getunicode("addr") or "").strip()
         top, fl = data.talkers(cfg, db, minutes, address)
         return pages.talkers(top, fl, minutes, address, csrf, flash)

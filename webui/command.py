@@ -17,6 +17,7 @@ from wsgiref import simple_server
 
 from appliance import config as config_mod
 from appliance.errors import BadInput, UsageError
+from appliance.redact import redact
 
 
 class WebUnavailable(BadInput):
@@ -59,7 +60,8 @@ def cmd_web(args) -> int:
     log = service.setup_logging("web", args.log_level)
     db = store.database(cfg.mongodb, "pisnoop-web")
     server = serve(app_mod.build(cfg, db), cfg.web.listen_host, cfg.web.port)
-    log.info("dashboard on http://%s:%d/ (store %s)", cfg.web.listen_host, server.server_port, cfg.mongodb.uri)
+    log.info("dashboard on http://%s:%d/ (store %s)", cfg.web.listen_host, server.server_port,
+             redact(cfg.mongodb.uri))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _s, _f: stop.set())

@@ -42,11 +42,12 @@ def _policy(cfg):
 
 
 def flags(cfg, db, hours: float = 24.0) -> list[dict]:
-    """Active flags and those flagged in the last ``hours``, newest first, with the fields the page shows."""
+    """The flags this sensor enforces (its own and the fleet's, as ``pisnoop flags list``): the active ones and those
+    flagged in the last ``hours``, newest first, with the fields the page shows."""
     from analyser import flags as flags_mod
     from analyser import report
     now = flags_mod.now_utc()
-    book = flags_mod.MongoFlags(db)
+    book = flags_mod.MongoFlags(db, cfg.snooper.sensor)
     docs = {d["_id"]: d for d in book.all(now - dt.timedelta(hours=hours))}
     docs.update({d["_id"]: d for d in book.active(now)})
     out = []
@@ -58,7 +59,7 @@ def flags(cfg, db, hours: float = 24.0) -> list[dict]:
         out.append({"id": str(d["_id"]), "subject": report.subject(d), "scope": report.scope(d),
                     "client_ip": f.client_ip, "status": f.status, "action": f.action, "classifier": f.classifier,
                     "reason": f.reason, "offence": f.offence, "origin": f.origin,
-                    "flagged_at": f.flagged_at, "expires_at": f.expires_at,
+                    "flagged_at": f.flagged_at, "expires_at": f.expires_at, "sensor": f.sensor, "reach": f.reach,
                     "ports": f"{f.protocol}/{','.join(map(str, f.server_ports))} {f.direction}",
                     "evidence": {k: v for k, v in (d.get(flagdoc.EVIDENCE) or {}).items()
                                  if k not in ("first_packet", "last_packet")},
@@ -86,7 +87,8 @@ def evidence_window(doc: dict) -> Optional[tuple[int, int]]:
 
 def chart(cfg, db, doc: dict) -> dict:
     """Packets/min toward the XMPP ports of the flag's client over its evidence window (± a margin), sliding
-    window as the analyser counts, with the threshold the flag was raised against."""
+    window as the analyser counts, with the threshold the flag was raised against. The frames are those of the
+    sensor that raised the flag (a fleet flag may come from another one)."""
     from analyser import reader, report
     from analyser.parse import Packet, parse
     policy_mod, policy = _policy(cfg)
@@ -102,7 +104,7 @@ def chart(cfg, db, doc: dict) -> dict:
     net = ipaddress.ip_network(ip, strict=False)
     lo, hi = window[0] - CHART_MARGIN_S * timespec.NS, window[1] + CHART_MARGIN_S * timespec.NS
     series = report.XmppSeries(policy_mod.server_ports(policy, cfg))
-    for batches in reader.time_range(db, cfg.snooper.sensor, lo, hi):
+    for batches in reader.time_range(db, doc.get(flagdoc.SENSOR) or cfg.snooper.sensor, lo, hi):
         for _bid, _start, frames in batches:
             for ts, wl, data in frames:
                 p = parse(ts, wl, data) if data else None

@@ -86,12 +86,14 @@ def overview(f: dict, csrf: str, flash: str) -> str:
     return layout("Overview", body, csrf, "/", flash, page="overview")
 
 
-def _form(action: str, csrf: str, button: str, fields: str = "", cls: str = "") -> str:
+def _form(action: str, csrf: str, button: str, fields: str = "", cls: str = "", title: str = "") -> str:
+    tip = f' title="{e(title)}"' if title else ""
     return (f'<form method="post" action="{e(action)}" class="inline {cls}">{csrf_field(csrf)}{fields}'
-            f'<button type="submit">{e(button)}</button></form>')
+            f'<button type="submit"{tip}>{e(button)}</button></form>')
 
 
-def flags(rows: list[dict], csrf: str, flash: str) -> str:
+def flags(rows: list[dict], here: str, csrf: str, flash: str) -> str:
+    """The flags sensor ``here`` enforces, each card saying which sensor raised it and its reach (local, fleet)."""
     ban = _form("/flags/ban", csrf, "Ban", '<input name="subject" placeholder="ADDR[/LEN], ADDR:PORT or MAC" required>'
                 '<input name="duration" placeholder="for (e.g. 30m)"><input name="reason" placeholder="reason">',
                 "ban")
@@ -104,8 +106,9 @@ def flags(rows: list[dict], csrf: str, flash: str) -> str:
         if r["active"]:
             buttons += _form(f"/flags/{r['id']}/release", csrf, "Release", cls="release")
         if r["client_ip"]:
-            buttons += _form("/flags/allow", csrf, "Never ban",
-                             f'<input type="hidden" name="network" value="{e(r["client_ip"])}">', "allow")
+            buttons += _form("/flags/allow", csrf, "Never ban here",
+                             f'<input type="hidden" name="network" value="{e(r["client_ip"])}">', "allow",
+                             f"never ban {r['client_ip']} at sensor {here} only (pisnoop flags allow --local)")
         if "first_packet_ns" in ev:
             buttons += f'<a class="button pcap" href="/flags/{e(r["id"])}/pcap">evidence pcap</a>'
         chart = (f'<div class="chart" data-flag="{e(r["id"])}" id="chart-{e(r["id"])}"></div>'
@@ -114,7 +117,9 @@ def flags(rows: list[dict], csrf: str, flash: str) -> str:
             f'<section class="flag {e(r["status"])}" data-subject="{e(r["subject"])}" data-id="{e(r["id"])}">'
             f'<h3>{e(r["subject"])} <small>{e(r["scope"])}, {e(r["status"])}, {e(r["action"])} {e(r["ports"])}'
             f'</small></h3><p>{e(r["reason"])} (classifier {e(r["classifier"])}, offence {e(r["offence"])}, '
-            f'{e(r["origin"])}); flagged {e(r["flagged_at"])}, until {e(r["expires_at"])} UTC; id '
+            f'{e(r["origin"])}); <span class="sensor">sensor {e(r["sensor"])}</span>, '
+            f'<span class="reach">{e(r["reach"])}</span>; flagged {e(r["flagged_at"])}, '
+            f'until {e(r["expires_at"])} UTC; id '
             f'<code>{e(r["id"])}</code></p><p class="evidence">evidence: {e(evidence)}'
             + (f'; sample frames {e(samples)}' if samples else "")
             + f'</p>{chart}<div class="buttons">{buttons}</div></section>')
@@ -128,7 +133,7 @@ def _table(table_id: str, heads: Iterable[str], rows: Iterable[Iterable], numeri
                  for i, h in enumerate(heads))
     trs = "".join("<tr>" + "".join(f'<td{NUM_CELL if i in numeric else ""}>{e(v)}</td>'
                                    for i, v in enumerate(r)) + "</tr>" for r in rows)
-    return f'<table class="sortable" id="{table_id}"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
+    return f'<table class="sortable" id="{e(table_id)}"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
 
 
 def talkers(top: list, flows: list, minutes: float, address: str, csrf: str, flash: str) -> str:
