@@ -7,6 +7,7 @@ that a run left no namespace, link, daemon or directory behind.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -21,6 +22,16 @@ from lab.virtual import VirtualAppliance
 
 REPO = Path(__file__).resolve().parent.parent
 PISNOOP = [sys.executable, "-m", "appliance.cli"]
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    """SIGTERM (`timeout`, a CI runner giving up) ends the run like Ctrl-C: pytest then tears the fixtures down,
+    so no embedded store, appliance or container outlives it."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pisnoop(*args: str, env: dict | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
