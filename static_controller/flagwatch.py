@@ -32,7 +32,8 @@ log = logging.getLogger("pisnoop.controller.store")
 
 # Each poll re-reads the flags changed in the last OVERLAP before the newest change seen. The stamps come from the
 # clocks of whoever wrote them (this sensor's analyser, another sensor's, an operator's `flags ban`), so the window is
-# the clock skew tolerated between them (docs/FLEET.md: run NTP); only documents whose stamp changed are handed on.
+# the clock skew tolerated between them (docs/FLEET.md: run NTP); only documents that changed are handed on (a
+# change that kept its stamp, a writer that did not bump it, is one too).
 OVERLAP = dt.timedelta(seconds=60)
 
 
@@ -57,7 +58,7 @@ class FlagWatcher(threading.Thread):
         self._indexed = False
         self._next_status = 0.0
         self._never_ban: Optional[list] = None       # the never_ban documents last handed on
-        self._handed: dict = {}                       # flag id -> updated_at handed on, for those inside the overlap
+        self._handed: dict = {}                       # flag id -> the document handed on, for those inside the overlap
         self.own = tuple(neverban.own_addresses(cfg)) if cfg.enforce.never_ban_self else ()
         self.sensor = cfg.snooper.sensor    # this appliance: its own flags and the fleet's apply (flagdoc.applies_to)
 
@@ -89,15 +90,16 @@ class FlagWatcher(threading.Thread):
 
     def _news(self, docs: list) -> list:
         """The documents read in the overlap that were not handed on with this stamp; moves ``last_seen`` on."""
-        new = [d for d in docs if self._handed.get(d.get("_id")) != d.get(UPDATED_AT)]
+        new = [d for d in docs if self._handed.get(d.get("_id")) != d]
         stamps = [d[UPDATED_AT] for d in docs if isinstance(d.get(UPDATED_AT), dt.datetime)]
         if stamps:
             self.last_seen = max(stamps + ([self.last_seen] if self.last_seen else []))
         for d in new:
-            self._handed[d.get("_id")] = d.get(UPDATED_AT)
+            self._handed[d.get("_id")] = d
         if self.last_seen is not None:
             horizon = self.last_seen - OVERLAP
-            self._handed = {k: v for k, v in self._handed.items() if not isinstance(v, dt.datetime) or v >= horizon}
+            self._handed = {k: v for k, v in self._handed.items()
+                            if not isinstance(v.get(UPDATED_AT), dt.datetime) or v[UPDATED_AT] >= horizon}
         return new
 
     def _once(self, db) -> None:
@@ -115,7 +117,7 @@ class FlagWatcher(threading.Thread):
             docs = list(flags.find(flagdoc.within(mine, {STATUS: FLAGGED, EXPIRES_AT: {"$gt": now}})))
             latest = list(flags.find(mine, {UPDATED_AT: 1}).sort(UPDATED_AT, -1).limit(1))
             self.last_seen = latest[0].get(UPDATED_AT) if latest else None
-            self._handed = {d.get("_id"): d.get(UPDATED_AT) for d in docs}
+            self._handed = {d.get("_id"): d for d in docs}
             self.post(Flags(tuple(docs), snapshot=True, now=time.time(), never_ban=tuple(entries), own=self.own))
         else:
             query = flagdoc.within(mine, {UPDATED_AT: {"$gte": self.last_seen - OVERLAP}} if self.last_seen else {})

@@ -49,3 +49,18 @@ def test_a_fleet_ban_stamped_by_a_clock_behind_is_enforced_and_nothing_is_handed
     watcher._once(db)
     assert len(posted) == n + 2
     assert [(d["_id"], d["status"]) for d in posted[-1].docs] == [("b-10.0.0.7", flagdoc.RELEASED)]
+
+
+def test_a_change_that_kept_its_stamp_is_handed_on_too(store_config):
+    """A writer that changes a flag without bumping updated_at (a hand edit in the shell) is still seen."""
+    path, db = store_config
+    posted = []
+    watcher = flagwatch.FlagWatcher(config.load(path), posted.append, "controller:x")
+    now = flagwatch.utcnow()
+    db[store.FLAGS].insert_one(flag(watcher.sensor, "10.0.0.9", now))
+    watcher._once(db)
+    watcher._once(db)
+    n = len(posted)
+    db[store.FLAGS].update_one({"_id": f"{watcher.sensor}-10.0.0.9"}, {"$set": {"status": flagdoc.RELEASED}})
+    watcher._once(db)
+    assert len(posted) == n + 1 and [d["status"] for d in posted[-1].docs] == [flagdoc.RELEASED]
