@@ -208,21 +208,25 @@ class Engine:
         """A host refusing a UDP packet sent to it (ICMP unreachable) that a flow in its name drew from a server:
         when the refusal comes from another MAC than the flow's packets, someone else sent them in its name, and
         the flow never counts (docs/ARCHITECTURE.md, "Verified traffic")."""
+        f = self.icmp_refused(p)
+        if f is not None and f.client == p.src and f.mac and not p.data.startswith(f.mac, 6) and f.tcp != SPOOFED:
+            f.tcp = SPOOFED
+            self.counters["udp_disowned"] += 1
+
+    def icmp_refused(self, p: Packet):
+        """The UDP flow whose packet an ICMP error ``p`` (of ICMP_ERRORS) refuses, when its addressee refuses it."""
         data, off = p.data, p.poff
-        if data[off] != ICMP_ERRORS[p.proto]:
-            return
+        if p.plen < 36 or data[off] != ICMP_ERRORS[p.proto]:
+            return None
         h = l3l4.read(bytes(12) + (b"\x86\xdd" if p.v6 else b"\x08\x00") + data[off + 8:off + p.plen])
         if h.__class__ is str or h[3] != UDP:
-            return
+            return None
         ntoa = (lambda b: socket.inet_ntop(socket.AF_INET6, b)) if p.v6 else socket.inet_ntoa
         src, dst, sport, dport = ntoa(h[1]), ntoa(h[2]), h[4], h[5]
         if dst != p.src:
-            return                                   # not a refusal by the packet's own addressee
+            return None                              # not a refusal by the packet's own addressee
         a, b = (src, sport), (dst, dport)
-        f = self.flows.flows.get((UDP, a, b) if a <= b else (UDP, b, a))
-        if f is not None and f.client == dst and f.mac and not data.startswith(f.mac, 6) and f.tcp != SPOOFED:
-            f.tcp = SPOOFED
-            self.counters["udp_disowned"] += 1
+        return self.flows.flows.get((UDP, a, b) if a <= b else (UDP, b, a))
 
     def _learn(self, f) -> None:
         self.neighbours.learn(f.mac, f.client, f.ttl)

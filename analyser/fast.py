@@ -13,8 +13,17 @@ segment is accepted and advances its side's sequence" is checked for each
 packet against the state it implies) and no classifier window it feeds
 crosses its threshold in the step.
 
+A *quiet* flow is counted in bulk too: one whose packets in the step change nothing but its counters, because
+none of them is verified (a connection contradicted or reset, one picked up mid-stream that no packet of the step
+confirms, seen one way) or it is UDP (verified once answered). Such packets reach no classifier window, neighbour or
+flag; what they do change (the unverified sources' counts, a mid-stream connection's last segment ends) is counted
+as ``Flow.add`` does, and a quiet flow goes the reference way whenever a packet of the step could change that (its
+own slow packets, an ICMP refusal of it, the settling of a connection of its client, a source not yet named).
+Without it, one-way, spoofed and UDP traffic of flows already seen would take the slow path at every step (a new
+flow's first step still does).
+
 Every other packet (a handshake, an RST, an out-of-window or spoofed
-segment, UDP, ICMP, VLAN tags, a short or odd frame) goes through the
+segment, ICMP, VLAN tags, a short or odd frame) goes through the
 reference engine's own code, in frame order, with the settling of held
 connections at the times of the bulk packets between them. The two never
 share state: a flow with one packet of the second kind is wholly in the
@@ -44,8 +53,8 @@ from appliance.framebatch import CorruptBatch
 from .classifiers import SAMPLES
 from .classifiers.builtin import XmppAbuse
 from .engine import Engine
-from .flows import OK, SLACK, VERIFIED, flow_key
-from .parse import ACK, FIN, PSH, TCP, URG, Packet, parse
+from .flows import OK, RESET, SLACK, SPOOFED, VERIFIED, flow_key
+from .parse import ACK, FIN, PSH, TCP, UDP, URG, Packet, parse
 
 log = logging.getLogger("pisnoop.analyser")
 M32 = 0xFFFFFFFF
@@ -170,7 +179,8 @@ class _Frames:
 
 def _bulk_shape(fr: _Frames):
     """Frames of the shape read in bulk (Ethernet + IPv4 without options or IPv6 without extension headers,
-    then TCP without SYN or RST, as appliance/l3l4.py reads them) and their offsets."""
+    then TCP without SYN or RST, or UDP, as appliance/l3l4.py reads them) and their offsets; ``udp`` marks the
+    UDP ones (their ``tflags`` are 0 and ``doff`` 8, the UDP header)."""
     got = getattr(fr, "shape", None)
     if got is None:
         got = fr.shape = _read_shape(fr)
@@ -181,16 +191,21 @@ def _read_shape(fr: _Frames):
     cap = fr.cap
     etype = fr.col(12, 2)
     b14 = fr.col(14)
-    v4 = (etype == 0x0800) & (b14 == 0x45) & (fr.col(23) == TCP) & ((fr.col(20, 2) & U(0x1FFF)) == 0)
-    v6 = (etype == 0x86DD) & ((b14 >> U(4)) == 6) & (fr.col(20) == TCP)
+    p4, p6 = fr.col(23), fr.col(20)
+    ip4 = (etype == 0x0800) & (b14 == 0x45) & ((fr.col(20, 2) & U(0x1FFF)) == 0)
+    ip6 = (etype == 0x86DD) & ((b14 >> U(4)) == 6)
     tot4 = fr.col(16, 2).astype(np.int64)
-    v4 &= tot4 >= 20
+    ip4 &= tot4 >= 20
+    v6 = ip6 & ((p6 == TCP) | (p6 == UDP))
+    v4 = ip4 & ((p4 == TCP) | (p4 == UDP))
+    udp = (v4 & (p4 == UDP)) | (v6 & (p6 == UDP))
     l4 = np.where(v6, 54, 34)
     end = np.minimum(np.where(v6, 54 + fr.col(18, 2).astype(np.int64), 14 + tot4), cap)
-    doff = (fr.tcp(v6, 12) >> U(4)).astype(np.int64) * 4
-    tflags = fr.tcp(v6, 13).astype(np.int64)
-    bulk = (cap > 0) & (v4 | v6) & (end - l4 >= 20) & (doff >= 20) & (l4 + doff <= end) & ((tflags & 0x06) == 0)
-    return bulk, v6, l4, end, doff, tflags
+    doff = np.where(udp, 8, (fr.tcp(v6, 12) >> U(4)).astype(np.int64) * 4)
+    tflags = np.where(udp, 0, fr.tcp(v6, 13).astype(np.int64))
+    tcp_ok = (end - l4 >= 20) & (doff >= 20) & (l4 + doff <= end) & ((tflags & 0x06) == 0)
+    bulk = (cap > 0) & (v4 | v6) & np.where(udp, end - l4 >= 8, tcp_ok)
+    return bulk, v6, l4, end, doff, tflags, udp
 
 
 class _Family:
@@ -301,8 +316,8 @@ def _groups(fr: _Frames):
 
 
 def _endpoints(fr: _Frames) -> dict:
-    """Per frame: both ends as 64-bit lanes (address, port | family << 16) and their hashes (kept per step, cut
-    with its parts)."""
+    """Per frame: both ends as 64-bit lanes (address, port | family << 16 | protocol << 24) and their hashes
+    (kept per step, cut with its parts)."""
     got = getattr(fr, "ends", None)
     if got is not None:
         return got
@@ -314,7 +329,7 @@ def _endpoints(fr: _Frames) -> dict:
     sh, sl = lanes(26, 22)
     dh, dl = lanes(30, 38)
     sport, dport = fr.tcp(v6, 0, 2), fr.tcp(v6, 2, 2)
-    fam = np.where(v6, U(6), U(4)) << U(16)
+    fam = (np.where(v6, U(6), U(4)) << U(16)) | (np.where(_bulk_shape(fr)[6], U(UDP), U(TCP)) << U(24))
     sx, dx = sport | fam, dport | fam
     fr.ends = {"sh": sh, "sl": sl, "dh": dh, "dl": dl, "sx": sx, "dx": dx, "sport": sport, "dport": dport,
                "hs": _mix(_mix(_mix(sh) ^ sl) ^ sx), "hd": _mix(_mix(_mix(dh) ^ dl) ^ dx)}
@@ -322,7 +337,7 @@ def _endpoints(fr: _Frames) -> dict:
 
 
 def _read_groups(fr: _Frames):
-    bulk, v6, l4, end, doff, tflags = _bulk_shape(fr)
+    bulk, v6, l4, end, doff, tflags, udp = _bulk_shape(fr)
     bi = np.flatnonzero(bulk)
     e = {k: v[bi] for k, v in _endpoints(fr).items()}
     sh, sl, dh, dl, sx, dx, hs, hd = (e[k] for k in ("sh", "sl", "dh", "dl", "sx", "dx", "hs", "hd"))
@@ -334,13 +349,15 @@ def _read_groups(fr: _Frames):
     hi = np.stack([np.where(swap, sh, dh), np.where(swap, sl, dl), np.where(swap, sx, dx)])
     r = rep[inv]
     same = (lo == lo[:, r]).all(0) & (hi == hi[:, r]).all(0) & (hs != hd)
-    return bulk, v6, l4, end, doff, tflags, bi, inv, rep, same, hs, hd, e["sport"], e["dport"]
+    return bulk, v6, l4, end, doff, tflags, bi, inv, rep, same, hs, hd, e["sport"], e["dport"], udp
 
 
 class FastEngine(Engine):
     """``Engine`` counting verified steady-state TCP segments in bulk (see the module's docstring)."""
 
     bulk_packets = 0              # packets counted in bulk (not a counter of the reference: the tests' proof)
+    quiet_packets = 0             # of them, unverified or UDP packets (``_quiet_candidates``)
+    _quiet_jts = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -454,10 +471,11 @@ class FastEngine(Engine):
         c = self.counters
         table = self.flows.flows
         self._where = (owner, index, bids)            # the batch id and index of each frame of the part
-        bulk, v6, l4, end, doff, tflags, bi, inv, rep, same, hs, hd, sport, dport = _groups(fr)
+        bulk, v6, l4, end, doff, tflags, bi, inv, rep, same, hs, hd, sport, dport, udp = _groups(fr)
         nonempty = fr.cap > 0
         G = len(rep)
-        gflow: list = [None] * G
+        gflow: list = [None] * G                      # the groups' flows when verified (counted in bulk)
+        gany: list = [None] * G                       # the groups' flows, whatever their state
         gd0 = np.zeros(G, dtype=bool)                 # the representative was sent by the client
         good = np.zeros(G, dtype=bool)
         for g in range(G):
@@ -465,14 +483,21 @@ class FastEngine(Engine):
             if p.__class__ is not Packet:
                 continue
             f = table.get(flow_key(p))
-            if f is None or f.tcp != VERIFIED or not f.mac or f.skip or f.held:
+            if f is None:
+                continue
+            gany[g] = f
+            gd0[g] = p.sport == f.cport and p.src == f.client
+            if f.tcp != VERIFIED or not f.mac or f.skip or f.held:
                 continue
             gflow[g], good[g] = f, True
-            gd0[g] = p.sport == f.cport and p.src == f.client
         ok = same & good[inv]
+        # every frame's direction in its flow (meaningful where the group's frames are all ``same``)
+        d_all = (hs != np.where(gd0[inv], hs[rep[inv]], hd[rep[inv]])).astype(np.int64)
+        qk = self._quiet_candidates(fr, gany, good, inv, same, bi, d_all, udp, tflags, v6)
+        qok = qk[inv] if G else np.zeros(0, dtype=bool)
         slow_ids: set = {id(gflow[g]) for g in np.unique(inv[~ok]).tolist() if gflow[g] is not None}
         slow_mask = nonempty.copy()
-        slow_mask[bi[ok]] = False
+        slow_mask[bi[ok | qok]] = False
         slow: list = []                               # (frame number, Packet) in frame order
         odd: Counter = Counter()                      # malformed, not_ip: counted once the part is counted
         for j in np.flatnonzero(slow_mask).tolist():
@@ -481,17 +506,19 @@ class FastEngine(Engine):
                 slow.append((j, p))
             else:
                 odd[p] += 1
+        qok = self._quiet_guard(fr, gany, qk, inv, bi, d_all, slow)
         for _, p in slow:
             f = table.get(flow_key(p))
             if f is not None:
                 slow_ids.add(id(f))
+        qi = np.flatnonzero(qok)
+        self._quiet_jts = (bi[qi], fr.ts[bi[qi]])     # their times settle held connections as any packet's do
         # the bulk candidates: per packet its group, direction and fields, in frame order
         bk = np.flatnonzero(ok)
         j = bi[bk]
         g = inv[bk]
-        srcmatch = (hs[bk] == np.where(gd0[g], hs[rep[g]], hd[rep[g]]))
         pk = {
-            "j": j, "g": g, "d": (~srcmatch).astype(np.int64), "ts": fr.ts[j], "wl": fr.wl[j],
+            "j": j, "g": g, "d": d_all[bk], "ts": fr.ts[j], "wl": fr.wl[j],
             "flags": tflags[j], "seq": fr.tcp(v6[j], 4, 4, j).astype(np.int64),
             "ack": fr.tcp(v6[j], 8, 4, j).astype(np.int64),
             "win": fr.tcp(v6[j], 14, 2, j).astype(np.int64),
@@ -501,7 +528,173 @@ class FastEngine(Engine):
         at = self._bulk(pk, gflow, slow, slow_ids, cut)
         if at is None:
             c.update(odd)
+            self._count_quiet(fr, gany, qi, bi, inv, d_all, udp, tflags, l4, end, doff, v6)
         return at
+
+    # --- quiet flows: every packet unverified (or a UDP packet), counted in bulk ------------------------------
+
+    def _quiet_candidates(self, fr: _Frames, gany, good, inv, same, bi, d_all, udp, tflags, v6):
+        """Per group: the flow's packets in the part change nothing but its counters (and the unverified
+        counts, and a mid-stream connection's last segment ends): a connection contradicted or reset, one
+        picked up mid-stream that no segment of the part acknowledges, UDP (OK once answered).
+
+        ``Flow.add`` and ``Flow._pickup`` say why: such a packet is NO (or UDP's OK) whatever its fields, and
+        reaches no classifier window, neighbour or flag."""
+        G = len(gany)
+        qk = np.zeros(G, dtype=bool)
+        settling = {id(f) for _, _, f in self.settling}
+        for g, f in enumerate(gany):
+            if f is None or good[g] or f.skip or f.held or id(f) in settling or (f.tcp == SPOOFED and not f.queued):
+                continue                              # (contradicted, not yet counted so: Engine._classify counts it)
+            if f.proto == UDP or (f.proto == TCP and f.tcp in (0, SPOOFED, RESET)):
+                qk[g] = True
+        if not qk.any():
+            return qk
+        qk[np.unique(inv[~same])] = False             # a hash shared by two connections: not in bulk
+        fi = np.flatnonzero(qk[inv])
+        if not len(fi):
+            return qk
+        g, d, j = inv[fi], d_all[fi], bi[fi]
+        n_g = np.bincount(g, minlength=G)
+        d0 = np.bincount(g, weights=d == 0, minlength=G) > 0
+        d1 = np.bincount(g, weights=d == 1, minlength=G) > 0
+        isudp = udp[j]
+        fin = np.bincount(g, weights=(tflags[j] & FIN) != 0, minlength=G) > 0
+        proto_udp = np.bincount(g, weights=isudp, minlength=G)
+        ack = fr.tcp(v6[j], 8, 4, j).astype(np.int64)
+        hasack = (tflags[j] & ACK) != 0
+        for x in np.flatnonzero(qk).tolist():
+            f = gany[x]
+            if (proto_udp[x] == n_g[x]) != (f.proto == UDP) or (d0[x] and not f.mac):
+                qk[x] = False                         # (a frame of the other protocol cannot share the group)
+            elif f.proto == TCP and f.tcp == 0:
+                # picked up mid-stream (Flow._pickup): one direction, no FIN, no acknowledgement of the other
+                # side's last segment ends, so no exchange is confirmed
+                if (d0[x] and d1[x]) or fin[x]:
+                    qk[x] = False
+        mid = [x for x in np.flatnonzero(qk).tolist() if gany[x].proto == TCP and gany[x].tcp == 0]
+        if mid:
+            other = np.full((G, 4), -1, dtype=np.int64)
+            for x in mid:
+                f = gany[x]
+                e = f.ends[1 - (1 if d1[x] else 0)]
+                other[x, :len(e)] = e[-4:]
+            m = qk[g] & hasack & ~isudp
+            hit = (other[g[m]] == ack[m][:, None]).any(1)
+            qk[np.unique(g[m][hit])] = False
+        return qk
+
+    def _quiet_guard(self, fr: _Frames, gany, qk, inv, bi, d_all, slow: list):
+        """The quiet frames (per frame of ``bi``) once no slow packet can change what they count: a packet of
+        the same flow, the settling of a connection of the same client (its held packets leave the unverified
+        counts), an ICMP refusal of the flow's packet (it can disown a UDP flow), a client not yet among the
+        unverified sources (who enters first when the table is full is decided in frame order). Groups that
+        fail go back to ``slow`` (in frame order)."""
+        from .engine import ICMP_ERRORS
+        table = self.flows.flows
+        unverified = self.unverified
+        settling_clients = {f.client for _, _, f in self.settling}
+        back: list = []
+        while True:
+            ids, addrs = set(), set()
+            for _, p in slow:
+                if p.proto in ICMP_ERRORS:
+                    f = self.icmp_refused(p)
+                else:
+                    f = table.get(flow_key(p))
+                    if p.proto == TCP:                # settling and held packets are TCP's
+                        addrs.add(p.src)
+                        addrs.add(p.dst)
+                if f is not None:
+                    ids.add(id(f))
+            qok = qk[inv] if len(inv) else np.zeros(0, dtype=bool)
+            fi = np.flatnonzero(qok)
+            d0 = set(inv[fi][d_all[fi] == 0].tolist()) if len(fi) else set()
+            drop = []
+            for x in np.flatnonzero(qk).tolist():
+                f = gany[x]
+                # its client's packets reach the unverified counts (a UDP flow's until it is answered)
+                unv = x in d0 and (f.proto == TCP or f.tcp == SPOOFED or not f.pkts[1])
+                if id(f) in ids or (unv and (
+                        f.client in addrs or f.client in settling_clients or f.client not in unverified)):
+                    drop.append(x)
+            if not drop:
+                break
+            qk[drop] = False
+            dropped = np.isin(inv, drop)
+            got = [(j, fr.packet(j)) for j in bi[dropped].tolist()]
+            back += got
+            slow.extend(got)
+        if back:
+            slow.sort(key=lambda e: e[0])
+        return qk[inv] if len(inv) else np.zeros(0, dtype=bool)
+
+    def _count_quiet(self, fr: _Frames, gany, qi, bi, inv, d_all, udp, tflags, l4, end, doff, v6) -> None:
+        """Count the quiet frames (positions ``qi`` of ``bi``) as ``Flow.add`` and ``Engine._classify`` do."""
+        if not len(qi):
+            return
+        owner, _, bids = self._where
+        c = self.counters
+        key2 = inv[qi] * 2 + d_all[qi]
+        o = _stable_order(key2)                       # frame order within each flow and direction
+        k2, j = key2[o], bi[qi][o]
+        g, d = k2 >> 1, k2 & 1
+        n = len(k2)
+        gs = np.unique(g).tolist()
+        # UDP (Flow.add): OK once the other direction has a packet, before this one (so counted first)
+        p0 = np.zeros(len(gany), dtype=np.int64)
+        p1 = np.zeros(len(gany), dtype=np.int64)
+        spoofed = np.zeros(len(gany), dtype=bool)
+        for x in gs:
+            f = gany[x]
+            p0[x], p1[x], spoofed[x] = f.pkts[0], f.pkts[1], f.tcp == SPOOFED
+        isudp = udp[j]
+        ok = np.zeros(n, dtype=bool)
+        if isudp.any():
+            fo = np.argsort(g * (1 << 40) + j)     # by flow, then frame
+            gg, dd = g[fo], d[fo]
+            first = np.concatenate(([True], gg[1:] != gg[:-1]))
+            run_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+            c0 = np.cumsum(dd == 0) - (dd == 0)     # packets of each direction before this one, in the part
+            c1 = np.cumsum(dd == 1) - (dd == 1)
+            c0, c1 = c0 - c0[run_start], c1 - c1[run_start]
+            other = np.where(dd == 0, p1[gg] + c1, p0[gg] + c0)
+            ok[fo] = isudp[fo] & (other > 0) & ~spoofed[gg]
+        starts, ends = self._count_runs(gany, k2, fr.ts[j], fr.wl[j], tflags[j], owner[j], bids)
+        nok = np.add.reduceat(ok, starts)
+        tcp = ~isudp
+        plen = end[j] - l4[j] - doff[j]
+        seq = fr.tcp(v6[j], 4, 4, j).astype(np.int64)
+        mac = fr.col(6, 6, j)
+        unverified = self.unverified
+        for s, e, k, m in zip(starts.tolist(), ends.tolist(), k2[starts].tolist(), nok.tolist()):
+            f = gany[k >> 1]
+            dd = k & 1
+            f.counted[dd] += m
+            f.status = OK if ok[e] else 0
+            if dd == 0 and e - s + 1 > m:
+                unverified[f.client] += e - s + 1 - m     # the client is there already (_quiet_guard)
+            if f.proto == TCP and f.tcp == 0:             # a mid-stream connection: its side's last segment ends
+                valid = plen[s:e + 1] > 0
+                if dd == 0:
+                    valid &= mac[s:e + 1] == U(int.from_bytes(f.mac, "big"))
+                new = ((seq[s:e + 1][valid] + plen[s:e + 1][valid]) & M32)[-4:].tolist()
+                if new:
+                    mine = f.ends[dd]
+                    mine.extend(new)
+                    del mine[:-4]
+        if self.observers and tcp.any():
+            self._series(self.observers, gany, k2[tcp], fr.ts[j][tcp], None)
+        newest = int(fr.ts[j].max())
+        if newest > self.flows.newest_ns:
+            self.flows.newest_ns = newest
+        nv6 = int(v6[j].sum())
+        verified = int(ok.sum())
+        self.quiet_packets += n
+        c["packets"] += n
+        c["packets_v6"] += nv6
+        c["packets_v4"] += n - nv6
+        c["verified"] += verified
 
     # --- which flows are counted in bulk ----------------------------------------------------------------------
 
@@ -736,6 +929,11 @@ class FastEngine(Engine):
             slow = sorted(slow + back, key=lambda e: e[0])
         bj = pk["j"][in_bulk]
         bts = pk["ts"][in_bulk]
+        qj, qts = self._quiet_jts
+        if len(qj):                                   # the quiet packets' times too (their frames, in order)
+            bj, bts = np.concatenate((bj, qj)), np.concatenate((bts, qts))
+            o = np.argsort(bj, kind="stable")
+            bj, bts = bj[o], bts[o]
         timeline = [(-1, book.gen, bool(book.covering))]     # (frame, flag book's gen, covering) from that frame on
         heap = self.settling
         a = 0                                                 # next bulk packet to pass
@@ -780,6 +978,7 @@ class FastEngine(Engine):
     def _apply(self, q, gflow, cand, covered, entries, timeline, owner, index, bids) -> None:
         c = self.counters
         flows = self.flows
+        series = self.observers
         g, d = q["g"], q["d"]
         ing = np.array([f is not None and id(f) in cand for f in gflow], dtype=bool)
         sel = ing[g] if len(g) else np.zeros(0, dtype=bool)
@@ -791,68 +990,20 @@ class FastEngine(Engine):
             return
         key2 = g * 2 + d
         o = _stable_order(key2)
-        k2, ts, wl = key2[o], q["ts"][o], q["wl"][o]
-        starts = np.flatnonzero(np.concatenate(([True], k2[1:] != k2[:-1])))
-        ends = np.append(starts[1:], n) - 1
-        cnt = np.diff(np.append(starts, n))
-        sum_wl = np.add.reduceat(wl, starts)
-        max_wl = np.maximum.reduceat(wl, starts)
-        min_ts = np.minimum.reduceat(ts, starts)
-        max_ts = np.maximum.reduceat(ts, starts)
-        dt = np.diff(ts)
-        inner = np.ones(max(n - 1, 0), dtype=bool)
-        inner[ends[:-1]] = False                          # no interval across two segments
-        BIG = np.iinfo(np.int64).max
-        dmin = np.where(inner, dt, BIG)
-        dmax = np.where(inner, dt, -BIG)
-        seg_min = np.minimum.reduceat(np.append(dmin, BIG), starts) if n > 1 else np.full(len(starts), BIG)
-        seg_max = np.maximum.reduceat(np.append(dmax, -BIG), starts) if n > 1 else np.full(len(starts), -BIG)
+        k2, ts = key2[o], q["ts"][o]
+        starts, ends = self._count_runs(gflow, k2, ts, q["wl"][o], q["flags"][o], owner[q["j"][o]], bids)
         endseq, wv, fl = q["endseq"][o], q["wv"][o], q["flags"][o]
         fin_any = np.maximum.reduceat(fl & FIN, starts)
-        bitcount = {name: np.add.reduceat((fl & bit) != 0, starts) for bit, name in
-                    ((ACK, "ACK"), (FIN, "FIN"), (PSH, "PSH"), (URG, "URG"))}
-        ob = owner[q["j"][o]]
-        series = self.observers
-        for s, e, k, nn, sw, mw, t0, t1, lo, hi, fa in zip(
-                starts.tolist(), ends.tolist(), k2[starts].tolist(), cnt.tolist(), sum_wl.tolist(),
-                max_wl.tolist(), min_ts.tolist(), max_ts.tolist(), seg_min.tolist(), seg_max.tolist(),
-                fin_any.tolist()):
+        cnt = np.diff(np.append(starts, n))
+        for e, k, nn, fa in zip(ends.tolist(), k2[starts].tolist(), cnt.tolist(), fin_any.tolist()):
             f = gflow[k >> 1]
             dd = k & 1
-            f.pkts[dd] += nn
-            f.bytes[dd] += sw
-            if mw > f.max_size:
-                f.max_size = mw
-            first_t, last_t = int(ts[s]), int(ts[e])
-            prev = f.last_dir_ns[dd]
-            if prev is not None:
-                iat = first_t - prev
-                lo = min(lo, iat)
-                hi = max(hi, iat)
-            if lo != BIG:
-                if f.iat_min[dd] is None or lo < f.iat_min[dd]:
-                    f.iat_min[dd] = lo
-                if f.iat_max[dd] is None or hi > f.iat_max[dd]:
-                    f.iat_max[dd] = hi
-            f.last_dir_ns[dd] = last_t
-            if t1 > f.last_ns:
-                f.last_ns = t1
-            if t0 < f.first_ns:
-                f.first_ns = t0
             f.nxt[dd] = int(endseq[e])
             f.win[dd] = int(wv[e])
             if fa:
                 f.closed = True
             f.counted[dd] += nn
             f.status = OK
-            f.dirty = True
-            f.batches.update(bids[b] for b in set(ob[s:e + 1].tolist()))
-        for si, (s, k) in enumerate(zip(starts.tolist(), k2[starts].tolist())):
-            fl_d = gflow[k >> 1].flags
-            for name, arr in bitcount.items():
-                v = int(arr[si])
-                if v:
-                    fl_d[name] += v
         if series:
             self._series(series, gflow, k2, ts, starts)
         newest = int(q["ts"].max())
@@ -877,6 +1028,64 @@ class FastEngine(Engine):
             _, gen, cov = timeline[bisect_right(positions, j - 1) - 1] if positions else (0, 0, False)
             if cov and f.cov_gen != gen:
                 f.cov_gen = gen
+
+    @staticmethod
+    def _count_runs(gf, k2, ts, wl, fl, ob, bids):
+        """What ``Flow.add`` counts of every packet, per run of packets of one flow and direction (``k2`` is
+        group * 2 + direction, sorted, frame order within a run; ``gf`` the groups' flows, ``ob`` each
+        packet's batch): packets, bytes, largest size, intervals, first and last times, flag bits, batches.
+        Returns the runs' first and last positions."""
+        n = len(k2)
+        starts = np.flatnonzero(np.concatenate(([True], k2[1:] != k2[:-1])))
+        ends = np.append(starts[1:], n) - 1
+        cnt = np.diff(np.append(starts, n))
+        sum_wl = np.add.reduceat(wl, starts)
+        max_wl = np.maximum.reduceat(wl, starts)
+        min_ts = np.minimum.reduceat(ts, starts)
+        max_ts = np.maximum.reduceat(ts, starts)
+        dt = np.diff(ts)
+        inner = np.ones(max(n - 1, 0), dtype=bool)
+        inner[ends[:-1]] = False                          # no interval across two runs
+        BIG = np.iinfo(np.int64).max
+        dmin = np.where(inner, dt, BIG)
+        dmax = np.where(inner, dt, -BIG)
+        seg_min = np.minimum.reduceat(np.append(dmin, BIG), starts) if n > 1 else np.full(len(starts), BIG)
+        seg_max = np.maximum.reduceat(np.append(dmax, -BIG), starts) if n > 1 else np.full(len(starts), -BIG)
+        bitcount = [(name, np.add.reduceat((fl & bit) != 0, starts)) for bit, name in
+                    ((ACK, "ACK"), (FIN, "FIN"), (PSH, "PSH"), (URG, "URG"))]
+        for ri, (s, e, k, nn, sw, mw, t0, t1, lo, hi) in enumerate(zip(
+                starts.tolist(), ends.tolist(), k2[starts].tolist(), cnt.tolist(), sum_wl.tolist(),
+                max_wl.tolist(), min_ts.tolist(), max_ts.tolist(), seg_min.tolist(), seg_max.tolist())):
+            f = gf[k >> 1]
+            dd = k & 1
+            f.pkts[dd] += nn
+            f.bytes[dd] += sw
+            if mw > f.max_size:
+                f.max_size = mw
+            first_t, last_t = int(ts[s]), int(ts[e])
+            prev = f.last_dir_ns[dd]
+            if prev is not None:
+                iat = first_t - prev
+                lo = min(lo, iat)
+                hi = max(hi, iat)
+            if lo != BIG:
+                if f.iat_min[dd] is None or lo < f.iat_min[dd]:
+                    f.iat_min[dd] = lo
+                if f.iat_max[dd] is None or hi > f.iat_max[dd]:
+                    f.iat_max[dd] = hi
+            f.last_dir_ns[dd] = last_t
+            if t1 > f.last_ns:
+                f.last_ns = t1
+            if t0 < f.first_ns:
+                f.first_ns = t0
+            f.dirty = True
+            f.batches.update(bids[b] for b in set(ob[s:e + 1].tolist()))
+            fl_d = f.flags
+            for name, arr in bitcount:
+                v = int(arr[ri])
+                if v:
+                    fl_d[name] += v
+        return starts, ends
 
     @staticmethod
     def _series(series, gflow, k2, ts, starts) -> None:

@@ -25,6 +25,7 @@ from analyser.packed import Packed
 from appliance import config, framebatch
 from tests.analyser_frames import (
     ACK,
+    FIN,
     PSH,
     RST,
     T0,
@@ -153,6 +154,80 @@ def capture(seed: int, n_clients: int = 50, seconds: int = 300, odd: int = 60) -
     return out
 
 
+def unverified(seed: int, n: int = 40) -> list:
+    """What the fast engine counts as *quiet* flows (nothing verified, or UDP), and what must not be: one-way
+    mid-stream segments from clients (some from another MAC, some FINs) and from servers, mid-stream connections
+    answered exactly later on (so verified by their exchanges), UDP one way and answered part-way, connections
+    contradicted or reset that keep sending, and ICMP refusals of UDP."""
+    rnd = random.Random(seed)
+    out: list = []
+    for i in range(n):
+        six = rnd.random() < 0.4
+        client = f"2001:db8:9::{i + 1:x}" if six else f"10.9.{i // 200}.{i % 200 + 1}"
+        srv = server_for(client)
+        mac = f"02:00:00:09:{i // 256:02x}:{i % 256:02x}"
+        start = T0 + rnd.randint(0, 20 * S)
+        gap = int(S * rnd.choice((0.2, 0.5, 1.0)))
+        count = rnd.randint(100, 600)
+        port = 20000 + i
+        kind = rnd.random()
+        seq, ack = rnd.getrandbits(32), rnd.getrandbits(32)
+        if kind < 0.25:                                        # one way from the client, mid-stream
+            for k in range(count):
+                m = "02:00:00:00:00:77" if rnd.random() < 0.05 else mac
+                fl = ACK | PSH | (FIN if rnd.random() < 0.01 else 0)
+                out.append(_wire(start + k * gap, frame(client, port, srv, 5222, fl, b"x" * rnd.randint(0, 40),
+                                                        seq=seq + 40 * k, ack=ack, mac=m)))
+        elif kind < 0.35:                                      # one way from the server, mid-stream
+            for k in range(count):
+                out.append(_wire(start + k * gap, frame(srv, 5222, client, port, ACK | PSH, b"y" * 10,
+                                                        seq=seq + 10 * k, ack=ack, mac="02:00:00:00:00:02")))
+        elif kind < 0.5:                                       # mid-stream, one way for a while, then exchanges
+            c = Conn(client, port, mac=mac, isn=seq, server_isn=ack)
+            t = start
+            for k in range(count // 2):
+                out += c.data(t)
+                t += gap
+            for k in range(4):                                 # a forger's segments: not the client's to record
+                out.append(_wire(t + k, frame(client, port, srv, 5222, ACK | PSH, b"f" * 9, seq=rnd.getrandbits(32),
+                                              ack=ack, mac="02:00:00:00:00:77")))
+            t += 5 * S                   # a pause, then the server acknowledges (twice) what was counted quietly
+            out += c.data(t, b"<a/>", to_server=False) + c.data(t + gap // 2, b"<b/>", to_server=False)
+            t += gap
+            for k in range(count // 2):
+                out += c.data(t)
+                out += c.data(t + gap // 3, b"<r/>", to_server=False)
+                t += gap
+        elif kind < 0.7:                                       # UDP one way, answered from some point on
+            answer_from = rnd.randint(0, count)
+            sport = rnd.choice((5222, 53))
+            for k in range(count):
+                t = start + k * gap
+                q = _wire(t, frame(client, port, srv, sport, 0, b"q", proto="udp", mac=mac))
+                out.append(q)
+                if k >= answer_from and rnd.random() < 0.7:
+                    a = _wire(t + gap // 4, frame(srv, sport, client, port, 0, b"a", proto="udp",
+                                                  mac="02:00:00:00:00:02"))
+                    out.append(a)
+                    if rnd.random() < 0.005:                   # the answer refused: by the client, or by another
+                        out.append(icmp_unreachable(a[2], rnd.choice((mac, "02:00:00:00:00:99")), a[0] + 1))
+        elif kind < 0.85:                                      # reset, then the client goes on sending
+            c = Conn(client, port, mac=mac, isn=seq, server_isn=ack)
+            out += steady(c, start, 60, 3)
+            out += c.rst(start + 4 * S)
+            for k in range(count):
+                out += c.data(start + 5 * S + k * gap)
+        else:                                                  # contradicted (two SYN-ACKs), then data
+            c = Conn(client, port, mac=mac, isn=seq, server_isn=ack)
+            out += c.handshake(start)
+            other = Conn(client, port, mac=mac, isn=seq, server_isn=ack + 12345)
+            out += other.synack(start + 1_000_000)
+            for k in range(count):
+                out += c.data(start + S + k * gap)
+    out.sort(key=lambda f: f[0])
+    return out
+
+
 def steps(frames: list, seed: int) -> list:
     """The frames cut into batches of random sizes, the batches into steps of random counts."""
     rnd = random.Random(seed)
@@ -183,7 +258,8 @@ def outcome(engine, book) -> dict:
     }
 
 
-def run(kind, frames, seed: int, cfg=None, persistent: bool = False, forget_at: int = -1, bulk: float = 0.0) -> dict:
+def run(kind, frames, seed: int, cfg=None, persistent: bool = False, forget_at: int = -1, bulk: float = 0.0,
+        keep: dict | None = None) -> dict:
     cfg = cfg or config.from_dict({"enforce": {"never_ban_self": False}})
     policy = policy_mod.load(None)
     book = flags_mod.FlagBook(cfg, flags_mod.MemoryFlags())
@@ -193,6 +269,8 @@ def run(kind, frames, seed: int, cfg=None, persistent: bool = False, forget_at: 
         if n == forget_at:                                     # flows evicted: loaded again from their documents
             engine.flows.flows.clear()
         engine.run_step([(bid, 0, Packed(framebatch.pack(b))) for bid, b in step], n + 1, persistent)
+    if keep is not None:
+        keep["engine"] = engine
     if kind is FastEngine:        # else the comparison would compare the reference with itself
         assert engine.bulk_packets >= bulk * engine.counters["packets"], (engine.bulk_packets, engine.counters)
     return outcome(engine, book)
@@ -304,3 +382,27 @@ def test_a_damaged_batch_counts_its_frames_before_the_damage_in_both_engines():
         out.append(outcome(engine, book))
     assert out[0]["counters"]["corrupt_batches"] == 2
     same(*out)
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_unverified_and_udp_flows_are_counted_quietly_and_give_the_same_results(seed):
+    """One-way, mid-stream, UDP, reset and contradicted flows beside a random capture: the same outcome, and
+    most of their packets counted in bulk as quiet flows (else the comparison proves nothing of that path)."""
+    quiet = unverified(seed)
+    frames = sorted(capture(seed, n_clients=20) + quiet, key=lambda f: f[0])
+    ref = run(Engine, frames, seed)
+    assert ref["counters"].get("connections_contradicted") and ref["counters"].get("udp_disowned")
+    fast = {}
+    same(ref, run(FastEngine, frames, seed, keep=fast))
+    assert fast["engine"].quiet_packets >= 0.4 * len(quiet), (fast["engine"].quiet_packets, len(quiet))
+
+
+def test_quiet_flows_keep_the_order_of_unverified_sources_when_their_table_is_full(monkeypatch):
+    """Who is named among the unverified sources and who is summed as "other" depends on frame order once the
+    table is full: the quiet count leaves a new source to the reference path."""
+    import analyser.engine as engine_mod
+    monkeypatch.setattr(engine_mod, "MAX_SOURCES", 25)
+    frames = unverified(13, n=80)
+    ref = run(Engine, frames, 13)
+    assert ref["unverified"].get("other"), "the table must fill, or this proves nothing"
+    same(ref, run(FastEngine, frames, 13))
