@@ -78,8 +78,10 @@ class Engine:
         self.classifiers = policy_mod.build(self.policy, self.cfg, self.neighbours)
         self.settling = []
 
-    def run_step(self, batches: Iterable[tuple[str, int, Iterable]], step: int, persistent: bool = True) -> int:
-        """Analyse ``(batch_id, first_index, frames)`` batches; return the number of frames read."""
+    def run_step(self, batches: Iterable[tuple[str, int, Iterable]], step: int, persistent: bool = True,
+                 flush: bool = True) -> int:
+        """Analyse ``(batch_id, first_index, frames)`` batches; return the number of frames read. ``flush``: write
+        the flows changed since the last write, marked with ``step`` (else they wait for a later step's)."""
         c = self.counters
         parsed = []
         append = parsed.append
@@ -105,7 +107,7 @@ class Engine:
         if persistent:
             self._prefetch(p for p, _, _ in parsed)
         self._classify(parsed)
-        self._end_step(step)
+        self._end_step(step, flush)
         return n
 
     def _prefetch(self, packets) -> None:
@@ -113,9 +115,14 @@ class Engine:
             if f.tcp == VERIFIED:              # verified before a restart: who is who is learned again
                 self._learn(f)
 
-    def _end_step(self, step: int) -> None:
-        """Write the step's flows; now and then drop the classifiers' stale windows."""
+    def flush(self, step: int) -> None:
+        """Write the flows changed since the last write, marked with ``step``; forget the idle ones."""
         self.counters["flows_written"] += self.flows.flush(step)
+
+    def _end_step(self, step: int, flush: bool = True) -> None:
+        """Write the changed flows (when ``flush``); now and then drop the classifiers' stale windows."""
+        if flush:
+            self.flush(step)
         if self.flows.newest_ns - self.pruned_ns > PRUNE_EVERY_NS:
             for cl in self.classifiers:
                 cl.prune(self.flows.newest_ns)

@@ -367,9 +367,9 @@ class FastEngine(Engine):
         return (all(type(cl) is XmppAbuse for cl in self.classifiers)
                 and all(type(o) is XmppSeries for o in self.observers))
 
-    def run_step(self, batches, step: int, persistent: bool = True) -> int:
+    def run_step(self, batches, step: int, persistent: bool = True, flush: bool = True) -> int:
         if not self.bulk_possible():
-            return super().run_step(batches, step, persistent)
+            return super().run_step(batches, step, persistent, flush)
         from .flags import now_utc
         self._now = now_utc()
         c = self.counters
@@ -429,7 +429,7 @@ class FastEngine(Engine):
                     pieces.append((a, hi))
                     parts.extendleft(reversed([(x, y) for x, y in pieces if y > x]))
             self._frames = None
-        self._end_step(step)
+        self._end_step(step, flush)
         if len(self._subject_cache) > 2 * len(self.flows.flows) + 1024:
             self._subject_cache.clear()         # it holds flows: no more than about the live ones
         return n

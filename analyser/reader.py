@@ -7,7 +7,7 @@ therefore reads ``ins >= resume - GRACE`` (every WINDOW_SCAN_EVERY seconds,
 and in between only the newest few batches, which is what is cheap on
 nx-27017) and skips the batch ids it has already read inside that grace
 window; the resume point, those ids and the step number are one document in
-``state``, written after each step.
+``state``, written after the flows of the steps it covers (analyser/live.py).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Follower:
         self.resume: Optional[dt.datetime] = doc.get("resume")
         self.seen: dict[str, dt.datetime] = {i: t for i, t in doc.get("seen", [])}
         self.step: int = doc.get("step", 0)
+        self.saved_step = self.step             # the step of the position in ``state``
         self.late = 0
         self._next_window_scan = 0.0
 
@@ -92,7 +93,12 @@ class Follower:
         return [h for h in heads if h["ins"] >= edge]
 
     def commit(self, docs: list[dict], step: int) -> None:
-        """Record ``docs`` as read by ``step`` (after their flows were written)."""
+        """Record ``docs`` as read by ``step`` and save the position (after their flows were written)."""
+        self.advance(docs, step)
+        self.save()
+
+    def advance(self, docs: list[dict], step: int) -> None:
+        """Record ``docs`` as read by ``step``, in memory: the next reads go on after them; ``save`` keeps it."""
         for d in docs:
             if self.resume is not None and d["ins"] < self.resume:
                 self.late += 1
@@ -103,9 +109,13 @@ class Follower:
         edge = self.resume - GRACE - SLACK
         self.seen = {i: t for i, t in self.seen.items() if t >= edge}
         self.step = step
+
+    def save(self) -> None:
+        """Write the position: the resume point, the ids read inside the grace window, the step."""
         self.state.replace_one({"_id": self.id}, {
             "_id": self.id, "resume": self.resume, "seen": [[i, t] for i, t in self.seen.items()],
-            "step": step, "updated_at": dt.datetime.now(dt.timezone.utc)}, upsert=True)
+            "step": self.step, "updated_at": dt.datetime.now(dt.timezone.utc)}, upsert=True)
+        self.saved_step = self.step
 
     def lag_seconds(self) -> float:
         """How far the newest stored batch is ahead of what has been read (0 when caught up)."""

@@ -231,6 +231,9 @@ class Analyser:
     report_dir: str = field(default="/var/lib/pisnoop/reports", metadata={"check": "abspath"})
     # fast: the steady state counted in bulk (analyser/fast.py); reference: the per-packet engine, same results
     engine: Literal["fast", "reference"] = "fast"
+    # seconds between writes of the changed flow records and the resume point (0: after every step); a restart
+    # reads again what was analysed since the last write (analyser/live.py)
+    flush_interval: float = field(default=2.0, metadata=value_range(0, 60, "seconds from 0 to 60"))
 
 
 @dataclass(frozen=True)

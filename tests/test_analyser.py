@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from analyser import policy as policy_mod
-from analyser.live import Analyser
+from analyser.live import Analyser, SensorFlows
 from analyser.offline import Offline
 from analyser.parse import parse
 from appliance import config, framebatch, pcapfile, store
@@ -192,21 +192,21 @@ def flow_counts(db) -> dict:
 
 def test_a_step_written_but_not_committed_is_not_counted_twice(env, monkeypatch):
     make, db = env
-    cfg, _ = make()
+    cfg, _ = make(analyser={"flush_interval": 0})     # flows and the position written after every step
     frames = many_connections()
     store_frames(db, frames, batch_size=50)
     from analyser import reader
     a = Analyser(cfg, db)
     a.follower.limit = 7
     a.step()                                    # a committed step
-    real_commit = reader.Follower.commit
+    real_save = reader.Follower.save
 
-    def crash(self, docs, step):                # flows of the next step written, resume point not
+    def crash(self):                            # flows of the next step written, resume point not
         raise KeyboardInterrupt("killed between the flow writes and the resume point")
-    monkeypatch.setattr(reader.Follower, "commit", crash)
+    monkeypatch.setattr(reader.Follower, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         a.step()
-    monkeypatch.setattr(reader.Follower, "commit", real_commit)
+    monkeypatch.setattr(reader.Follower, "save", real_save)
     b = Analyser(cfg, db)                       # a restart
     b.follower.limit = 5                        # and steps of another size
     b.run(once=True)
@@ -215,6 +215,59 @@ def test_a_step_written_but_not_committed_is_not_counted_twice(env, monkeypatch)
     expected = {d["_id"]: d for d in ref.flow_docs.all()}
     assert flow_counts(db) == {k: flow_counts_doc(d) for k, d in expected.items()}
     assert b.engine.counters["replayed"] > 0
+
+
+def test_flows_are_written_once_an_interval_and_a_crash_between_writes_loses_and_doubles_nothing(env, monkeypatch):
+    """``analyser.flush_interval``: steps in between write no flow and no position; a restart after a crash there
+    reads those batches again and ends with an uninterrupted run's counts; a stop writes what is pending."""
+    make, db = env
+    cfg, _ = make(analyser={"flush_interval": 60})
+    frames = many_connections()
+    store_frames(db, frames, batch_size=50)
+    writes = []
+    real_write = SensorFlows.write
+    monkeypatch.setattr(SensorFlows, "write", lambda self, docs: (writes.append(len(docs)), real_write(self, docs)))
+    a = Analyser(cfg, db)
+    a.follower.limit = 3
+    assert a.step() == 3 and len(writes) == 1               # the first step writes at once
+    written = flow_counts(db)
+    position = db[store.STATE].find_one()
+    for _ in range(4):
+        assert a.step() == 3                                # analysed, nothing written
+    assert len(writes) == 1 and flow_counts(db) == written and db[store.STATE].find_one() == position
+    assert a.follower.step == 5 and a.follower.saved_step == 1
+    del a                                                   # a crash: what the four steps counted is lost ...
+    b = Analyser(cfg, db)
+    assert b.follower.step == 1
+    b.follower.limit = 4
+    b.run(once=True)                                        # ... and counted again once; the stop writes it
+    assert len(writes) == 3 and b.follower.saved_step == b.follower.step == db[store.STATE].find_one()["step"]
+    ref = Offline(cfg, policy_mod.load(None))
+    ref.run([("x", 0, frames)])
+    assert flow_counts(db) == {d["_id"]: flow_counts_doc(d) for d in ref.flow_docs.all()}
+
+
+def test_a_caught_up_analyser_writes_its_pending_flows_when_the_interval_has_passed(env):
+    make, db = env
+    cfg, _ = make(analyser={"flush_interval": 0.3})
+    frames = many_connections()
+    store_frames(db, frames[: len(frames) // 2], batch_size=50)
+    a = Analyser(cfg, db)
+    while a.step():
+        pass
+    a.flush()
+    a._next_flush = time.monotonic() + 3600                 # as if just written: the next steps are not due
+    store_frames(db, frames[len(frames) // 2:], batch_size=50, first_seq=10_000)
+    while a.step():
+        pass
+    assert a.follower.saved_step < a.follower.step
+    a._next_flush = time.monotonic() + cfg.analyser.flush_interval
+    assert a.step() == 0 and a.follower.saved_step < a.follower.step                   # caught up, not due
+    time.sleep(cfg.analyser.flush_interval + 0.05)
+    assert a.step() == 0 and a.follower.saved_step == a.follower.step                  # caught up and due
+    ref = Offline(cfg, policy_mod.load(None))
+    ref.run([("x", 0, frames)])
+    assert flow_counts(db) == {d["_id"]: flow_counts_doc(d) for d in ref.flow_docs.all()}
 
 
 def flow_counts_doc(f):
