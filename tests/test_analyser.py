@@ -270,6 +270,56 @@ def test_a_caught_up_analyser_writes_its_pending_flows_when_the_interval_has_pas
     assert flow_counts(db) == {d["_id"]: flow_counts_doc(d) for d in ref.flow_docs.all()}
 
 
+def test_following_new_batches_reads_only_the_new_ones_from_the_store(env):
+    """The store is asked for the batches not read yet, by name, not for the grace window's: nx-27017 decodes every
+    document a query returns, and 30 s of batches at 100 Mb/s outweighed the analysis (the window itself is read
+    every WINDOW_SCAN_EVERY seconds, also without the batches already read)."""
+    from analyser import reader
+    make, db = env
+    cfg, _ = make()
+    frames = many_connections()
+    seq = store_frames(db, frames[:2000], batch_size=10)           # 200 batches, all within a second or two
+    returned = []
+
+    class Cursor:
+        """A cursor of the frames collection, counting the documents it returns."""
+
+        def __init__(self, cur):
+            self.cur = cur
+
+        def sort(self, *a):
+            self.cur = self.cur.sort(*a)
+            return self
+
+        def limit(self, n):
+            self.cur = self.cur.limit(n)
+            return self
+
+        def __iter__(self):
+            for doc in self.cur:
+                returned.append(doc)
+                yield doc
+
+    class Counting:
+        def __init__(self, coll):
+            self.coll = coll
+
+        def find(self, *args, **kwargs):
+            return Cursor(self.coll.find(*args, **kwargs))
+
+    f = reader.Follower(db, "pisnoop", limit=1000)
+    f.frames = Counting(f.frames)
+    first = f.next_batches()
+    assert len(first) == len(returned) == 200
+    f.commit(first, 1)
+    store_frames(db, frames[2000:2050], batch_size=10, first_seq=seq)
+    returned.clear()
+    assert [d["seq"] for d in f.next_batches()] == list(range(seq, seq + 5)) and len(returned) == 5
+    f.rescan()                                                      # the grace window: still only the new ones
+    returned.clear()
+    assert len(f.next_batches()) == len(returned) == 5
+
+
 def flow_counts_doc(f):
     return (f["packets"]["c2s"], f["packets"]["s2c"], f["bytes"]["c2s"], f["bytes"]["s2c"], f["direction"],
             f["iat_min_ns"]["c2s"], f["iat_max_ns"]["c2s"], tuple(sorted(f["tcp_flags"].items())))
