@@ -5,13 +5,16 @@
  * and tests/test_gather.py holds the two to byte-identical results.  No numpy C API: every array is returned as
  * a bytes object of native int64 (or, for the heads, n * HEAD bytes) that Python wraps with np.frombuffer.
  *
- * gather(blobs) -> (buf, offs, owner, ts, wl, cap, head, errors)
+ * gather(blobs) -> (buf, offs, owner, ts, wl, cap, head, errors, fields)
  *   buf    the blobs joined, then -len % 8 + PAD zero bytes (a frame's HEAD bytes stay inside it)
  *   offs   each record's offset in buf; owner: the index of its blob
  *   ts, wl, cap  its header's fields; head: bytes 16 .. 16 + HEAD of the record, read from buf as they are:
  *          past the end of a shorter frame they are the next record's bytes or the pad (what the numpy
  *          gather reads; the engine reads no byte of a frame past its captured length)
  *   errors per blob, the text of its first damaged record or None (the records before it count)
+ *   fields what analyser/fast.py's _read_shape and _endpoints compute from cap and head with many numpy passes,
+ *          per frame in the same pass (tests/test_gather.py holds them equal): bulk, v6 (bool), l4, end, doff,
+ *          tflags (int64), then sh, sl, dh, dl, sx, dx, sport, dport, hs, hd (uint64)
  * Sizes are checked in 64-bit arithmetic that cannot overflow with a 32-bit size_t.
  */
 #define PY_SSIZE_T_CLEAN
@@ -32,6 +35,57 @@ static uint64_t le64(const unsigned char *p) {
 
 static uint32_t le32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t be16(const unsigned char *p) {
+    return (uint64_t)p[0] << 8 | p[1];
+}
+
+static uint64_t be32(const unsigned char *p) {
+    return be16(p) << 16 | be16(p + 2);
+}
+
+static uint64_t be64(const unsigned char *p) {
+    return be32(p) << 32 | be32(p + 4);
+}
+
+/* splitmix64's finaliser (analyser/fast.py _mix). */
+static uint64_t mix(uint64_t x) {
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+#define N_FIELDS 16
+enum { BULK, V6, L4, END, DOFF, TFLAGS, SH, SL, DH, DL, SX, DX, SPORT, DPORT, HS, HD };
+
+/* The fields of frame j from its head h and captured length: the formulas of fast.py's _read_shape (Ethernet
+ * + IPv4 without options or IPv6, then TCP without SYN or RST) and _endpoints (both ends as 64-bit lanes and
+ * their hashes), evaluated for every frame as numpy does (both branches read, one kept). */
+static void fields(const unsigned char *h, int64_t cap, size_t j, char **f) {
+    uint64_t etype = be16(h + 12), b14 = h[14];
+    int64_t tot4 = (int64_t)be16(h + 16);
+    int v4 = etype == 0x0800 && b14 == 0x45 && h[23] == 6 && (be16(h + 20) & 0x1FFF) == 0 && tot4 >= 20;
+    int v6 = etype == 0x86DD && (b14 >> 4) == 6 && h[20] == 6;
+    const unsigned char *t = h + (v6 ? 54 : 34);
+    int64_t l4 = v6 ? 54 : 34;
+    int64_t end = v6 ? 54 + (int64_t)be16(h + 18) : 14 + tot4;
+    if (cap < end)
+        end = cap;
+    int64_t doff = (t[12] >> 4) * 4, tflags = t[13];
+    int bulk = cap > 0 && (v4 || v6) && end - l4 >= 20 && doff >= 20 && l4 + doff <= end && (tflags & 0x06) == 0;
+    uint64_t sh = v6 ? be64(h + 22) : be32(h + 26) << 32, sl = v6 ? be64(h + 30) : 0;
+    uint64_t dh = v6 ? be64(h + 38) : be32(h + 30) << 32, dl = v6 ? be64(h + 46) : 0;
+    uint64_t sport = be16(t), dport = be16(t + 2), fam = (uint64_t)(v6 ? 6 : 4) << 16;
+    uint64_t sx = sport | fam, dx = dport | fam;
+    ((unsigned char *)f[BULK])[j] = (unsigned char)bulk;
+    ((unsigned char *)f[V6])[j] = (unsigned char)v6;
+    int64_t i64[] = {l4, end, doff, tflags};
+    for (int k = 0; k < 4; k++)
+        ((int64_t *)f[L4 + k])[j] = i64[k];
+    uint64_t u64[] = {sh, sl, dh, dl, sx, dx, sport, dport, mix(mix(mix(sh) ^ sl) ^ sx), mix(mix(mix(dh) ^ dl) ^ dx)};
+    for (int k = 0; k < 10; k++)
+        ((uint64_t *)f[SH + k])[j] = u64[k];
 }
 
 /* A growing array of int64 pairs (offset, owner). */
@@ -95,6 +149,7 @@ static PyObject *gather(PyObject *self, PyObject *arg) {
     Py_buffer *views = PyMem_Calloc(nb ? (size_t)nb : 1, sizeof(Py_buffer));
     PyObject *errors = PyList_New(nb), *joined = NULL, *result = NULL;
     PyObject *arrays[6] = {NULL, NULL, NULL, NULL, NULL, NULL};    /* offs, owner, ts, wl, cap, head */
+    PyObject *fieldv = NULL;                                        /* a tuple of N_FIELDS bytes objects */
     Pairs recs = {NULL, 0, 0};
     Py_ssize_t got = 0;              /* views taken */
     if (views == NULL || errors == NULL) {
@@ -140,6 +195,16 @@ static PyObject *gather(PyObject *self, PyObject *arg) {
         if (arrays[k] == NULL)
             goto done;
     }
+    char *f[N_FIELDS];
+    fieldv = PyTuple_New(N_FIELDS);
+    if (fieldv == NULL)
+        goto done;
+    for (int k = 0; k < N_FIELDS; k++) {
+        PyObject *b = new_bytes(k <= V6 ? n : n * sizeof(int64_t), &f[k]);
+        if (b == NULL)
+            goto done;
+        PyTuple_SET_ITEM(fieldv, k, b);
+    }
     int64_t *offs = (int64_t *)data[0], *owner = (int64_t *)data[1], *ts = (int64_t *)data[2];
     int64_t *wl = (int64_t *)data[3], *cap = (int64_t *)data[4];
     unsigned char *head = (unsigned char *)data[5];
@@ -152,9 +217,10 @@ static PyObject *gather(PyObject *self, PyObject *arg) {
         wl[j] = le32(u + off + 8);
         cap[j] = le32(u + off + 12);
         memcpy(head + j * HEAD, u + off + REC_HDR, HEAD);
+        fields(head + j * HEAD, cap[j], j, f);
     }
-    result = Py_BuildValue("(OOOOOOOO)", joined, arrays[0], arrays[1], arrays[2], arrays[3], arrays[4], arrays[5],
-                           errors);
+    result = Py_BuildValue("(OOOOOOOOO)", joined, arrays[0], arrays[1], arrays[2], arrays[3], arrays[4], arrays[5],
+                           errors, fieldv);
 done:
     for (Py_ssize_t i = 0; i < got; i++)
         PyBuffer_Release(&views[i]);
@@ -163,6 +229,7 @@ done:
     for (int k = 0; k < 6; k++)
         Py_XDECREF(arrays[k]);
     Py_XDECREF(joined);
+    Py_XDECREF(fieldv);
     Py_XDECREF(errors);
     Py_DECREF(seq);
     return result;
@@ -170,7 +237,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"gather", gather, METH_O,
-     "gather(blobs) -> (buf, offs, owner, ts, wl, cap, head, errors): the step's records (analyser/gather.py)"},
+     "gather(blobs) -> (buf, offs, owner, ts, wl, cap, head, errors, fields): a step's records (analyser/gather.py)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -79,6 +79,7 @@ class _Frames:
         """``rec``: the step's records (analyser/gather.py)."""
         self.buf, self.offs, self.ts, self.wl = rec.buf, rec.offs, rec.ts, rec.wl
         self.cap, self.head = rec.cap, rec.head
+        self.shape, self.ends = rec.shape, rec.ends      # computed with the gather when it was (else None: below)
 
     def col(self, at: int, size: int = 1, rows=None):
         """The big-endian ``size``-byte field (1, 2, 4, 6 or 8) at byte ``at`` of each frame (or of ``rows``)."""

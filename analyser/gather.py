@@ -29,6 +29,7 @@ HEAD = 72                     # bytes of each frame read as a matrix: Ethernet +
 LITTLE = sys.byteorder == "little"        # the records' lengths are little-endian (appliance/framebatch.py)
 _CAP = struct.Struct("<I")
 U = np.uint64
+ENDS = ("sh", "sl", "dh", "dl", "sx", "dx", "sport", "dport", "hs", "hd")    # fast.py _endpoints' keys
 
 
 class Records(NamedTuple):
@@ -36,7 +37,10 @@ class Records(NamedTuple):
     in ``buf``, ``owner`` (the index of its blob), ``ts``, ``wl``, ``cap`` (int64) and ``head``, an (n, HEAD)
     uint8 matrix of the bytes after its header (past a shorter frame's end: the next record's or the pad);
     ``errors``: per blob the text of its first damaged record, or None (the records before it count). The
-    arrays are read-only."""
+    arrays are read-only.
+
+    ``shape`` and ``ends``: what fast.py's ``_read_shape`` and ``_endpoints`` compute from ``cap`` and ``head``,
+    when the C pass computed them with the rest (else None: fast.py computes them)."""
 
     buf: bytes
     offs: np.ndarray
@@ -46,6 +50,8 @@ class Records(NamedTuple):
     cap: np.ndarray
     head: np.ndarray
     errors: list
+    shape: tuple | None = None
+    ends: dict | None = None
 
 
 def available() -> bool:
@@ -66,9 +72,11 @@ def gather(blobs: list, mode: str | None = None) -> Records:
     """The records of ``blobs`` (bytes-like packed batches, in order) as arrays."""
     if not use_c(mode):
         return _gather_numpy(blobs)
-    buf, offs, owner, ts, wl, cap, head, errors = _fastread.gather(blobs)
+    buf, offs, owner, ts, wl, cap, head, errors, fields = _fastread.gather(blobs)
     i64 = (np.frombuffer(a, dtype=np.int64) for a in (offs, owner, ts, wl, cap))
-    return Records(buf, *i64, np.frombuffer(head, dtype=np.uint8).reshape(-1, HEAD), errors)
+    f = [np.frombuffer(a, dtype=bool if k < 2 else np.int64 if k < 6 else U) for k, a in enumerate(fields)]
+    return Records(buf, *i64, np.frombuffer(head, dtype=np.uint8).reshape(-1, HEAD), errors, tuple(f[:6]),
+                   dict(zip(ENDS, f[6:])))
 
 
 def records(blob, base: int, offs: list):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from bson import Binary
 
-from analyser import gather
+from analyser import fast, gather
 from analyser.fast import FastEngine
 from analyser.packed import Packed
 from appliance import framebatch
@@ -95,6 +95,34 @@ def test_c_and_numpy_give_the_same_bytes_on_random_blobs(seed):
     if len(c.offs) > 200:
         assert set((c.offs & 7).tolist()) == set(range(8))               # records at every alignment
         assert (c.cap < gather.HEAD).sum() > 10                           # frames shorter than the head
+
+
+@needs_c
+@pytest.mark.parametrize("seed", [2, 5])
+def test_the_c_fields_are_what_the_fast_engines_numpy_passes_compute(seed):
+    """The frame shape and endpoints the C pass computes with the gather (fast.py keeps them) against
+    ``fast._read_shape`` and ``fast._endpoints`` on the numpy gather's frames: real TCP frames of both families,
+    and copies with a byte of their first HEAD changed or cut short, so every check of the shape fails somewhere."""
+    rnd = random.Random(seed)
+    frames = capture(seed, n_clients=20, seconds=120)
+    for _ in range(4000):
+        ts, wl, data = rnd.choice(frames)
+        if rnd.random() < 0.7 and len(data) > 13:
+            k = rnd.randrange(12, min(len(data), gather.HEAD))
+            data = data[:k] + bytes([rnd.getrandbits(8)]) + data[k + 1:]
+        else:
+            data = data[:rnd.randint(0, len(data))]
+        frames.append((ts, wl, data))
+    blobs = [framebatch.pack(frames[k:k + 700]) + rnd.randbytes(rnd.choice((0, 0, 3)))
+             for k in range(0, len(frames), 700)]
+    c = gather.gather(blobs, "on")
+    fr = fast._Frames(gather.gather(blobs, "off"))
+    shape, ends = fast._read_shape(fr), fast._endpoints(fr)
+    assert len(c.shape) == len(shape) and set(c.ends) == set(ends)
+    for x, y in [*zip(c.shape, shape), *((c.ends[k], ends[k]) for k in ends)]:
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+    bulk, v6 = shape[:2]
+    assert 0.5 < bulk.mean() < 0.97 and 0.05 < v6[bulk].mean() < 0.95     # both kinds, both families
 
 
 @pytest.mark.parametrize("mode", ["off", pytest.param("on", marks=needs_c)])
