@@ -158,10 +158,10 @@ static PyObject *gather(PyObject *self, PyObject *arg) {
         goto done;
     }
     uint64_t total = 0;
-    for (; got < nb; got++) {
+    while (got < nb) {
         if (PyObject_GetBuffer(items[got], &views[got], PyBUF_SIMPLE) < 0)
             goto done;
-        total += (uint64_t)views[got].len;   /* both terms <= PY_SSIZE_T_MAX: no wrap */
+        total += (uint64_t)views[got++].len;   /* both terms <= PY_SSIZE_T_MAX: no wrap */
         if (total > (uint64_t)PY_SSIZE_T_MAX - 8 - PAD) {
             PyErr_SetString(PyExc_OverflowError, "gather: the blobs do not fit in one buffer");
             goto done;

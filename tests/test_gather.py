@@ -160,8 +160,12 @@ def test_the_c_gather_refuses_what_is_not_a_list_of_bytes_like_blobs():
     from analyser import _fastread
     with pytest.raises(TypeError):
         _fastread.gather(None)
+    held = bytearray(framebatch.pack([(1, 60, b"x" * 60)]))
     with pytest.raises(TypeError):
-        _fastread.gather([b"", 5])
+        _fastread.gather([held, 5])
+    held += b"more"                                                      # no buffer of it is left held
+    _fastread.gather([held])
+    held += b"more"
     with pytest.raises(BufferError):
         _fastread.gather([memoryview(bytes(64))[::2]])                 # not contiguous
     assert (_fastread.HEAD, _fastread.PAD) == (gather.HEAD, gather.PAD)
