@@ -40,8 +40,6 @@ than the report's series, are analysed by the reference engine whole.
 from __future__ import annotations
 
 import logging
-import struct
-import sys
 from bisect import bisect_right
 from collections import Counter, defaultdict, deque
 
@@ -54,53 +52,16 @@ from .classifiers import SAMPLES
 from .classifiers.builtin import XmppAbuse
 from .engine import Engine
 from .flows import OK, RESET, SLACK, SPOOFED, VERIFIED, flow_key
+from .gather import Records, gather
 from .parse import ACK, FIN, PSH, TCP, UDP, URG, Packet, parse
 
 log = logging.getLogger("pisnoop.analyser")
 M32 = 0xFFFFFFFF
 HALF = 1 << 31
-_CAP = struct.Struct("<I")
-LITTLE = sys.byteorder == "little"        # the records' lengths are little-endian (appliance/framebatch.py)
 MAX_CUTS = 16                 # cuts of a step at crossings (each costs an analysis of the rest of its part)
 PART = 8192                   # frames analysed together when handshakes are spread over a step
 REL_BITS = 43                 # frame-time span (ns, ~2.4 h) of one step's window entries, beside a key number
 U = np.uint64
-
-
-def records(blob: bytes, base: int, offs: list):
-    """Append the offsets (plus ``base``) of the records of ``blob``; the text of a damaged record, or None.
-
-    The same checks as ``framebatch.unpack``: the records before a damaged one count. The walk reads each
-    record's length through four 32-bit views of the blob (one per alignment), ~40% cheaper than
-    ``struct.unpack_from``; a blob whose walk does not end exactly at its end is walked again the slow way."""
-    n = len(blob)
-    if LITTLE and n >= 16:
-        views = tuple(memoryview(blob)[k:k + (n - k) // 4 * 4].cast("I") for k in range(4))
-        got: list = []
-        append = got.append
-        off, end = 0, n - 15
-        try:
-            while off < end:
-                append(off)
-                p = off + 12
-                off = p + 4 + views[p & 3][p >> 2]
-        except IndexError:
-            off = -1
-        if off == n:
-            offs.extend([base + o for o in got] if base else got)
-            return None
-    off = 0
-    cap = _CAP.unpack_from
-    append = offs.append
-    while off < n:
-        if n - off < 16:
-            return f"truncated record header at byte {off}"
-        size = cap(blob, off + 12)[0]
-        if off + 16 + size > n:
-            return f"record at byte {off} claims {size} bytes, {n - off - 16} left"
-        append(base + off)
-        off += 16 + size
-    return None
 
 
 def _stable_order(keys):
@@ -118,32 +79,16 @@ def _mix(x):
     return x ^ (x >> U(31))
 
 
-PAD = 104                     # zero bytes after a step's records: the words read around the last one stay inside
-HEAD = 72                     # bytes of each frame read as a matrix: Ethernet + IPv6 + TCP's fixed header fit
-
-
 class _Frames:
-    """The step's frames as arrays: record headers, and the first HEAD bytes of every frame as a matrix."""
+    """The step's frames as arrays: record headers, and the first bytes of every frame as a matrix (gather.HEAD)."""
 
     shape = groups = ends = None  # what _bulk_shape, _groups and _endpoints read, kept (cut with the parts)
 
-    def __init__(self, buf: bytes, offs: np.ndarray, padded: bool = False):
-        """``padded``: ``buf`` ends with PAD zero bytes and its length is a multiple of 8 (else they are added)."""
-        self.buf = buf
-        if not padded:
-            buf = buf + bytes(-len(buf) % 8 + PAD)                # what the last record's words reach past its end
-        words = np.frombuffer(buf, dtype=np.uint64)
-        self.offs = offs
-        # each record's 16-byte header and the first HEAD bytes of its frame, as unaligned 8-byte words: one
-        # gather of the aligned words around them, then each pair of neighbours shifted into place
-        span = (16 + HEAD) // 8
-        r = ((offs & 7) * 8).astype(np.uint64)[:, None]
-        w = words[(offs >> 3)[:, None] + np.arange(span + 1)]
-        w = (w[:, :-1] >> r) | ((w[:, 1:] << U(8)) << (U(56) - r))    # two shifts: r == 0 takes nothing of hi
-        self.ts = np.ascontiguousarray(w[:, 0]).view(np.int64)
-        self.wl = (w[:, 1] & U(M32)).astype(np.int64)
-        self.cap = (w[:, 1] >> U(32)).astype(np.int64)
-        self.head = np.ascontiguousarray(w[:, 2:]).view(np.uint8)
+    def __init__(self, rec: Records):
+        """``rec``: the step's records (analyser/gather.py)."""
+        self.buf, self.offs, self.ts, self.wl = rec.buf, rec.offs, rec.ts, rec.wl
+        self.cap, self.head = rec.cap, rec.head
+        self.shape, self.ends = rec.shape, rec.ends      # computed with the gather when it was (else None: below)
 
     def col(self, at: int, size: int = 1, rows=None):
         """The big-endian ``size``-byte field (1, 2, 4, 6 or 8) at byte ``at`` of each frame (or of ``rows``)."""
@@ -373,40 +318,36 @@ class FastEngine(Engine):
         from .flags import now_utc
         self._now = now_utc()
         c = self.counters
-        blobs, bids, starts, offs, owner = [], [], [], [], []
-        base = 0
+        blobs, bids, starts, damage = [], [], [], []
         for bid, start, frames in batches:
             blob = getattr(frames, "blob", None)
+            damaged = None
             if blob is None:                        # frames as tuples: packed here (an empty one stays empty)
-                kept, damaged = [], False
+                kept = []
                 try:
                     for fr in frames:
                         kept.append(fr)
                 except CorruptBatch as exc:
                     damaged = exc
                 blob = framebatch.pack(kept)
-                if damaged:
-                    c["corrupt_batches"] += 1
-                    log.warning("batch %s: %s; its remaining frames are skipped", bid, damaged)
-            k = len(offs)
-            err = records(blob, base, offs)
-            owner.extend([len(bids)] * (len(offs) - k))
-            if err is not None:
-                c["corrupt_batches"] += 1
-                log.warning("batch %s: %s; its remaining frames are skipped", bid, err)
             blobs.append(blob)
             bids.append(bid)
             starts.append(start)
-            base += len(blob)
+            damage.append(damaged)
             c["batches"] += 1
-        n = len(offs)
+        rec = gather(blobs)
+        for bid, damaged, err in zip(bids, damage, rec.errors):
+            for why in (damaged, err):
+                if why is not None:
+                    c["corrupt_batches"] += 1
+                    log.warning("batch %s: %s; its remaining frames are skipped", bid, why)
+        n = len(rec.offs)
         c["frames"] += n
         if n:
-            owner_a = np.array(owner, dtype=np.int64)
+            owner_a = rec.owner
             rank = np.arange(n) - np.searchsorted(owner_a, owner_a)
             index = np.asarray(starts, dtype=np.int64)[owner_a] + rank
-            size = sum(map(len, blobs))
-            whole = _Frames(b"".join(blobs + [bytes(-size % 8 + PAD)]), np.array(offs, dtype=np.int64), True)
+            whole = _Frames(rec)
             if persistent:
                 self._prefetch_step(whole)
             parts = deque(self._parts(whole))

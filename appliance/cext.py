@@ -15,6 +15,7 @@ from pathlib import Path
 
 EXTENSIONS: dict[str, tuple[list[str], list[str]]] = {
     "snooper._fastcap": (["snooper/_fastcap.c"], ["xxhash"]),
+    "analyser._fastread": (["analyser/_fastread.c"], []),
 }
 CFLAGS = ["-O2", "-std=c11", "-Wall"]
 

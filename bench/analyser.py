@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dpkt  # noqa: E402
 
 from analyser import flags as flags_mod  # noqa: E402
+from analyser import gather  # noqa: E402
 from analyser import policy as policy_mod  # noqa: E402
 from analyser.engine import Engine  # noqa: E402
 from analyser.fast import FastEngine  # noqa: E402
@@ -141,6 +142,7 @@ def main() -> None:
     n = len(frames)
     cfg = config.Config()
     print(f"{n} frames in {len(blobs)} batches of {BATCH}, {sum(len(b) for b in blobs) / n:.0f} bytes/frame packed")
+    print(f"the fast engine's step gather: {'C (analyser._fastread)' if gather.use_c() else 'numpy (analyser.gather)'}")
 
     def unpack_only():
         for b in blobs:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import pcapfile
+from appliance import cext, pcapfile
 from tests.analyser_frames import T0, Conn, steady
 from tests.conftest import REPO
 
@@ -102,7 +102,7 @@ def test_running_each_service_loads_no_other_service(tmp_path):
 
 @pytest.fixture(scope="module")
 def product_wheel(tmp_path_factory) -> Path:
-    """Built from a copy of the checkout (as the playbook does), so no build/ folder is left in it."""
+    """Built pure from a copy of the checkout (as the playbook does), so no build/ folder is left in it."""
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
     for name in filter(None, (f.decode() for f in files)):
@@ -111,7 +111,7 @@ def product_wheel(tmp_path_factory) -> Path:
             shutil.copy2(REPO / name, src / name)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out),
                            str(src)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+                          env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PISNOOP_PURE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = out.glob("pisnoop-*.whl")
     return wheel
@@ -123,6 +123,7 @@ def test_the_product_wheel_holds_no_lab(product_wheel):
     assert top == {"appliance", "analyser", "snooper", "static_controller", "webui"}
     assert "appliance/pisnoop.example.yaml" in names
     assert {"webui/static/app.js", "webui/static/uPlot.iife.min.js", "webui/static/uPlot.LICENSE"} <= set(names)
+    assert {src for sources, _ in cext.EXTENSIONS.values() for src in sources} <= set(names)   # compiled on the Pi
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     requires = [line for line in zipfile.ZipFile(product_wheel).read(metadata).decode().splitlines()
                 if line.startswith("Requires-Dist:") and "extra ==" not in line]
