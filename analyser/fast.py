@@ -601,7 +601,7 @@ class FastEngine(Engine):
             c0, c1 = c0 - c0[run_start], c1 - c1[run_start]
             other = np.where(dd == 0, p1[gg] + c1, p0[gg] + c0)
             ok[fo] = isudp[fo] & (other > 0) & ~spoofed[gg]
-        starts, ends = self._count_runs(gany, k2, fr.ts[j], fr.wl[j], tflags[j], owner[j], bids)
+        starts, ends = self._count_runs(gany, k2, fr.ts[j], fr.wl[j], tflags[j])
         nok = np.add.reduceat(ok, starts)
         tcp = ~isudp
         plen = end[j] - l4[j] - doff[j]
@@ -932,7 +932,7 @@ class FastEngine(Engine):
         key2 = g * 2 + d
         o = _stable_order(key2)
         k2, ts = key2[o], q["ts"][o]
-        starts, ends = self._count_runs(gflow, k2, ts, q["wl"][o], q["flags"][o], owner[q["j"][o]], bids)
+        starts, ends = self._count_runs(gflow, k2, ts, q["wl"][o], q["flags"][o])
         endseq, wv, fl = q["endseq"][o], q["wv"][o], q["flags"][o]
         fin_any = np.maximum.reduceat(fl & FIN, starts)
         cnt = np.diff(np.append(starts, n))
@@ -971,11 +971,10 @@ class FastEngine(Engine):
                 f.cov_gen = gen
 
     @staticmethod
-    def _count_runs(gf, k2, ts, wl, fl, ob, bids):
+    def _count_runs(gf, k2, ts, wl, fl):
         """What ``Flow.add`` counts of every packet, per run of packets of one flow and direction (``k2`` is
-        group * 2 + direction, sorted, frame order within a run; ``gf`` the groups' flows, ``ob`` each
-        packet's batch): packets, bytes, largest size, intervals, first and last times, flag bits, batches.
-        Returns the runs' first and last positions."""
+        group * 2 + direction, sorted, frame order within a run; ``gf`` the groups' flows): packets, bytes,
+        largest size, intervals, first and last times, flag bits. Returns the runs' first and last positions."""
         n = len(k2)
         starts = np.flatnonzero(np.concatenate(([True], k2[1:] != k2[:-1])))
         ends = np.append(starts[1:], n) - 1
@@ -1020,7 +1019,6 @@ class FastEngine(Engine):
             if t0 < f.first_ns:
                 f.first_ns = t0
             f.dirty = True
-            f.batches.update(bids[b] for b in set(ob[s:e + 1].tolist()))
             fl_d = f.flags
             for name, arr in bitcount:
                 v = int(arr[ri])

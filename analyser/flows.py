@@ -26,11 +26,14 @@ check; an out-of-window segment is one the server's TCP discards anyway.
 A UDP packet counts once the other side has answered on the same 5-tuple.
 Everything else is unverified: counted per claimed source, never a ban.
 
-Restart safety: every write of a flow carries the analyser step that wrote it
-and the ids of the batches of that step which touched it. A step whose flows
-were written but whose resume point was not (a kill in between) is read
-again after a restart; a flow loaded from the store then skips the batches it
-already holds, so no packet is counted twice and none is lost. Held packets
+Restart safety: every write of flows carries the analyser step that wrote
+them, and before it the resume point names that step and the ids of the
+batches read since it was last written (``pending``, analyser/reader.py).
+Batches whose flows were written but whose resume point was not (a kill in
+between) are read again after a restart; a flow loaded from the store with
+the pending step skips them (it holds them already), a flow written before
+counts them, so no packet is counted twice and none is lost (documents of
+older versions name their batches themselves, ``step_batches``). Held packets
 are not stored: a connection still settling when the analyser stops is
 verified from its next packet on.
 """
@@ -82,7 +85,7 @@ class Flow:
 
     __slots__ = ("key", "id", "proto", "client", "cport", "server", "sport", "verified", "first_ns", "last_ns",
                  "pkts", "bytes", "max_size", "last_dir_ns", "iat_min", "iat_max", "flags", "closed",
-                 "batches", "skip", "dirty", "mac", "tcp", "isn", "nxt", "win", "ws", "conf", "ends", "settle_ns",
+                 "skip", "dirty", "mac", "tcp", "isn", "nxt", "win", "ws", "conf", "ends", "settle_ns",
                  "verified_by", "held", "counted", "status", "v6", "agg", "agg_gen", "ttl", "queued", "cov_gen",
                  "settle_after", "reset")
 
@@ -117,7 +120,6 @@ class Flow:
         self.iat_max = [None, None]
         self.flags = dict.fromkeys((n for _, n in FLAG_BITS), 0)
         self.closed = False
-        self.batches: set = set()
         self.skip: frozenset = frozenset()
         self.dirty = True
         self.tcp = NONE
@@ -138,7 +140,7 @@ class Flow:
         self.cov_gen = -1
         self.reset = False
 
-    def add(self, p: Packet, batch_id: str) -> int:
+    def add(self, p: Packet) -> int:
         """Count one packet; return its direction (0 client->server, 1 server->client); ``status`` says whether
         it is verified (OK), held until its connection settles (HELD) or unverified (NO)."""
         d = 0 if (p.sport == self.cport and p.src == self.client) else 1
@@ -167,7 +169,6 @@ class Flow:
             fl = self.flags
             for name in FLAG_NAMES[f & 0x3F]:
                 fl[name] += 1
-        self.batches.add(batch_id)
         self.dirty = True
         if self.tcp == VERIFIED and not f & 0x06 and (d or p.data.startswith(self.mac, 6)):  # no SYN, no RST
             # the common case, inline: the window test of _fits and the advance of _advance
@@ -350,14 +351,16 @@ class Flow:
             "iat_max_ns": {"c2s": self.iat_max[0], "s2c": self.iat_max[1]},
             "last_packet_ns": {"c2s": self.last_dir_ns[0], "s2c": self.last_dir_ns[1]},
             "tcp_flags": dict(self.flags), "closed": self.closed,
-            "step": step, "step_batches": sorted(self.batches),
+            "step": step,
         }
         if self.proto == TCP:       # state (STATE_NAMES), verified_by, isn, nxt, win, ws: to go on after a restart
             doc["tcp"] = [self.tcp, self.verified_by, *self.isn, *self.nxt, *self.win, *self.ws]
         return doc
 
     @classmethod
-    def from_document(cls, doc: dict, committed_step: int) -> "Flow":
+    def from_document(cls, doc: dict, committed_step: int, pending: Optional[tuple] = None) -> "Flow":
+        """The flow of a stored document; ``pending``: (step, batch ids) of a write whose resume point was not
+        written (analyser/reader.py): a document of that step holds those batches already."""
         f = cls.__new__(cls)
         proto, a, ap, b, bp = doc["key"].split(" ")
         f.key = (int(proto), (a, int(ap)), (b, int(bp)))
@@ -383,20 +386,27 @@ class Flow:
         f.conf, f.ends, f.settle_ns, f.held, f.status = [0, 0], ([], []), 0, [], NO
         f.agg, f.agg_gen, f.queued, f.cov_gen, f.settle_after, f.reset = None, -1, False, -1, SETTLE_NS, False
         # Written by a step that never committed its resume point: those batches are in already.
-        f.skip = frozenset(doc.get("step_batches", ())) if doc.get("step", 0) > committed_step else frozenset()
-        f.batches, f.dirty = set(), False
+        step = doc.get("step", 0)
+        f.skip, f.dirty = frozenset(), False
+        if step > committed_step and pending is not None and step == pending[0]:
+            f.skip = pending[1]
+            f.dirty = True                      # written again with the next step: it holds them from then on
+        elif step > committed_step:
+            f.skip = frozenset(doc.get("step_batches", ()))
         return f
 
 
 class FlowTable:
     """The live flows; ``sink`` stores their documents (MongoDB or memory)."""
 
-    def __init__(self, sink, sensor: str, committed_step: int = 0, server_ports=(), settle_ns: int = SETTLE_NS):
+    def __init__(self, sink, sensor: str, committed_step: int = 0, server_ports=(), settle_ns: int = SETTLE_NS,
+                 pending: Optional[tuple] = None):
         self.sink = sink
         self.server_ports = frozenset(server_ports)
         self.settle_ns = settle_ns
         self.sensor = sensor
         self.committed_step = committed_step
+        self.pending = pending                # (step, frozenset of batch ids): see Flow.from_document
         self.flows: dict[tuple, Flow] = {}
         self.replaced: list[Flow] = []      # earlier connections of a reused 5-tuple, written at the next flush
         self.newest_ns = 0
@@ -408,7 +418,7 @@ class FlowTable:
         loaded = []
         if missing:
             for doc in self.sink.latest(key_text(k) for k in missing):
-                f = Flow.from_document(doc, self.committed_step)
+                f = Flow.from_document(doc, self.committed_step, self.pending)
                 flows[f.key] = f
                 loaded.append(f)
         return loaded
@@ -425,7 +435,7 @@ class FlowTable:
             return None, 0
         if p.ts_ns > self.newest_ns:
             self.newest_ns = p.ts_ns
-        return f, f.add(p, batch_id)
+        return f, f.add(p)
 
     @staticmethod
     def _new_connection(f: Flow, p: Packet) -> bool:
@@ -444,7 +454,6 @@ class FlowTable:
             self.sink.write([f.document(self.sensor, step) for f in dirty])
         for f in dirty:
             f.dirty = False
-            f.batches = set()
             f.skip = frozenset()
         now = self.newest_ns
         idle = [k for k, f in self.flows.items()

@@ -68,7 +68,8 @@ class Analyser:
         self.db = db
         self.policy = policy or policy_mod.load(cfg.analyser.policy_file)
         self.follower = Follower(db, cfg.snooper.sensor, frames_db=store.frames_reader(db, cfg.mongodb))
-        self.flows = FlowTable(SensorFlows(db, cfg.snooper.sensor), cfg.snooper.sensor, self.follower.step)
+        self.flows = FlowTable(SensorFlows(db, cfg.snooper.sensor), cfg.snooper.sensor, self.follower.step,
+                               pending=self._pending())
         self.book = flags_mod.FlagBook(cfg, flags_mod.MongoFlags(db, cfg.snooper.sensor), cfg.snooper.sensor,
                                        own_addresses(cfg))
         self.alerts = alerts.Alerter(cfg.alerts, cfg.snooper.sensor)
@@ -105,26 +106,31 @@ class Analyser:
         """Analyse the next batches; return how many were read (0: caught up). Flows and the resume point are
         written when ``analyser.flush_interval`` has passed since they last were."""
         docs = self.follower.next_batches()
-        if not docs:
-            if self.follower.step > self.follower.saved_step and time.monotonic() >= self._next_flush:
-                self.flush()
-            return 0
-        step = self.follower.step + 1
-        due = time.monotonic() >= self._next_flush
-        self.engine.run_step([(d["_id"], 0, Packed(store.batch_blob(d))) for d in docs], step, flush=due)
-        self.follower.advance(docs, step)
-        if due:
-            self._saved()
+        if docs:
+            step = self.follower.step + 1
+            self.engine.run_step([(d["_id"], 0, Packed(store.batch_blob(d))) for d in docs], step, flush=False)
+            self.follower.advance(docs, step)
+        if time.monotonic() >= self._next_flush:
+            self.flush()
         return len(docs)
 
     def flush(self) -> None:
-        """Write the flows changed since the last write, then the resume point (the steps read since)."""
-        self.engine.flush(self.follower.step)
-        self._saved()
-
-    def _saved(self) -> None:
-        self.follower.save()
+        """Write the flows changed since the last write (marked with the step), then the resume point; first the
+        old position naming the batches since, so that a kill in between loses and doubles nothing. Not while a
+        pending write of the run before is read again (Follower.recovering): until then a kill starts again from
+        the same position, with the same pending write."""
+        f = self.follower
+        if f.step == f.saved_step or f.recovering:
+            return
+        f.save_pending()
+        self.engine.flush(f.step)
+        f.save()
+        self.flows.pending = None
         self._next_flush = time.monotonic() + self.cfg.analyser.flush_interval
+
+    def _pending(self):
+        p = self.follower.pending
+        return None if p is None else (p[0], p[1])
 
     def flagged(self, doc: dict) -> None:
         """A flag (or an exempt record) was written: its alert."""
@@ -155,6 +161,7 @@ class Analyser:
                                  frames_db=store.frames_reader(self.db, self.cfg.mongodb))
         self.flows.flows.clear()
         self.flows.replaced = []
+        self.flows.pending = self._pending()
         self.flows.committed_step = self.follower.step
         self.engine.reset_windows()
         self.status.follower = self.follower
@@ -203,8 +210,7 @@ class Analyser:
                 self.stop.wait(cfg.poll_interval)
         service.notify("STOPPING=1")
         try:
-            if self.follower.step > self.follower.saved_step:
-                self.flush()                    # what was analysed since the last write
+            self.flush()                        # what was analysed since the last write
             self.housekeeping()
             self.status.report()
         except pymongo.errors.PyMongoError as exc:

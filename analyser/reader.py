@@ -42,6 +42,12 @@ class Follower:
         self.seen: dict[str, dt.datetime] = {i: t for i, t in doc.get("seen", [])}
         self.step: int = doc.get("step", 0)
         self.saved_step = self.step             # the step of the position in ``state``
+        self._saved = {k: v for k, v in doc.items() if k != "pending"} or {"_id": self.id, "step": 0}
+        self.unsaved: list[str] = []            # ids read since the position was saved
+        got = doc.get("pending")
+        # a write of flows whose position was not saved: (step, its batch ids, the resume point it reached)
+        self.pending: Optional[tuple] = ((got["step"], frozenset(got["ids"]), got["upto"])
+                                         if isinstance(got, dict) and got.get("step", 0) > self.step else None)
         self.late = 0
         self._next_window_scan = 0.0
 
@@ -81,6 +87,7 @@ class Follower:
             if self.resume is not None and d["ins"] < self.resume:
                 self.late += 1
             self.seen[d["_id"]] = d["ins"]
+            self.unsaved.append(d["_id"])
         newest = max(d["ins"] for d in docs)
         if self.resume is None or newest > self.resume:
             self.resume = newest
@@ -88,12 +95,26 @@ class Follower:
         self.seen = {i: t for i, t in self.seen.items() if t >= edge}
         self.step = step
 
+    def save_pending(self) -> None:
+        """Before flows are written with ``step``: the saved position, naming that step, the batches read since
+        and the resume point they reach (``Flow.from_document`` reads it after a kill before ``save``)."""
+        pending = {"step": self.step, "ids": list(self.unsaved), "upto": self.resume}
+        self.state.replace_one({"_id": self.id}, {**self._saved, "pending": pending}, upsert=True)
+
     def save(self) -> None:
         """Write the position: the resume point, the ids read inside the grace window, the step."""
-        self.state.replace_one({"_id": self.id}, {
-            "_id": self.id, "resume": self.resume, "seen": [[i, t] for i, t in self.seen.items()],
-            "step": self.step, "updated_at": dt.datetime.now(dt.timezone.utc)}, upsert=True)
-        self.saved_step = self.step
+        doc = {"_id": self.id, "resume": self.resume, "seen": [[i, t] for i, t in self.seen.items()],
+               "step": self.step, "updated_at": dt.datetime.now(dt.timezone.utc)}
+        self.state.replace_one({"_id": self.id}, doc, upsert=True)
+        self._saved, self.saved_step, self.unsaved, self.pending = doc, self.step, [], None
+
+    @property
+    def recovering(self) -> bool:
+        """A pending write of a run before this one is still being read again (the position must not move on
+        before it is: its flows skip those batches until then)."""
+        if self.pending is None or self.pending[1] <= self.seen.keys():
+            return False
+        return self.resume is None or self.resume <= self.pending[2]   # past it: the rest is gone (retention)
 
     def lag_seconds(self) -> float:
         """How far the newest stored batch is ahead of what has been read (0 when caught up)."""

@@ -247,6 +247,55 @@ def test_flows_are_written_once_an_interval_and_a_crash_between_writes_loses_and
     assert flow_counts(db) == {d["_id"]: flow_counts_doc(d) for d in ref.flow_docs.all()}
 
 
+def test_kills_during_writes_and_while_reading_them_again_lose_and_double_nothing(env, monkeypatch):
+    """A kill after the flows were written but not the position; a restart reading those batches again (it writes
+    nothing until it has: a kill then starts from the same place); a kill in its own first write; and the end."""
+    from analyser import reader
+    make, db = env
+    cfg, _ = make(analyser={"flush_interval": 0})
+    frames = many_connections()
+    short = Conn("10.0.9.9", 45000)                        # a connection seen only in the batches read again
+    t = frames[660][0]
+    frames = sorted(frames + short.handshake(t + 1) + short.data(t + 2) + short.data(t + 3, to_server=False))
+    store_frames(db, frames, batch_size=50)
+    real_save = reader.Follower.save
+    kills = []
+
+    def killed(self):
+        if kills:
+            kills.pop()
+            raise KeyboardInterrupt("killed between the flow writes and the position")
+        real_save(self)
+    monkeypatch.setattr(reader.Follower, "save", killed)
+    a = Analyser(cfg, db)
+    a.follower.limit = 6
+    a.step()
+    a.step()
+    kills.append(1)
+    with pytest.raises(KeyboardInterrupt):
+        a.step()                                            # flows of 18 batches written, position of 12
+    state = db[store.STATE].find_one()
+    assert state["step"] == 2 and state["pending"]["step"] == 3 and len(state["pending"]["ids"]) == 6
+    b = Analyser(cfg, db)
+    b.follower.limit = 4
+    assert b.step() == 4 and b.follower.recovering         # 4 of the 6 read again: nothing written
+    assert db[store.STATE].find_one() == state
+    del b                                                   # killed while reading them again
+    c = Analyser(cfg, db)
+    c.follower.limit = 5
+    kills.append(1)
+    with pytest.raises(KeyboardInterrupt):
+        while True:
+            c.step()                                        # the kill: in its first write after reading them
+    d = Analyser(cfg, db)
+    d.follower.limit = 9
+    d.run(once=True)
+    assert d.engine.counters["replayed"] > 0 and not d.follower.recovering
+    ref = Offline(cfg, policy_mod.load(None))
+    ref.run([("x", 0, frames)])
+    assert flow_counts(db) == {k: flow_counts_doc(v) for k, v in {d["_id"]: d for d in ref.flow_docs.all()}.items()}
+
+
 def test_a_caught_up_analyser_writes_its_pending_flows_when_the_interval_has_passed(env):
     make, db = env
     cfg, _ = make(analyser={"flush_interval": 0.3})
