@@ -24,12 +24,16 @@ GRACE = dt.timedelta(seconds=30)
 # Ids read are kept this much longer than GRACE so such extras are known.
 SLACK = dt.timedelta(seconds=2)
 WINDOW_SCAN_EVERY = 10.0  # seconds between full reads of the grace window (late batches)
+# A step: up to STEP_BATCHES batches (a poll's worth at 100 Mb/s of small frames is ~75: one step, since the fast
+# engine's cost per connection and step is fixed), cut after STEP_BYTES of frames (wire bytes: large frames).
+STEP_BATCHES = 128
+STEP_BYTES = 32 << 20
 
 
 class Follower:
     """The persisted position of the analyser of one sensor in ``frames``."""
 
-    def __init__(self, db, sensor: str, limit: int = 64, frames_db=None):
+    def __init__(self, db, sensor: str, limit: int = STEP_BATCHES, frames_db=None):
         """``frames_db``: where ``frames`` is read (``store.frames_reader``: a secondary may serve it); the resume
         point is read and written through ``db`` (the primary)."""
         self.frames = (frames_db if frames_db is not None else db)[store.FRAMES]
@@ -74,7 +78,17 @@ class Follower:
             query = {"sensor": self.sensor, "ins": {"$gte": since}}
             if known:
                 query["_id"] = {"$nin": known}
-        return list(self.frames.find(query).sort([("ins", 1), ("_id", 1)]).limit(self.limit))
+        out, size = [], 0
+        cur = self.frames.find(query).sort([("ins", 1), ("_id", 1)]).limit(self.limit)
+        try:
+            for doc in cur:
+                out.append(doc)
+                size += doc.get("wire_bytes", 0)
+                if size >= STEP_BYTES:
+                    break                     # the rest is read again next time (not marked read)
+        finally:
+            cur.close()
+        return out
 
     def commit(self, docs: list[dict], step: int) -> None:
         """Record ``docs`` as read by ``step`` and save the position (after their flows were written)."""

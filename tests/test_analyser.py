@@ -349,6 +349,9 @@ def test_following_new_batches_reads_only_the_new_ones_from_the_store(env):
                 returned.append(doc)
                 yield doc
 
+        def close(self):
+            self.cur.close()
+
     class Counting:
         def __init__(self, coll):
             self.coll = coll
@@ -367,6 +370,23 @@ def test_following_new_batches_reads_only_the_new_ones_from_the_store(env):
     f.rescan()                                                      # the grace window: still only the new ones
     returned.clear()
     assert len(f.next_batches()) == len(returned) == 5
+
+
+def test_a_step_ends_after_step_bytes_of_frames_and_the_rest_comes_next(env, monkeypatch):
+    from analyser import reader
+    make, db = env
+    store_frames(db, many_connections()[:1000], batch_size=50)         # 20 batches
+    sizes = [d["wire_bytes"] for d in db[store.FRAMES].find().sort([("ins", 1), ("_id", 1)])]
+    monkeypatch.setattr(reader, "STEP_BYTES", sizes[0] + sizes[1] + 1)
+    f = reader.Follower(db, "pisnoop")
+    got = []
+    while True:
+        docs = f.next_batches()
+        if not docs:
+            break
+        got.append(len(docs))
+        f.commit(docs, len(got))
+    assert sum(got) == 20 and max(got) == 3 and got[0] == 3           # the third batch crosses: it is the last
 
 
 def flow_counts_doc(f):
