@@ -14,7 +14,8 @@
  *   errors per blob, the text of its first damaged record or None (the records before it count)
  *   fields what analyser/fast.py's _read_shape and _endpoints compute from cap and head with many numpy passes,
  *          per frame in the same pass (tests/test_gather.py holds them equal): bulk, v6, udp (bool), l4, end,
- *          doff, tflags (int64), then sh, sl, dh, dl, sx, dx, sport, dport, hs, hd (uint64)
+ *          doff, tflags (int64), then sh, sl, dh, dl, sx, dx, sport, dport, hs, hd (uint64), then what
+ *          fast.py reads of some frames: the TCP seq, ack, window (int64) and the source MAC (uint64)
  * Sizes are checked in 64-bit arithmetic that cannot overflow with a 32-bit size_t.
  */
 #define PY_SSIZE_T_CLEAN
@@ -56,9 +57,9 @@ static uint64_t mix(uint64_t x) {
     return x ^ (x >> 31);
 }
 
-#define N_FIELDS 17
+#define N_FIELDS 21
 #define N_BOOL 3                     /* the first N_BOOL fields are one byte each, the rest eight */
-enum { BULK, V6, UDP, L4, END, DOFF, TFLAGS, SH, SL, DH, DL, SX, DX, SPORT, DPORT, HS, HD };
+enum { BULK, V6, UDP, L4, END, DOFF, TFLAGS, SH, SL, DH, DL, SX, DX, SPORT, DPORT, HS, HD, SEQ, ACK, WIN, SMAC };
 
 /* The fields of frame j from its head h and captured length: the formulas of fast.py's _read_shape (Ethernet
  * + IPv4 without options or IPv6, then TCP without SYN or RST, or UDP) and _endpoints (both ends as 64-bit
@@ -89,8 +90,9 @@ static void fields(const unsigned char *h, int64_t cap, size_t j, char **f) {
     int64_t i64[] = {l4, end, doff, tflags};
     for (int k = 0; k < 4; k++)
         ((int64_t *)f[L4 + k])[j] = i64[k];
-    uint64_t u64[] = {sh, sl, dh, dl, sx, dx, sport, dport, mix(mix(mix(sh) ^ sl) ^ sx), mix(mix(mix(dh) ^ dl) ^ dx)};
-    for (int k = 0; k < 10; k++)
+    uint64_t u64[] = {sh, sl, dh, dl, sx, dx, sport, dport, mix(mix(mix(sh) ^ sl) ^ sx), mix(mix(mix(dh) ^ dl) ^ dx),
+                      be32(t + 4), be32(t + 8), be16(t + 14), be16(h + 6) << 32 | be32(h + 8)};
+    for (int k = 0; k < 14; k++)
         ((uint64_t *)f[SH + k])[j] = u64[k];
 }
 

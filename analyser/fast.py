@@ -62,6 +62,7 @@ MAX_CUTS = 16                 # cuts of a step at crossings (each costs an analy
 PART = 8192                   # frames analysed together when handshakes are spread over a step
 REL_BITS = 43                 # frame-time span (ns, ~2.4 h) of one step's window entries, beside a key number
 U = np.uint64
+_SEG = {"seq": (4, 4), "ack": (8, 4), "win": (14, 2)}     # _Frames.seg: TCP header offset and size
 
 
 def _stable_order(keys):
@@ -82,13 +83,13 @@ def _mix(x):
 class _Frames:
     """The step's frames as arrays: record headers, and the first bytes of every frame as a matrix (gather.HEAD)."""
 
-    shape = groups = ends = None  # what _bulk_shape, _groups and _endpoints read, kept (cut with the parts)
+    shape = groups = ends = more = None  # what _bulk_shape, _groups, _endpoints, seg read, kept (cut with the parts)
 
     def __init__(self, rec: Records):
         """``rec``: the step's records (analyser/gather.py)."""
         self.buf, self.offs, self.ts, self.wl = rec.buf, rec.offs, rec.ts, rec.wl
         self.cap, self.head = rec.cap, rec.head
-        self.shape, self.ends = rec.shape, rec.ends      # computed with the gather when it was (else None: below)
+        self.shape, self.ends, self.more = rec.shape, rec.ends, rec.more   # from the gather when it made them
 
     def col(self, at: int, size: int = 1, rows=None):
         """The big-endian ``size``-byte field (1, 2, 4, 6 or 8) at byte ``at`` of each frame (or of ``rows``)."""
@@ -98,6 +99,16 @@ class _Frames:
         if size == 6:
             return np.ascontiguousarray(h[:, at - 2:at + 6]).view(">u8")[:, 0] & U(0xFFFFFFFFFFFF)
         return np.ascontiguousarray(h[:, at:at + size]).view(f">u{size}")[:, 0].astype(np.uint64)
+
+    def seg(self, name: str, v6, rows):
+        """The TCP ``seq``, ``ack`` or ``win`` (int64) or the source ``mac`` (uint64) of frames ``rows`` (``v6``:
+        of those rows), as the C gather made them, else read from the heads."""
+        if self.more is not None:
+            return self.more[name][rows]
+        if name == "mac":
+            return self.col(6, 6, rows)
+        at, size = _SEG[name]
+        return self.tcp(v6, at, size, rows).astype(np.int64)
 
     def tcp(self, v6, at: int, size: int = 1, rows=None):
         """A TCP header field (``at`` from the TCP header's start) of frames whose IP header is IPv4 without
@@ -115,6 +126,8 @@ class _Frames:
             p.shape = tuple(a[lo:hi] for a in self.shape)
         if self.ends is not None:
             p.ends = {k: v[lo:hi] for k, v in self.ends.items()}
+        if self.more is not None:
+            p.more = {k: v[lo:hi] for k, v in self.more.items()}
         return p
 
     def packet(self, j: int):
@@ -297,6 +310,9 @@ def _read_groups(fr: _Frames):
     return bulk, v6, l4, end, doff, tflags, bi, inv, rep, same, hs, hd, e["sport"], e["dport"], udp
 
 
+_LANES = ("sh", "sl", "sx", "dh", "dl", "dx")     # a frame's two ends (_endpoints): source, then destination
+
+
 class FastEngine(Engine):
     """``Engine`` counting verified steady-state TCP segments in bulk (see the module's docstring)."""
 
@@ -307,6 +323,7 @@ class FastEngine(Engine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._subject_cache: dict = {}
+        self._flow_cache: dict = {}     # both ends' lanes (_endpoints, one order) -> (flow, sent by its client)
     def bulk_possible(self) -> bool:
         from .report import XmppSeries
         return (all(type(cl) is XmppAbuse for cl in self.classifiers)
@@ -373,6 +390,8 @@ class FastEngine(Engine):
         self._end_step(step, flush)
         if len(self._subject_cache) > 2 * len(self.flows.flows) + 1024:
             self._subject_cache.clear()         # it holds flows: no more than about the live ones
+        if len(self._flow_cache) > 4 * len(self.flows.flows) + 1024:
+            self._flow_cache.clear()
         return n
 
     def _prefetch_step(self, fr: _Frames) -> None:
@@ -381,10 +400,38 @@ class FastEngine(Engine):
         bulk, _, _, _, _, _, bi, inv, rep, same, *_ = _groups(fr)
         odd = (fr.cap > 0) & ~bulk
         odd[bi[~same]] = True
-        js = bi[rep].tolist() + np.flatnonzero(odd).tolist()
+        gany, _ = self._group_flows(fr, bi, rep)
+        js = [j for j, f in zip(bi[rep].tolist(), gany) if f is None] + np.flatnonzero(odd).tolist()
         packets = [p for p in map(fr.packet, js) if p.__class__ is Packet]
         if packets:
             self._prefetch(packets)
+
+    def _group_flows(self, fr: _Frames, bi, rep) -> tuple:
+        """Per group its flow in memory (or None) and whether its first frame came from the flow's client: from
+        the cache of the groups' ends when it still names a live flow, else by parsing that frame."""
+        table = self.flows.flows
+        cache = self._flow_cache
+        rj = bi[rep]
+        e = _endpoints(fr)
+        gany: list = [None] * len(rep)
+        gd0 = np.zeros(len(rep), dtype=bool)
+        for g, lanes in enumerate(zip(*(e[k][rj].tolist() for k in _LANES))):
+            hit = cache.get(lanes)
+            if hit is not None and table.get(hit[0].key) is hit[0]:
+                f, d0 = hit
+            else:
+                p = fr.packet(int(rj[g]))
+                if p.__class__ is not Packet:
+                    continue
+                f = table.get(flow_key(p))
+                if f is None:
+                    continue
+                d0 = p.sport == f.cport and p.src == f.client
+                cache[lanes] = (f, d0)
+                cache[lanes[3:] + lanes[:3]] = (f, not d0)
+            gany[g] = f
+            gd0[g] = d0
+        return gany, gd0
 
     def _parts(self, fr: _Frames):
         """Where to cut the step: a flow that goes the reference way does so for its whole part, so when the
@@ -416,19 +463,10 @@ class FastEngine(Engine):
         nonempty = fr.cap > 0
         G = len(rep)
         gflow: list = [None] * G                      # the groups' flows when verified (counted in bulk)
-        gany: list = [None] * G                       # the groups' flows, whatever their state
-        gd0 = np.zeros(G, dtype=bool)                 # the representative was sent by the client
         good = np.zeros(G, dtype=bool)
-        for g in range(G):
-            p = fr.packet(int(bi[rep[g]]))
-            if p.__class__ is not Packet:
-                continue
-            f = table.get(flow_key(p))
-            if f is None:
-                continue
-            gany[g] = f
-            gd0[g] = p.sport == f.cport and p.src == f.client
-            if f.tcp != VERIFIED or not f.mac or f.skip or f.held:
+        gany, gd0 = self._group_flows(fr, bi, rep)    # the groups' flows, whatever their state; sent by the client
+        for g, f in enumerate(gany):
+            if f is None or f.tcp != VERIFIED or not f.mac or f.skip or f.held:
                 continue
             gflow[g], good[g] = f, True
         ok = same & good[inv]
@@ -460,10 +498,9 @@ class FastEngine(Engine):
         g = inv[bk]
         pk = {
             "j": j, "g": g, "d": d_all[bk], "ts": fr.ts[j], "wl": fr.wl[j],
-            "flags": tflags[j], "seq": fr.tcp(v6[j], 4, 4, j).astype(np.int64),
-            "ack": fr.tcp(v6[j], 8, 4, j).astype(np.int64),
-            "win": fr.tcp(v6[j], 14, 2, j).astype(np.int64),
-            "plen": end[j] - l4[j] - doff[j], "mac": fr.col(6, 6, j), "v6": v6[j],
+            "flags": tflags[j], "seq": fr.seg("seq", v6[j], j), "ack": fr.seg("ack", v6[j], j),
+            "win": fr.seg("win", v6[j], j), "plen": end[j] - l4[j] - doff[j], "mac": fr.seg("mac", v6[j], j),
+            "v6": v6[j],
             "sport": sport[bk], "dport": dport[bk],
         }
         at = self._bulk(pk, gflow, slow, slow_ids, cut)
@@ -502,7 +539,7 @@ class FastEngine(Engine):
         isudp = udp[j]
         fin = np.bincount(g, weights=(tflags[j] & FIN) != 0, minlength=G) > 0
         proto_udp = np.bincount(g, weights=isudp, minlength=G)
-        ack = fr.tcp(v6[j], 8, 4, j).astype(np.int64)
+        ack = fr.seg("ack", v6[j], j)
         hasack = (tflags[j] & ACK) != 0
         for x in np.flatnonzero(qk).tolist():
             f = gany[x]
@@ -605,8 +642,8 @@ class FastEngine(Engine):
         nok = np.add.reduceat(ok, starts)
         tcp = ~isudp
         plen = end[j] - l4[j] - doff[j]
-        seq = fr.tcp(v6[j], 4, 4, j).astype(np.int64)
-        mac = fr.col(6, 6, j)
+        seq = fr.seg("seq", v6[j], j)
+        mac = fr.seg("mac", v6[j], j)
         unverified = self.unverified
         for s, e, k, m in zip(starts.tolist(), ends.tolist(), k2[starts].tolist(), nok.tolist()):
             f = gany[k >> 1]

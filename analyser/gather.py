@@ -30,6 +30,7 @@ LITTLE = sys.byteorder == "little"        # the records' lengths are little-endi
 _CAP = struct.Struct("<I")
 U = np.uint64
 ENDS = ("sh", "sl", "dh", "dl", "sx", "dx", "sport", "dport", "hs", "hd")    # fast.py _endpoints' keys
+MORE = ("seq", "ack", "win", "mac")     # fast.py _Frames.seg's fields
 
 
 class Records(NamedTuple):
@@ -40,7 +41,8 @@ class Records(NamedTuple):
     arrays are read-only.
 
     ``shape`` and ``ends``: what fast.py's ``_read_shape`` and ``_endpoints`` compute from ``cap`` and ``head``,
-    when the C pass computed them with the rest (else None: fast.py computes them)."""
+    and ``more`` what its ``_Frames.seg`` reads of some frames, when the C pass computed them with the rest (else
+    None: fast.py computes them)."""
 
     buf: bytes
     offs: np.ndarray
@@ -52,6 +54,7 @@ class Records(NamedTuple):
     errors: list
     shape: tuple | None = None
     ends: dict | None = None
+    more: dict | None = None
 
 
 def available() -> bool:
@@ -74,10 +77,11 @@ def gather(blobs: list, mode: str | None = None) -> Records:
         return _gather_numpy(blobs)
     buf, offs, owner, ts, wl, cap, head, errors, fields = _fastread.gather(blobs)
     i64 = (np.frombuffer(a, dtype=np.int64) for a in (offs, owner, ts, wl, cap))
-    f = [np.frombuffer(a, dtype=bool if k < 3 else np.int64 if k < 7 else U) for k, a in enumerate(fields)]
+    f = [np.frombuffer(a, dtype=bool if k < 3 else np.int64 if k < 7 or 17 <= k < 20 else U)
+         for k, a in enumerate(fields)]
     bulk, v6, udp, l4, end, doff, tflags = f[:7]
     return Records(buf, *i64, np.frombuffer(head, dtype=np.uint8).reshape(-1, HEAD), errors,
-                   (bulk, v6, l4, end, doff, tflags, udp), dict(zip(ENDS, f[7:])))
+                   (bulk, v6, l4, end, doff, tflags, udp), dict(zip(ENDS, f[7:17])), dict(zip(MORE, f[17:])))
 
 
 def records(blob, base: int, offs: list):

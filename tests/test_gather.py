@@ -119,7 +119,10 @@ def test_the_c_fields_are_what_the_fast_engines_numpy_passes_compute(seed):
     fr = fast._Frames(gather.gather(blobs, "off"))
     shape, ends = fast._read_shape(fr), fast._endpoints(fr)
     assert len(c.shape) == len(shape) and set(c.ends) == set(ends)
-    for x, y in [*zip(c.shape, shape), *((c.ends[k], ends[k]) for k in ends)]:
+    all_rows = np.arange(len(fr.ts))
+    more = {k: fr.seg(k, shape[1], all_rows) for k in gather.MORE}        # the numpy reading of the same fields
+    assert fr.more is None and set(c.more) == set(more)
+    for x, y in [*zip(c.shape, shape), *((c.ends[k], ends[k]) for k in ends), *((c.more[k], more[k]) for k in more)]:
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
     bulk, v6, udp = shape[0], shape[1], shape[6]
     assert 0.5 < bulk.mean() < 0.97 and 0.05 < v6[bulk].mean() < 0.95     # both kinds, both families
