@@ -225,6 +225,16 @@ def bench_load(args, tmp: Path) -> int:
     return 0 if not problems else 1
 
 
+def stored_rate(db, sensor: str, until_ns: int, seconds: float = 5.0) -> float:
+    """Frames a second in the batches stored whose frames all fall in the ``seconds`` before ``until_ns``: what
+    the analyser really had to read then (the background reaches the mirror link only as fast as the machine
+    lets it)."""
+    lo = until_ns - int(seconds * 1e9)
+    query = {"sensor": sensor, "first_ns": {"$gte": lo}, "last_ns": {"$lt": until_ns}}
+    n = sum(d["n"] for d in db[store.FRAMES].find(query, {"n": 1}))
+    return n / seconds
+
+
 def bench_attack(args, tmp: Path) -> int:
     import closed_loop
     pcap = benign_pcap(tmp / "benign.pcap")
@@ -256,6 +266,9 @@ def bench_attack(args, tmp: Path) -> int:
         pk = closed_loop.abuser_packets(db, scenario.ABUSER_IP, cfg.xmpp.server_ports)
         cross = closed_loop.crossing_ns(pk, cfg.xmpp.threshold_ppm, cfg.xmpp.window_seconds)
         install = closed_loop.drop_install_ns(va, scenario.ABUSER_IP)
+        seen = stored_rate(db, cfg.snooper.sensor, cross) if cross is not None else None
+        flag = db[store.FLAGS].find_one({"client_ip": scenario.ABUSER_IP}, sort=[("flagged_at", 1)])
+        flagged = flag["flagged_at"].timestamp() * 1e9 if flag else None
         db.client.close()
     finally:
         for s in senders:
@@ -270,6 +283,9 @@ def bench_attack(args, tmp: Path) -> int:
     print(f"snooper: captured {c.get('captured')}, stored {c.get('stored')}, kernel ring drops "
           f"{c.get('kernel_dropped')}; background sent {bg['sent'] if bg else '?'} "
           f"({bg['pps'] if bg else 0:.0f} pps)")
+    if seen is not None:
+        print(f"stored around the crossing (the 5 s before it, batches whose frames are all inside): {seen:,.0f} "
+              f"frames/s ({seen / args.background:.2f}x the background sent)")
     if not result.blocked or cross is None or install is None:
         print(f"not blocked (blocked={result.blocked}, crossing={cross}, drop flow={install}): {result.errors}")
         return 1
@@ -278,6 +294,9 @@ def bench_attack(args, tmp: Path) -> int:
         print("no frame of the flooding client after the drop flow")
         return 1
     lat = (first_drop - cross) / 1e9
+    if flagged is not None:
+        print(f"of it: crossing -> flag stored {(flagged - cross) / 1e9:.3f} s (capture, store, analyser), "
+              f"flag -> drop flow {(install - flagged) / 1e9:.3f} s (controller, switch)")
     print(f"under {args.background} pps of background: threshold crossed -> drop flow {(install - cross) / 1e9:.3f} s, "
           f"first dropped frame {lat:.3f} s (target <= 2 s: {lat / 2:.2f}x of it; "
           f"{lat / budget:.2f}x the polling budget of {budget:.2f} s)")
