@@ -42,6 +42,11 @@ LIVE = ("xmpp.threshold_ppm", "xmpp.per_ip_threshold_ppm", "xmpp.per_host_thresh
         "alerts")
 
 
+# Flow records written in bulk writes of at most this many: the snooper's inserts get the store in between (one
+# write of ~2,000 records held nx-27017 for a second or more under load, and the batches waited behind it)
+WRITE_CHUNK = 256
+
+
 class SensorFlows(MongoFlows):
     """The flows of this sensor only: two appliances on one store see the same private 5-tuples
     (``idx_flows_sensor_key``), and one analyser must never continue the other's flow. (Here, not in
@@ -58,8 +63,9 @@ class SensorFlows(MongoFlows):
         """Whole records, upserted by ``_id`` with ``sensor`` and ``key`` in the filter too: an upsert into a
         collection sharded on ``{sensor: 1, key: 1}`` (docs/FLEET.md) must name the whole shard key."""
         from pymongo import ReplaceOne
-        self.coll.bulk_write([ReplaceOne({"_id": d["_id"], "sensor": d["sensor"], "key": d["key"]}, d, upsert=True)
-                              for d in docs], ordered=False)
+        for k in range(0, len(docs), WRITE_CHUNK):
+            self.coll.bulk_write([ReplaceOne({"_id": d["_id"], "sensor": d["sensor"], "key": d["key"]}, d, upsert=True)
+                                  for d in docs[k:k + WRITE_CHUNK]], ordered=False)
 
 
 class Analyser:
