@@ -611,7 +611,6 @@ class FastEngine(Engine):
         """Count the quiet frames (positions ``qi`` of ``bi``) as ``Flow.add`` and ``Engine._classify`` do."""
         if not len(qi):
             return
-        owner, _, bids = self._where
         c = self.counters
         key2 = inv[qi] * 2 + d_all[qi]
         o = _stable_order(key2)                       # frame order within each flow and direction
