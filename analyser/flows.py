@@ -358,9 +358,9 @@ class Flow:
         return doc
 
     @classmethod
-    def from_document(cls, doc: dict, committed_step: int, pending: Optional[tuple] = None) -> "Flow":
-        """The flow of a stored document; ``pending``: (step, batch ids) of a write whose resume point was not
-        written (analyser/reader.py): a document of that step holds those batches already."""
+    def from_document(cls, doc: dict, committed_step: int, pending: Optional[dict] = None) -> "Flow":
+        """The flow of a stored document; ``pending``: step -> batch ids of the writes whose resume point was not
+        written (analyser/reader.py): a document of such a step holds those batches already."""
         f = cls.__new__(cls)
         proto, a, ap, b, bp = doc["key"].split(" ")
         f.key = (int(proto), (a, int(ap)), (b, int(bp)))
@@ -388,8 +388,8 @@ class Flow:
         # Written by a step that never committed its resume point: those batches are in already.
         step = doc.get("step", 0)
         f.skip, f.dirty = frozenset(), False
-        if step > committed_step and pending is not None and step == pending[0]:
-            f.skip = pending[1]
+        if step > committed_step and pending and step in pending:
+            f.skip = pending[step]
             f.dirty = True                      # written again with the next step: it holds them from then on
         elif step > committed_step:
             f.skip = frozenset(doc.get("step_batches", ()))
@@ -400,13 +400,13 @@ class FlowTable:
     """The live flows; ``sink`` stores their documents (MongoDB or memory)."""
 
     def __init__(self, sink, sensor: str, committed_step: int = 0, server_ports=(), settle_ns: int = SETTLE_NS,
-                 pending: Optional[tuple] = None):
+                 pending: Optional[dict] = None):
         self.sink = sink
         self.server_ports = frozenset(server_ports)
         self.settle_ns = settle_ns
         self.sensor = sensor
         self.committed_step = committed_step
-        self.pending = pending                # (step, frozenset of batch ids): see Flow.from_document
+        self.pending = pending                # step -> frozenset of batch ids: see Flow.from_document
         self.flows: dict[tuple, Flow] = {}
         self.replaced: list[Flow] = []      # earlier connections of a reused 5-tuple, written at the next flush
         self.newest_ns = 0

@@ -74,7 +74,7 @@ class Analyser:
         self.db = db
         self.policy = policy or policy_mod.load(cfg.analyser.policy_file)
         self.follower = Follower(db, cfg.snooper.sensor, frames_db=store.frames_reader(db, cfg.mongodb))
-        self.flows = FlowTable(SensorFlows(db, cfg.snooper.sensor), cfg.snooper.sensor, self.follower.step,
+        self.flows = FlowTable(SensorFlows(db, cfg.snooper.sensor), cfg.snooper.sensor, self.follower.saved_step,
                                pending=self._pending())
         self.book = flags_mod.FlagBook(cfg, flags_mod.MongoFlags(db, cfg.snooper.sensor), cfg.snooper.sensor,
                                        own_addresses(cfg))
@@ -135,8 +135,7 @@ class Analyser:
         self._next_flush = time.monotonic() + self.cfg.analyser.flush_interval
 
     def _pending(self):
-        p = self.follower.pending
-        return None if p is None else (p[0], p[1])
+        return dict(self.follower.pendings) or None
 
     def flagged(self, doc: dict) -> None:
         """A flag (or an exempt record) was written: its alert."""
@@ -168,7 +167,7 @@ class Analyser:
         self.flows.flows.clear()
         self.flows.replaced = []
         self.flows.pending = self._pending()
-        self.flows.committed_step = self.follower.step
+        self.flows.committed_step = self.follower.saved_step
         self.engine.reset_windows()
         self.status.follower = self.follower
 
@@ -178,7 +177,7 @@ class Analyser:
         service.notify("READY=1")
         log.info("analysing sensor %s with %s (%s)", self.cfg.snooper.sensor, self.policy.source,
                  ", ".join(c.name for c in self.engine.classifiers) or "no classifiers")
-        failing = False
+        failing = stale = False
         self.follower.rescan()
         while not self.stop.is_set():
             wd.kick()
@@ -186,6 +185,9 @@ class Analyser:
                 self.reloader.check()
             cfg = self.cfg.analyser
             try:
+                if stale:                           # a failed step's work is still in memory: rebuild first
+                    self.recover()
+                    stale = False
                 read = self.step()
                 now = time.monotonic()
                 if now >= next_house:
@@ -202,13 +204,9 @@ class Analyser:
                 if not failing:
                     log.warning("store unavailable (%s: %s); retrying every %.1f s", exc.__class__.__name__,
                                 str(exc)[:160], cfg.poll_interval)
-                failing = True
+                failing = stale = True
                 self.look(store_up=False)
                 self.stop.wait(cfg.poll_interval)
-                try:
-                    self.recover()
-                except pymongo.errors.PyMongoError:
-                    pass
                 continue
             if not read:
                 if once:

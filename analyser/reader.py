@@ -49,9 +49,13 @@ class Follower:
         self._saved = {k: v for k, v in doc.items() if k != "pending"} or {"_id": self.id, "step": 0}
         self.unsaved: list[str] = []            # ids read since the position was saved
         got = doc.get("pending")
-        # a write of flows whose position was not saved: (step, its batch ids, the resume point it reached)
-        self.pending: Optional[tuple] = ((got["step"], frozenset(got["ids"]), got["upto"])
-                                         if isinstance(got, dict) and got.get("step", 0) > self.step else None)
+        got = [got] if isinstance(got, dict) else got if isinstance(got, list) else []
+        # every write of flows since the position was saved (a kill, then another while writing again)
+        self._pendings = [g for g in got if isinstance(g, dict) and g.get("step", 0) > self.step]
+        self.pendings = {g["step"]: frozenset(g["ids"]) for g in self._pendings}
+        last = max(self._pendings, key=lambda g: g["step"]) if self._pendings else None
+        self.pending: Optional[tuple] = (last["step"], frozenset(last["ids"]), last["upto"]) if last else None
+        self.step = max(self.step, *self.pendings) if self.pendings else self.step   # never reuse a step number
         self.late = 0
         self._next_window_scan = 0.0
 
@@ -111,9 +115,14 @@ class Follower:
 
     def save_pending(self) -> None:
         """Before flows are written with ``step``: the saved position, naming that step, the batches read since
-        and the resume point they reach (``Flow.from_document`` reads it after a kill before ``save``)."""
+        and the resume point they reach (``Flow.from_document`` reads it after a kill before ``save``), beside
+        the pending writes of earlier runs killed before theirs (a flow document still of such a step holds
+        those batches; step numbers go on after them)."""
+        if self.step in self.pendings:
+            self.step += 1                      # a step number names one write (Flow.from_document)
         pending = {"step": self.step, "ids": list(self.unsaved), "upto": self.resume}
-        self.state.replace_one({"_id": self.id}, {**self._saved, "pending": pending}, upsert=True)
+        self.state.replace_one({"_id": self.id}, {**self._saved, "pending": self._pendings + [pending]},
+                               upsert=True)
 
     def save(self) -> None:
         """Write the position: the resume point, the ids read inside the grace window, the step."""
@@ -121,6 +130,7 @@ class Follower:
                "step": self.step, "updated_at": dt.datetime.now(dt.timezone.utc)}
         self.state.replace_one({"_id": self.id}, doc, upsert=True)
         self._saved, self.saved_step, self.unsaved, self.pending = doc, self.step, [], None
+        self._pendings, self.pendings = [], {}
 
     @property
     def recovering(self) -> bool:

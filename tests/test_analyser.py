@@ -275,7 +275,7 @@ def test_kills_during_writes_and_while_reading_them_again_lose_and_double_nothin
     with pytest.raises(KeyboardInterrupt):
         a.step()                                            # flows of 18 batches written, position of 12
     state = db[store.STATE].find_one()
-    assert state["step"] == 2 and state["pending"]["step"] == 3 and len(state["pending"]["ids"]) == 6
+    assert state["step"] == 2 and [(w["step"], len(w["ids"])) for w in state["pending"]] == [(3, 6)]
     b = Analyser(cfg, db)
     b.follower.limit = 4
     assert b.step() == 4 and b.follower.recovering         # 4 of the 6 read again: nothing written
@@ -294,6 +294,84 @@ def test_kills_during_writes_and_while_reading_them_again_lose_and_double_nothin
     ref = Offline(cfg, policy_mod.load(None))
     ref.run([("x", 0, frames)])
     assert flow_counts(db) == {k: flow_counts_doc(v) for k, v in {d["_id"]: d for d in ref.flow_docs.all()}.items()}
+
+
+def _expected_counts(cfg, frames) -> dict:
+    ref = Offline(cfg, policy_mod.load(None))
+    ref.run([("x", 0, frames)])
+    return {d["_id"]: flow_counts_doc(d) for d in ref.flow_docs.all()}
+
+
+@pytest.mark.parametrize("limit", [3, 12])
+def test_two_kills_inside_flow_writes_lose_and_double_nothing(env, monkeypatch, limit):
+    """A kill after some of a write's flow documents, then another inside the restart's first write (after it
+    read the pending batches again, in smaller or larger steps): each pending write is kept until a position is
+    saved, and no step number names two writes."""
+    make, db = env
+    cfg, _ = make(analyser={"flush_interval": 0})
+    frames = many_connections()
+    store_frames(db, frames, batch_size=50)
+    real = SensorFlows.write
+    allowed = [None]                                        # flow documents written before the kill
+
+    def write(self, docs):
+        for d in docs:
+            if allowed[0] is not None:
+                if allowed[0] == 0:
+                    raise KeyboardInterrupt("killed between flow documents")
+                allowed[0] -= 1
+            real(self, [d])
+    monkeypatch.setattr(SensorFlows, "write", write)
+    a = Analyser(cfg, db)
+    a.follower.limit = 6
+    a.step()
+    a.step()
+    allowed[0] = 10
+    with pytest.raises(KeyboardInterrupt):
+        a.step()
+    allowed[0] = None
+    b = Analyser(cfg, db)
+    b.follower.limit = limit
+    allowed[0] = 2
+    with pytest.raises(KeyboardInterrupt):
+        while True:
+            b.step()
+    pending = db[store.STATE].find_one()["pending"]
+    assert len(pending) == 2 and pending[0]["step"] < pending[1]["step"]
+    allowed[0] = None
+    c = Analyser(cfg, db)
+    c.follower.limit = 9
+    c.run(once=True)
+    assert flow_counts(db) == _expected_counts(cfg, frames)
+    assert "pending" not in db[store.STATE].find_one()
+
+
+def test_a_store_failing_twice_inside_flow_writes_is_ridden_out_by_the_service(env, monkeypatch):
+    """The same without a kill: the store goes away twice in the middle of flow writes; the service's loop
+    rebuilds from the store each time (and again before any other step if that fails too)."""
+    import pymongo.errors
+    make, db = env
+    cfg, _ = make(analyser={"flush_interval": 0})
+    frames = many_connections()
+    store_frames(db, frames, batch_size=50)
+    real = SensorFlows.write
+    calls = []
+    budget = {2: 10, 3: 2}                                  # write number -> documents written before the failure
+
+    def write(self, docs):
+        n = len(calls)
+        calls.append(len(docs))
+        if n not in budget:
+            return real(self, docs)
+        for d in docs[:budget[n]]:
+            real(self, [d])
+        raise pymongo.errors.AutoReconnect("the store went away in the middle of a write")
+    monkeypatch.setattr(SensorFlows, "write", write)
+    a = Analyser(cfg, db)
+    a.follower.limit = 6
+    a.run(once=True)
+    assert len(calls) > 4
+    assert flow_counts(db) == _expected_counts(cfg, frames)
 
 
 def test_a_caught_up_analyser_writes_its_pending_flows_when_the_interval_has_passed(env):
