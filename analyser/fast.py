@@ -52,7 +52,7 @@ from .classifiers import SAMPLES
 from .classifiers.builtin import XmppAbuse
 from .engine import Engine
 from .flows import OK, RESET, SLACK, SPOOFED, VERIFIED, flow_key
-from .gather import Records, gather
+from .gather import Records, gather, group
 from .parse import ACK, FIN, PSH, TCP, UDP, URG, Packet, parse
 
 log = logging.getLogger("pisnoop.analyser")
@@ -301,8 +301,7 @@ def _read_groups(fr: _Frames):
     sh, sl, dh, dl, sx, dx, hs, hd = (e[k] for k in ("sh", "sl", "dh", "dl", "sx", "dx", "hs", "hd"))
     swap = hs > hd
     gk = _mix(np.where(swap, hd, hs) ^ _mix(np.where(swap, hs, hd)))
-    _, rep, inv = np.unique(gk, return_index=True, return_inverse=True)
-    inv = inv.reshape(-1)
+    rep, inv = group(gk)
     lo = np.stack([np.where(swap, dh, sh), np.where(swap, dl, sl), np.where(swap, dx, sx)])
     hi = np.stack([np.where(swap, sh, dh), np.where(swap, sl, dl), np.where(swap, sx, dx)])
     r = rep[inv]

@@ -84,6 +84,16 @@ def gather(blobs: list, mode: str | None = None) -> Records:
                    (bulk, v6, l4, end, doff, tflags, udp), dict(zip(ENDS, f[7:17])), dict(zip(MORE, f[17:])))
 
 
+def group(keys: np.ndarray, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_index=True, return_inverse=True)[1:]`` of uint64 ``keys``: per distinct key (in
+    ascending order) its first position, per key its group. In C a hash table: no sort of the whole step."""
+    if not use_c(mode):
+        _, rep, inv = np.unique(keys, return_index=True, return_inverse=True)
+        return rep, inv.reshape(-1)
+    rep, inv = _fastread.group(np.ascontiguousarray(keys, dtype=U))
+    return np.frombuffer(rep, dtype=np.int64), np.frombuffer(inv, dtype=np.int64)
+
+
 def records(blob, base: int, offs: list):
     """Append the offsets (plus ``base``) of the records of ``blob``; the text of a damaged record, or None.
 
