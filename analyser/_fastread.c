@@ -17,6 +17,8 @@
  *          doff, tflags (int64), then sh, sl, dh, dl, sx, dx, sport, dport, hs, hd (uint64), then what
  *          fast.py reads of some frames: the TCP seq, ack, window (int64) and the source MAC (uint64)
  * Sizes are checked in 64-bit arithmetic that cannot overflow with a 32-bit size_t.
+ *
+ * group(keys) -> (rep, inv): the grouping fast.py's _read_groups asks numpy.unique for, with a hash table.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -4,7 +4,8 @@ of its frame, for the fast engine (analyser/fast.py).
 Two implementations with the same results byte for byte (tests/test_gather.py): ``analyser._fastread`` in C
 (one pass: join, walk, gather, and the frame shape and endpoints fast.py reads next) and the pure path here (a
 walk of the ``<qII`` record headers of appliance/framebatch.py, then a numpy gather). ``gather`` picks the C
-one when it is built; ``PISNOOP_FASTREAD=off`` forces the pure one, ``=on`` refuses to run without C.
+one when it is built; ``PISNOOP_FASTREAD=off`` forces the pure one, ``=on`` refuses to run without C. ``group``
+is numpy.unique's grouping of the step's connections, in C with a hash table.
 """
 
 from __future__ import annotations
