@@ -17,6 +17,8 @@
  *          doff, tflags (int64), then sh, sl, dh, dl, sx, dx, sport, dport, hs, hd (uint64), then what
  *          fast.py reads of some frames: the TCP seq, ack, window (int64) and the source MAC (uint64)
  * Sizes are checked in 64-bit arithmetic that cannot overflow with a 32-bit size_t.
+ *
+ * group(keys) -> (rep, inv): the grouping fast.py's _read_groups asks numpy.unique for, with a hash table.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -243,9 +245,91 @@ done:
     return result;
 }
 
+/* A key and the first position it was seen at, for the sort of the distinct keys. */
+typedef struct {
+    uint64_t key;
+    int64_t first, id;
+} Seen;
+
+static int by_key(const void *a, const void *b) {
+    uint64_t x = ((const Seen *)a)->key, y = ((const Seen *)b)->key;
+    return x < y ? -1 : x > y;
+}
+
+/* group(keys) -> (rep, inv): numpy.unique(keys, return_index=True, return_inverse=True) of a uint64 array, in
+ * O(n) with a hash table (then a sort of the distinct keys only): rep[g] the first position of the g-th smallest
+ * distinct key, inv[i] the group of keys[i]; both native int64 bytes. */
+static PyObject *group(PyObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *result = NULL, *rep_b = NULL, *inv_b = NULL;
+    int64_t *slot = NULL, *prov = NULL, *rank = NULL;
+    Seen *seen = NULL;
+    if (view.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "group: expected uint64 keys");
+        goto done;
+    }
+    size_t n = (size_t)view.len / 8, cap = 16;
+    while (cap < 2 * n)
+        cap *= 2;                    /* n <= PY_SSIZE_T_MAX / 8: no overflow */
+    const unsigned char *raw = view.buf;
+    slot = PyMem_Malloc(cap * sizeof(int64_t));
+    prov = PyMem_Malloc((n ? n : 1) * sizeof(int64_t));
+    seen = PyMem_Malloc((n ? n : 1) * sizeof(Seen));
+    if (slot == NULL || prov == NULL || seen == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (size_t k = 0; k < cap; k++)
+        slot[k] = -1;
+    size_t g = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t key;
+        memcpy(&key, raw + 8 * i, 8);
+        size_t h = (size_t)(mix(key) & (cap - 1));
+        while (slot[h] >= 0 && seen[slot[h]].key != key)
+            h = (h + 1) & (cap - 1);
+        if (slot[h] < 0) {
+            seen[g].key = key;
+            seen[g].first = (int64_t)i;
+            seen[g].id = (int64_t)g;
+            slot[h] = (int64_t)g++;
+        }
+        prov[i] = slot[h];
+    }
+    qsort(seen, g, sizeof(Seen), by_key);
+    rank = PyMem_Malloc((g ? g : 1) * sizeof(int64_t));
+    char *rep_d, *inv_d;
+    rep_b = new_bytes(g * sizeof(int64_t), &rep_d);
+    inv_b = new_bytes(n * sizeof(int64_t), &inv_d);
+    if (rank == NULL || rep_b == NULL || inv_b == NULL) {
+        if (rank == NULL)
+            PyErr_NoMemory();
+        goto done;
+    }
+    for (size_t r = 0; r < g; r++) {
+        rank[seen[r].id] = (int64_t)r;
+        ((int64_t *)rep_d)[r] = seen[r].first;
+    }
+    for (size_t i = 0; i < n; i++)
+        ((int64_t *)inv_d)[i] = rank[prov[i]];
+    result = PyTuple_Pack(2, rep_b, inv_b);
+done:
+    PyBuffer_Release(&view);
+    PyMem_Free(slot);
+    PyMem_Free(prov);
+    PyMem_Free(seen);
+    PyMem_Free(rank);
+    Py_XDECREF(rep_b);
+    Py_XDECREF(inv_b);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"gather", gather, METH_O,
      "gather(blobs) -> (buf, offs, owner, ts, wl, cap, head, errors, fields): a step's records (analyser/gather.py)"},
+    {"group", group, METH_O, "group(uint64 keys) -> (rep, inv): numpy.unique's return_index and return_inverse"},
     {NULL, NULL, 0, NULL},
 };
 

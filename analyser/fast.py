@@ -52,7 +52,7 @@ from .classifiers import SAMPLES
 from .classifiers.builtin import XmppAbuse
 from .engine import Engine
 from .flows import OK, RESET, SLACK, SPOOFED, VERIFIED, flow_key
-from .gather import Records, gather
+from .gather import Records, gather, group
 from .parse import ACK, FIN, PSH, TCP, UDP, URG, Packet, parse
 
 log = logging.getLogger("pisnoop.analyser")
@@ -301,8 +301,7 @@ def _read_groups(fr: _Frames):
     sh, sl, dh, dl, sx, dx, hs, hd = (e[k] for k in ("sh", "sl", "dh", "dl", "sx", "dx", "hs", "hd"))
     swap = hs > hd
     gk = _mix(np.where(swap, hd, hs) ^ _mix(np.where(swap, hs, hd)))
-    _, rep, inv = np.unique(gk, return_index=True, return_inverse=True)
-    inv = inv.reshape(-1)
+    rep, inv = group(gk)
     lo = np.stack([np.where(swap, dh, sh), np.where(swap, dl, sl), np.where(swap, dx, sx)])
     hi = np.stack([np.where(swap, sh, dh), np.where(swap, sl, dl), np.where(swap, sx, dx)])
     r = rep[inv]
@@ -520,46 +519,44 @@ class FastEngine(Engine):
         reaches no classifier window, neighbour or flag."""
         G = len(gany)
         qk = np.zeros(G, dtype=bool)
+        if not G:
+            return qk
         settling = {id(f) for _, _, f in self.settling}
+        d = d_all
+        n_g = np.bincount(inv, minlength=G)
+        d0 = (np.bincount(inv, weights=d == 0, minlength=G) > 0).tolist()
+        d1 = (np.bincount(inv, weights=d == 1, minlength=G) > 0).tolist()
+        fin = (np.bincount(inv, weights=(tflags[bi] & FIN) != 0, minlength=G) > 0).tolist()
+        all_udp = (np.bincount(inv, weights=udp[bi], minlength=G) == n_g).tolist()
+        no_udp = (np.bincount(inv, weights=udp[bi], minlength=G) == 0).tolist()
+        clash = np.zeros(G, dtype=bool)
+        clash[inv[~same]] = True                      # a hash shared by two connections: not in bulk
+        clash = clash.tolist()
+        other: dict = {}                              # mid-stream candidates: the other side's recorded ends
         for g, f in enumerate(gany):
-            if f is None or good[g] or f.skip or f.held or id(f) in settling or (f.tcp == SPOOFED and not f.queued):
+            if (f is None or clash[g] or good[g] or f.skip or f.held
+                    or not (all_udp[g] if f.proto == UDP else no_udp[g])
+                    or (f.tcp == SPOOFED and not f.queued) or id(f) in settling or (d0[g] and not f.mac)):
                 continue                              # (contradicted, not yet counted so: Engine._classify counts it)
-            if f.proto == UDP or (f.proto == TCP and f.tcp in (0, SPOOFED, RESET)):
+            if f.proto == UDP or f.tcp == SPOOFED or f.tcp == RESET:
                 qk[g] = True
-        if not qk.any():
-            return qk
-        qk[np.unique(inv[~same])] = False             # a hash shared by two connections: not in bulk
-        fi = np.flatnonzero(qk[inv])
-        if not len(fi):
-            return qk
-        g, d, j = inv[fi], d_all[fi], bi[fi]
-        n_g = np.bincount(g, minlength=G)
-        d0 = np.bincount(g, weights=d == 0, minlength=G) > 0
-        d1 = np.bincount(g, weights=d == 1, minlength=G) > 0
-        isudp = udp[j]
-        fin = np.bincount(g, weights=(tflags[j] & FIN) != 0, minlength=G) > 0
-        proto_udp = np.bincount(g, weights=isudp, minlength=G)
-        ack = fr.seg("ack", v6[j], j)
-        hasack = (tflags[j] & ACK) != 0
-        for x in np.flatnonzero(qk).tolist():
-            f = gany[x]
-            if (proto_udp[x] == n_g[x]) != (f.proto == UDP) or (d0[x] and not f.mac):
-                qk[x] = False                         # (a frame of the other protocol cannot share the group)
             elif f.proto == TCP and f.tcp == 0:
                 # picked up mid-stream (Flow._pickup): one direction, no FIN, no acknowledgement of the other
                 # side's last segment ends, so no exchange is confirmed
-                if (d0[x] and d1[x]) or fin[x]:
-                    qk[x] = False
-        mid = [x for x in np.flatnonzero(qk).tolist() if gany[x].proto == TCP and gany[x].tcp == 0]
-        if mid:
-            other = np.full((G, 4), -1, dtype=np.int64)
-            for x in mid:
-                f = gany[x]
-                e = f.ends[1 - (1 if d1[x] else 0)]
-                other[x, :len(e)] = e[-4:]
-            m = qk[g] & hasack & ~isudp
-            hit = (other[g[m]] == ack[m][:, None]).any(1)
-            qk[np.unique(g[m][hit])] = False
+                if not (d0[g] and d1[g]) and not fin[g]:
+                    qk[g] = True
+                    e = f.ends[1 if d0[g] else 0]
+                    if e:
+                        other[g] = e[-4:]
+        if other:
+            ends = np.full((G, 4), -1, dtype=np.int64)
+            for g, e in other.items():
+                ends[g, :len(e)] = e
+            fi = np.flatnonzero(qk[inv] & ((tflags[bi] & ACK) != 0) & ~udp[bi])
+            if len(fi):
+                g, j = inv[fi], bi[fi]
+                hit = (ends[g] == fr.seg("ack", v6[j], j)[:, None]).any(1)
+                qk[np.unique(g[hit])] = False
         return qk
 
     def _quiet_guard(self, fr: _Frames, gany, qk, inv, bi, d_all, slow: list):
@@ -617,17 +614,23 @@ class FastEngine(Engine):
         k2, j = key2[o], bi[qi][o]
         g, d = k2 >> 1, k2 & 1
         n = len(k2)
-        gs = np.unique(g).tolist()
-        # UDP (Flow.add): OK once the other direction has a packet, before this one (so counted first)
-        p0 = np.zeros(len(gany), dtype=np.int64)
-        p1 = np.zeros(len(gany), dtype=np.int64)
-        spoofed = np.zeros(len(gany), dtype=bool)
-        for x in gs:
+        G = len(gany)
+        # per group: the other direction's packets before the part, contradicted, mid-stream, the client's MAC
+        p0 = np.zeros(G, dtype=np.int64)
+        p1 = np.zeros(G, dtype=np.int64)
+        spoofed = np.zeros(G, dtype=bool)
+        mid = np.zeros(G, dtype=bool)
+        gmac = np.zeros(G, dtype=np.uint64)
+        for x in np.unique(g).tolist():
             f = gany[x]
             p0[x], p1[x], spoofed[x] = f.pkts[0], f.pkts[1], f.tcp == SPOOFED
+            if f.proto == TCP and f.tcp == 0:
+                mid[x] = True
+                gmac[x] = int.from_bytes(f.mac, "big")
         isudp = udp[j]
         ok = np.zeros(n, dtype=bool)
         if isudp.any():
+            # UDP (Flow.add): OK once the other direction has a packet, before this one (so counted first)
             fo = np.argsort(g * (1 << 40) + j)     # by flow, then frame
             gg, dd = g[fo], d[fo]
             first = np.concatenate(([True], gg[1:] != gg[:-1]))
@@ -640,26 +643,37 @@ class FastEngine(Engine):
         starts, ends = self._count_runs(gany, k2, fr.ts[j], fr.wl[j], tflags[j])
         nok = np.add.reduceat(ok, starts)
         tcp = ~isudp
-        plen = end[j] - l4[j] - doff[j]
-        seq = fr.seg("seq", v6[j], j)
-        mac = fr.seg("mac", v6[j], j)
+        # a mid-stream connection's side: the ends (seq + length) of its last four segments with data, the client's
+        # from the client's MAC only (Flow._pickup)
+        new_ends: dict = {}
+        if mid.any():
+            plen = end[j] - l4[j] - doff[j]
+            valid = mid[g] & (plen > 0)
+            if valid.any():
+                valid &= (d == 1) | (fr.seg("mac", v6[j], j) == gmac[g])
+                vi = np.flatnonzero(valid)
+                ri = np.searchsorted(starts, vi, side="right") - 1
+                last = np.searchsorted(ri, ri, side="right") - 1 - np.arange(len(ri))
+                keep = last < 4
+                vk = vi[keep]
+                endv = (fr.seg("seq", v6[j[vk]], j[vk]) + plen[vk]) & M32
+                for r, v in zip(ri[keep].tolist(), endv.tolist()):
+                    new_ends.setdefault(r, []).append(v)
         unverified = self.unverified
-        for s, e, k, m in zip(starts.tolist(), ends.tolist(), k2[starts].tolist(), nok.tolist()):
+        for r, (k, m, nn, last_ok) in enumerate(zip(k2[starts].tolist(), nok.tolist(), (ends - starts + 1).tolist(),
+                                                    ok[ends].tolist())):
             f = gany[k >> 1]
             dd = k & 1
-            f.counted[dd] += m
-            f.status = OK if ok[e] else 0
-            if dd == 0 and e - s + 1 > m:
-                unverified[f.client] += e - s + 1 - m     # the client is there already (_quiet_guard)
-            if f.proto == TCP and f.tcp == 0:             # a mid-stream connection: its side's last segment ends
-                valid = plen[s:e + 1] > 0
-                if dd == 0:
-                    valid &= mac[s:e + 1] == U(int.from_bytes(f.mac, "big"))
-                new = ((seq[s:e + 1][valid] + plen[s:e + 1][valid]) & M32)[-4:].tolist()
-                if new:
-                    mine = f.ends[dd]
-                    mine.extend(new)
-                    del mine[:-4]
+            if m:
+                f.counted[dd] += m
+            f.status = OK if last_ok else 0
+            if dd == 0 and nn > m:
+                unverified[f.client] += nn - m            # the client is there already (_quiet_guard)
+            got = new_ends.get(r)
+            if got:
+                mine = f.ends[dd]
+                mine.extend(got)
+                del mine[:-4]
         if self.observers and tcp.any():
             self._series(self.observers, gany, k2[tcp], fr.ts[j][tcp], None)
         newest = int(fr.ts[j].max())
@@ -1027,18 +1041,18 @@ class FastEngine(Engine):
         dmax = np.where(inner, dt, -BIG)
         seg_min = np.minimum.reduceat(np.append(dmin, BIG), starts) if n > 1 else np.full(len(starts), BIG)
         seg_max = np.maximum.reduceat(np.append(dmax, -BIG), starts) if n > 1 else np.full(len(starts), -BIG)
-        bitcount = [(name, np.add.reduceat((fl & bit) != 0, starts)) for bit, name in
-                    ((ACK, "ACK"), (FIN, "FIN"), (PSH, "PSH"), (URG, "URG"))]
-        for ri, (s, e, k, nn, sw, mw, t0, t1, lo, hi) in enumerate(zip(
-                starts.tolist(), ends.tolist(), k2[starts].tolist(), cnt.tolist(), sum_wl.tolist(),
-                max_wl.tolist(), min_ts.tolist(), max_ts.tolist(), seg_min.tolist(), seg_max.tolist())):
+        bits = [(name, np.add.reduceat((fl & bit) != 0, starts).tolist()) for bit, name in
+                ((ACK, "ACK"), (FIN, "FIN"), (PSH, "PSH"), (URG, "URG"))]
+        bits = [(name, counts) for name, counts in bits if any(counts)]
+        for ri, (k, nn, sw, mw, t0, t1, first_t, last_t, lo, hi) in enumerate(zip(
+                k2[starts].tolist(), cnt.tolist(), sum_wl.tolist(), max_wl.tolist(), min_ts.tolist(),
+                max_ts.tolist(), ts[starts].tolist(), ts[ends].tolist(), seg_min.tolist(), seg_max.tolist())):
             f = gf[k >> 1]
             dd = k & 1
             f.pkts[dd] += nn
             f.bytes[dd] += sw
             if mw > f.max_size:
                 f.max_size = mw
-            first_t, last_t = int(ts[s]), int(ts[e])
             prev = f.last_dir_ns[dd]
             if prev is not None:
                 iat = first_t - prev
@@ -1055,11 +1069,10 @@ class FastEngine(Engine):
             if t0 < f.first_ns:
                 f.first_ns = t0
             f.dirty = True
-            fl_d = f.flags
-            for name, arr in bitcount:
-                v = int(arr[ri])
+            for name, counts in bits:
+                v = counts[ri]
                 if v:
-                    fl_d[name] += v
+                    f.flags[name] += v
         return starts, ends
 
     @staticmethod

@@ -4,7 +4,8 @@ of its frame, for the fast engine (analyser/fast.py).
 Two implementations with the same results byte for byte (tests/test_gather.py): ``analyser._fastread`` in C
 (one pass: join, walk, gather, and the frame shape and endpoints fast.py reads next) and the pure path here (a
 walk of the ``<qII`` record headers of appliance/framebatch.py, then a numpy gather). ``gather`` picks the C
-one when it is built; ``PISNOOP_FASTREAD=off`` forces the pure one, ``=on`` refuses to run without C.
+one when it is built; ``PISNOOP_FASTREAD=off`` forces the pure one, ``=on`` refuses to run without C. ``group``
+is numpy.unique's grouping of the step's connections, in C with a hash table.
 """
 
 from __future__ import annotations
@@ -82,6 +83,16 @@ def gather(blobs: list, mode: str | None = None) -> Records:
     bulk, v6, udp, l4, end, doff, tflags = f[:7]
     return Records(buf, *i64, np.frombuffer(head, dtype=np.uint8).reshape(-1, HEAD), errors,
                    (bulk, v6, l4, end, doff, tflags, udp), dict(zip(ENDS, f[7:17])), dict(zip(MORE, f[17:])))
+
+
+def group(keys: np.ndarray, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_index=True, return_inverse=True)[1:]`` of uint64 ``keys``: per distinct key (in
+    ascending order) its first position, per key its group. In C a hash table: no sort of the whole step."""
+    if not use_c(mode):
+        _, rep, inv = np.unique(keys, return_index=True, return_inverse=True)
+        return rep, inv.reshape(-1)
+    rep, inv = _fastread.group(np.ascontiguousarray(keys, dtype=U))
+    return np.frombuffer(rep, dtype=np.int64), np.frombuffer(inv, dtype=np.int64)
 
 
 def records(blob, base: int, offs: list):

@@ -13,6 +13,9 @@ frames as the snooper stores them. Figures, all in the same run:
 * from the store, per engine: the service's steps against the embedded store
   (read batches, analyse, write flows and the resume point), CPU time of this
   process only (the store runs in its own process); flows and flags compared
+* in memory, on the whole-appliance benchmark's traffic (lab/uplink.py: 2,176
+  connections, one way, mid-stream, a third UDP, at the 100 Mb/s line rate of
+  64-byte frames): both engines, the fast one counting it on its quiet path
 * flag latency: the service running (default poll interval, fast engine), a
   batch whose packet crosses the threshold is stored; time until its flag is
   in the store (the closed-loop budget from crossing to block is 2 s)
@@ -46,7 +49,7 @@ from analyser.flows import FlowTable, MemoryFlows  # noqa: E402
 from analyser.live import Analyser  # noqa: E402
 from analyser.packed import Packed  # noqa: E402
 from appliance import config, framebatch, store  # noqa: E402
-from lab import procs  # noqa: E402
+from lab import procs, uplink  # noqa: E402
 from tests.analyser_frames import T0, Conn, S, steady  # noqa: E402
 
 BATCH = 1000
@@ -67,6 +70,14 @@ def traffic(n_frames: int, clients: int = 200) -> list:
         frames += c.data(t, b"<message>" + b"x" * size + b"</message>", to_server=rnd.random() < 0.7)
         t += 5_000_000  # 200 frames per second of frame time
     return frames[:n_frames]
+
+
+def uplink_blobs(n_frames: int) -> list:
+    """lab/uplink.py's frames at 148,810 a second, packed in batches of BATCH."""
+    data = list(uplink.frames(min(n_frames, uplink.UNIQUE)))
+    frames = [(T0 + i * 1_000_000_000 // 148_810, len(data[i % len(data)]), data[i % len(data)])
+              for i in range(n_frames)]
+    return [framebatch.pack(frames[i:i + BATCH]) for i in range(0, n_frames, BATCH)]
 
 
 def flag_latency(cfg, db, runs: int = 7) -> list[float]:
@@ -164,6 +175,10 @@ def main() -> None:
     c_old, mem_old, _ = in_memory(Engine, cfg, blobs)
     c_new, mem_new, fast = in_memory(FastEngine, cfg, blobs)
     assert fast.counters["packets"] == n, fast.counters
+    n_up = 3 * n                      # the first step (64 batches) sees each connection for the first time: slow
+    up = uplink_blobs(n_up)
+    u_old, umem_old, _ = in_memory(Engine, cfg, up)
+    u_new, umem_new, ufast = in_memory(FastEngine, cfg, up)
 
     with tempfile.TemporaryDirectory() as tmp:
         es = procs.EmbeddedStore(Path(tmp) / "store").start()
@@ -195,6 +210,12 @@ def main() -> None:
           f"{fast.bulk_packets / n:.0%} of the packets counted in bulk verified, {fast.quiet_packets / n:.0%} quiet; "
           f"same flows and flags: "
           f"{'yes' if mem_old == mem_new else 'NO'} ({len(mem_new[0])} flows, {len(mem_new[1])} flags)")
+    uline = lambda name, secs: print(f"{name:<40}{n_up / secs:>12,.0f} frames/s  ({secs / n_up * 1e6:.2f} µs/frame)")  # noqa: E731
+    uline(f"uplink traffic ({n_up:,} frames), reference:", u_old)
+    uline(f"uplink traffic ({n_up:,} frames), fast:", u_new)
+    print(f"  fast = {u_old / u_new:.2f} x the reference engine; {ufast.quiet_packets / n_up:.0%} of the packets "
+          f"counted quietly; same flows and flags: {'yes' if umem_old == umem_new else 'NO'} "
+          f"({len(umem_new[0])} flows)")
     (w_so, c_so, out_so, _, _), (w_sn, c_sn, out_sn, fl_sn, fg_sn) = got["reference"], got["fast"]
     line("from the store, reference engine, CPU:", c_so)
     line("from the store, fast engine, CPU:", c_sn)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import struct
 import sys
 import tempfile
 import threading
@@ -46,40 +45,18 @@ from capture import LINE_RATE_100M, Sender  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
 
 from appliance import store  # noqa: E402
-from lab import scenario  # noqa: E402
+from lab import scenario, uplink  # noqa: E402
 from lab.virtual import VirtualAppliance  # noqa: E402
 
 LINE_RATE = LINE_RATE_100M[64]
-CHATTERS = 2048
-BULK = 64
-UNIQUE = 400_000
 
 
-def benign_pcap(path: Path, count: int = UNIQUE) -> Path:
-    """``count`` unique 64-byte frames (60 without the FCS) to 10.0.0.1: chat beside bulk, as on a busy LAN's uplink.
-
-    One frame in 64 is XMPP (TCP 5222) from one of ``CHATTERS`` hosts in 10.2.0.0/16, each with its own MAC:
-    at 148,810 pps ~68 packets a minute each, under the per-connection, per-address and per-host thresholds.
-    The rest is bulk from ``BULK`` hosts in 10.3.0.0/24, each one HTTPS (TCP 443) and one QUIC (UDP 443) flow.
-    """
+def benign_pcap(path: Path, count: int = uplink.UNIQUE) -> Path:
+    """``count`` unique 64-byte frames of ``lab/uplink.py``'s benign uplink traffic, as a pcap for tcpreplay."""
     with open(path, "wb") as fh:
         w = dpkt.pcap.Writer(fh, snaplen=65535)
-        for i in range(count):
-            if i % 64 == 0:
-                host = (i // 64) % CHATTERS
-                src, mac, dport, tcp = b"\x0a\x02" + struct.pack("!H", host), struct.pack("!H", host), 5222, True
-            else:
-                host = i % BULK
-                src, mac, dport, tcp = b"\x0a\x03\x00" + bytes([host]), b"\xff" + bytes([host]), 443, i % 3 != 0
-            eth = b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x0a\x02" + mac + b"\x08\x00"
-            sport = 20_000 + host
-            if tcp:
-                l4 = struct.pack("!HHIIBBHHH", sport, dport, i, 1, 0x50, 0x18, 512, 0, 0) + struct.pack("!Q", i)[2:]
-            else:
-                l4 = struct.pack("!HHHH", sport, dport, 26, 0) + struct.pack("!Q", i) + bytes(10)
-            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), i & 0xFFFF, 0, 64, 6 if tcp else 17, 0, src,
-                             b"\x0a\x00\x00\x01")
-            w.writepkt(eth + ip + l4, ts=1.0)
+        for data in uplink.frames(count):
+            w.writepkt(data, ts=1.0)
     return path
 
 

@@ -244,3 +244,16 @@ def test_every_array_is_read_only_either_way():
         with pytest.raises(ValueError):
             getattr(got, name)[0] = 0
     assert np.array_equal(got.cap, [60])
+
+
+@needs_c
+@pytest.mark.parametrize("n", [0, 1, 2, 1000, 70_000])
+def test_grouping_in_c_is_numpys_unique(n):
+    """The step's connections grouped in C (a hash table) as numpy.unique groups them (sorted keys, first
+    positions, inverse): few keys, many, all equal, all distinct, and the extremes of uint64."""
+    rng = np.random.default_rng(n)
+    cases = [rng.integers(0, 50, size=n, dtype=np.uint64), rng.integers(0, 1 << 63, size=n, dtype=np.uint64) * 2 + 1,
+             np.full(n, (1 << 64) - 1, dtype=np.uint64), np.arange(n, dtype=np.uint64)[::-1].copy()]
+    for keys in cases:
+        want, got = gather.group(keys, "off"), gather.group(keys, "on")
+        assert [(a.dtype, a.tobytes()) for a in want] == [(b.dtype, b.tobytes()) for b in got]
