@@ -175,8 +175,9 @@ def test_each_analyser_reads_exactly_its_own_sensors_frames_while_both_write(fle
     assert got, [analysed(db, s.sensor) for s in (a, b)]
     total = sum(d["n"] for d in db[store.FRAMES].find({}, {"n": 1}))
     assert got[0][1] + got[1][1] == total, "every stored frame belongs to one of the two sensors"
-    for s in (a, b):          # and each analyser's flows are its own
-        assert db[store.FLOWS].count_documents({"sensor": s.sensor}) >= 3
+    # and each analyser's flows are its own (written every analyser.flush_interval: within a few seconds)
+    assert wait_for(lambda: all(db[store.FLOWS].count_documents({"sensor": s.sensor}) >= 3 for s in (a, b)), 15, 0.5), \
+        [db[store.FLOWS].count_documents({"sensor": s.sensor}) for s in (a, b)]
     assert db[store.FLOWS].count_documents({"sensor": {"$nin": [a.sensor, b.sensor]}}) == 0
 
 

@@ -193,8 +193,10 @@ def test_dashboard_in_a_browser(appliance, browser, tmp_path):
     def column(table: str, i: int) -> list[str]:
         return [r.find_elements(By.TAG_NAME, "td")[i].text for r in d.find_elements(By.CSS_SELECTOR,
                                                                                    f"#{table} tbody tr")]
-    d.get(base + "/talkers?minutes=10")
-    assert set(column("talkers", 0)) == {FLOODER, BENIGN}
+    def both_talkers():                     # flows are written every analyser.flush_interval: a few seconds at most
+        d.get(base + "/talkers?minutes=10")
+        return set(column("talkers", 0)) == {FLOODER, BENIGN}
+    wait(both_talkers, timeout=15, what="both clients among the talkers")
     head = d.find_element(By.CSS_SELECTOR, '#flows th[data-col="3"]')
     head.click()
     down = [int(x) for x in column("flows", 3)]
