@@ -126,7 +126,7 @@ class Analyser:
         pending write of the run before is read again (Follower.recovering): until then a kill starts again from
         the same position, with the same pending write."""
         f = self.follower
-        if f.step == f.saved_step or f.recovering:
+        if not f.unsaved or f.recovering:
             return
         f.save_pending()
         self.engine.flush(f.step)
@@ -177,7 +177,8 @@ class Analyser:
         service.notify("READY=1")
         log.info("analysing sensor %s with %s (%s)", self.cfg.snooper.sensor, self.policy.source,
                  ", ".join(c.name for c in self.engine.classifiers) or "no classifiers")
-        failing = stale = False
+        failing = False
+        self.stale = False                      # a failed step's work is still in memory: rebuild before going on
         self.follower.rescan()
         while not self.stop.is_set():
             wd.kick()
@@ -185,9 +186,9 @@ class Analyser:
                 self.reloader.check()
             cfg = self.cfg.analyser
             try:
-                if stale:                           # a failed step's work is still in memory: rebuild first
+                if self.stale:
                     self.recover()
-                    stale = False
+                    self.stale = False
                 read = self.step()
                 now = time.monotonic()
                 if now >= next_house:
@@ -204,7 +205,7 @@ class Analyser:
                 if not failing:
                     log.warning("store unavailable (%s: %s); retrying every %.1f s", exc.__class__.__name__,
                                 str(exc)[:160], cfg.poll_interval)
-                failing = stale = True
+                failing = self.stale = True
                 self.look(store_up=False)
                 self.stop.wait(cfg.poll_interval)
                 continue
@@ -214,7 +215,8 @@ class Analyser:
                 self.stop.wait(cfg.poll_interval)
         service.notify("STOPPING=1")
         try:
-            self.flush()                        # what was analysed since the last write
+            if not self.stale:                  # (a failed step's partial counts are never written)
+                self.flush()                    # what was analysed since the last write
             self.housekeeping()
             self.status.report()
         except pymongo.errors.PyMongoError as exc:

@@ -49,13 +49,12 @@ class Follower:
         self._saved = {k: v for k, v in doc.items() if k != "pending"} or {"_id": self.id, "step": 0}
         self.unsaved: list[str] = []            # ids read since the position was saved
         got = doc.get("pending")
-        got = [got] if isinstance(got, dict) else got if isinstance(got, list) else []
-        # every write of flows since the position was saved (a kill, then another while writing again)
-        self._pendings = [g for g in got if isinstance(g, dict) and g.get("step", 0) > self.step]
-        self.pendings = {g["step"]: frozenset(g["ids"]) for g in self._pendings}
-        last = max(self._pendings, key=lambda g: g["step"]) if self._pendings else None
-        self.pending: Optional[tuple] = (last["step"], frozenset(last["ids"]), last["upto"]) if last else None
-        self.step = max(self.step, *self.pendings) if self.pendings else self.step   # never reuse a step number
+        # the writes of flows since the position was saved whose own position was not (a kill in each), oldest first
+        self._pendings = sorted((g for g in got if isinstance(g, dict) and g.get("step", 0) > self.step),
+                                key=lambda g: g["step"]) if isinstance(got, list) else []
+        self.pendings = {g["step"]: frozenset(g["ids"]) for g in self._pendings}    # step -> its batch ids
+        if self._pendings:
+            self.step = self._pendings[-1]["step"]   # never reuse a step number
         self.late = 0
         self._next_window_scan = 0.0
 
@@ -94,11 +93,6 @@ class Follower:
             cur.close()
         return out
 
-    def commit(self, docs: list[dict], step: int) -> None:
-        """Record ``docs`` as read by ``step`` and save the position (after their flows were written)."""
-        self.advance(docs, step)
-        self.save()
-
     def advance(self, docs: list[dict], step: int) -> None:
         """Record ``docs`` as read by ``step``, in memory: the next reads go on after them; ``save`` keeps it."""
         for d in docs:
@@ -118,8 +112,6 @@ class Follower:
         and the resume point they reach (``Flow.from_document`` reads it after a kill before ``save``), beside
         the pending writes of earlier runs killed before theirs (a flow document still of such a step holds
         those batches; step numbers go on after them)."""
-        if self.step in self.pendings:
-            self.step += 1                      # a step number names one write (Flow.from_document)
         pending = {"step": self.step, "ids": list(self.unsaved), "upto": self.resume}
         self.state.replace_one({"_id": self.id}, {**self._saved, "pending": self._pendings + [pending]},
                                upsert=True)
@@ -129,16 +121,19 @@ class Follower:
         doc = {"_id": self.id, "resume": self.resume, "seen": [[i, t] for i, t in self.seen.items()],
                "step": self.step, "updated_at": dt.datetime.now(dt.timezone.utc)}
         self.state.replace_one({"_id": self.id}, doc, upsert=True)
-        self._saved, self.saved_step, self.unsaved, self.pending = doc, self.step, [], None
+        self._saved, self.saved_step, self.unsaved = doc, self.step, []
         self._pendings, self.pendings = [], {}
 
     @property
     def recovering(self) -> bool:
         """A pending write of a run before this one is still being read again (the position must not move on
         before it is: its flows skip those batches until then)."""
-        if self.pending is None or self.pending[1] <= self.seen.keys():
+        if not self._pendings:
             return False
-        return self.resume is None or self.resume <= self.pending[2]   # past it: the rest is gone (retention)
+        last = self._pendings[-1]                    # its batches include every earlier one's
+        if self.pendings[last["step"]] <= self.seen.keys():
+            return False
+        return self.resume is None or self.resume <= last["upto"]   # past it: the rest is gone (retention)
 
     def lag_seconds(self) -> float:
         """How far the newest stored batch is ahead of what has been read (0 when caught up)."""
