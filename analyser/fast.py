@@ -316,13 +316,14 @@ class FastEngine(Engine):
     """``Engine`` counting verified steady-state TCP segments in bulk (see the module's docstring)."""
 
     bulk_packets = 0              # packets counted in bulk (not a counter of the reference: the tests' proof)
-    quiet_packets = 0             # of them, unverified or UDP packets (``_quiet_candidates``)
+    quiet_packets = 0             # besides them, unverified or UDP packets counted in bulk (``_quiet_candidates``)
     _quiet_jts = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._subject_cache: dict = {}
         self._flow_cache: dict = {}     # both ends' lanes (_endpoints, one order) -> (flow, sent by its client)
+
     def bulk_possible(self) -> bool:
         from .report import XmppSeries
         return (all(type(cl) is XmppAbuse for cl in self.classifiers)
@@ -522,13 +523,12 @@ class FastEngine(Engine):
         if not G:
             return qk
         settling = {id(f) for _, _, f in self.settling}
-        d = d_all
         n_g = np.bincount(inv, minlength=G)
-        d0 = (np.bincount(inv, weights=d == 0, minlength=G) > 0).tolist()
-        d1 = (np.bincount(inv, weights=d == 1, minlength=G) > 0).tolist()
+        d0 = (np.bincount(inv, weights=d_all == 0, minlength=G) > 0).tolist()
+        d1 = (np.bincount(inv, weights=d_all == 1, minlength=G) > 0).tolist()
         fin = (np.bincount(inv, weights=(tflags[bi] & FIN) != 0, minlength=G) > 0).tolist()
-        all_udp = (np.bincount(inv, weights=udp[bi], minlength=G) == n_g).tolist()
-        no_udp = (np.bincount(inv, weights=udp[bi], minlength=G) == 0).tolist()
+        n_udp = np.bincount(inv, weights=udp[bi], minlength=G)
+        all_udp, no_udp = (n_udp == n_g).tolist(), (n_udp == 0).tolist()
         clash = np.zeros(G, dtype=bool)
         clash[inv[~same]] = True                      # a hash shared by two connections: not in bulk
         clash = clash.tolist()
@@ -608,7 +608,6 @@ class FastEngine(Engine):
         """Count the quiet frames (positions ``qi`` of ``bi``) as ``Flow.add`` and ``Engine._classify`` do."""
         if not len(qi):
             return
-        c = self.counters
         key2 = inv[qi] * 2 + d_all[qi]
         o = _stable_order(key2)                       # frame order within each flow and direction
         k2, j = key2[o], bi[qi][o]
@@ -675,17 +674,9 @@ class FastEngine(Engine):
                 mine.extend(got)
                 del mine[:-4]
         if self.observers and tcp.any():
-            self._series(self.observers, gany, k2[tcp], fr.ts[j][tcp], None)
-        newest = int(fr.ts[j].max())
-        if newest > self.flows.newest_ns:
-            self.flows.newest_ns = newest
-        nv6 = int(v6[j].sum())
-        verified = int(ok.sum())
+            self._series(self.observers, gany, k2[tcp], fr.ts[j][tcp])
         self.quiet_packets += n
-        c["packets"] += n
-        c["packets_v6"] += nv6
-        c["packets_v4"] += n - nv6
-        c["verified"] += verified
+        self._tally(fr.ts[j], v6[j], int(ok.sum()))
 
     # --- which flows are counted in bulk ----------------------------------------------------------------------
 
@@ -967,8 +958,6 @@ class FastEngine(Engine):
             a = k + 1
 
     def _apply(self, q, gflow, cand, covered, entries, timeline, owner, index, bids) -> None:
-        c = self.counters
-        flows = self.flows
         series = self.observers
         g, d = q["g"], q["d"]
         ing = np.array([f is not None and id(f) in cand for f in gflow], dtype=bool)
@@ -985,8 +974,7 @@ class FastEngine(Engine):
         starts, ends = self._count_runs(gflow, k2, ts, q["wl"][o], q["flags"][o])
         endseq, wv, fl = q["endseq"][o], q["wv"][o], q["flags"][o]
         fin_any = np.maximum.reduceat(fl & FIN, starts)
-        cnt = np.diff(np.append(starts, n))
-        for e, k, nn, fa in zip(ends.tolist(), k2[starts].tolist(), cnt.tolist(), fin_any.tolist()):
+        for e, k, nn, fa in zip(ends.tolist(), k2[starts].tolist(), (ends - starts + 1).tolist(), fin_any.tolist()):
             f = gflow[k >> 1]
             dd = k & 1
             f.nxt[dd] = int(endseq[e])
@@ -996,16 +984,9 @@ class FastEngine(Engine):
             f.counted[dd] += nn
             f.status = OK
         if series:
-            self._series(series, gflow, k2, ts, starts)
-        newest = int(q["ts"].max())
-        if newest > flows.newest_ns:
-            flows.newest_ns = newest
-        v6 = int(q["v6"].sum())
+            self._series(series, gflow, k2, ts)
         self.bulk_packets += n
-        c["packets"] += n
-        c["packets_v6"] += v6
-        c["packets_v4"] += n - v6
-        c["verified"] += n
+        self._tally(q["ts"], q["v6"], n)
         self._apply_windows(entries, gflow, cand, owner, index, bids)
         # the flag book's gen as each flow's last packet saw it (Engine._judge's cache)
         positions = [t[0] for t in timeline]
@@ -1019,6 +1000,18 @@ class FastEngine(Engine):
             _, gen, cov = timeline[bisect_right(positions, j - 1) - 1] if positions else (0, 0, False)
             if cov and f.cov_gen != gen:
                 f.cov_gen = gen
+
+    def _tally(self, ts, v6, verified: int) -> None:
+        """The engine's counters for packets counted in bulk (``Engine._classify``'s), and the newest frame time."""
+        c = self.counters
+        n, nv6 = len(ts), int(v6.sum())
+        c["packets"] += n
+        c["packets_v6"] += nv6
+        c["packets_v4"] += n - nv6
+        c["verified"] += verified
+        newest = int(ts.max())
+        if newest > self.flows.newest_ns:
+            self.flows.newest_ns = newest
 
     @staticmethod
     def _count_runs(gf, k2, ts, wl, fl):
@@ -1076,7 +1069,7 @@ class FastEngine(Engine):
         return starts, ends
 
     @staticmethod
-    def _series(series, gflow, k2, ts, starts) -> None:
+    def _series(series, gflow, k2, ts) -> None:
         """The report's packets per client per second (report.XmppSeries), for the bulk packets."""
         sec = ts // 1_000_000_000
         s0 = int(sec.min())
