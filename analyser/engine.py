@@ -37,6 +37,9 @@ log = logging.getLogger("pisnoop.analyser")
 PRUNE_EVERY_NS = 10 * 10**9
 MAX_SOURCES = 10_000           # claimed sources of unverified traffic kept by name; the rest are summed as "other"
 PROTO_NAMES = {TCP: "tcp", UDP: "udp"}
+# counters of what was written to the store (a flag, a flow record): never taken back by ``Engine.rollback``, since a
+# rebuild does not write them again; every other counter counts frames read
+WRITTEN = frozenset({"flags", "flags_exempt", "flows_written"})
 # ICMP / ICMPv6 "destination unreachable" types: protocol -> the type whose quoted packet an end refused
 ICMP_ERRORS = {1: 3, 58: 1}
 
@@ -72,11 +75,37 @@ class Engine:
         self.settling: list = []                  # heap of (settle_ns, n, flow)
         self.queued = 0
         self.pruned_ns = 0
+        self._checkpoints: dict = {}              # resume step -> the frame counts as of it (``checkpoint``)
 
     def reset_windows(self) -> None:
         """Fresh classifier state (after a failed step whose packets may be counted again)."""
         self.classifiers = policy_mod.build(self.policy, self.cfg, self.neighbours)
         self.settling = []
+
+    TALLIES: tuple = ()                       # further per-frame counts a subclass keeps as attributes
+
+    def checkpoint(self, step: int) -> None:
+        """Note the frame counts as of resume step ``step``, before it is saved (the one saved before is kept too,
+        for a save that fails). A rebuild after a store failure reads the batches after the saved step again;
+        ``rollback`` takes back what they added, so that the status counters count every frame once."""
+        self._checkpoints = {k: v for k, v in self._checkpoints.items() if k >= max(self._checkpoints, default=0)}
+        self._checkpoints[step] = (Counter({k: v for k, v in self.counters.items() if k not in WRITTEN}),
+                                   self.unverified.copy(), {a: getattr(self, a) for a in self.TALLIES})
+
+    def rollback(self, step: int) -> None:
+        """Back to the frame counts of resume step ``step`` (the store's, read again after a failure)."""
+        saved = self._checkpoints.get(step)
+        if saved is None:
+            log.warning("no frame counts noted at step %d: the counters keep what the failed steps added", step)
+            return
+        counts, unverified, tallies = saved
+        written = {k: v for k, v in self.counters.items() if k in WRITTEN}
+        self.counters.clear()
+        self.counters.update(counts)
+        self.counters.update(written)
+        self.unverified = unverified.copy()
+        for a, v in tallies.items():
+            setattr(self, a, v)
 
     def run_step(self, batches: Iterable[tuple[str, int, Iterable]], step: int, persistent: bool = True,
                  flush: bool = True) -> int:

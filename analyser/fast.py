@@ -317,6 +317,7 @@ class FastEngine(Engine):
 
     bulk_packets = 0              # packets counted in bulk (not a counter of the reference: the tests' proof)
     quiet_packets = 0             # besides them, unverified or UDP packets counted in bulk (``_quiet_candidates``)
+    TALLIES = ("bulk_packets", "quiet_packets")
     _quiet_jts = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
     def __init__(self, *args, **kwargs):

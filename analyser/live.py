@@ -8,8 +8,9 @@ step is ~0.4 s, and rewriting ~2,000 flow records that often was most of the
 store's work). Flags are written the moment they are raised. A restart, or a
 store that goes away (logged in one line and retried), reads again from the
 last resume point: the in-memory flows and windows are dropped and rebuilt
-from the store, and a flow written after that point skips the batches it
-holds (analyser/flows.py), so nothing is counted twice or lost.
+from the store, a flow written after that point skips the batches it
+holds (analyser/flows.py), and the status counters go back to their counts
+at that point, so nothing is counted twice or lost.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Analyser:
         self.alerts = alerts.Alerter(cfg.alerts, cfg.snooper.sensor)
         self.watch = watch.Watch(cfg.alerts)
         self.engine = engine_class(cfg)(cfg, self.policy, self.flows, self.book, on_flag=self.flagged)
+        self.engine.checkpoint(self.follower.saved_step)
         self.status = Status(db, cfg, self.follower, self.engine, self.alerts)
         self.stop = threading.Event()
         self.reloader: service.Reloader | None = None
@@ -130,6 +132,7 @@ class Analyser:
             return
         f.save_pending()
         self.engine.flush(f.step)
+        self.engine.checkpoint(f.step)
         f.save()
         self.flows.pending = None
         self._next_flush = time.monotonic() + self.cfg.analyser.flush_interval
@@ -161,7 +164,8 @@ class Analyser:
             self.alerts.emit(event, **fields)
 
     def recover(self) -> None:
-        """After a failed step: forget unwritten flows and window state; reload the position."""
+        """After a failed step: forget unwritten flows and window state; reload the position, and take back the
+        frame counts of the batches after it (they are read again)."""
         self.follower = Follower(self.db, self.cfg.snooper.sensor,
                                  frames_db=store.frames_reader(self.db, self.cfg.mongodb))
         self.flows.flows.clear()
@@ -169,6 +173,7 @@ class Analyser:
         self.flows.pending = self._pending()
         self.flows.committed_step = self.follower.saved_step
         self.engine.reset_windows()
+        self.engine.rollback(self.follower.saved_step)
         self.status.follower = self.follower
 
     def run(self, once: bool = False) -> int:

@@ -47,7 +47,7 @@ class Status:
         self.alerts = alerts
         self.metrics = _metrics() if cfg.metrics.enabled else None
         self.last_t = time.monotonic()
-        self.last = dict(engine.counters)
+        self.high = dict(engine.counters)       # each counter's highest count reported (``report``)
         self.fps = 0.0
 
     def report(self) -> dict:
@@ -57,22 +57,26 @@ class Status:
         c["late_batches"] = self.follower.late
         c["flags_refused"] = self.engine.flagbook.refused
         c["unverified"] = c.get("packets", 0) - c.get("verified", 0)
+        # what is new since the last report: counted beyond each counter's highest count so far, since after a
+        # store failure the frame counts go back to the resume point (Engine.rollback) and count the same again
+        new = {k: max(0, v - self.high.get(k, 0)) for k, v in c.items()}
+        self.high = {k: max(v, self.high.get(k, 0)) for k, v in c.items()}
         dt_s = max(now_m - self.last_t, 1e-6)
-        self.fps = (c.get("frames", 0) - self.last.get("frames", 0)) / dt_s
+        self.fps = new.get("frames", 0) / dt_s
         lag = self.follower.lag_seconds()
         if self.metrics:
             m = self.metrics
-            m["frames"].inc(c.get("frames", 0) - self.last.get("frames", 0))
-            m["flags"].inc(c.get("flags", 0) - self.last.get("flags", 0))
-            m["exempt"].inc(c.get("flags_exempt", 0) - self.last.get("flags_exempt", 0))
+            m["frames"].inc(new.get("frames", 0))
+            m["flags"].inc(new.get("flags", 0))
+            m["exempt"].inc(new.get("flags_exempt", 0))
             for fam in ("v4", "v6"):
-                m["packets"].labels(fam).inc(c.get(f"packets_{fam}", 0) - self.last.get(f"packets_{fam}", 0))
-            m["unverified"].inc(max(0, c["unverified"] - self.last.get("unverified", 0)))
+                m["packets"].labels(fam).inc(new.get(f"packets_{fam}", 0))
+            m["unverified"].inc(new["unverified"])
             for r in SKIP_REASONS:
-                m["skipped"].labels(r).inc(c.get(r, 0) - self.last.get(r, 0))
+                m["skipped"].labels(r).inc(new.get(r, 0))
             m["fps"].set(self.fps)
             m["lag"].set(lag)
-        self.last, self.last_t = c, now_m
+        self.last_t = now_m
         doc = {
             "_id": self.id, "component": "analyser", "sensor": self.sensor,
             "updated_at": dt.datetime.now(dt.timezone.utc),

@@ -367,6 +367,108 @@ def test_a_store_failing_twice_inside_flow_writes_is_ridden_out_by_the_service(e
     assert flow_counts(db) == _expected_counts(cfg, frames)
 
 
+def _fail_at(monkeypatch, cls, name, calls, when, before=True):
+    """``cls.name`` raises AutoReconnect at the calls numbered ``when`` (1 = the first), before or after doing
+    its work; ``calls`` records every call."""
+    import pymongo.errors
+    real = getattr(cls, name)
+
+    def wrapper(self, *args):
+        calls.append(1)
+        if len(calls) in when and before:
+            raise pymongo.errors.AutoReconnect(f"the store went away before {name}")
+        out = real(self, *args)
+        if len(calls) in when:
+            raise pymongo.errors.AutoReconnect(f"{name} was done, its answer lost")
+        return out
+    monkeypatch.setattr(cls, name, wrapper)
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+@pytest.mark.parametrize("failure", ["read refused between writes", "position write refused",
+                                     "position saved, answer lost", "flow write cut short"])
+def test_after_store_failures_the_status_counters_count_each_frame_once(env, monkeypatch, engine, failure):
+    """A store failure makes the service read the batches after its resume point again: the frame counters and
+    the unverified sources go back to that point's counts (Engine.rollback), so the status (and Prometheus)
+    count each frame once, also when the position was saved but the answer was lost. A flow write cut short is
+    the one residue: the flows it wrote hold their packets, which count as ``replayed`` when read again."""
+    from analyser.engine import WRITTEN
+    from analyser.reader import Follower
+    from tests.analyser_frames import Spoofer
+    make, db = env
+    cfg, _ = make(analyser={"flush_interval": 0, "engine": engine})
+    init = Follower.__init__
+
+    def small_steps(self, *args, **kwargs):                 # also after a rebuild: several steps, several writes
+        init(self, *args, **kwargs)
+        self.limit = 4
+    monkeypatch.setattr(Follower, "__init__", small_steps)
+    frames = sorted(many_connections() + Spoofer("10.0.1.3").syn_flood(T0 + S, 400)
+                    + Spoofer("10.0.1.4").data_flood(T0 + 2 * S, 300, 44000))
+    store_frames(db, frames, batch_size=50)
+    clean = Analyser(cfg, db)
+    clean.run(once=True)
+    counts = lambda a: {k: v for k, v in a.engine.counters.items() if k != "flows_written"}  # noqa: E731
+    expected = counts(clean)
+    assert expected["packets"] > expected["verified"] > 0 and len(clean.engine.unverified) == 2
+    assert expected["flags"] == 1 and expected.pop("replayed", 0) == 0
+    for coll in (store.FLOWS, store.STATE, store.FLAGS, store.STATUS):
+        db[coll].delete_many({})
+
+    calls = []
+    interval = 0                                            # flows and position written after every step
+    if failure == "read refused between writes":            # 5 steps read, reported, unwritten: then a failure
+        interval = 60
+        _fail_at(monkeypatch, Follower, "next_batches", calls, (7,))
+    elif failure == "position write refused":
+        _fail_at(monkeypatch, Follower, "save_pending", calls, (2, 3, 5))
+    elif failure == "position saved, answer lost":
+        _fail_at(monkeypatch, Follower, "save", calls, (2, 3, 5), before=False)
+    else:
+        real = SensorFlows.write
+
+        def write(self, docs):
+            calls.append(1)
+            if len(calls) not in (2, 3, 5):
+                return real(self, docs)
+            real(self, docs[:2])
+            raise pymongo.errors.AutoReconnect("the store went away in the middle of a write")
+        import pymongo.errors
+        monkeypatch.setattr(SensorFlows, "write", write)
+    from analyser import status as status_mod
+    status_mod._metrics()                                   # the process's Prometheus series (not served here)
+    metric = lambda: status_mod._METRICS["frames"]._value.get()   # noqa: E731
+    before = metric()
+    step = Analyser.step
+
+    def step_and_report(self):                              # a report after every step, also those after a rebuild
+        n = step(self)
+        self.status.report()
+        return n
+    monkeypatch.setattr(Analyser, "step", step_and_report)
+    a = Analyser(make(analyser={"flush_interval": interval, "engine": engine}, metrics={"enabled": True})[0], db)
+    a.run(once=True)
+    assert len(calls) > 7 if interval else len(calls) > 5
+    assert metric() - before == len(frames)         # counted once, never decreased (a Counter cannot)
+    assert flow_counts(db) == _expected_counts(cfg, frames)
+    got = counts(a)
+    st = db[store.STATUS].find_one({"_id": "analyser:pisnoop"})
+    assert st["counters"]["frames"] == got["frames"] == len(frames) and got["batches"] == expected["batches"]
+    held = got.pop("replayed", 0)               # the packets of the flows a cut-short write wrote
+    assert (held > 0) == (failure == "flow write cut short")
+    assert got["packets"] + held == expected["packets"] and got["packets_v4"] + held == expected["packets_v4"]
+    assert st["counters"]["packets"] == got["packets"] and got["flags"] == expected["flags"]
+    for victim in ("10.0.1.3", "10.0.1.4"):     # the spoofed packets in their names, counted once
+        assert a.engine.unverified[victim] == clean.engine.unverified[victim] > 0
+    # Not exact, as after a restart at the resume point: a connection settling there is read back verified
+    # (flows.py) without settling again, its held packets not counted verified
+    for k in ("verified", "connections_verified"):
+        assert expected[k] * 0.5 < got[k] <= expected[k], k
+    assert {k: v for k, v in got.items() if k not in WRITTEN and not k.startswith(("packets", "verified",
+            "connections_verified"))} == {k: v for k, v in expected.items() if k not in WRITTEN and not
+                                          k.startswith(("packets", "verified", "connections_verified"))}
+
+
 def test_a_stop_while_the_store_fails_mid_step_writes_none_of_that_steps_partial_counts(env, monkeypatch):
     """A step that fails halfway (a flag or flow write refused) leaves partial counts in memory; stopping before
     the rebuild must not write them with the position of the steps before it, or a restart counts them twice."""
