@@ -201,8 +201,16 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def unit_nice(name: str) -> int:
+    """The ``Nice=`` of the service's unit in systemd/ (0 when it sets none), for the lab to run it as systemd does."""
+    text = (Path(__file__).resolve().parent.parent / "systemd" / f"pisnoop-{name}.service").read_text()
+    m = re.search(r"^Nice=(-?\d+)\s*$", text, re.M)
+    return int(m.group(1)) if m else 0
+
+
 class ServiceSet:
-    """The three services as child processes of ours, each with its own log and notify socket."""
+    """The three services as child processes of ours, each with its own log and notify socket and its unit's
+    ``Nice=`` (a unit's CPUWeight= needs systemd's cgroups: not applied here)."""
 
     def __init__(self, va: VirtualAppliance):
         self.va = va
@@ -222,6 +230,9 @@ class ServiceSet:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             cwd=str(Path(__file__).resolve().parent.parent))
         log.close()
+        nice = unit_nice(name)
+        if nice:                                    # before the interpreter starts threads: they inherit it
+            os.setpriority(os.PRIO_PROCESS, self.procs[name].pid, nice)
         deadline = time.monotonic() + timeout
         while not listener.ready():
             if self.procs[name].poll() is not None:

@@ -102,3 +102,15 @@ def test_service_unit_contract(unit):
     assert "openvswitch-switch.service" in after and "network-online.target" in after
     caps = re.search(r"^CapabilityBoundingSet=(.*)$", text, re.M).group(1).split()
     assert caps == (["CAP_NET_RAW", "CAP_NET_ADMIN"] if "snooper" in unit.name else [])
+
+
+def test_capture_comes_first_on_busy_cores():
+    """Only the snooper is raised (Nice among processes, CPUWeight among units): its ring's drops are lost frames,
+    the analyser's lag is caught up from the store."""
+    for unit in SERVICE_UNITS:
+        text = (REPO / "systemd" / unit).read_text()
+        nice, weight = (re.findall(rf"^{k}=(-?\d+)$", text, re.M) for k in ("Nice", "CPUWeight"))
+        if "snooper" in unit:
+            assert [int(nice[0]), int(weight[0])] == [-5, 400], unit
+        else:
+            assert nice == weight == [], unit

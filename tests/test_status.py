@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import signal
 import subprocess
@@ -92,6 +93,9 @@ def test_status_healthy_then_snooper_stopped_then_store_stopped(running):
     facts = lines_of(res.stdout)
     for name in scenario.SERVICES:
         assert "up, ready, last heartbeat" in facts[name], facts[name]
+    # run as their units say: capture first (the snooper's Nice=-5), the others at the default
+    assert {n: os.getpriority(os.PRIO_PROCESS, services.procs[n].pid) for n in scenario.SERVICES} == {
+        n: (-5 if n == "snooper" else 0) for n in scenario.SERVICES}
     assert "connected (datapath" in facts["switch"] and "NOT" not in facts["switch"]
     installed, planned = map(int, re.search(r"(\d+) flows installed \(plan (\d+)", facts["flows"]).groups())
     assert planned > 0 and installed >= planned, facts["flows"]
