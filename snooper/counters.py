@@ -29,6 +29,8 @@ NAMES = {
     "dropped_corrupt": "frames lost in spool files that failed their checksum",
     "spool_inherited": "frames found in the spool at start (left by an earlier run, replayed by this one)",
     "queue_overflows": "batches sent straight to the spool because the writer queue was full",
+    "stop_spooled": "frames queued for the store at a stop that went to the spool when the stop's time for the "
+                    "store was up (the next run replays them)",
     "store_errors": "failed store writes (each then spooled)",
     **RETENTION,   # the snooper owns frames, so it trims them (appliance/retention.py)
 }

@@ -27,6 +27,10 @@ from .batch import Batch
 from .spool import Spool
 
 RETRY_SECONDS = 1.0
+# On a stop, how long queued batches still go to the store; the rest go to the spool (local disk, fast). A slow store
+# must not hold the stop past systemd's TimeoutStopSec (20 s) and its SIGKILL, which loses the queue (up to
+# QUEUE_BYTES): this, plus one insert's socket timeout at worst, plus spooling the rest, stays within it.
+STOP_STORE_SECONDS = 5.0
 QUEUE_BYTES = 96 << 20   # frames waiting in memory for the store before spooling (see _size)
 _FRAME_OVERHEAD = 100
 _STOP = object()
@@ -67,6 +71,7 @@ class Writer(threading.Thread):
         self._pending_lock = threading.Lock()
         self.cfg = cfg
         self.indexed = False     # indexes (and the retention TTL) are ensured on the first contact with the store
+        self.stop_by: float | None = None   # set by stop(): the monotonic time after which batches are spooled
 
     # --- the capture side ------------------------------------------------------
 
@@ -92,8 +97,10 @@ class Writer(threading.Thread):
         else:
             self.queue.put(batch)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Flush everything queued (to the store or the spool) and end the thread."""
+    def stop(self, timeout: float = 15.0, store_seconds: float = STOP_STORE_SECONDS) -> None:
+        """Flush everything queued and end the thread: to the store for ``store_seconds``, then to the spool,
+        which the next run replays; wait at most ``timeout`` (under the unit's TimeoutStopSec=20s)."""
+        self.stop_by, self.stop_store_seconds = time.monotonic() + store_seconds, store_seconds
         self.queue.put(_STOP)
         self.join(timeout)
 
@@ -106,14 +113,21 @@ class Writer(threading.Thread):
             except queue.Empty:
                 item = None
             if item is _STOP:  # a last go at the spool (the store may be back by now), then leave it for next time
-                end = time.monotonic() + 5.0
+                end = min(time.monotonic() + 5.0, self.stop_by or 0.0)
+                if self.counters.get("stop_spooled"):
+                    self.log.warning("stopping: %d frames spooled for the next run (the store took more than %.1f s "
+                                     "for the queue)", self.counters["stop_spooled"], self.stop_store_seconds)
                 while len(self.spool) and self.spool.owner and time.monotonic() < end:
                     time.sleep(max(0.0, min(self.retry_at, end) - time.monotonic()))
                     self._replay(deadline=end)
                 return
             if item is not None:
                 try:
-                    self._write(item)
+                    if self.stop_by is not None and time.monotonic() >= self.stop_by:
+                        self.counters["stop_spooled"] += len(item.frames)
+                        self.spool.put(item)          # stopping, and out of time for the store
+                    else:
+                        self._write(item)
                 except Exception:  # a bug must not silently stop storing: keep the batch, keep going
                     self.log.exception("writing batch %s:%d failed unexpectedly; spooling it", item.run, item.seq)
                     self.counters["store_errors"] += 1

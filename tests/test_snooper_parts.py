@@ -198,6 +198,52 @@ def test_writer_spools_while_store_away_then_replays_exactly_once(tmp_path):
         es.stop()
 
 
+def test_a_stop_with_a_slow_store_spools_the_queue_in_time_and_the_next_run_stores_it_once(tmp_path, embedded_store,
+                                                                                           monkeypatch):
+    """A store that takes each batch slowly (a loaded one) must not hold a stop past systemd's TimeoutStopSec: the
+    SIGKILL would lose the whole queue. After its time for the store the writer spools the rest; the next run's
+    writer replays it, each batch stored once."""
+    from snooper import writer as writer_mod
+    cfg = config_mod.from_dict({"mongodb": {"uri": embedded_store.uri, "database": "t" + secrets.token_hex(5)}})
+    db = store.database(cfg.mongodb)
+    real = writer_mod.insert
+
+    def slow(db_, batch, c):                     # a store that answers, a batch every 0.1 s
+        time.sleep(0.1)
+        real(db_, batch, c)
+    monkeypatch.setattr(writer_mod, "insert", slow)
+    c = counters.new()
+    sp = Spool(tmp_path / "spool", 50, "drop_newest", c, LOG)
+    w = Writer(db, sp, c, LOG, cfg)
+    w.start()
+    sent = [Batch("s", "run1", seq, frames(20, tag=bytes([seq]))) for seq in range(100)]    # 10 s for the store
+    for b in sent:
+        c["captured"] += len(b.frames)          # as the capture loop counts them
+        w.offer(b)
+    t0 = time.monotonic()
+    w.stop(store_seconds=1.0)
+    took = time.monotonic() - t0
+    try:
+        assert not w.is_alive() and took < 2.5, took
+        assert 5 <= c["stored_batches"] <= 15 and c["stop_spooled"] == c["spooled"] == 2000 - c["stored"]
+        assert c["queue_overflows"] == 0 and counters.unaccounted(c, w.pending_frames, sp.frames) == 0
+        sp.close()
+        monkeypatch.setattr(writer_mod, "insert", real)
+        c2 = counters.new()
+        sp2 = Spool(tmp_path / "spool", 50, "drop_newest", c2, LOG)
+        assert c2["spool_inherited"] == c["spooled"]
+        w2 = Writer(db, sp2, c2, LOG, cfg)
+        w2.start()
+        w2.stop()
+        docs = list(db[store.FRAMES].find({"run": "run1"}).sort("seq", 1))
+        assert [d["seq"] for d in docs] == list(range(100))
+        assert [f for d in docs for f in store.batch_frames(d)] == [f for b in sent for f in b.frames]
+        assert c2["replayed"] == c["spooled"] and sp2.frames == 0
+    finally:
+        db.client.drop_database(cfg.mongodb.database)
+        db.client.close()
+
+
 # --- ring ------------------------------------------------------------------------------------
 
 @pytest.fixture
