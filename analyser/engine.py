@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import logging
 import socket
+import time
 from collections import Counter
 from typing import Callable, Iterable, Optional
 
@@ -29,7 +30,7 @@ from appliance.framebatch import CorruptBatch
 
 from . import policy as policy_mod
 from .flags import FlagBook, now_utc
-from .flows import HELD, OK, SETTLING, SPOOFED, VERIFIED, FlowTable
+from .flows import HELD, OK, SETTLING, SPOOFED, UNTRACKED, VERIFIED, FlowTable, flow_key
 from .neighbours import Neighbours
 from .parse import TCP, UDP, Packet, mac_text, parse
 
@@ -64,6 +65,7 @@ class Engine:
         self.server_ports = frozenset(policy_mod.server_ports(policy, cfg))
         flows.server_ports = self.server_ports
         flows.settle_ns = int(cfg.xmpp.settle_seconds * 1e9)
+        flows.max_flows = cfg.analyser.max_flows
         self.neighbours = Neighbours(cfg.xmpp)
         self.classifiers = policy_mod.build(policy, cfg, self.neighbours)
         self.flows, self.flagbook = flows, flagbook
@@ -76,6 +78,7 @@ class Engine:
         self.queued = 0
         self.pruned_ns = 0
         self._checkpoints: dict = {}              # resume step -> the frame counts as of it (``checkpoint``)
+        self._full_logged = 0.0                   # monotonic time before which a full flow table is not said again
 
     def reset_windows(self) -> None:
         """Fresh classifier state (after a failed step whose packets may be counted again)."""
@@ -134,13 +137,13 @@ class Engine:
             c["batches"] += 1
         c["frames"] += n
         if persistent:
-            self._prefetch(p for p, _, _ in parsed)
+            self._prefetch(flow_key(p) for p, _, _ in parsed)
         self._classify(parsed)
         self._end_step(step, flush)
         return n
 
-    def _prefetch(self, packets) -> None:
-        for f in self.flows.prefetch(packets):
+    def _prefetch(self, keys) -> None:
+        for f in self.flows.prefetch(keys):
             if f.tcp == VERIFIED:              # verified before a restart: who is who is learned again
                 self._learn(f)
 
@@ -166,13 +169,18 @@ class Engine:
         book = self.flagbook
         classifiers = self.classifiers
         now = now or now_utc()
-        replayed = v6 = verified = 0
+        replayed = v6 = verified = untracked = 0
         for p, bid, i in parsed:
             if heap and p.ts_ns >= heap[0][0]:
                 self._settle_due(p.ts_ns, now)
             f, d = update(p, bid)
             if f is None:
-                replayed += 1
+                if d != UNTRACKED:
+                    replayed += 1
+                    continue
+                untracked += 1                          # a packet all the same, in no flow
+                if p.v6:
+                    v6 += 1
                 continue
             if p.v6:
                 v6 += 1
@@ -215,6 +223,18 @@ class Engine:
         c["packets_v4"] += n - v6
         c["verified"] += verified
         c["replayed"] += replayed
+        if untracked:
+            c["untracked"] += untracked
+            self._table_full(untracked)
+
+    def _table_full(self, untracked: int) -> None:
+        """Say so, once a minute at most, while the flow table is full (analyser.max_flows)."""
+        t = time.monotonic()
+        if t >= self._full_logged:
+            self._full_logged = t + 60.0
+            log.warning("flow table full (%d flows, analyser.max_flows): %d packets of new flows toward no server "
+                        "port are counted but not recorded (counter untracked, %d in all)", len(self.flows.flows),
+                        untracked, self.counters["untracked"])
 
     def _settle_due(self, ts_ns: int, now) -> None:
         """Verify the connections whose settling time has passed, and hand their held packets on."""

@@ -40,6 +40,7 @@ than the report's series, are analysed by the reference engine whole.
 from __future__ import annotations
 
 import logging
+import socket
 from bisect import bisect_right
 from collections import Counter, defaultdict, deque
 
@@ -54,6 +55,8 @@ from .engine import Engine
 from .flows import OK, RESET, SLACK, SPOOFED, VERIFIED, flow_key
 from .gather import Records, gather, group
 from .parse import ACK, FIN, PSH, TCP, UDP, URG, Packet, parse
+
+_inet_ntoa, _inet_ntop, _AF6 = socket.inet_ntoa, socket.inet_ntop, socket.AF_INET6
 
 log = logging.getLogger("pisnoop.analyser")
 M32 = 0xFFFFFFFF
@@ -90,6 +93,7 @@ class _Frames:
         self.buf, self.offs, self.ts, self.wl = rec.buf, rec.offs, rec.ts, rec.wl
         self.cap, self.head = rec.cap, rec.head
         self.shape, self.ends, self.more = rec.shape, rec.ends, rec.more   # from the gather when it made them
+        self.parsed: dict = {}      # frame offset -> its parse (Packet is immutable): the step's parts share it
 
     def col(self, at: int, size: int = 1, rows=None):
         """The big-endian ``size``-byte field (1, 2, 4, 6 or 8) at byte ``at`` of each frame (or of ``rows``)."""
@@ -120,7 +124,7 @@ class _Frames:
         if lo == 0 and hi == len(self.ts):
             return self
         p = _Frames.__new__(_Frames)
-        p.buf = self.buf
+        p.buf, p.parsed = self.buf, self.parsed
         p.offs, p.ts, p.wl, p.cap, p.head = (a[lo:hi] for a in (self.offs, self.ts, self.wl, self.cap, self.head))
         if self.shape is not None:
             p.shape = tuple(a[lo:hi] for a in self.shape)
@@ -131,8 +135,12 @@ class _Frames:
         return p
 
     def packet(self, j: int):
+        """Frame ``j`` parsed (once a step: a frame of a new flow is looked at up to four times)."""
         o = int(self.offs[j])
-        return parse(int(self.ts[j]), int(self.wl[j]), self.buf[o + 16:o + 16 + int(self.cap[j])])
+        p = self.parsed.get(o)
+        if p is None:
+            p = self.parsed[o] = parse(int(self.ts[j]), int(self.wl[j]), self.buf[o + 16:o + 16 + int(self.cap[j])])
+        return p
 
 
 def _bulk_shape(fr: _Frames):
@@ -312,6 +320,19 @@ def _read_groups(fr: _Frames):
 _LANES = ("sh", "sl", "sx", "dh", "dl", "dx")     # a frame's two ends (_endpoints): source, then destination
 
 
+def _lanes_key(lanes: tuple) -> tuple:
+    """``flow_key`` of a frame from its ends' lanes (no parse), and its source end: the address as
+    analyser/parse.py writes it, the port, the protocol (``_endpoints``)."""
+    sh, sl, sx, dh, dl, dx = lanes
+    if (sx >> 16) & 0xFF == 4:
+        a, b = _inet_ntoa((sh >> 32).to_bytes(4, "big")), _inet_ntoa((dh >> 32).to_bytes(4, "big"))
+    else:
+        a = _inet_ntop(_AF6, sh.to_bytes(8, "big") + sl.to_bytes(8, "big"))
+        b = _inet_ntop(_AF6, dh.to_bytes(8, "big") + dl.to_bytes(8, "big"))
+    src, dst, proto = (a, sx & 0xFFFF), (b, dx & 0xFFFF), (sx >> 24) & 0xFF
+    return ((proto, src, dst) if src <= dst else (proto, dst, src)), src
+
+
 class FastEngine(Engine):
     """``Engine`` counting verified steady-state TCP segments in bulk (see the module's docstring)."""
 
@@ -402,14 +423,17 @@ class FastEngine(Engine):
         odd = (fr.cap > 0) & ~bulk
         odd[bi[~same]] = True
         gany, _ = self._group_flows(fr, bi, rep)
-        js = [j for j, f in zip(bi[rep].tolist(), gany) if f is None] + np.flatnonzero(odd).tolist()
-        packets = [p for p in map(fr.packet, js) if p.__class__ is Packet]
-        if packets:
-            self._prefetch(packets)
+        e = _endpoints(fr)
+        rj = bi[rep]
+        keys = [_lanes_key(lanes)[0] for f, lanes in zip(gany, zip(*(e[k][rj].tolist() for k in _LANES)))
+                if f is None]
+        keys += [flow_key(p) for p in map(fr.packet, np.flatnonzero(odd).tolist()) if p.__class__ is Packet]
+        if keys:
+            self._prefetch(keys)
 
     def _group_flows(self, fr: _Frames, bi, rep) -> tuple:
         """Per group its flow in memory (or None) and whether its first frame came from the flow's client: from
-        the cache of the groups' ends when it still names a live flow, else by parsing that frame."""
+        the cache of the groups' ends when it still names a live flow, else by the key of those ends."""
         table = self.flows.flows
         cache = self._flow_cache
         rj = bi[rep]
@@ -421,13 +445,11 @@ class FastEngine(Engine):
             if hit is not None and table.get(hit[0].key) is hit[0]:
                 f, d0 = hit
             else:
-                p = fr.packet(int(rj[g]))
-                if p.__class__ is not Packet:
-                    continue
-                f = table.get(flow_key(p))
+                key, src = _lanes_key(lanes)
+                f = table.get(key)
                 if f is None:
                     continue
-                d0 = p.sport == f.cport and p.src == f.client
+                d0 = src == (f.client, f.cport)
                 cache[lanes] = (f, d0)
                 cache[lanes[3:] + lanes[:3]] = (f, not d0)
             gany[g] = f
@@ -475,9 +497,10 @@ class FastEngine(Engine):
         d_all = (hs != np.where(gd0[inv], hs[rep[inv]], hd[rep[inv]])).astype(np.int64)
         qk = self._quiet_candidates(fr, gany, good, inv, same, bi, d_all, udp, tflags, v6)
         qok = qk[inv] if G else np.zeros(0, dtype=bool)
+        uok = self._untracked(gany, rep, inv, same, sport, dport)
         slow_ids: set = {id(gflow[g]) for g in np.unique(inv[~ok]).tolist() if gflow[g] is not None}
         slow_mask = nonempty.copy()
-        slow_mask[bi[ok | qok]] = False
+        slow_mask[bi[ok | qok | uok]] = False
         slow: list = []                               # (frame number, Packet) in frame order
         odd: Counter = Counter()                      # malformed, not_ip: counted once the part is counted
         for j in np.flatnonzero(slow_mask).tolist():
@@ -492,7 +515,9 @@ class FastEngine(Engine):
             if f is not None:
                 slow_ids.add(id(f))
         qi = np.flatnonzero(qok)
-        self._quiet_jts = (bi[qi], fr.ts[bi[qi]])     # their times settle held connections as any packet's do
+        ui = bi[uok]
+        qj = np.sort(np.concatenate((bi[qi], ui))) if len(ui) else bi[qi]
+        self._quiet_jts = (qj, fr.ts[qj])             # their times settle held connections as any packet's do
         # the bulk candidates: per packet its group, direction and fields, in frame order
         bk = np.flatnonzero(ok)
         j = bi[bk]
@@ -508,7 +533,26 @@ class FastEngine(Engine):
         if at is None:
             c.update(odd)
             self._count_quiet(fr, gany, qi, bi, inv, d_all, udp, tflags, l4, end, doff, v6)
+            if len(ui):
+                self._tally(fr.ts[ui], v6[ui], 0)
+                c["untracked"] += len(ui)
+                self._table_full(len(ui))
         return at
+
+    def _untracked(self, gany, rep, inv, same, sport, dport):
+        """The frames (per frame of ``bi``) of new flows the full table does not take (``FlowTable.update``): no
+        flow in memory, toward no server port (or the table full twice over). With the table full when the part
+        starts it stays so (flows leave it only when written), and such a packet changes nothing but the
+        counters and the newest time: what a flood of rotating addresses sends is counted here in bulk."""
+        table = self.flows
+        G = len(gany)
+        if not G or not table.full():
+            return np.zeros(len(inv), dtype=bool)
+        none = np.fromiter((f is None for f in gany), dtype=bool, count=G)
+        if len(table.flows) < 2 * table.max_flows:
+            ports = np.fromiter(table.server_ports, dtype=np.uint64, count=len(table.server_ports))
+            none &= ~(np.isin(sport[rep], ports) | np.isin(dport[rep], ports))
+        return none[inv] & same
 
     # --- quiet flows: every packet unverified (or a UDP packet), counted in bulk ------------------------------
 

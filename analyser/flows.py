@@ -40,6 +40,7 @@ verified from its next packet on.
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, Optional
 
 from appliance import timespec
@@ -50,7 +51,8 @@ from .parse import ACK, FIN, PSH, RST, SYN, TCP, UDP, URG, Packet
 FLAG_BITS = ((SYN, "SYN"), (ACK, "ACK"), (FIN, "FIN"), (RST, "RST"), (PSH, "PSH"), (URG, "URG"))
 FLAG_NAMES = tuple(tuple(n for bit, n in FLAG_BITS if f & bit) for f in range(64))   # flags byte -> its names
 IDLE_NS = 300 * 10**9          # a flow quiet this long (frame time) is written and dropped from memory
-CLOSED_IDLE_NS = 10 * 10**9    # a closed or never verified flow is dropped sooner
+CLOSED_IDLE_NS = 10 * 10**9    # a closed or never verified flow is dropped sooner, and so is UDP never answered
+UNTRACKED = -1                 # FlowTable.update: a new flow the full table did not take
 SETTLE_NS = 500_000_000        # handshake -> verified (xmpp.settle_seconds): longer than the round trip to the server
 PICKUP_EXCHANGES = 2           # exact acknowledgements each way that verify a connection picked up mid-stream
 PICKUP_SCALE = 8               # window scale assumed when the SYNs were not seen (Linux 7, Windows 8)
@@ -410,11 +412,26 @@ class FlowTable:
         self.flows: dict[tuple, Flow] = {}
         self.replaced: list[Flow] = []      # earlier connections of a reused 5-tuple, written at the next flush
         self.newest_ns = 0
+        self.max_flows = 1 << 62             # the engine sets analyser.max_flows
 
-    def prefetch(self, packets: Iterable[Packet]) -> list[Flow]:
-        """Load, in one query, the stored flows of keys not in memory (after a restart or an eviction)."""
+    def full(self) -> bool:
+        return len(self.flows) >= self.max_flows
+
+    def vital(self, key: tuple) -> bool:
+        """A flow toward or from a server port is tracked past ``max_flows`` (up to twice that): the classifiers
+        need it, and the switch's XMPP meter bounds how fast new ones come; any other new flow waits for room."""
+        return (key[1][1] in self.server_ports or key[2][1] in self.server_ports) and \
+            len(self.flows) < 2 * self.max_flows
+
+    def prefetch(self, keys: Iterable[tuple]) -> list[Flow]:
+        """Load, in one query, the stored flows of keys (``flow_key``) not in memory (after a restart or an
+        eviction)."""
         flows = self.flows
-        missing = {k for k in map(flow_key, packets) if k not in flows}
+        missing = {k for k in keys if k not in flows}
+        room = self.max_flows - len(flows)
+        if len(missing) > room:                   # no more than the table takes, besides the vital ones
+            vital = {k for k in missing if self.vital(k)}
+            missing = vital | set(itertools.islice(missing - vital, max(room, 0)))
         loaded = []
         if missing:
             for doc in self.sink.latest(key_text(k) for k in missing):
@@ -424,9 +441,14 @@ class FlowTable:
         return loaded
 
     def update(self, p: Packet, batch_id: str) -> tuple[Optional[Flow], int]:
-        """Count ``p`` in its flow; (None, 0) when the flow already holds this batch."""
+        """Count ``p`` in its flow; (None, 0) when the flow already holds this batch, (None, UNTRACKED) when it is
+        a new flow and the table is full (``vital``)."""
         key = flow_key(p)
         f = self.flows.get(key)
+        if f is None and len(self.flows) >= self.max_flows and not self.vital(key):
+            if p.ts_ns > self.newest_ns:        # its time still ages the flows out (the table makes room)
+                self.newest_ns = p.ts_ns
+            return None, UNTRACKED
         if f is None or self._new_connection(f, p):
             if f is not None and f.dirty:
                 self.replaced.append(f)
@@ -457,8 +479,8 @@ class FlowTable:
             f.skip = frozenset()
         now = self.newest_ns
         idle = [k for k, f in self.flows.items()
-                if now - f.last_ns > (CLOSED_IDLE_NS if f.closed or (f.proto == TCP and f.tcp < SETTLING)
-                                      else IDLE_NS)]
+                if now - f.last_ns > (CLOSED_IDLE_NS if f.closed or (f.tcp < SETTLING if f.proto == TCP else
+                                                                     not f.pkts[1]) else IDLE_NS)]
         for k in idle:
             del self.flows[k]
         return len(dirty)
@@ -494,14 +516,16 @@ class MemoryFlows:
 
     def __init__(self):
         self.docs: dict[str, dict] = {}
+        self.by_key: dict[str, dict[str, dict]] = {}     # key -> its documents by _id (latest: not a scan of all)
 
     def latest(self, keys) -> list[dict]:
-        wanted = set(keys)
-        return latest_per_key(d for d in self.docs.values() if d["key"] in wanted)
+        by_key = self.by_key
+        return latest_per_key(d for k in set(keys) for d in by_key.get(k, {}).values())
 
     def write(self, docs: list[dict]) -> None:
         for d in docs:
             self.docs[d["_id"]] = d
+            self.by_key.setdefault(d["key"], {})[d["_id"]] = d
 
     def all(self) -> list[dict]:
         return list(self.docs.values())

@@ -234,6 +234,10 @@ class Analyser:
     # seconds between writes of the changed flow records and the resume point (0: after every step); a restart
     # reads again what was analysed since the last write (analyser/live.py)
     flush_interval: float = field(default=2.0, metadata=value_range(0, 60, "seconds from 0 to 60"))
+    # connections tracked in memory at most (~2.4 KB each); when full, a new one toward no server port is not
+    # recorded (counted in ``untracked``), so that an attacker rotating addresses cannot exhaust memory or the
+    # store (analyser/flows.py)
+    max_flows: int = field(default=100_000, metadata=value_range(1000, 10_000_000, "flows from 1000 to 10000000"))
 
 
 @dataclass(frozen=True)

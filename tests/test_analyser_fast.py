@@ -9,6 +9,7 @@ into random batches and steps, plus the adversary tests' own scenarios.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import struct
 
@@ -406,3 +407,72 @@ def test_quiet_flows_keep_the_order_of_unverified_sources_when_their_table_is_fu
     ref = run(Engine, frames, 13)
     assert ref["unverified"].get("other"), "the table must fill, or this proves nothing"
     same(ref, run(FastEngine, frames, 13))
+
+
+FLOOD_MAC = "02:00:00:00:0b:ad"
+
+
+def rotating_flood(seed: int, start_ns: int, n: int, per_second: int) -> list:
+    """A LAN host rotating its source addresses (IPv4 and IPv6) and ports: UDP datagrams and bare SYNs toward
+    ports no server listens on, every frame a new 5-tuple."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        six = i % 3 == 0
+        src = (str(ipaddress.IPv6Address((0x20010DB80099 << 80) | rnd.getrandbits(64))) if six
+               else f"10.99.{rnd.randrange(256)}.{rnd.randrange(1, 255)}")
+        dst = "2001:db8:ff::7" if six else "192.0.2.7"
+        udp = i % 2 == 0
+        data = frame(src, rnd.randint(1024, 65535), dst, 53 if udp else 80, 0 if udp else 0x02, b"x" * 20,
+                     proto="udp" if udp else "tcp", mac=FLOOD_MAC, seq=rnd.getrandbits(32))
+        out.append(_wire(start_ns + i * S // per_second, data))
+    return out
+
+
+def _from_flood(key_text: str) -> bool:
+    return " 10.99." in key_text or " 2001:db8:99:" in key_text
+
+
+def test_a_rotating_address_flood_fills_the_flow_table_to_its_cap_and_the_benign_clients_are_untouched():
+    """Every frame a new 5-tuple (an inside host rotating addresses and ports): past ``analyser.max_flows`` such
+    new flows toward no server port are counted (``untracked``) but not recorded, so neither memory nor the store
+    grows with the flood; connections toward the server port are still tracked, so the benign clients' records,
+    flags and verification are those of a capture without the flood. Both engines the same."""
+    cap = 1000
+    cfg = config.from_dict({"enforce": {"never_ban_self": False}, "analyser": {"max_flows": cap}})
+    benign = capture(5, n_clients=30)
+    flood = rotating_flood(5, T0 + 60 * S, 24_000, per_second=8_000)       # 3 s of flood
+    both = sorted(benign + flood, key=lambda f: f[0])
+    kept: dict = {}
+    ref = run(Engine, both, 5, cfg=cfg, keep=kept)
+    same(ref, run(FastEngine, both, 5, cfg=cfg))
+    table = kept["engine"].flows
+    flood_flows = [d for d in ref["flows"] if _from_flood(d["key"])]
+    assert 0 < len(flood_flows) <= cap
+    assert ref["counters"]["untracked"] == len(flood) - len(flood_flows)
+    assert ref["counters"]["packets"] == len(both) - ref["counters"].get("malformed", 0) - ref["counters"].get(
+        "not_ip", 0)
+    assert len([k for k in table.flows if not table.vital(k)]) <= cap
+    alone = run(Engine, benign, 5, cfg=cfg)
+    assert alone["flags"] and ref["flags"] == alone["flags"]
+    unwritten = lambda d: {k: v for k, v in d.items() if k != "step"}    # noqa: E731  (steps are cut otherwise)
+    assert [unwritten(d) for d in ref["flows"] if not _from_flood(d["key"])] == list(map(unwritten, alone["flows"]))
+    for k in ("verified", "connections_verified", "connections_contradicted"):
+        assert ref["counters"].get(k, 0) == alone["counters"].get(k, 0), k
+    assert ref["counters"]["packets_v6"] == alone["counters"]["packets_v6"] + len(flood[::3])
+    flooder = {k: v for k, v in ref["unverified"].items() if _from_flood(f" {k}")}
+    assert sum(flooder.values()) == len(flood_flows)              # the flows recorded: the untracked ones nowhere
+    assert {k: v for k, v in ref["unverified"].items() if k not in flooder} == alone["unverified"]
+
+
+def test_untracked_packets_age_the_table_so_a_long_flood_gets_room_again():
+    """With nothing else on the wire, the flood's own frame times age its admitted flows out (never answered:
+    ten seconds), so the table takes new flows again instead of staying full for good."""
+    cap = 1000
+    cfg = config.from_dict({"analyser": {"max_flows": cap}})
+    flood = rotating_flood(6, T0, 30_000, per_second=1_000)               # 30 s of flood
+    kept: dict = {}
+    ref = run(Engine, flood, 6, cfg=cfg, keep=kept)
+    same(ref, run(FastEngine, flood, 6, cfg=cfg))
+    assert 2 * cap < len(ref["flows"]) < len(flood) and ref["counters"]["untracked"] == len(flood) - len(ref["flows"])
+    assert len(kept["engine"].flows.flows) <= cap
