@@ -345,6 +345,8 @@ class FastEngine(Engine):
         super().__init__(*args, **kwargs)
         self._subject_cache: dict = {}
         self._flow_cache: dict = {}     # both ends' lanes (_endpoints, one order) -> (flow, sent by its client)
+        self._misses: set = set()       # this step's ends no flow holds, the table full (_group_flows)
+        self._keys: dict = {}           # this step's ends -> (flow_key, source end) (_lanes_key, once each)
 
     def bulk_possible(self) -> bool:
         from .report import XmppSeries
@@ -356,6 +358,7 @@ class FastEngine(Engine):
             return super().run_step(batches, step, persistent, flush)
         from .flags import now_utc
         self._now = now_utc()
+        self._misses, self._keys = set(), {}    # the last step's flush may have made room
         c = self.counters
         blobs, bids, starts, damage = [], [], [], []
         for bid, start, frames in batches:
@@ -400,7 +403,9 @@ class FastEngine(Engine):
                         hi = lo + int(hit[0]) + 1
                 self._frames = whole.part(lo, hi)
                 at = self._step(self._frames, owner_a[lo:hi], index[lo:hi], bids, cuts < MAX_CUTS)
-                if at is not None:            # bulk flows cross a threshold at lo + at[k]: their flags, then bulk
+                if isinstance(at, int):       # the table fills at lo + at: from there on its new flows are untracked
+                    parts.extendleft([(lo + at, hi), (lo, lo + at)])
+                elif at is not None:          # bulk flows cross a threshold at lo + at[k]: their flags, then bulk
                     cuts += 1
                     pieces, a = [], lo
                     for k in at:
@@ -409,6 +414,7 @@ class FastEngine(Engine):
                     pieces.append((a, hi))
                     parts.extendleft(reversed([(x, y) for x, y in pieces if y > x]))
             self._frames = None
+        self._misses, self._keys = set(), {}
         self._end_step(step, flush)
         if len(self._subject_cache) > 2 * len(self.flows.flows) + 1024:
             self._subject_cache.clear()         # it holds flows: no more than about the live ones
@@ -425,8 +431,11 @@ class FastEngine(Engine):
         gany, _ = self._group_flows(fr, bi, rep)
         e = _endpoints(fr)
         rj = bi[rep]
-        keys = [_lanes_key(lanes)[0] for f, lanes in zip(gany, zip(*(e[k][rj].tolist() for k in _LANES)))
-                if f is None]
+        want = np.fromiter((f is None for f in gany), dtype=bool, count=len(gany))
+        if self.flows.full():                         # only the vital ones could be loaded (FlowTable.prefetch)
+            want &= ~self._untracked(gany, rep, np.arange(len(rep)), np.ones(len(rep), dtype=bool), *_groups(fr)[12:14])
+        known = self._keys                            # (_group_flows made them just now)
+        keys = [(known.get(lanes) or _lanes_key(lanes))[0] for lanes in zip(*(e[k][rj[want]].tolist() for k in _LANES))]
         keys += [flow_key(p) for p in map(fr.packet, np.flatnonzero(odd).tolist()) if p.__class__ is Packet]
         if keys:
             self._prefetch(keys)
@@ -436,6 +445,9 @@ class FastEngine(Engine):
         the cache of the groups' ends when it still names a live flow, else by the key of those ends."""
         table = self.flows.flows
         cache = self._flow_cache
+        full = self.flows.full()
+        misses = self._misses if full else ()   # ends with no flow while the table is full: none while it stays so
+        keys = self._keys
         rj = bi[rep]
         e = _endpoints(fr)
         gany: list = [None] * len(rep)
@@ -444,10 +456,17 @@ class FastEngine(Engine):
             hit = cache.get(lanes)
             if hit is not None and table.get(hit[0].key) is hit[0]:
                 f, d0 = hit
+            elif lanes in misses:
+                continue
             else:
-                key, src = _lanes_key(lanes)
+                got = keys.get(lanes)
+                if got is None:
+                    got = keys[lanes] = _lanes_key(lanes)
+                key, src = got
                 f = table.get(key)
                 if f is None:
+                    if full and not self.flows.vital(key):
+                        misses.add(lanes)
                     continue
                 d0 = src == (f.client, f.cport)
                 cache[lanes] = (f, d0)
@@ -477,8 +496,9 @@ class FastEngine(Engine):
     # --- reading the step -------------------------------------------------------------------------------------
 
     def _step(self, fr: _Frames, owner, index, bids: list, cut: bool):
-        """Analyse and count one part; with ``cut``, return instead the frame where a bulk flow would cross a
-        threshold (nothing counted yet), so that the part is cut there."""
+        """Analyse and count one part; with ``cut``, return instead the frames where bulk flows would cross a
+        threshold (nothing counted yet), so that the part is cut there; or the frame where the flow table fills
+        (an int: ``_fills_at``)."""
         c = self.counters
         table = self.flows.flows
         self._where = (owner, index, bids)            # the batch id and index of each frame of the part
@@ -488,6 +508,9 @@ class FastEngine(Engine):
         gflow: list = [None] * G                      # the groups' flows when verified (counted in bulk)
         good = np.zeros(G, dtype=bool)
         gany, gd0 = self._group_flows(fr, bi, rep)    # the groups' flows, whatever their state; sent by the client
+        fill = self._fills_at(fr, gany, bi, rep)
+        if fill is not None:
+            return fill
         for g, f in enumerate(gany):
             if f is None or f.tcp != VERIFIED or not f.mac or f.skip or f.held:
                 continue
@@ -538,6 +561,21 @@ class FastEngine(Engine):
                 c["untracked"] += len(ui)
                 self._table_full(len(ui))
         return at
+
+    def _fills_at(self, fr: _Frames, gany, bi, rep):
+        """Where the table would fill in this part (the first frame of the first new flow past its room), to cut
+        the part there (None: it does not fill, or fills at once): past that frame the new flows are untracked and
+        counted in bulk (``_untracked``), where otherwise the whole part would go the reference way. An estimate
+        (not every new group makes a flow): a part that does not fill after all is looked at again."""
+        table = self.flows
+        room = table.max_flows - len(table.flows)
+        if room <= 0 or len(gany) <= room:
+            return None
+        firsts = bi[rep][np.fromiter((f is None for f in gany), dtype=bool, count=len(gany))]
+        if len(firsts) <= room:
+            return None
+        cut = int(np.partition(firsts, room)[room])
+        return cut if 0 < cut < len(fr.ts) else None
 
     def _untracked(self, gany, rep, inv, same, sport, dport):
         """The frames (per frame of ``bi``) of new flows the full table does not take (``FlowTable.update``): no

@@ -16,6 +16,10 @@ frames as the snooper stores them. Figures, all in the same run:
 * in memory, on the whole-appliance benchmark's traffic (lab/uplink.py: 2,176
   connections, one way, mid-stream, a third UDP, at the 100 Mb/s line rate of
   64-byte frames): both engines, the fast one counting it on its quiet path
+* in memory, a rotating-address flood (tests/analyser_frames.py: every frame
+  a new 5-tuple, UDP and bare SYNs, IPv4 and IPv6, at 100,000 a second)
+  with the flow table capped at 10,000 (analyser.max_flows): both engines,
+  and how much of it went untracked
 * flag latency: the service running (default poll interval, fast engine), a
   batch whose packet crosses the threshold is stored; time until its flag is
   in the store (the closed-loop budget from crossing to block is 2 s)
@@ -50,7 +54,7 @@ from analyser.live import Analyser  # noqa: E402
 from analyser.packed import Packed  # noqa: E402
 from appliance import config, framebatch, store  # noqa: E402
 from lab import procs, uplink  # noqa: E402
-from tests.analyser_frames import T0, Conn, S, steady  # noqa: E402
+from tests.analyser_frames import T0, Conn, S, rotating_flood, steady  # noqa: E402
 
 BATCH = 1000
 
@@ -179,6 +183,13 @@ def main() -> None:
     up = uplink_blobs(n_up)
     u_old, umem_old, _ = in_memory(Engine, cfg, up)
     u_new, umem_new, ufast = in_memory(FastEngine, cfg, up)
+    cap = 10_000                      # a rotating-address flood past analyser.max_flows
+    fcfg = config.from_dict({"analyser": {"max_flows": cap}})
+    n_fl = n_up                       # past the first second, the steady state of a flood: the table full
+    flood = rotating_flood(9, T0, n_fl, per_second=100_000)
+    fl = [framebatch.pack(flood[i:i + BATCH]) for i in range(0, n_fl, BATCH)]
+    f_old, fmem_old, _ = in_memory(Engine, fcfg, fl)
+    f_new, fmem_new, ffast = in_memory(FastEngine, fcfg, fl)
 
     with tempfile.TemporaryDirectory() as tmp:
         es = procs.EmbeddedStore(Path(tmp) / "store").start()
@@ -216,6 +227,11 @@ def main() -> None:
     print(f"  fast = {u_old / u_new:.2f} x the reference engine; {ufast.quiet_packets / n_up:.0%} of the packets "
           f"counted quietly; same flows and flags: {'yes' if umem_old == umem_new else 'NO'} "
           f"({len(umem_new[0])} flows)")
+    uline(f"rotating-address flood ({n_fl:,} frames, table of {cap:,}), reference:", f_old)
+    uline(f"rotating-address flood ({n_fl:,} frames, table of {cap:,}), fast:", f_new)
+    print(f"  fast = {f_old / f_new:.2f} x the reference engine; {ffast.counters['untracked'] / n_fl:.0%} of the "
+          f"frames untracked (a new flow each, the table full), {len(ffast.flows.flows):,} flows in memory at the end; "
+          f"same flows and flags: {'yes' if fmem_old == fmem_new else 'NO'} ({len(fmem_new[0]):,} flows recorded)")
     (w_so, c_so, out_so, _, _), (w_sn, c_sn, out_sn, fl_sn, fg_sn) = got["reference"], got["fast"]
     line("from the store, reference engine, CPU:", c_so)
     line("from the store, fast engine, CPU:", c_sn)

@@ -232,6 +232,26 @@ class Spoofer:
         return (ts, len(data), data)
 
 
+FLOOD_MAC = "02:00:00:00:0b:ad"
+
+
+def rotating_flood(seed: int, start_ns: int, n: int, per_second: int) -> list:
+    """A LAN host rotating its source addresses (IPv4 and IPv6) and ports: UDP datagrams and bare SYNs toward
+    ports no server listens on, every frame a new 5-tuple."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        six = i % 3 == 0
+        src = (str(ipaddress.IPv6Address((0x20010DB80099 << 80) | rnd.getrandbits(64))) if six
+               else f"10.99.{rnd.randrange(256)}.{rnd.randrange(1, 255)}")
+        dst = "2001:db8:ff::7" if six else "192.0.2.7"
+        udp = i % 2 == 0
+        data = frame(src, rnd.randint(1024, 65535), dst, 53 if udp else 80, 0 if udp else 0x02, b"x" * 20,
+                     proto="udp" if udp else "tcp", mac=FLOOD_MAC, seq=rnd.getrandbits(32))
+        out.append((start_ns + i * S // per_second, len(data), data))
+    return out
+
+
 def store_frames(db, frames, sensor: str = "pisnoop", run: str = "r1", batch_size: int = 100,
                  first_seq: int = 0) -> int:
     """Write frames (sorted by time) as snooper batches with ``ins``; return the next seq."""

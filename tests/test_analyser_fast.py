@@ -9,7 +9,6 @@ into random batches and steps, plus the adversary tests' own scenarios.
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import struct
 
@@ -35,6 +34,7 @@ from tests.analyser_frames import (
     Spoofer,
     frame,
     icmp_unreachable,
+    rotating_flood,
     server_for,
     steady,
 )
@@ -407,26 +407,6 @@ def test_quiet_flows_keep_the_order_of_unverified_sources_when_their_table_is_fu
     ref = run(Engine, frames, 13)
     assert ref["unverified"].get("other"), "the table must fill, or this proves nothing"
     same(ref, run(FastEngine, frames, 13))
-
-
-FLOOD_MAC = "02:00:00:00:0b:ad"
-
-
-def rotating_flood(seed: int, start_ns: int, n: int, per_second: int) -> list:
-    """A LAN host rotating its source addresses (IPv4 and IPv6) and ports: UDP datagrams and bare SYNs toward
-    ports no server listens on, every frame a new 5-tuple."""
-    rnd = random.Random(seed)
-    out = []
-    for i in range(n):
-        six = i % 3 == 0
-        src = (str(ipaddress.IPv6Address((0x20010DB80099 << 80) | rnd.getrandbits(64))) if six
-               else f"10.99.{rnd.randrange(256)}.{rnd.randrange(1, 255)}")
-        dst = "2001:db8:ff::7" if six else "192.0.2.7"
-        udp = i % 2 == 0
-        data = frame(src, rnd.randint(1024, 65535), dst, 53 if udp else 80, 0 if udp else 0x02, b"x" * 20,
-                     proto="udp" if udp else "tcp", mac=FLOOD_MAC, seq=rnd.getrandbits(32))
-        out.append(_wire(start_ns + i * S // per_second, data))
-    return out
 
 
 def _from_flood(key_text: str) -> bool:
