@@ -40,7 +40,6 @@ verified from its next packet on.
 
 from __future__ import annotations
 
-import itertools
 from typing import Iterable, Optional
 
 from appliance import timespec
@@ -431,7 +430,7 @@ class FlowTable:
         room = self.max_flows - len(flows)
         if len(missing) > room:                   # no more than the table takes, besides the vital ones
             vital = {k for k in missing if self.vital(k)}
-            missing = vital | set(itertools.islice(missing - vital, max(room, 0)))
+            missing = vital | set(sorted(missing - vital)[:max(room, 0)])    # sorted: the same after a restart
         loaded = []
         if missing:
             for doc in self.sink.latest(key_text(k) for k in missing):

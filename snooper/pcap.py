@@ -121,7 +121,7 @@ def import_file(cfg, path: str | Path, log, dedupe: bool = False, sensor: str | 
         cap.add(frames)
         cap.flush()
     finally:
-        writer.stop(timeout=600)
+        writer.stop(timeout=600, store_seconds=600)     # a file can wait for the store (a service stop cannot)
         left = spool.frames if spool.owner else c["spooled"]
         spool.close()
     return c, run, left
