@@ -40,7 +40,6 @@ than the report's series, are analysed by the reference engine whole.
 from __future__ import annotations
 
 import logging
-import socket
 from bisect import bisect_right
 from collections import Counter, defaultdict, deque
 
@@ -52,11 +51,9 @@ from appliance.framebatch import CorruptBatch
 from .classifiers import SAMPLES
 from .classifiers.builtin import XmppAbuse
 from .engine import Engine
-from .flows import OK, RESET, SLACK, SPOOFED, VERIFIED, flow_key
+from .flows import OK, RESET, SLACK, SPOOFED, VERIFIED, canonical_key, flow_key
 from .gather import Records, gather, group
-from .parse import ACK, FIN, PSH, TCP, UDP, URG, Packet, parse
-
-_inet_ntoa, _inet_ntop, _AF6 = socket.inet_ntoa, socket.inet_ntop, socket.AF_INET6
+from .parse import ACK, FIN, PSH, TCP, UDP, URG, Packet, address_text, parse
 
 log = logging.getLogger("pisnoop.analyser")
 M32 = 0xFFFFFFFF
@@ -321,16 +318,21 @@ _LANES = ("sh", "sl", "sx", "dh", "dl", "dx")     # a frame's two ends (_endpoin
 
 
 def _lanes_key(lanes: tuple) -> tuple:
-    """``flow_key`` of a frame from its ends' lanes (no parse), and its source end: the address as
-    analyser/parse.py writes it, the port, the protocol (``_endpoints``)."""
+    """``flow_key`` of a frame from its ends' lanes (``_endpoints``: the address, then the port, family and
+    protocol), without a parse; and its source end."""
     sh, sl, sx, dh, dl, dx = lanes
     if (sx >> 16) & 0xFF == 4:
-        a, b = _inet_ntoa((sh >> 32).to_bytes(4, "big")), _inet_ntoa((dh >> 32).to_bytes(4, "big"))
+        a, b = address_text(False, (sh >> 32).to_bytes(4, "big")), address_text(False, (dh >> 32).to_bytes(4, "big"))
     else:
-        a = _inet_ntop(_AF6, sh.to_bytes(8, "big") + sl.to_bytes(8, "big"))
-        b = _inet_ntop(_AF6, dh.to_bytes(8, "big") + dl.to_bytes(8, "big"))
-    src, dst, proto = (a, sx & 0xFFFF), (b, dx & 0xFFFF), (sx >> 24) & 0xFF
-    return ((proto, src, dst) if src <= dst else (proto, dst, src)), src
+        a = address_text(True, sh.to_bytes(8, "big") + sl.to_bytes(8, "big"))
+        b = address_text(True, dh.to_bytes(8, "big") + dl.to_bytes(8, "big"))
+    src = (a, sx & 0xFFFF)
+    return canonical_key((sx >> 24) & 0xFF, src, (b, dx & 0xFFFF)), src
+
+
+def _no_flow(gany: list):
+    """Per group: it has no flow in memory (``_group_flows``)."""
+    return np.fromiter((f is None for f in gany), dtype=bool, count=len(gany))
 
 
 class FastEngine(Engine):
@@ -358,7 +360,12 @@ class FastEngine(Engine):
             return super().run_step(batches, step, persistent, flush)
         from .flags import now_utc
         self._now = now_utc()
-        self._misses, self._keys = set(), {}    # the last step's flush may have made room
+        try:
+            return self._bulk_step(batches, step, persistent, flush)
+        finally:
+            self._misses, self._keys = set(), {}    # for this step only: its flush may make room
+
+    def _bulk_step(self, batches, step: int, persistent: bool, flush: bool) -> int:
         c = self.counters
         blobs, bids, starts, damage = [], [], [], []
         for bid, start, frames in batches:
@@ -414,7 +421,6 @@ class FastEngine(Engine):
                     pieces.append((a, hi))
                     parts.extendleft(reversed([(x, y) for x, y in pieces if y > x]))
             self._frames = None
-        self._misses, self._keys = set(), {}
         self._end_step(step, flush)
         if len(self._subject_cache) > 2 * len(self.flows.flows) + 1024:
             self._subject_cache.clear()         # it holds flows: no more than about the live ones
@@ -425,15 +431,14 @@ class FastEngine(Engine):
     def _prefetch_step(self, fr: _Frames) -> None:
         """Load the stored flows of the step's keys not in memory, all at once before any is counted, as the
         reference engine does (a flow verified before a restart teaches the neighbours at the step's start)."""
-        bulk, _, _, _, _, _, bi, inv, rep, same, *_ = _groups(fr)
+        bulk, _, _, _, _, _, bi, inv, rep, same, _, _, sport, dport, _ = _groups(fr)
         odd = (fr.cap > 0) & ~bulk
         odd[bi[~same]] = True
         gany, _ = self._group_flows(fr, bi, rep)
         e = _endpoints(fr)
         rj = bi[rep]
-        want = np.fromiter((f is None for f in gany), dtype=bool, count=len(gany))
-        if self.flows.full():                         # only the vital ones could be loaded (FlowTable.prefetch)
-            want &= ~self._untracked(gany, rep, np.arange(len(rep)), np.ones(len(rep), dtype=bool), *_groups(fr)[12:14])
+        none = _no_flow(gany)
+        want = none & ~self._untracked_groups(none, rep, sport, dport)  # those FlowTable.prefetch would not load
         known = self._keys                            # (_group_flows made them just now)
         keys = [(known.get(lanes) or _lanes_key(lanes))[0] for lanes in zip(*(e[k][rj[want]].tolist() for k in _LANES))]
         keys += [flow_key(p) for p in map(fr.packet, np.flatnonzero(odd).tolist()) if p.__class__ is Packet]
@@ -508,7 +513,8 @@ class FastEngine(Engine):
         gflow: list = [None] * G                      # the groups' flows when verified (counted in bulk)
         good = np.zeros(G, dtype=bool)
         gany, gd0 = self._group_flows(fr, bi, rep)    # the groups' flows, whatever their state; sent by the client
-        fill = self._fills_at(fr, gany, bi, rep)
+        none = _no_flow(gany)
+        fill = self._fills_at(fr, none, bi, rep)
         if fill is not None:
             return fill
         for g, f in enumerate(gany):
@@ -520,7 +526,7 @@ class FastEngine(Engine):
         d_all = (hs != np.where(gd0[inv], hs[rep[inv]], hd[rep[inv]])).astype(np.int64)
         qk = self._quiet_candidates(fr, gany, good, inv, same, bi, d_all, udp, tflags, v6)
         qok = qk[inv] if G else np.zeros(0, dtype=bool)
-        uok = self._untracked(gany, rep, inv, same, sport, dport)
+        uok = self._untracked_groups(none, rep, sport, dport)[inv] & same
         slow_ids: set = {id(gflow[g]) for g in np.unique(inv[~ok]).tolist() if gflow[g] is not None}
         slow_mask = nonempty.copy()
         slow_mask[bi[ok | qok | uok]] = False
@@ -562,35 +568,32 @@ class FastEngine(Engine):
                 self._table_full(len(ui))
         return at
 
-    def _fills_at(self, fr: _Frames, gany, bi, rep):
+    def _fills_at(self, fr: _Frames, none, bi, rep):
         """Where the table would fill in this part (the first frame of the first new flow past its room), to cut
         the part there (None: it does not fill, or fills at once): past that frame the new flows are untracked and
-        counted in bulk (``_untracked``), where otherwise the whole part would go the reference way. An estimate
+        counted in bulk (``_untracked_groups``), where otherwise the whole part would go the reference way. An estimate
         (not every new group makes a flow): a part that does not fill after all is looked at again."""
         table = self.flows
         room = table.max_flows - len(table.flows)
-        if room <= 0 or len(gany) <= room:
+        if room <= 0 or len(none) <= room:
             return None
-        firsts = bi[rep][np.fromiter((f is None for f in gany), dtype=bool, count=len(gany))]
+        firsts = bi[rep][none]
         if len(firsts) <= room:
             return None
         cut = int(np.partition(firsts, room)[room])
         return cut if 0 < cut < len(fr.ts) else None
 
-    def _untracked(self, gany, rep, inv, same, sport, dport):
-        """The frames (per frame of ``bi``) of new flows the full table does not take (``FlowTable.update``): no
-        flow in memory, toward no server port (or the table full twice over). With the table full when the part
-        starts it stays so (flows leave it only when written), and such a packet changes nothing but the
-        counters and the newest time: what a flood of rotating addresses sends is counted here in bulk."""
+    def _untracked_groups(self, none, rep, sport, dport):
+        """The groups (``none``: no flow in memory) of new flows the full table does not take
+        (``FlowTable.update``, ``vital_ports``). With the table full when the part starts it stays so (flows leave
+        it only when written), and such a packet changes nothing but the counters and the newest time: what a
+        flood of rotating addresses sends is counted in bulk."""
         table = self.flows
-        G = len(gany)
-        if not G or not table.full():
-            return np.zeros(len(inv), dtype=bool)
-        none = np.fromiter((f is None for f in gany), dtype=bool, count=G)
-        if len(table.flows) < 2 * table.max_flows:
-            ports = np.fromiter(table.server_ports, dtype=np.uint64, count=len(table.server_ports))
-            none &= ~(np.isin(sport[rep], ports) | np.isin(dport[rep], ports))
-        return none[inv] & same
+        if not len(none) or not table.full():
+            return np.zeros(len(none), dtype=bool)
+        vital = table.vital_ports()
+        ports = np.fromiter(vital, dtype=np.uint64, count=len(vital))
+        return none & ~(np.isin(sport[rep], ports) | np.isin(dport[rep], ports))
 
     # --- quiet flows: every packet unverified (or a UDP packet), counted in bulk ------------------------------
 

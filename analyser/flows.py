@@ -67,8 +67,12 @@ NO, OK, HELD = 0, 1, 2
 
 def flow_key(p: Packet) -> tuple:
     """Canonical 5-tuple: the same for both directions."""
-    a, b = (p.src, p.sport), (p.dst, p.dport)
-    return (p.proto, a, b) if a <= b else (p.proto, b, a)
+    return canonical_key(p.proto, (p.src, p.sport), (p.dst, p.dport))
+
+
+def canonical_key(proto: int, a: tuple, b: tuple) -> tuple:
+    """The flow key of a packet between ends ``a`` and ``b`` ((address text, port)), whichever sent it."""
+    return (proto, a, b) if a <= b else (proto, b, a)
 
 
 def key_text(key: tuple) -> str:
@@ -419,8 +423,12 @@ class FlowTable:
     def vital(self, key: tuple) -> bool:
         """A flow toward or from a server port is tracked past ``max_flows`` (up to twice that): the classifiers
         need it, and the switch's XMPP meter bounds how fast new ones come; any other new flow waits for room."""
-        return (key[1][1] in self.server_ports or key[2][1] in self.server_ports) and \
-            len(self.flows) < 2 * self.max_flows
+        ports = self.vital_ports()
+        return key[1][1] in ports or key[2][1] in ports
+
+    def vital_ports(self) -> frozenset:
+        """The ports that keep a new flow tracked now (``vital``): the server ports, until twice ``max_flows``."""
+        return self.server_ports if len(self.flows) < 2 * self.max_flows else frozenset()
 
     def prefetch(self, keys: Iterable[tuple]) -> list[Flow]:
         """Load, in one query, the stored flows of keys (``flow_key``) not in memory (after a restart or an
