@@ -243,4 +243,5 @@ def serve(cfg, log_level: str = "INFO", once: bool = False) -> int:
         signal.signal(sig, lambda *_: analyser.stop.set())
     if not once:
         service.start_metrics(cfg.metrics, cfg.metrics.analyser_port, log)
+    service.tune_gc()
     return analyser.run(once=once)

@@ -15,7 +15,9 @@ frames as the snooper stores them. Figures, all in the same run:
   process only (the store runs in its own process); flows and flags compared
 * in memory, on the whole-appliance benchmark's traffic (lab/uplink.py: 2,176
   connections, one way, mid-stream, a third UDP, at the 100 Mb/s line rate of
-  64-byte frames): both engines, the fast one counting it on its quiet path
+  64-byte frames): both engines, the fast one counting it on its quiet path;
+  and the fast one again with Python's default collector thresholds, against
+  the service's (appliance/service.py tune_gc, which every run here uses)
 * in memory, a rotating-address flood (tests/analyser_frames.py: every frame
   a new 5-tuple, UDP and bare SYNs, IPv4 and IPv6, at 100,000 a second)
   with the flow table capped at 10,000 (analyser.max_flows): both engines,
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import logging
 import random
 import sys
@@ -52,11 +55,12 @@ from analyser.fast import FastEngine  # noqa: E402
 from analyser.flows import FlowTable, MemoryFlows  # noqa: E402
 from analyser.live import Analyser  # noqa: E402
 from analyser.packed import Packed  # noqa: E402
-from appliance import config, framebatch, store  # noqa: E402
+from appliance import config, framebatch, service, store  # noqa: E402
 from lab import procs, uplink  # noqa: E402
 from tests.analyser_frames import T0, Conn, S, rotating_flood, steady  # noqa: E402
 
 BATCH = 1000
+DEFAULT_GC = (700, 10, 10)            # CPython's own thresholds (gc.get_threshold() in a fresh interpreter)
 
 
 def traffic(n_frames: int, clients: int = 200) -> list:
@@ -176,6 +180,7 @@ def main() -> None:
     w_dpkt, _ = timed(dpkt_each)
     dpkt_us = w_dpkt / len(sample) * 1e6
 
+    service.tune_gc()                 # what the analyser service runs with: both engines here too
     c_old, mem_old, _ = in_memory(Engine, cfg, blobs)
     c_new, mem_new, fast = in_memory(FastEngine, cfg, blobs)
     assert fast.counters["packets"] == n, fast.counters
@@ -183,6 +188,9 @@ def main() -> None:
     up = uplink_blobs(n_up)
     u_old, umem_old, _ = in_memory(Engine, cfg, up)
     u_new, umem_new, ufast = in_memory(FastEngine, cfg, up)
+    gc.set_threshold(*DEFAULT_GC)
+    u_def, _, _ = in_memory(FastEngine, cfg, up)
+    service.tune_gc()
     cap = 10_000                      # a rotating-address flood past analyser.max_flows
     fcfg = config.from_dict({"analyser": {"max_flows": cap}})
     n_fl = n_up                       # past the first second, the steady state of a flood: the table full
@@ -227,6 +235,8 @@ def main() -> None:
     print(f"  fast = {u_old / u_new:.2f} x the reference engine; {ufast.quiet_packets / n_up:.0%} of the packets "
           f"counted quietly; same flows and flags: {'yes' if umem_old == umem_new else 'NO'} "
           f"({len(umem_new[0])} flows)")
+    uline(f"uplink traffic, fast, Python's default gc {DEFAULT_GC}:", u_def)
+    print(f"  the service's gc threshold {service.GC_THRESHOLD} = {u_def / u_new:.2f} x Python's default")
     uline(f"rotating-address flood ({n_fl:,} frames, table of {cap:,}), reference:", f_old)
     uline(f"rotating-address flood ({n_fl:,} frames, table of {cap:,}), fast:", f_new)
     print(f"  fast = {f_old / f_new:.2f} x the reference engine; {ffast.counters['untracked'] / n_fl:.0%} of the "

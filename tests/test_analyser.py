@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ from analyser import policy as policy_mod
 from analyser.live import Analyser, SensorFlows
 from analyser.offline import Offline
 from analyser.parse import parse
-from appliance import config, framebatch, pcapfile, store
+from appliance import config, framebatch, pcapfile, service, store
 from lab import procs
 from tests.analyser_frames import T0, Conn, S, frame, steady, store_frames
 from tests.conftest import PISNOOP, REPO, pisnoop
@@ -978,3 +979,18 @@ def test_the_same_capture_at_two_sensors_gives_each_its_own_flow_records(env):
     assert len({d["_id"] for d in docs}) == 4
     packets = {s: sum(d["packets"]["c2s"] for d in docs if d["sensor"] == s) for s in ("site-a", "site-b")}
     assert packets["site-a"] == packets["site-b"] == sum(1 for t, _, d in frames if parse(t, len(d), d).dport == 5222)
+
+
+def test_the_service_runs_with_the_tuned_garbage_collector(env):
+    """``pisnoop analyser`` raises the collector's thresholds and freezes its start-up objects
+    (``appliance.service.tune_gc``, measured by bench/analyser.py); the engines' tests run with Python's own."""
+    make, db = env
+    _, path = make()
+    store_frames(db, two_clients(10))
+    probe = ("import gc, sys\nfrom appliance import cli\n"
+             f"rc = cli.main(['--config', {str(path)!r}, 'analyser', '--once'])\n"
+             "print(rc, *gc.get_threshold(), gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["0", *map(str, service.GC_THRESHOLD), "True"], out.stderr[-2000:]
+    assert db[store.FLOWS].count_documents({}) == 2          # and it analysed the frames
