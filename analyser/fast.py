@@ -84,6 +84,7 @@ class _Frames:
     """The step's frames as arrays: record headers, and the first bytes of every frame as a matrix (gather.HEAD)."""
 
     shape = groups = ends = more = None  # what _bulk_shape, _groups, _endpoints, seg read, kept (cut with the parts)
+    synrst = None                        # _untracked_shape's, of one part
 
     def __init__(self, rec: Records):
         """``rec``: the step's records (analyser/gather.py)."""
@@ -151,6 +152,23 @@ def _bulk_shape(fr: _Frames):
 
 
 def _read_shape(fr: _Frames):
+    v6, l4, end, doff, tflags, udp, whole = _read_headers(fr)
+    return whole & ((tflags & 0x06) == 0), v6, l4, end, doff, tflags, udp
+
+
+def _untracked_shape(fr: _Frames):
+    """TCP frames of the bulk shape but for their SYN or RST bit: the table full, a new flow's are untracked
+    whatever their flags (``FastEngine._untracked_odd``), as a rotating flood's bare SYNs are."""
+    got = getattr(fr, "synrst", None)
+    if got is None:
+        _, _, _, _, tflags, udp, whole = _read_headers(fr)
+        got = fr.synrst = whole & ~udp & ((tflags & 0x06) != 0)
+    return got
+
+
+def _read_headers(fr: _Frames):
+    """The headers as appliance/l3l4.py reads them, for the frames of one IP header without options or
+    extensions and a whole TCP or UDP header (``whole``)."""
     cap = fr.cap
     etype = fr.col(12, 2)
     b14 = fr.col(14)
@@ -166,9 +184,9 @@ def _read_shape(fr: _Frames):
     end = np.minimum(np.where(v6, 54 + fr.col(18, 2).astype(np.int64), 14 + tot4), cap)
     doff = np.where(udp, 8, (fr.tcp(v6, 12) >> U(4)).astype(np.int64) * 4)
     tflags = np.where(udp, 0, fr.tcp(v6, 13).astype(np.int64))
-    tcp_ok = (end - l4 >= 20) & (doff >= 20) & (l4 + doff <= end) & ((tflags & 0x06) == 0)
-    bulk = (cap > 0) & (v4 | v6) & np.where(udp, end - l4 >= 8, tcp_ok)
-    return bulk, v6, l4, end, doff, tflags, udp
+    tcp_ok = (end - l4 >= 20) & (doff >= 20) & (l4 + doff <= end)
+    whole = (cap > 0) & (v4 | v6) & np.where(udp, end - l4 >= 8, tcp_ok)
+    return v6, l4, end, doff, tflags, udp, whole
 
 
 class _Family:
@@ -330,6 +348,9 @@ def _lanes_key(lanes: tuple) -> tuple:
     return canonical_key((sx >> 24) & 0xFF, src, (b, dx & 0xFFFF)), src
 
 
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+
+
 def _no_flow(gany: list):
     """Per group: it has no flow in memory (``_group_flows``)."""
     return np.fromiter((f is None for f in gany), dtype=bool, count=len(gany))
@@ -434,6 +455,7 @@ class FastEngine(Engine):
         bulk, _, _, _, _, _, bi, inv, rep, same, _, _, sport, dport, _ = _groups(fr)
         odd = (fr.cap > 0) & ~bulk
         odd[bi[~same]] = True
+        odd[self._untracked_odd(fr, odd)] = False     # not loaded: the table full (FlowTable.prefetch)
         gany, _ = self._group_flows(fr, bi, rep)
         e = _endpoints(fr)
         rj = bi[rep]
@@ -530,6 +552,8 @@ class FastEngine(Engine):
         slow_ids: set = {id(gflow[g]) for g in np.unique(inv[~ok]).tolist() if gflow[g] is not None}
         slow_mask = nonempty.copy()
         slow_mask[bi[ok | qok | uok]] = False
+        sj = self._untracked_odd(fr, slow_mask)
+        slow_mask[sj] = False
         slow: list = []                               # (frame number, Packet) in frame order
         odd: Counter = Counter()                      # malformed, not_ip: counted once the part is counted
         for j in np.flatnonzero(slow_mask).tolist():
@@ -544,7 +568,7 @@ class FastEngine(Engine):
             if f is not None:
                 slow_ids.add(id(f))
         qi = np.flatnonzero(qok)
-        ui = bi[uok]
+        ui = np.sort(np.concatenate((bi[uok], sj))) if len(sj) else bi[uok]
         qj = np.sort(np.concatenate((bi[qi], ui))) if len(ui) else bi[qi]
         self._quiet_jts = (qj, fr.ts[qj])             # their times settle held connections as any packet's do
         # the bulk candidates: per packet its group, direction and fields, in frame order
@@ -582,6 +606,29 @@ class FastEngine(Engine):
             return None
         cut = int(np.partition(firsts, room)[room])
         return cut if 0 < cut < len(fr.ts) else None
+
+    def _untracked_odd(self, fr: _Frames, rows):
+        """Of frames ``rows`` (a mask), the SYN and RST ones (``_untracked_shape``) of new flows the full table
+        does not take, as ``_untracked_groups`` finds the bulk-shaped ones: without a parse, by their ends' key."""
+        table = self.flows
+        if not table.full():
+            return _NO_ROWS
+        cand = np.flatnonzero(rows & _untracked_shape(fr))
+        if not len(cand):
+            return cand
+        e = _endpoints(fr)
+        vital = table.vital_ports()
+        ports = np.fromiter(vital, dtype=np.uint64, count=len(vital))
+        cand = cand[~(np.isin(e["sport"][cand], ports) | np.isin(e["dport"][cand], ports))]
+        flows, keys = table.flows, self._keys
+        new = []
+        for j, lanes in zip(cand.tolist(), zip(*(e[k][cand].tolist() for k in _LANES))):
+            got = keys.get(lanes)
+            if got is None:
+                got = keys[lanes] = _lanes_key(lanes)
+            if got[0] not in flows:
+                new.append(j)
+        return np.array(new, dtype=np.int64)
 
     def _untracked_groups(self, none, rep, sport, dport):
         """The groups (``none``: no flow in memory) of new flows the full table does not take
