@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import socket
 import time
 from collections import Counter
 from typing import Callable, Iterable, Optional
@@ -30,9 +29,9 @@ from appliance.framebatch import CorruptBatch
 
 from . import policy as policy_mod
 from .flags import FlagBook, now_utc
-from .flows import HELD, OK, SETTLING, SPOOFED, UNTRACKED, VERIFIED, FlowTable, flow_key
+from .flows import HELD, OK, SETTLING, SPOOFED, UNTRACKED, VERIFIED, FlowTable, canonical_key, flow_key
 from .neighbours import Neighbours
-from .parse import TCP, UDP, Packet, mac_text, parse
+from .parse import TCP, UDP, Packet, address_text, mac_text, parse
 
 log = logging.getLogger("pisnoop.analyser")
 PRUNE_EVERY_NS = 10 * 10**9
@@ -277,12 +276,10 @@ class Engine:
         h = l3l4.read(bytes(12) + (b"\x86\xdd" if p.v6 else b"\x08\x00") + data[off + 8:off + p.plen])
         if h.__class__ is str or h[3] != UDP:
             return None
-        ntoa = (lambda b: socket.inet_ntop(socket.AF_INET6, b)) if p.v6 else socket.inet_ntoa
-        src, dst, sport, dport = ntoa(h[1]), ntoa(h[2]), h[4], h[5]
+        src, dst, sport, dport = address_text(p.v6, h[1]), address_text(p.v6, h[2]), h[4], h[5]
         if dst != p.src:
             return None                              # not a refusal by the packet's own addressee
-        a, b = (src, sport), (dst, dport)
-        return self.flows.flows.get((UDP, a, b) if a <= b else (UDP, b, a))
+        return self.flows.flows.get(canonical_key(UDP, (src, sport), (dst, dport)))
 
     def _learn(self, f) -> None:
         self.neighbours.learn(f.mac, f.client, f.ttl)

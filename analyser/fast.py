@@ -53,7 +53,7 @@ from .classifiers.builtin import XmppAbuse
 from .engine import Engine
 from .flows import OK, RESET, SLACK, SPOOFED, VERIFIED, canonical_key, flow_key
 from .gather import Records, gather, group
-from .parse import ACK, FIN, PSH, TCP, UDP, URG, Packet, address_text, parse
+from .parse import ACK, FIN, PSH, TCP, UDP, URG, Packet, address_raw, address_text, parse
 
 log = logging.getLogger("pisnoop.analyser")
 M32 = 0xFFFFFFFF
@@ -313,8 +313,19 @@ def _endpoints(fr: _Frames) -> dict:
     fam = (np.where(v6, U(6), U(4)) << U(16)) | (np.where(_bulk_shape(fr)[6], U(UDP), U(TCP)) << U(24))
     sx, dx = sport | fam, dport | fam
     fr.ends = {"sh": sh, "sl": sl, "dh": dh, "dl": dl, "sx": sx, "dx": dx, "sport": sport, "dport": dport,
-               "hs": _mix(_mix(_mix(sh) ^ sl) ^ sx), "hd": _mix(_mix(_mix(dh) ^ dl) ^ dx)}
+               "hs": _end_hash(sh, sl, sx), "hd": _end_hash(dh, dl, dx)}
     return fr.ends
+
+
+def _end_hash(hi, lo, x):
+    """One end's hash from its lanes (``_endpoints``)."""
+    return _mix(_mix(_mix(hi) ^ lo) ^ x)
+
+
+def _pair_hash(hs, hd):
+    """A connection's hash from its ends' (``_end_hash``), whichever sent the frame."""
+    swap = hs > hd
+    return _mix(np.where(swap, hd, hs) ^ _mix(np.where(swap, hs, hd)))
 
 
 def _read_groups(fr: _Frames):
@@ -323,8 +334,7 @@ def _read_groups(fr: _Frames):
     e = {k: v[bi] for k, v in _endpoints(fr).items()}
     sh, sl, dh, dl, sx, dx, hs, hd = (e[k] for k in ("sh", "sl", "dh", "dl", "sx", "dx", "hs", "hd"))
     swap = hs > hd
-    gk = _mix(np.where(swap, hd, hs) ^ _mix(np.where(swap, hs, hd)))
-    rep, inv = group(gk)
+    rep, inv = group(_pair_hash(hs, hd))
     lo = np.stack([np.where(swap, dh, sh), np.where(swap, dl, sl), np.where(swap, dx, sx)])
     hi = np.stack([np.where(swap, sh, dh), np.where(swap, sl, dl), np.where(swap, sx, dx)])
     r = rep[inv]
@@ -356,6 +366,78 @@ def _no_flow(gany: list):
     return np.fromiter((f is None for f in gany), dtype=bool, count=len(gany))
 
 
+def _key_hashes(keys: list):
+    """``_pair_hash`` of flow keys, as their frames' lanes give it (``_endpoints``)."""
+    lanes: list = [[], [], [], [], [], []]
+    for proto, *ends in keys:
+        for at, (addr, port) in zip((0, 3), ends):
+            raw = address_raw(addr)
+            if len(raw) == 4:
+                hi, lo, fam = int.from_bytes(raw, "big") << 32, 0, 4
+            else:
+                hi, lo, fam = int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:], "big"), 6
+            lanes[at].append(hi)
+            lanes[at + 1].append(lo)
+            lanes[at + 2].append(port | fam << 16 | proto << 24)
+    a = [np.array(x, dtype=np.uint64) for x in lanes]
+    return _pair_hash(_end_hash(a[0], a[1], a[2]), _end_hash(a[3], a[4], a[5]))
+
+
+def _holds(sorted_a, h):
+    """Per value of ``h``: it is in the sorted array."""
+    if not len(sorted_a):
+        return np.zeros(len(h), dtype=bool)
+    i = np.minimum(np.searchsorted(sorted_a, h), len(sorted_a) - 1)
+    return sorted_a[i] == h
+
+
+class _KeyIndex:
+    """The connection hashes (``_pair_hash``) of the flow table's keys while it is full, so that a group or frame
+    whose hash is not among them is known to have no flow without its key being made (``_lanes_key``: two address
+    texts, what a rotating flood's frames cost most). Built at each step's start (and when the table fills);
+    keys that entered since (``FlowTable.entered``) are added as they come. A flow that left leaves its hash
+    behind, which only sends its frames the usual way."""
+
+    def __init__(self, table):
+        self.table = table
+        table.entered = []
+        self.built = False
+        self.of: dict = {}                          # key -> hash, of the keys in the table when last built
+        self.hashes = self.recent = np.zeros(0, dtype=np.uint64)   # sorted: at the build, entered since
+
+    def step(self) -> None:
+        """At a step's start: built again if the table is full, else dropped (``entered`` emptied: no growth)."""
+        self.table.entered.clear()
+        self.built = False
+        if self.table.full():
+            self._build()
+
+    def _build(self) -> None:
+        t = self.table
+        t.entered.clear()
+        of = self.of
+        of = self.of = {k: of[k] for k in t.flows if k in of}
+        new = [k for k in t.flows if k not in of]
+        if new:
+            of.update(zip(new, _key_hashes(new).tolist()))
+        self.hashes = np.sort(np.fromiter(of.values(), dtype=np.uint64, count=len(of)))
+        self.recent = np.zeros(0, dtype=np.uint64)
+        self.built = True
+
+    def absent(self, hs, hd):
+        """Per connection (its ends' ``_end_hash``): no flow of the table has its hash."""
+        if not self.built:
+            self._build()
+        t = self.table
+        if t.entered:
+            new, t.entered = t.entered, []
+            got = _key_hashes(new)
+            self.of.update(zip(new, got.tolist()))
+            self.recent = np.sort(np.concatenate((self.recent, got)))
+        h = _pair_hash(hs, hd)
+        return ~(_holds(self.hashes, h) | _holds(self.recent, h))
+
+
 class FastEngine(Engine):
     """``Engine`` counting verified steady-state TCP segments in bulk (see the module's docstring)."""
 
@@ -370,6 +452,7 @@ class FastEngine(Engine):
         self._flow_cache: dict = {}     # both ends' lanes (_endpoints, one order) -> (flow, sent by its client)
         self._misses: set = set()       # this step's ends no flow holds, the table full (_group_flows)
         self._keys: dict = {}           # this step's ends -> (flow_key, source end) (_lanes_key, once each)
+        self._index = _KeyIndex(self.flows)
 
     def bulk_possible(self) -> bool:
         from .report import XmppSeries
@@ -388,6 +471,7 @@ class FastEngine(Engine):
 
     def _bulk_step(self, batches, step: int, persistent: bool, flush: bool) -> int:
         c = self.counters
+        self._index.step()
         blobs, bids, starts, damage = [], [], [], []
         for bid, start, frames in batches:
             blob = getattr(frames, "blob", None)
@@ -479,7 +563,8 @@ class FastEngine(Engine):
         e = _endpoints(fr)
         gany: list = [None] * len(rep)
         gd0 = np.zeros(len(rep), dtype=bool)
-        for g, lanes in enumerate(zip(*(e[k][rj].tolist() for k in _LANES))):
+        look = np.flatnonzero(~self._index.absent(e["hs"][rj], e["hd"][rj])) if full else np.arange(len(rep))
+        for g, lanes in zip(look.tolist(), zip(*(e[k][rj[look]].tolist() for k in _LANES))):
             hit = cache.get(lanes)
             if hit is not None and table.get(hit[0].key) is hit[0]:
                 f, d0 = hit
@@ -620,15 +705,17 @@ class FastEngine(Engine):
         vital = table.vital_ports()
         ports = np.fromiter(vital, dtype=np.uint64, count=len(vital))
         cand = cand[~(np.isin(e["sport"][cand], ports) | np.isin(e["dport"][cand], ports))]
+        absent = self._index.absent(e["hs"][cand], e["hd"][cand])
+        new = cand[absent].tolist()
+        cand = cand[~absent]
         flows, keys = table.flows, self._keys
-        new = []
         for j, lanes in zip(cand.tolist(), zip(*(e[k][cand].tolist() for k in _LANES))):
             got = keys.get(lanes)
             if got is None:
                 got = keys[lanes] = _lanes_key(lanes)
             if got[0] not in flows:
                 new.append(j)
-        return np.array(new, dtype=np.int64)
+        return np.sort(np.array(new, dtype=np.int64))
 
     def _untracked_groups(self, none, rep, sport, dport):
         """The groups (``none``: no flow in memory) of new flows the full table does not take

@@ -416,6 +416,8 @@ class FlowTable:
         self.replaced: list[Flow] = []      # earlier connections of a reused 5-tuple, written at the next flush
         self.newest_ns = 0
         self.max_flows = 1 << 62             # the engine sets analyser.max_flows
+        self.entered: Optional[list] = None  # a reader keeping its own index of the keys sets a list: each key that
+        #                                      enters the table is appended, and the reader empties it
 
     def full(self) -> bool:
         return len(self.flows) >= self.max_flows
@@ -445,6 +447,8 @@ class FlowTable:
                 f = Flow.from_document(doc, self.committed_step, self.pending)
                 flows[f.key] = f
                 loaded.append(f)
+            if self.entered is not None:
+                self.entered += [f.key for f in loaded]
         return loaded
 
     def update(self, p: Packet, batch_id: str) -> tuple[Optional[Flow], int]:
@@ -459,6 +463,8 @@ class FlowTable:
         if f is None or self._new_connection(f, p):
             if f is not None and f.dirty:
                 self.replaced.append(f)
+            elif f is None and self.entered is not None:
+                self.entered.append(key)
             f = self.flows[key] = Flow(key, p, self.server_ports, self.settle_ns, self.sensor)
         elif f.skip and batch_id in f.skip:
             return None, 0

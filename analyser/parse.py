@@ -14,11 +14,14 @@ from typing import NamedTuple
 
 from appliance.l3l4 import MALFORMED, NOT_IP, TCP, UDP, read
 
-__all__ = ["MALFORMED", "NOT_IP", "TCP", "UDP", "Packet", "address_text", "parse", "payload", "mac_text"]
+__all__ = ["MALFORMED", "NOT_IP", "TCP", "UDP", "Packet", "address_raw", "address_text", "parse", "payload",
+           "mac_text"]
 
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 _inet_ntoa = socket.inet_ntoa
 _inet_ntop = socket.inet_ntop
+_inet_pton = socket.inet_pton
+_inet_aton = socket.inet_aton
 _AF6 = socket.AF_INET6
 _new = tuple.__new__
 
@@ -26,6 +29,11 @@ _new = tuple.__new__
 def address_text(v6: bool, raw: bytes) -> str:
     """An address as a ``Packet`` (and so a flow key) writes it: dotted quad, or RFC 5952 text for IPv6."""
     return _inet_ntop(_AF6, raw) if v6 else _inet_ntoa(raw)
+
+
+def address_raw(text: str) -> bytes:
+    """The address bytes of ``address_text``'s text (4 or 16)."""
+    return _inet_pton(_AF6, text) if ":" in text else _inet_aton(text)
 
 
 class Packet(NamedTuple):
