@@ -406,11 +406,15 @@ class _KeyIndex:
         self.hashes = self.recent = np.zeros(0, dtype=np.uint64)   # sorted: at the build, entered since
 
     def step(self) -> None:
-        """At a step's start: built again if the table is full, else dropped (``entered`` emptied: no growth)."""
-        self.table.entered.clear()
-        self.built = False
+        """At a bulk step's start: built again if the table is full, else dropped."""
+        self.drop()
         if self.table.full():
             self._build()
+
+    def drop(self) -> None:
+        """Not built (``entered`` emptied: it must not grow while nothing reads it, as in a reference step)."""
+        self.table.entered.clear()
+        self.built = False
 
     def _build(self) -> None:
         t = self.table
@@ -461,7 +465,10 @@ class FastEngine(Engine):
 
     def run_step(self, batches, step: int, persistent: bool = True, flush: bool = True) -> int:
         if not self.bulk_possible():
-            return super().run_step(batches, step, persistent, flush)
+            try:
+                return super().run_step(batches, step, persistent, flush)
+            finally:
+                self._index.drop()
         from .flags import now_utc
         self._now = now_utc()
         try:

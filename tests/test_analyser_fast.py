@@ -464,3 +464,32 @@ def test_untracked_packets_age_the_table_so_a_long_flood_gets_room_again():
     same(ref, run(FastEngine, flood, 6, cfg=cfg))
     assert 2 * cap < len(ref["flows"]) < len(flood) and ref["counters"]["untracked"] == len(flood) - len(ref["flows"])
     assert len(kept["engine"].flows.flows) <= cap
+
+
+def test_the_full_tables_index_holds_no_more_than_the_table_whichever_way_the_steps_go():
+    """``FlowTable.entered`` (the keys the fast engine's index has not read yet) is emptied at each step, also when
+    a step goes the reference way (any classifier or observer but the built-in ones) and when the table is never
+    full, so it never grows with the flows seen; and while the table is full the index knows each of its keys."""
+    cfg = config.from_dict({"analyser": {"max_flows": 1000}})
+    flood = rotating_flood(8, T0, 30_000, per_second=1_000)      # 30 s: the table takes new flows again
+    engine = FastEngine(cfg, policy_mod.load(None), FlowTable(MemoryFlows(), "t"),
+                        flags_mod.FlagBook(cfg, flags_mod.MemoryFlags()), [lambda p: None])
+    assert not engine.bulk_possible()
+    for n, step in enumerate(steps(flood, 8)):
+        engine.run_step([(bid, 0, Packed(framebatch.pack(b))) for bid, b in step], n + 1)
+        assert engine.flows.entered == []
+    bulk = FastEngine(cfg, policy_mod.load(None), FlowTable(MemoryFlows(), "t"),
+                      flags_mod.FlagBook(cfg, flags_mod.MemoryFlags()))
+    for n, step in enumerate(steps(flood, 8)):
+        bulk.run_step([(bid, 0, Packed(framebatch.pack(b))) for bid, b in step], n + 1)
+        assert len(bulk.flows.entered) <= len(bulk.flows.flows)
+    assert len(bulk.flows.sink.all()) > 2 * len(bulk.flows.flows)  # more flows entered in all than it holds
+    index = bulk._index
+    assert bulk.flows.full() and index.built
+    assert set(bulk.flows.flows) <= set(index.of) | set(bulk.flows.entered)
+    roomy = FastEngine(config.Config(), policy_mod.load(None), FlowTable(MemoryFlows(), "t"),
+                       flags_mod.FlagBook(cfg, flags_mod.MemoryFlags()))        # never full: no index at all
+    for n, step in enumerate(steps(flood, 8)):
+        roomy.run_step([(bid, 0, Packed(framebatch.pack(b))) for bid, b in step], n + 1)
+        assert len(roomy.flows.entered) <= len(roomy.flows.flows)
+    assert len(roomy.flows.sink.all()) > 2 * len(roomy.flows.flows) and not roomy._index.built
