@@ -560,7 +560,8 @@ class FastEngine(Engine):
 
     def _group_flows(self, fr: _Frames, bi, rep) -> tuple:
         """Per group its flow in memory (or None) and whether its first frame came from the flow's client: from
-        the cache of the groups' ends when it still names a live flow, else by the key of those ends."""
+        the cache of the groups' ends when it still names a live flow, else by the key of those ends. While the
+        table is full, only the groups whose hash its index holds (``_KeyIndex``) are looked at."""
         table = self.flows.flows
         cache = self._flow_cache
         full = self.flows.full()
