@@ -493,3 +493,27 @@ def test_the_full_tables_index_holds_no_more_than_the_table_whichever_way_the_st
         roomy.run_step([(bid, 0, Packed(framebatch.pack(b))) for bid, b in step], n + 1)
         assert len(roomy.flows.entered) <= len(roomy.flows.flows)
     assert len(roomy.flows.sink.all()) > 2 * len(roomy.flows.flows) and not roomy._index.built
+
+
+def test_a_full_load_takes_the_vital_flows_and_then_the_first_keys_in_order():
+    """``FlowTable.prefetch`` with more stored flows than room: every vital one (a server port), then the
+    non-vital ones in key order up to the room, whatever order they are asked in (a restart loads the same)."""
+    from analyser.flows import flow_key
+    from analyser.parse import parse
+    stored = FlowTable(MemoryFlows(), "t", server_ports=(5222,))
+    frames = rotating_flood(3, T0, 400, per_second=1_000)
+    late = Conn("10.5.0.9", 40009)
+    frames += late.handshake(T0 + S) + Conn("2001:db8:7::9", 40010).handshake(T0 + S)
+    packets = [parse(*f) for f in frames]
+    for p in packets:
+        stored.update(p, "b1")
+    stored.flush(1)
+    keys = {flow_key(p) for p in packets}
+    vital = {k for k in keys if 5222 in (k[1][1], k[2][1])}
+    assert len(stored.sink.all()) == len(keys) == 402 and len(vital) == 2
+    want = vital | set(sorted(keys - vital)[:50])
+    for order in (sorted(keys), sorted(keys, reverse=True), list(keys)):
+        table = FlowTable(stored.sink, "t", server_ports=(5222,))
+        table.max_flows = 50
+        table.prefetch(order)
+        assert set(table.flows) == want
