@@ -394,9 +394,10 @@ def _holds(sorted_a, h):
 class _KeyIndex:
     """The connection hashes (``_pair_hash``) of the flow table's keys while it is full, so that a group or frame
     whose hash is not among them is known to have no flow without its key being made (``_lanes_key``: two address
-    texts, what a rotating flood's frames cost most). Built at each step's start (and when the table fills);
-    keys that entered since (``FlowTable.entered``) are added as they come. A flow that left leaves its hash
-    behind, which only sends its frames the usual way."""
+    texts, what a rotating flood's frames cost most). Built when the table fills; keys that entered since
+    (``FlowTable.entered``) are added as they come. A flow that left leaves its hash behind, which only sends its
+    frames the usual way: built again at a step's start once a fifth of the hashes are such (a build of 100,000
+    keys took 86 ms here, too much for every step). Dropped at a step that starts with room."""
 
     def __init__(self, table):
         self.table = table
@@ -406,9 +407,11 @@ class _KeyIndex:
         self.hashes = self.recent = np.zeros(0, dtype=np.uint64)   # sorted: at the build, entered since
 
     def step(self) -> None:
-        """At a bulk step's start: built again if the table is full, else dropped."""
-        self.drop()
-        if self.table.full():
+        """At a bulk step's start: kept while the table is full (built again when stale), else dropped."""
+        t = self.table
+        if not t.full():
+            self.drop()
+        elif self.built and len(self.hashes) + len(self.recent) + len(t.entered) > 1.25 * len(t.flows) + 1024:
             self._build()
 
     def drop(self) -> None:
@@ -438,6 +441,8 @@ class _KeyIndex:
             got = _key_hashes(new)
             self.of.update(zip(new, got.tolist()))
             self.recent = np.sort(np.concatenate((self.recent, got)))
+            if len(self.recent) > 4096 and 8 * len(self.recent) > len(self.hashes):
+                self.hashes, self.recent = np.sort(np.concatenate((self.hashes, self.recent))), self.recent[:0]
         h = _pair_hash(hs, hd)
         return ~(_holds(self.hashes, h) | _holds(self.recent, h))
 
