@@ -715,9 +715,7 @@ class FastEngine(Engine):
         if not len(cand):
             return cand
         e = _endpoints(fr)
-        vital = table.vital_ports()
-        ports = np.fromiter(vital, dtype=np.uint64, count=len(vital))
-        cand = cand[~(np.isin(e["sport"][cand], ports) | np.isin(e["dport"][cand], ports))]
+        cand = cand[~self._vital(e["sport"][cand], e["dport"][cand])]
         absent = self._index.absent(e["hs"][cand], e["hd"][cand])
         new = cand[absent].tolist()
         cand = cand[~absent]
@@ -735,12 +733,15 @@ class FastEngine(Engine):
         (``FlowTable.update``, ``vital_ports``). With the table full when the part starts it stays so (flows leave
         it only when written), and such a packet changes nothing but the counters and the newest time: what a
         flood of rotating addresses sends is counted in bulk."""
-        table = self.flows
-        if not len(none) or not table.full():
+        if not len(none) or not self.flows.full():
             return np.zeros(len(none), dtype=bool)
-        vital = table.vital_ports()
+        return none & ~self._vital(sport[rep], dport[rep])
+
+    def _vital(self, sport, dport):
+        """Per pair of ports: a new flow between them is tracked past the cap (``FlowTable.vital_ports``)."""
+        vital = self.flows.vital_ports()
         ports = np.fromiter(vital, dtype=np.uint64, count=len(vital))
-        return none & ~(np.isin(sport[rep], ports) | np.isin(dport[rep], ports))
+        return np.isin(sport, ports) | np.isin(dport, ports)
 
     # --- quiet flows: every packet unverified (or a UDP packet), counted in bulk ------------------------------
 

@@ -60,7 +60,7 @@ from lab import procs, uplink  # noqa: E402
 from tests.analyser_frames import T0, Conn, S, rotating_flood, steady  # noqa: E402
 
 BATCH = 1000
-DEFAULT_GC = (700, 10, 10)            # CPython's own thresholds (gc.get_threshold() in a fresh interpreter)
+DEFAULT_GC = gc.get_threshold()       # CPython's own, read before main() applies the service's
 
 
 def traffic(n_frames: int, clients: int = 200) -> list:
