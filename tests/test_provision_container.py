@@ -16,6 +16,7 @@ import collections
 import hashlib
 import json
 import re
+import shutil
 import threading
 import time
 
@@ -185,13 +186,40 @@ def check_second_run_changes_nothing(provisioned, *extra: str) -> None:
     assert counts["changed"] == 0 and counts["failed"] == 0, f"{counts}\n{second.stdout[-6000:]}"
 
 
-def check_bad_variable_fails_with_message(provisioned) -> None:
+def check_bad_variable_fails_with_message(provisioned, tmp_path) -> None:
+    """A bad variable fails the play on the control node before any task touches the appliance: even from
+    a newer checkout (a wheel that differs from the installed one) the code, the config and the running
+    services stay as they were."""
     ct, first, _ = provisioned
-    before = ct.sh("sha256sum /etc/pisnoop/pisnoop.yaml").stdout
-    bad = ct.playbook("-e", json.dumps({"pisnoop_settings": {"xmpp": {"server_ports": [5222, 70000]}}}))
+    newer = newer_checkout(tmp_path)
+    before = _installed(ct)
+    bad = ct.playbook("-e", json.dumps({"pisnoop_settings": {"xmpp": {"server_ports": [5222, 70000]}}}), source=newer)
     assert bad.returncode != 0
     assert "xmpp.server_ports[1]: got 70000; expected a TCP port from 1 to 65535" in bad.stdout, bad.stdout[-4000:]
-    assert ct.sh("sha256sum /etc/pisnoop/pisnoop.yaml").stdout == before  # the old config stays
+    tasks = re.split(r"^TASK \[", bad.stdout, flags=re.M)[1:]
+    failed = [t.split("]", 1)[0] for t in tasks if "\nfatal:" in t]
+    assert failed == ["pisnoop : Check pisnoop.yaml as this play would write it (pisnoop check-config of this "
+                      "checkout)"], bad.stdout[-4000:]
+    counts = recap(bad.stdout)
+    assert counts["changed"] == 0 and counts["failed"] == 1, f"{counts}\n{bad.stdout[-4000:]}"
+    assert _installed(ct) == before
+
+
+def newer_checkout(tmp_path):
+    """A copy of this checkout whose wheel differs from the installed one (one comment line more)."""
+    out = tmp_path / "newer"
+    shutil.copytree(container.REPO, out, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", "*.so", "*.egg-info", "build", "demo-out", "*.img", ".pytest_cache"))
+    with open(out / "appliance" / "__init__.py", "a") as f:
+        f.write("# a newer checkout (tests/test_provision_container.py)\n")
+    return out
+
+
+def _installed(ct) -> dict:
+    """What a play that changes nothing leaves as it was: the wheel, the config, the services' processes."""
+    return {"dist": ct.sh("sha256sum /opt/pisnoop/dist/*.whl").stdout,
+            "config": ct.sh("sha256sum /etc/pisnoop/pisnoop.yaml").stdout,
+            "pids": {s: _service_state(ct, f"pisnoop-{s}.service")["MainPID"] for s in SERVICES + ["store"]}}
 
 
 def check_watchdog_restarts_frozen_service(provisioned, service: str) -> None:
@@ -259,8 +287,8 @@ def test_the_dashboard_runs_hardened_and_wants_a_login(provisioned):
     assert out[1] == "/login 200 None DENY", out
 
 
-def test_bad_variable_fails_the_play_with_the_message(provisioned):
-    check_bad_variable_fails_with_message(provisioned)
+def test_bad_variable_fails_the_play_with_the_message(provisioned, tmp_path):
+    check_bad_variable_fails_with_message(provisioned, tmp_path)
 
 
 def test_watchdog_restarts_a_frozen_service(provisioned):
