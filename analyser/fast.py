@@ -296,9 +296,17 @@ def _groups(fr: _Frames):
     return got
 
 
+# An end of a connection as three 64-bit lanes: the address (IPv4 in the first lane's top 32 bits, the second 0;
+# IPv6 across both), then ``_end_tag``. Frames get them in bulk (``_endpoints``, and the C gather, which
+# test_gather holds to it), flow keys one by one (``_key_lanes``), and ``_lanes_key`` reads a key back from them.
+def _end_tag(port, family, proto):
+    """An end's third lane: its port, its family (4 or 6) and the protocol; ints or uint64 arrays."""
+    return port | family << 16 | proto << 24
+
+
 def _endpoints(fr: _Frames) -> dict:
-    """Per frame: both ends as 64-bit lanes (address, port | family << 16 | protocol << 24) and their hashes
-    (kept per step, cut with its parts)."""
+    """Per frame: both ends as lanes (the address, then ``_end_tag``) and their hashes (kept per step, cut with
+    its parts)."""
     got = getattr(fr, "ends", None)
     if got is not None:
         return got
@@ -310,11 +318,27 @@ def _endpoints(fr: _Frames) -> dict:
     sh, sl = lanes(26, 22)
     dh, dl = lanes(30, 38)
     sport, dport = fr.tcp(v6, 0, 2), fr.tcp(v6, 2, 2)
-    fam = (np.where(v6, U(6), U(4)) << U(16)) | (np.where(_bulk_shape(fr)[6], U(UDP), U(TCP)) << U(24))
-    sx, dx = sport | fam, dport | fam
+    fam, proto = np.where(v6, U(6), U(4)), np.where(_bulk_shape(fr)[6], U(UDP), U(TCP))
+    sx, dx = _end_tag(sport, fam, proto), _end_tag(dport, fam, proto)
     fr.ends = {"sh": sh, "sl": sl, "dh": dh, "dl": dl, "sx": sx, "dx": dx, "sport": sport, "dport": dport,
                "hs": _end_hash(sh, sl, sx), "hd": _end_hash(dh, dl, dx)}
     return fr.ends
+
+
+def _key_lanes(proto: int, end: tuple) -> tuple[int, int, int]:
+    """The lanes of one end of a flow key (``flow_key``: address text, port), as its frames have them."""
+    addr, port = end
+    raw = address_raw(addr)
+    if len(raw) == 4:
+        return int.from_bytes(raw, "big") << 32, 0, _end_tag(port, 4, proto)
+    return int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:], "big"), _end_tag(port, 6, proto)
+
+
+def _lanes_end(hi: int, lo: int, x: int) -> tuple[int, str, int]:
+    """An end's protocol, address text and port from its lanes (the inverse of ``_key_lanes``)."""
+    if (x >> 16) & 0xFF == 4:
+        return (x >> 24) & 0xFF, address_text(False, (hi >> 32).to_bytes(4, "big")), x & 0xFFFF
+    return (x >> 24) & 0xFF, address_text(True, hi.to_bytes(8, "big") + lo.to_bytes(8, "big")), x & 0xFFFF
 
 
 def _end_hash(hi, lo, x):
@@ -346,16 +370,10 @@ _LANES = ("sh", "sl", "sx", "dh", "dl", "dx")     # a frame's two ends (_endpoin
 
 
 def _lanes_key(lanes: tuple) -> tuple:
-    """``flow_key`` of a frame from its ends' lanes (``_endpoints``: the address, then the port, family and
-    protocol), without a parse; and its source end."""
-    sh, sl, sx, dh, dl, dx = lanes
-    if (sx >> 16) & 0xFF == 4:
-        a, b = address_text(False, (sh >> 32).to_bytes(4, "big")), address_text(False, (dh >> 32).to_bytes(4, "big"))
-    else:
-        a = address_text(True, sh.to_bytes(8, "big") + sl.to_bytes(8, "big"))
-        b = address_text(True, dh.to_bytes(8, "big") + dl.to_bytes(8, "big"))
-    src = (a, sx & 0xFFFF)
-    return canonical_key((sx >> 24) & 0xFF, src, (b, dx & 0xFFFF)), src
+    """``flow_key`` of a frame from its ends' lanes (``_endpoints``), without a parse; and its source end."""
+    proto, a, sport = _lanes_end(*lanes[:3])
+    _, b, dport = _lanes_end(*lanes[3:])
+    return canonical_key(proto, (a, sport), (b, dport)), (a, sport)
 
 
 _NO_ROWS = np.zeros(0, dtype=np.int64)
@@ -370,15 +388,9 @@ def _key_hashes(keys: list):
     """``_pair_hash`` of flow keys, as their frames' lanes give it (``_endpoints``)."""
     lanes: list = [[], [], [], [], [], []]
     for proto, *ends in keys:
-        for at, (addr, port) in zip((0, 3), ends):
-            raw = address_raw(addr)
-            if len(raw) == 4:
-                hi, lo, fam = int.from_bytes(raw, "big") << 32, 0, 4
-            else:
-                hi, lo, fam = int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:], "big"), 6
-            lanes[at].append(hi)
-            lanes[at + 1].append(lo)
-            lanes[at + 2].append(port | fam << 16 | proto << 24)
+        for at, end in zip((0, 3), ends):
+            for lane, v in zip(lanes[at:at + 3], _key_lanes(proto, end)):
+                lane.append(v)
     a = [np.array(x, dtype=np.uint64) for x in lanes]
     return _pair_hash(_end_hash(a[0], a[1], a[2]), _end_hash(a[3], a[4], a[5]))
 

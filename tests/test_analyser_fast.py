@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import struct
 
+import numpy as np
 import pytest
 
 from analyser import flags as flags_mod
@@ -522,3 +523,24 @@ def test_a_full_load_takes_the_vital_flows_and_then_the_first_keys_in_order():
         table.max_flows = 50
         table.prefetch(order)
         assert set(table.flows) == want
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_a_frames_lanes_give_its_flow_key_and_the_keys_lanes_give_its_hash(seed):
+    """The three uses of an end's lanes agree frame by frame (TCP and UDP, both families, cut and tagged frames
+    left out by the shape): ``_lanes_key`` of a bulk frame's lanes is the parse's ``flow_key`` and source, and
+    ``_key_hashes`` of that key (the full table's index) is the frame's connection hash."""
+    from analyser import fast
+    from analyser.flows import flow_key
+    from analyser.gather import gather
+    from analyser.parse import parse
+    frames = capture(seed, n_clients=20, seconds=120) + rotating_flood(seed, T0, 2_000, per_second=1_000)
+    fr = fast._Frames(gather([framebatch.pack(frames[k:k + 500]) for k in range(0, len(frames), 500)], "off"))
+    bulk, ends = fast._read_shape(fr)[0], fast._endpoints(fr)
+    rows = np.flatnonzero(bulk)
+    lanes = list(zip(*(ends[k][rows].tolist() for k in fast._LANES)))
+    packets = [parse(*frames[i]) for i in rows.tolist()]
+    assert {p.v6 for p in packets} == {False, True} and {p.proto for p in packets} == {6, 17}
+    assert [fast._lanes_key(x) for x in lanes] == [(flow_key(p), (p.src, p.sport)) for p in packets]
+    hashes = fast._pair_hash(ends["hs"][rows], ends["hd"][rows])
+    assert fast._key_hashes([flow_key(p) for p in packets]).tolist() == hashes.tolist()
