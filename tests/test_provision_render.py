@@ -15,9 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import pisnoop
+from tests.container import recap
 
 REPO = Path(__file__).resolve().parent.parent
 ANSIBLE = REPO / "ansible"
@@ -91,3 +93,31 @@ def test_bad_setting_is_refused_by_check_config(tmp_path):
     check = pisnoop("check-config", str(tmp_path / "pisnoop.yaml"))
     assert check.returncode == 2
     assert "xmpp.server_ports[1]: got 70000; expected a TCP port from 1 to 65535" in check.stderr
+
+
+@pytest.mark.parametrize("check_mode", [False, True])
+def test_a_bad_setting_fails_the_play_on_the_control_node_before_any_task_reaches_the_host(tmp_path, check_mode):
+    """site.yml's first task checks the config the play would write with this checkout's check-config, on the
+    control node (in a --check run too). The host here cannot be reached (a PID that cannot exist, for the nsenter
+    connection): a bad setting fails the play with no attempt on it; a good one passes the check, and then the
+    play's first task on the host finds it unreachable."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    (tmp_path / "inventory.ini").write_text(f"[pisnoop]\nnowhere ansible_host={pid_max + 1} "
+                                            "ansible_connection=nsenter ansible_python_interpreter=/usr/bin/python3\n")
+
+    def play(settings: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "inventory.ini"), "site.yml",
+                               *(["--check"] if check_mode else []),
+                               "-e", json.dumps({"pisnoop_settings": settings})],
+                              capture_output=True, text=True, timeout=300, cwd=ANSIBLE,
+                              env=dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+                                       ANSIBLE_GATHERING="explicit", ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"),
+                                       PATH=f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"))
+    bad = play({"xmpp": {"server_ports": [5222, 70000]}})
+    assert bad.returncode == 2, bad.stdout[-3000:] + bad.stderr[-2000:]
+    assert "xmpp.server_ports[1]: got 70000; expected a TCP port from 1 to 65535" in bad.stdout, bad.stdout[-3000:]
+    assert recap(bad.stdout) == {"ok": 3, "changed": 0, "unreachable": 0, "failed": 1}, bad.stdout[-3000:]
+    good = play({"xmpp": {"server_ports": [5222, 5223]}})
+    counts = recap(good.stdout)
+    assert good.returncode == 4 and counts["unreachable"] == 1 and counts["failed"] == 0, good.stdout[-3000:]
+    assert "TASK [base : Install the base packages]" in good.stdout.split("UNREACHABLE!")[0], good.stdout[-3000:]
