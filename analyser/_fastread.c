@@ -13,7 +13,7 @@
  *          gather reads; the engine reads no byte of a frame past its captured length)
  *   errors per blob, the text of its first damaged record or None (the records before it count)
  *   fields what analyser/fast.py's _read_shape and _endpoints compute from cap and head with many numpy passes,
- *          per frame in the same pass (tests/test_gather.py holds them equal): bulk, v6, udp (bool), l4, end,
+ *          per frame in the same pass (tests/test_gather.py holds them equal): bulk, v6, udp, synrst (bool), l4, end,
  *          doff, tflags (int64), then sh, sl, dh, dl, sx, dx, sport, dport, hs, hd (uint64), then what
  *          fast.py reads of some frames: the TCP seq, ack, window (int64) and the source MAC (uint64)
  * Sizes are checked in 64-bit arithmetic that cannot overflow with a 32-bit size_t.
@@ -59,13 +59,14 @@ static uint64_t mix(uint64_t x) {
     return x ^ (x >> 31);
 }
 
-#define N_FIELDS 21
-#define N_BOOL 3                     /* the first N_BOOL fields are one byte each, the rest eight */
-enum { BULK, V6, UDP, L4, END, DOFF, TFLAGS, SH, SL, DH, DL, SX, DX, SPORT, DPORT, HS, HD, SEQ, ACK, WIN, SMAC };
+#define N_FIELDS 22
+#define N_BOOL 4                     /* the first N_BOOL fields are one byte each, the rest eight */
+enum { BULK, V6, UDP, SYNRST, L4, END, DOFF, TFLAGS, SH, SL, DH, DL, SX, DX, SPORT, DPORT, HS, HD, SEQ, ACK, WIN, SMAC };
 
 /* The fields of frame j from its head h and captured length: the formulas of fast.py's _read_shape (Ethernet
- * + IPv4 without options or IPv6, then TCP without SYN or RST, or UDP) and _endpoints (both ends as 64-bit
- * lanes and their hashes), evaluated for every frame as numpy does (both branches read, one kept). */
+ * + IPv4 without options or IPv6, then TCP without SYN or RST, or UDP; synrst: TCP of that shape with SYN or
+ * RST) and _endpoints (both ends as 64-bit lanes and their hashes), evaluated for every frame as numpy does
+ * (both branches read, one kept). */
 static void fields(const unsigned char *h, int64_t cap, size_t j, char **f) {
     uint64_t etype = be16(h + 12), b14 = h[14];
     int64_t tot4 = (int64_t)be16(h + 16);
@@ -79,8 +80,9 @@ static void fields(const unsigned char *h, int64_t cap, size_t j, char **f) {
     if (cap < end)
         end = cap;
     int64_t doff = udp ? 8 : (t[12] >> 4) * 4, tflags = udp ? 0 : t[13];
-    int tcp_ok = end - l4 >= 20 && doff >= 20 && l4 + doff <= end && (tflags & 0x06) == 0;
-    int bulk = cap > 0 && (v4 || v6) && (udp ? end - l4 >= 8 : tcp_ok);
+    int odd = (tflags & 0x06) != 0;  /* SYN or RST (0 for UDP) */
+    int whole = cap > 0 && (v4 || v6) && (udp ? end - l4 >= 8 : end - l4 >= 20 && doff >= 20 && l4 + doff <= end);
+    int bulk = whole && !odd, synrst = whole && odd;
     uint64_t sh = v6 ? be64(h + 22) : be32(h + 26) << 32, sl = v6 ? be64(h + 30) : 0;
     uint64_t dh = v6 ? be64(h + 38) : be32(h + 30) << 32, dl = v6 ? be64(h + 46) : 0;
     uint64_t fam = (uint64_t)(v6 ? 6 : 4) << 16 | (uint64_t)(udp ? 17 : 6) << 24;
@@ -89,6 +91,7 @@ static void fields(const unsigned char *h, int64_t cap, size_t j, char **f) {
     ((unsigned char *)f[BULK])[j] = (unsigned char)bulk;
     ((unsigned char *)f[V6])[j] = (unsigned char)v6;
     ((unsigned char *)f[UDP])[j] = (unsigned char)udp;
+    ((unsigned char *)f[SYNRST])[j] = (unsigned char)synrst;
     int64_t i64[] = {l4, end, doff, tflags};
     for (int k = 0; k < 4; k++)
         ((int64_t *)f[L4 + k])[j] = i64[k];

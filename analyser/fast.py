@@ -84,7 +84,6 @@ class _Frames:
     """The step's frames as arrays: record headers, and the first bytes of every frame as a matrix (gather.HEAD)."""
 
     shape = groups = ends = more = None  # what _bulk_shape, _groups, _endpoints, seg read, kept (cut with the parts)
-    synrst = None                        # _untracked_shape's, of one part
 
     def __init__(self, rec: Records):
         """``rec``: the step's records (analyser/gather.py)."""
@@ -144,7 +143,8 @@ class _Frames:
 def _bulk_shape(fr: _Frames):
     """Frames of the shape read in bulk (Ethernet + IPv4 without options or IPv6 without extension headers,
     then TCP without SYN or RST, or UDP, as appliance/l3l4.py reads them) and their offsets; ``udp`` marks the
-    UDP ones (their ``tflags`` are 0 and ``doff`` 8, the UDP header)."""
+    UDP ones (their ``tflags`` are 0 and ``doff`` 8, the UDP header); ``synrst`` the TCP frames of that shape
+    but for their SYN or RST bit (``_untracked_shape``)."""
     got = getattr(fr, "shape", None)
     if got is None:
         got = fr.shape = _read_shape(fr)
@@ -153,17 +153,14 @@ def _bulk_shape(fr: _Frames):
 
 def _read_shape(fr: _Frames):
     v6, l4, end, doff, tflags, udp, whole = _read_headers(fr)
-    return whole & ((tflags & 0x06) == 0), v6, l4, end, doff, tflags, udp
+    odd = (tflags & 0x06) != 0
+    return whole & ~odd, v6, l4, end, doff, tflags, udp, whole & odd
 
 
 def _untracked_shape(fr: _Frames):
     """TCP frames of the bulk shape but for their SYN or RST bit: the table full, a new flow's are untracked
     whatever their flags (``FastEngine._untracked_odd``), as a rotating flood's bare SYNs are."""
-    got = getattr(fr, "synrst", None)
-    if got is None:
-        _, _, _, _, tflags, udp, whole = _read_headers(fr)
-        got = fr.synrst = whole & ~udp & ((tflags & 0x06) != 0)
-    return got
+    return _bulk_shape(fr)[7]
 
 
 def _read_headers(fr: _Frames):
@@ -353,7 +350,7 @@ def _pair_hash(hs, hd):
 
 
 def _read_groups(fr: _Frames):
-    bulk, v6, l4, end, doff, tflags, udp = _bulk_shape(fr)
+    bulk, v6, l4, end, doff, tflags, udp, _ = _bulk_shape(fr)
     bi = np.flatnonzero(bulk)
     e = {k: v[bi] for k, v in _endpoints(fr).items()}
     sh, sl, dh, dl, sx, dx, hs, hd = (e[k] for k in ("sh", "sl", "dh", "dl", "sx", "dx", "hs", "hd"))

@@ -78,11 +78,11 @@ def gather(blobs: list, mode: str | None = None) -> Records:
         return _gather_numpy(blobs)
     buf, offs, owner, ts, wl, cap, head, errors, fields = _fastread.gather(blobs)
     i64 = (np.frombuffer(a, dtype=np.int64) for a in (offs, owner, ts, wl, cap))
-    f = [np.frombuffer(a, dtype=bool if k < 3 else np.int64 if k < 7 or 17 <= k < 20 else U)
+    f = [np.frombuffer(a, dtype=bool if k < 4 else np.int64 if k < 8 or 18 <= k < 21 else U)
          for k, a in enumerate(fields)]
-    bulk, v6, udp, l4, end, doff, tflags = f[:7]
+    bulk, v6, udp, synrst, l4, end, doff, tflags = f[:8]
     return Records(buf, *i64, np.frombuffer(head, dtype=np.uint8).reshape(-1, HEAD), errors,
-                   (bulk, v6, l4, end, doff, tflags, udp), dict(zip(ENDS, f[7:17])), dict(zip(MORE, f[17:])))
+                   (bulk, v6, l4, end, doff, tflags, udp, synrst), dict(zip(ENDS, f[8:18])), dict(zip(MORE, f[18:])))
 
 
 def group(keys: np.ndarray, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -124,9 +124,10 @@ def test_the_c_fields_are_what_the_fast_engines_numpy_passes_compute(seed):
     assert fr.more is None and set(c.more) == set(more)
     for x, y in [*zip(c.shape, shape), *((c.ends[k], ends[k]) for k in ends), *((c.more[k], more[k]) for k in more)]:
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
-    bulk, v6, udp = shape[0], shape[1], shape[6]
+    bulk, v6, udp, synrst = shape[0], shape[1], shape[6], shape[7]
     assert 0.5 < bulk.mean() < 0.97 and 0.05 < v6[bulk].mean() < 0.95     # both kinds, both families
     assert 0.005 < udp[bulk].mean() < 0.5                                   # and both protocols
+    assert 0.001 < synrst.mean() < 0.2 and not (synrst & (bulk | udp)).any()   # handshakes and resets, TCP only
 
 
 @pytest.mark.parametrize("mode", ["off", pytest.param("on", marks=needs_c)])
