@@ -331,11 +331,11 @@ def _key_lanes(proto: int, end: tuple) -> tuple[int, int, int]:
     return int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:], "big"), _end_tag(port, 6, proto)
 
 
-def _lanes_end(hi: int, lo: int, x: int) -> tuple[int, str, int]:
-    """An end's protocol, address text and port from its lanes (the inverse of ``_key_lanes``)."""
+def _lanes_address(hi: int, lo: int, x: int) -> str:
+    """An end's address text from its lanes (the inverse of ``_key_lanes``'s first two)."""
     if (x >> 16) & 0xFF == 4:
-        return (x >> 24) & 0xFF, address_text(False, (hi >> 32).to_bytes(4, "big")), x & 0xFFFF
-    return (x >> 24) & 0xFF, address_text(True, hi.to_bytes(8, "big") + lo.to_bytes(8, "big")), x & 0xFFFF
+        return address_text(False, (hi >> 32).to_bytes(4, "big"))
+    return address_text(True, hi.to_bytes(8, "big") + lo.to_bytes(8, "big"))
 
 
 def _end_hash(hi, lo, x):
@@ -368,9 +368,9 @@ _LANES = ("sh", "sl", "sx", "dh", "dl", "dx")     # a frame's two ends (_endpoin
 
 def _lanes_key(lanes: tuple) -> tuple:
     """``flow_key`` of a frame from its ends' lanes (``_endpoints``), without a parse; and its source end."""
-    proto, a, sport = _lanes_end(*lanes[:3])
-    _, b, dport = _lanes_end(*lanes[3:])
-    return canonical_key(proto, (a, sport), (b, dport)), (a, sport)
+    sh, sl, sx, dh, dl, dx = lanes
+    src = (_lanes_address(sh, sl, sx), sx & 0xFFFF)       # the port and protocol where _end_tag puts them
+    return canonical_key((sx >> 24) & 0xFF, src, (_lanes_address(dh, dl, dx), dx & 0xFFFF)), src
 
 
 _NO_ROWS = np.zeros(0, dtype=np.int64)
@@ -383,13 +383,11 @@ def _no_flow(gany: list):
 
 def _key_hashes(keys: list):
     """``_pair_hash`` of flow keys, as their frames' lanes give it (``_endpoints``)."""
-    lanes: list = [[], [], [], [], [], []]
-    for proto, *ends in keys:
-        for at, end in zip((0, 3), ends):
-            for lane, v in zip(lanes[at:at + 3], _key_lanes(proto, end)):
-                lane.append(v)
-    a = [np.array(x, dtype=np.uint64) for x in lanes]
-    return _pair_hash(_end_hash(a[0], a[1], a[2]), _end_hash(a[3], a[4], a[5]))
+    if not keys:
+        return np.zeros(0, dtype=np.uint64)
+    a = np.array([_key_lanes(proto, end) for proto, *ends in keys for end in ends], dtype=np.uint64)
+    s, d = a[0::2], a[1::2]            # each key's first end, then its second
+    return _pair_hash(_end_hash(s[:, 0], s[:, 1], s[:, 2]), _end_hash(d[:, 0], d[:, 1], d[:, 2]))
 
 
 def _holds(sorted_a, h):
