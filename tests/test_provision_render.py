@@ -26,6 +26,11 @@ ANSIBLE = REPO / "ansible"
 BIN = Path(sys.executable).parent
 
 
+def _ansible_env(**more: str) -> dict:
+    """The environment of an Ansible command run here: the project's ansible.cfg, no colours, and ``more``."""
+    return dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_NOCOLOR="1", **more)
+
+
 def render(tmp_path: Path, groups: list[str], extra: dict | None = None) -> tuple[str, str]:
     var_files = [f"@{ANSIBLE / 'group_vars' / g}.yml" for g in groups] + [f"@{ANSIBLE / 'roles/pisnoop/vars/main.yml'}"]
     (tmp_path / "extra.json").write_text(json.dumps({"pisnoop_source": str(REPO), **(extra or {})}))
@@ -39,8 +44,8 @@ def render(tmp_path: Path, groups: list[str], extra: dict | None = None) -> tupl
                                "-a", f"src={src} dest={tmp_path / name} mode=0644", *args,
                                "-e", f"@{tmp_path / 'extra.json'}"],
                               capture_output=True, text=True, timeout=120, cwd=ANSIBLE,
-                              env=dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-                                       ANSIBLE_INVENTORY_UNPARSED_WARNING="False", ANSIBLE_LOCALHOST_WARNING="False"))
+                              env=_ansible_env(ANSIBLE_INVENTORY_UNPARSED_WARNING="False",
+                                               ANSIBLE_LOCALHOST_WARNING="False"))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         out[name] = (tmp_path / name).read_text()
     return out["pisnoop.yaml"], out["interfaces"]
@@ -110,9 +115,8 @@ def test_a_bad_setting_fails_the_play_on_the_control_node_before_any_task_reache
                                *(["--check"] if check_mode else []),
                                "-e", json.dumps({"pisnoop_settings": settings})],
                               capture_output=True, text=True, timeout=300, cwd=ANSIBLE,
-                              env=dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-                                       ANSIBLE_GATHERING="explicit", ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"),
-                                       PATH=f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"))
+                              env=_ansible_env(ANSIBLE_GATHERING="explicit", ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"),
+                                               PATH=f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"))
     bad = play({"xmpp": {"server_ports": [5222, 70000]}})
     assert bad.returncode == 2, bad.stdout[-3000:] + bad.stderr[-2000:]
     assert "xmpp.server_ports[1]: got 70000; expected a TCP port from 1 to 65535" in bad.stdout, bad.stdout[-3000:]
