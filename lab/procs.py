@@ -8,6 +8,7 @@ process by the PID it started, never by name.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -20,12 +21,43 @@ import pymongo
 
 from appliance.store import StoreUnavailable
 
+FREE_PORT_FLOOR = 20000
+_handed_out: set[int] = set()
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel gives an outgoing connection (its ``ip_local_port_range``)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = "127.0.0.1", rng: random.Random | None = None) -> int:
+    """A TCP port nobody holds right now, below the kernel's ephemeral range.
+
+    Not the kernel's ``bind(port 0)`` pick: that port is in the range every
+    outgoing connection draws its source port from, so between this call and
+    the server's listen another process's connect (pymongo, OVS, a client)
+    could hold it and the server fail with EADDRINUSE (a CI run lost a test to
+    that). Below the range only an explicit bind takes a port; a port this
+    process handed out before is never handed out again.
+    """
+    rng = rng or random.SystemRandom()
+    top = _ephemeral_floor()
+    floor = FREE_PORT_FLOOR if top > FREE_PORT_FLOOR + 1000 else 1024
+    for _ in range(200):
+        port = rng.randrange(floor, top)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise OSError(f"no free TCP port on {host} in {floor}-{top - 1} after 200 tries")
 
 
 def _nx_binary() -> str:

@@ -165,3 +165,25 @@ def test_teardown_ends_a_store_restarted_behind_its_back():
     assert_gone(appliance)
     assert not os.path.exists(f"/proc/{restarted}") or \
         open(f"/proc/{restarted}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_free_ports_are_below_the_ephemeral_range_never_twice_and_never_one_held():
+    """The controller lost its listen port to another process's outgoing connection in CI: a lab port
+    is drawn below ``ip_local_port_range`` (where connect() never takes one), once per process."""
+    import random
+    import socket
+
+    from lab import procs
+    floor = procs._ephemeral_floor()
+    assert floor == int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = [procs.free_port() for _ in range(300)]
+    assert len(set(ports)) == 300
+    assert all(procs.FREE_PORT_FLOOR <= p < floor for p in ports)
+    first = random.Random(7).randrange(procs.FREE_PORT_FLOOR, floor)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", first))
+        held.listen()
+        got = procs.free_port(rng=random.Random(7))
+    assert got != first and procs.FREE_PORT_FLOOR <= got < floor
+    procs._handed_out.discard(first)
+    assert procs.free_port(rng=random.Random(7)) == first, "a port nobody holds is handed out"
