@@ -78,11 +78,23 @@ class Engine:
         self.pruned_ns = 0
         self._checkpoints: dict = {}              # resume step -> the frame counts as of it (``checkpoint``)
         self._full_logged = 0.0                   # monotonic time before which a full flow table is not said again
+        self._forgiven = None                     # the flag book's releases the classifiers have forgiven
 
     def reset_windows(self) -> None:
         """Fresh classifier state (after a failed step whose packets may be counted again)."""
         self.classifiers = policy_mod.build(self.policy, self.cfg, self.neighbours)
         self.settling = []
+        self._forgiven = None
+
+    def forgive(self) -> None:
+        """Releases learned since the last step: the classifiers forget what their subjects sent before them
+        (analyser/flags.py, ``Releases``); a step calls it first."""
+        releases = self.flagbook.releases
+        if releases is not self._forgiven:
+            self._forgiven = releases
+            if releases:
+                for cl in self.classifiers:
+                    cl.forgive(releases)
 
     TALLIES: tuple = ()                       # further per-frame counts a subclass keeps as attributes
 
@@ -113,6 +125,7 @@ class Engine:
                  flush: bool = True) -> int:
         """Analyse ``(batch_id, first_index, frames)`` batches; return the number of frames read. ``flush``: write
         the flows changed since the last write, marked with ``step`` (else they wait for a later step's)."""
+        self.forgive()
         c = self.counters
         parsed = []
         append = parsed.append
@@ -167,8 +180,10 @@ class Engine:
         judge = self._judge
         book = self.flagbook
         classifiers = self.classifiers
+        releases = book.releases
+        forgive_ns = releases.newest_ns           # packets from before the newest release: are they forgiven?
         now = now or now_utc()
-        replayed = v6 = verified = untracked = 0
+        replayed = v6 = verified = untracked = forgiven = 0
         for p, bid, i in parsed:
             if heap and p.ts_ns >= heap[0][0]:
                 self._settle_due(p.ts_ns, now)
@@ -190,6 +205,9 @@ class Engine:
                 verified += 1
                 if book.covering and f.cov_gen != book.gen:
                     judge(p, f, d, (bid, i), now)   # the slow path: is it held by a flag already?
+                    continue
+                if p.ts_ns < forgive_ns and releases.forgives(f.client, f.mac, p.ts_ns):
+                    forgiven += 1
                     continue
                 ref = (bid, i)
                 for cl in classifiers:
@@ -222,6 +240,8 @@ class Engine:
         c["packets_v4"] += n - v6
         c["verified"] += verified
         c["replayed"] += replayed
+        if forgiven:
+            c["forgiven"] += forgiven
         if untracked:
             c["untracked"] += untracked
             self._table_full(untracked)
@@ -288,6 +308,9 @@ class Engine:
 
     def _judge(self, p: Packet, f, d: int, ref, now) -> None:
         book = self.flagbook
+        if p.ts_ns < book.releases.newest_ns and book.releases.forgives(f.client, f.mac, p.ts_ns):
+            self.counters["forgiven"] += 1
+            return
         if book.covering and f.cov_gen != book.gen:
             if book.covers(f.client, f.cport, now, mac_text(f.mac) if f.mac else "", PROTO_NAMES.get(f.proto, ""),
                            f.sport):

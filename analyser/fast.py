@@ -483,6 +483,7 @@ class FastEngine(Engine):
                 self._index.drop()
         from .flags import now_utc
         self._now = now_utc()
+        self.forgive()
         try:
             return self._bulk_step(batches, step, persistent, flush)
         finally:
@@ -972,6 +973,9 @@ class FastEngine(Engine):
     def _bulk(self, pk, gflow, slow, slow_ids, cut: bool):
         """Choose the bulk flows and count the part; with ``cut``, the frame where one would cross instead."""
         book = self.flagbook
+        ts = self._frames.ts
+        if len(ts) and int(ts.min()) < book.releases.newest_ns:
+            return self._reference(slow, pk, None)   # frames from before a release: each asks Releases.forgives
         cand = {id(f): f for f in gflow if f is not None and id(f) not in slow_ids}
         seeds = []
         slow_flows = {}

@@ -12,6 +12,13 @@ comes from ``bans.ban_seconds`` with the subject's earlier offences inside
 ``expires_at`` is wall-clock at flag time. Two backends with one interface:
 MongoDB (the service) and memory (``analyse --pcap`` and one-shot ranges,
 which must not touch the store).
+
+A release forgives what its subject sent before it (``Releases``): the
+engine counts no packet of a released address, MAC or prefix captured
+before the release, and the classifiers drop such packets from their
+windows, so an analyser behind the wire, or a window still full of the
+flood, does not flag the client again at once from the evidence a person
+has just forgiven. What it sends after the release counts from zero.
 """
 
 from __future__ import annotations
@@ -33,9 +40,11 @@ from appliance.flagdoc import (
     FLAGGED_AT,
     PROTOCOL,
     RELEASED,
+    RELEASED_AT,
     SERVER_PORT,
     SERVER_PORTS,
     STATUS,
+    UPDATED_AT,
 )
 
 from .classifiers import Verdict
@@ -97,6 +106,16 @@ class MemoryFlags:
     def all(self) -> list[dict]:
         return list(self.docs)
 
+    def release_where(self, query: dict, now: dt.datetime) -> list[dict]:
+        """Release the active flags whose fields equal ``query``'s (``MongoFlags.release_where`` in memory)."""
+        due = [d for d in self.docs if d[STATUS] == FLAGGED and all(d.get(k) == v for k, v in query.items())]
+        for d in due:
+            d.update(flagdoc.ended(d, RELEASED, now))
+        return due
+
+    def released_since(self, since: dt.datetime) -> list[dict]:
+        return [d for d in self.docs if d[STATUS] == RELEASED and d[RELEASED_AT] >= since]
+
 
 class MongoFlags:
     """Flags in the ``flags`` collection (its indexes: ``appliance.indexes``)."""
@@ -150,6 +169,12 @@ class MongoFlags:
         query = flagdoc.within(self.mine, {FLAGGED_AT: {"$gte": since - SLACK}} if since else {})
         return [d for d in self.coll.find(query).sort(FLAGGED_AT, 1) if since is None or d[FLAGGED_AT] >= since]
 
+    def released_since(self, since: dt.datetime) -> list[dict]:
+        """The flags released at or after ``since`` that apply here (a released flag changes no more, so its
+        ``updated_at`` is its ``released_at``: the query takes the ``updated_at`` indexes)."""
+        docs = self.coll.find(flagdoc.within(self.mine, {STATUS: RELEASED, UPDATED_AT: {"$gte": since - SLACK}}))
+        return [d for d in docs if (d.get(RELEASED_AT) or d[UPDATED_AT]) >= since]
+
     def release(self, ip: str, port: Optional[int], now: dt.datetime) -> int:
         query = {CLIENT_IP: ip}
         if port is not None:
@@ -160,6 +185,82 @@ class MongoFlags:
         """Release the active flags ``query`` selects (by id, address, prefix or MAC); their new documents."""
         found = self.coll.find(flagdoc.within(self.mine, {**query, STATUS: FLAGGED}))
         return [new for new in (self._end(d, RELEASED, now) for d in found) if new]
+
+
+def _ns(when: dt.datetime) -> int:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return (when - timespec.EPOCH) // dt.timedelta(microseconds=1) * 1000
+
+
+class Releases:
+    """When each released subject was last released (ns since the epoch, capture time's clock).
+
+    A packet of an address, a MAC or an address inside a prefix captured
+    before that subject's latest release is forgiven: no classifier counts it
+    (``forgives``, asked by the engine only for packets older than
+    ``newest_ns``, so the cost is one comparison a packet once the analyser has
+    caught up). A connection's release forgives its address: the flags of an
+    address are released together (``flags release ADDR``), and a window of
+    the address holds the connection's packets. A stored document that is no
+    valid flag forgives nothing (counted in ``unreadable``).
+    """
+
+    def __init__(self, docs: Iterable[dict] = ()):
+        self.addresses: dict = {}                # ip_address -> ns
+        self.macs: dict[bytes, int] = {}
+        self.prefixes: dict = {}                 # ip_network -> ns
+        self.unreadable = 0
+        for d in docs:
+            try:
+                f = flagdoc.parse(d)
+            except flagdoc.BadFlag:
+                self.unreadable += 1
+                continue
+            ns = _ns(f.released_at or f.updated_at)
+            if f.client_mac:
+                into, key = self.macs, bytes.fromhex(f.client_mac.replace(":", ""))
+            elif f.scope == "prefix":
+                into, key = self.prefixes, f.client_net
+            else:
+                into, key = self.addresses, f.client_net.network_address
+            into[key] = max(ns, into.get(key, 0))
+        self.newest_ns = max([0, *self.addresses.values(), *self.macs.values(), *self.prefixes.values()])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Releases) and (self.addresses, self.macs, self.prefixes) == (
+            other.addresses, other.macs, other.prefixes)
+
+    def __bool__(self) -> bool:
+        return self.newest_ns > 0
+
+    def address_ns(self, ip: Optional[str]) -> int:
+        """The latest release of ``ip``: of the address itself or of a prefix holding it (0: none)."""
+        if not ip or not (self.addresses or self.prefixes):
+            return 0
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return 0
+        ns = self.addresses.get(addr, 0)
+        for net, at in self.prefixes.items():
+            if at > ns and addr.version == net.version and addr in net:
+                ns = at
+        return ns
+
+    def mac_ns(self, mac: Optional[bytes]) -> int:
+        return self.macs.get(mac, 0) if mac else 0
+
+    def prefix_ns(self, prefix: Optional[str]) -> int:
+        """The latest release of exactly the prefix ``prefix`` (a window kept by prefix)."""
+        try:
+            return self.prefixes.get(ipaddress.ip_network(prefix), 0) if prefix and self.prefixes else 0
+        except ValueError:
+            return 0
+
+    def forgives(self, client: str, mac: Optional[bytes], ts_ns: int) -> bool:
+        """Whether a packet of ``client`` (from ``mac``) captured at ``ts_ns`` was sent before its release."""
+        return ts_ns < self.newest_ns and (ts_ns < self.mac_ns(mac) or ts_ns < self.address_ns(client))
 
 
 class FlagBook:
@@ -184,13 +285,23 @@ class FlagBook:
         self.exempt_logged: set = set()
         self.never = neverban.NeverBan()
         self.gen = 0                              # changes whenever a flag may cover more than before
+        self.releases = Releases()                # changes (a new object) whenever a release is learned
         self.refresh()
 
     def refresh(self, now: Optional[dt.datetime] = None) -> None:
-        """Reload the active flags (another process may have released some) and the never-ban list."""
+        """Reload the active flags (another process may have released some), the releases of the escalation
+        memory (what the engine forgives) and the never-ban list.
+
+        The releases are read after the covering flags: a release between the two reads is then known as
+        both (still covering until the next refresh, and forgiven), never as neither."""
+        now = now or now_utc()
         self.covering, self.prefixes = {}, []
-        for d in self.backend.covering(now or now_utc()):
+        for d in self.backend.covering(now):
             self._cover(d)
+        memory = dt.timedelta(seconds=self.enforce.escalation.memory_seconds)
+        releases = Releases(self.backend.released_since(now - memory))
+        if releases != self.releases:
+            self.releases = releases
         self.stored = self.backend.never_ban()
         self._never()
 

@@ -20,7 +20,7 @@ from analyser import policy as policy_mod
 from analyser.live import Analyser, SensorFlows
 from analyser.offline import Offline
 from analyser.parse import parse
-from appliance import config, framebatch, pcapfile, service, store
+from appliance import config, framebatch, pcapfile, service, store, timespec
 from lab import procs
 from tests.analyser_frames import T0, Conn, S, frame, steady, store_frames
 from tests.conftest import PISNOOP, REPO, pisnoop
@@ -789,6 +789,47 @@ def test_flags_list_release_and_report_commands(env, tmp_path):
     assert pisnoop("--config", str(path), "flags", "release", FAST).returncode == 1
     r = pisnoop("--config", str(path), "flags", "list")
     assert "no active flags" in r.stdout
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_a_release_forgives_what_the_client_sent_before_it_and_counts_again_from_zero(env, engine):
+    """Released at T0 + 40 s while the analyser was behind: the 200 packets of the flood captured before the
+    release (read after it) flag nothing and are counted ``forgiven``; after the release the client's count
+    starts from zero (not from the window it was flagged on), so the new flag comes at its 101st packet after
+    the release, with that evidence. The slow client beside it is never flagged."""
+    from analyser import flags as flags_mod
+    make, db = env
+    cfg, _ = make(analyser={"engine": engine})
+    conn, slow = Conn(FAST, 40000), Conn(SLOW, 40001)
+    store_frames(db, steady(conn, T0, 600, 20) + steady(slow, T0, 30, 20), run="a")
+    a = run_once(cfg, db)
+    (first,) = flags_of(db)
+    assert (first["client_ip"], first["client_port"], first["evidence"]["count"]) == (FAST, 40000, 101)
+
+    released_at = T0 + 40 * S
+    mongo = flags_mod.MongoFlags(db, cfg.snooper.sensor)      # what `flags release` and the dashboard call
+    (gone,) = mongo.release_where({"client_ip": FAST}, timespec.utc(released_at))
+    assert gone["_id"] == first["_id"]
+    a.run(once=True)                                          # nothing new to read: the service's refresh
+    assert a.book.releases.address_ns(FAST) == released_at and a.engine.counters["forgiven"] == 0
+
+    backlog = steady(conn, T0 + 20 * S, 600, 20, handshake=False)
+    assert len(backlog) == 200 and backlog[-1][0] < released_at
+    store_frames(db, backlog + steady(slow, T0 + 20 * S, 30, 20, handshake=False), run="b")
+    a.run(once=True)
+    assert [f["status"] for f in flags_of(db)] == ["released"]
+    assert a.engine.counters["forgiven"] == 200
+
+    after = steady(conn, released_at + S, 600, 12, handshake=False)
+    store_frames(db, after + steady(slow, released_at, 30, 20, handshake=False), run="c")
+    a.run(once=True)
+    flags = flags_of(db)
+    assert [(f["client_ip"], f["client_port"], f["status"]) for f in flags] == [
+        (FAST, 40000, "released"), (FAST, 40000, "flagged")]
+    ev = flags[1]["evidence"]
+    assert ev["count"] == 101 and ev["first_packet_ns"] == after[0][0] and ev["last_packet_ns"] == after[100][0]
+    assert flags[1]["offence"] == 2                           # a release forgives the packets, not the offence
+    assert a.engine.counters["forgiven"] == 200 and a.engine.counters["flags"] == 2
 
 
 @pytest.mark.parametrize("text,key,expected", [

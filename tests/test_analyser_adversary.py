@@ -192,6 +192,36 @@ def test_a_host_rotating_privacy_addresses_is_flagged_as_its_mac_and_its_neighbo
     assert off.engine.neighbours.describe()["shared_prefixes"] == ["2001:db8:1::/64"]
 
 
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_a_released_rotating_host_is_counted_from_its_release_on_and_flagged_again_as_its_mac(engine):
+    """The host's flag is released at T0 + 60 s of capture while the analyser has read only to T0 + 30 s: what
+    it sent before the release (every address of it) is forgiven, also in the windows a new address's host
+    window is seeded from; rotating on after the release, it is flagged again once its packets since the
+    release cross the host line. The neighbour on the same LAN is never flagged."""
+    from appliance import timespec
+    frames = sorted(rotating(LAN6, HOST_MAC) + chat(f"{LAN6}b", 40000, mac=BENIGN_MAC, seconds=150),
+                    key=lambda f: f[0])
+    off = Offline(config.from_dict({"enforce": {"never_ban_self": False}, "analyser": {"engine": engine}}),
+                  policy_mod.load(None))
+    released = T0 + 60 * S
+    head = [f for f in frames if f[0] < T0 + 30 * S]
+    off.run([("b0", 0, head)])
+    assert flags(off) == [(None, HOST_MAC, None, "flagged")]
+    assert off.book.backend.release_where({"client_mac": HOST_MAC}, timespec.utc(released))
+    off.book.refresh()
+    rest = frames[len(head):]
+    for i in range(0, len(rest), 500):
+        off.run([(f"b{i + 1}", 0, rest[i:i + 500])])
+    assert flags(off) == [(None, HOST_MAC, None, "released"), (None, HOST_MAC, None, "flagged")]
+    ev = off.book.backend.all()[1]["evidence"]
+    mine = [f[0] for f in rest if f[0] >= released and f[2][6:12] == bytes.fromhex("0200000000aa")
+            and f[2][54 + 2:54 + 4] == (5222).to_bytes(2, "big")]
+    assert ev["first_packet_ns"] == mine[0] and ev["count"] == 601, ev
+    host = bytes.fromhex("0200000000aa")          # its flows' packets both ways (its SYN-ACKs too)
+    forgiven = [f for f in rest if f[0] < released and host in (f[2][0:6], f[2][6:12])]
+    assert off.engine.counters["forgiven"] == len(forgiven) > 0
+
+
 def test_behind_a_router_the_rotating_prefix_is_flagged_and_the_other_prefix_and_the_router_are_not():
     frames = rotating("2001:db8:a::", ROUTER_MAC, ttl=63) + chat("2001:db8:b::1", 40000, mac=ROUTER_MAC, ttl=63,
                                                                   seconds=150)

@@ -23,7 +23,7 @@ from analyser.fast import FastEngine
 from analyser.flows import FlowTable, MemoryFlows
 from analyser.offline import Offline
 from analyser.packed import Packed
-from appliance import config, framebatch
+from appliance import config, flagdoc, framebatch, timespec
 from tests.analyser_frames import (
     ACK,
     FIN,
@@ -260,16 +260,38 @@ def outcome(engine, book) -> dict:
     }
 
 
+class ReleasingFlags(flags_mod.MemoryFlags):
+    """Flags a person releases mid-run (what ``flags release`` does to the store, in memory)."""
+
+    def release_flagged(self, at_ns) -> int:
+        """Release every active flag at capture time ``at_ns(doc)``; how many."""
+        done = 0
+        for i, d in enumerate(self.docs):
+            if d["status"] == flagdoc.FLAGGED:
+                self.docs[i] = flagdoc.ended(d, flagdoc.RELEASED, timespec.utc(at_ns(d)))
+                done += 1
+        return done
+
+    def released_since(self, since):
+        return [d for d in self.docs if d["status"] == flagdoc.RELEASED]
+
+
 def run(kind, frames, seed: int, cfg=None, persistent: bool = False, forget_at: int = -1, bulk: float = 0.0,
-        keep: dict | None = None) -> dict:
+        keep: dict | None = None, release_at: int = -1) -> dict:
+    """Both engines' runs over the same random steps. ``release_at``: before that step, every active flag is
+    released 30 s of capture time after the newest frame read, and the flag book refreshed (the analyser behind)."""
     cfg = cfg or config.from_dict({"enforce": {"never_ban_self": False}})
     policy = policy_mod.load(None)
-    book = flags_mod.FlagBook(cfg, flags_mod.MemoryFlags())
+    book = flags_mod.FlagBook(cfg, ReleasingFlags())
     engine = kind(cfg, policy, FlowTable(MemoryFlows(), "t"), book,
                   [report.XmppSeries(policy_mod.server_ports(policy, cfg))])
     for n, step in enumerate(steps(frames, seed)):
         if n == forget_at:                                     # flows evicted: loaded again from their documents
             engine.flows.flows.clear()
+        if n == release_at:
+            behind = engine.flows.newest_ns + 30 * S           # the person acts 30 s of capture ahead of it
+            assert book.backend.release_flagged(lambda d: behind)
+            book.refresh()
         engine.run_step([(bid, 0, Packed(framebatch.pack(b))) for bid, b in step], n + 1, persistent)
     if keep is not None:
         keep["engine"] = engine
@@ -295,6 +317,16 @@ def test_the_fast_engine_gives_the_reference_engines_flows_and_flags_on_a_random
     assert ref["flags"], "the capture must make flags, or it proves little"
     assert ref["counters"].get("connections_contradicted") and ref["counters"].get("malformed")
     same(ref, run(FastEngine, frames, seed, bulk=0.1))
+
+
+def test_the_same_when_flags_are_released_while_the_analyser_is_behind():
+    """Releases learned mid-capture: both engines forgive the same packets (the fast one hands the frames
+    from before a release to the reference path) and flag the same clients again afterwards."""
+    frames = capture(6, n_clients=30)
+    n_steps = len(steps(frames, 6))
+    ref = run(Engine, frames, 6, release_at=n_steps // 3)
+    assert ref["counters"].get("forgiven") and any(f["status"] == "released" for f in ref["flags"])
+    same(ref, run(FastEngine, frames, 6, release_at=n_steps // 3, bulk=0.05))
 
 
 def test_the_same_after_flows_were_evicted_and_read_back_from_their_documents():

@@ -230,6 +230,44 @@ def test_a_flag_stored_and_read_back_parses_the_same(db):
     assert released.released_at == released.updated_at == AT + dt.timedelta(seconds=1)
 
 
+def test_the_releases_a_sensor_forgives_are_its_own_and_the_fleets_by_address_prefix_and_mac(db):
+    """``MongoFlags.released_since`` gives the releases of the flags this sensor enforces (not another
+    sensor's local flag, nor an older release, nor an active flag); ``Releases`` forgives a packet of the
+    released address (any connection of it), of an address inside the released prefix and from the released
+    MAC, when captured before that release, and nothing else; a stored document that is no flag forgives
+    nothing and is counted."""
+    from analyser.flags import Releases
+
+    def ns(d):
+        return (d - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1) * 1000
+    r1, r2, r3 = (AT + dt.timedelta(seconds=k) for k in (10, 20, 30))
+    docs = [good(), good(client_ip="2001:db8:7::", client_port=None, server_ports=[5222]),
+            good(client_ip=None, client_mac="02:00:00:00:00:aa", client_port=None),
+            good(client_ip="10.0.0.20", sensor="other"), good(client_ip="10.0.0.21", sensor="other", scope="fleet"),
+            good(client_ip="10.0.0.22"), good(client_ip="10.0.0.23")]
+    docs[1]["client_ip"] = "2001:db8:7::/48"
+    for d in docs:
+        db[store.FLAGS].insert_one(d)
+    mongo = MongoFlags(db, "pi1")
+    for d, at in zip(docs, (r1, r2, r3, r1, r2, AT - dt.timedelta(days=2))):
+        assert MongoFlags(db).release_where({"_id": d["_id"]}, at)
+    got = mongo.released_since(AT)
+    assert sorted(str(d["client_ip"] or d["client_mac"]) for d in got) == [
+        "02:00:00:00:00:aa", "10.0.0.10", "10.0.0.21", "2001:db8:7::/48"]
+    rel = Releases(got + [{"status": "released", "client_ip": "not an address"}])
+    assert rel.unreadable == 1 and rel.newest_ns == ns(r3)
+    mac = bytes.fromhex("0200000000aa")
+    before = ns(r1) - 1
+    assert rel.forgives("10.0.0.10", None, before) and not rel.forgives("10.0.0.10", None, ns(r1))
+    assert rel.forgives("10.0.0.21", b"\x02" * 6, ns(r2) - 1)           # the fleet's flag, released
+    assert rel.forgives("2001:db8:7:ffff::5", None, ns(r2) - 1) and not rel.forgives("2001:db8:8::5", None, 0)
+    assert rel.forgives("10.9.9.9", mac, ns(r3) - 1) and not rel.forgives("10.9.9.9", b"\x02" * 6, 0)
+    assert not rel.forgives("10.0.0.20", None, 0) and not rel.forgives("10.0.0.22", None, 0)  # other's; old
+    assert not rel.forgives("10.0.0.23", None, 0)                          # still active: not released
+    assert rel.prefix_ns("2001:db8:7::/48") == ns(r2) and rel.prefix_ns("2001:db8:7::/64") == 0
+    assert Releases(got) == Releases(list(reversed(got))) != Releases()
+
+
 # --- the client argument of `flags release` --------------------------------------------------------
 
 def test_client_argument():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 SAMPLES = 5  # frame ids kept as evidence
 
@@ -75,6 +75,22 @@ class Window:
             self.total -= weights.popleft()
         return self.total
 
+    def drop_before(self, ns: int) -> None:
+        """Forget the entries older than ``ns`` (what a released subject sent before its release)."""
+        times, weights = self.times, self.weights
+        if all(t >= ns for t in times):        # (not only the first: a settled packet comes in with its own time)
+            return
+        kept = [(t, wt) for t, wt in zip(times, weights) if t >= ns]
+        times.clear()
+        weights.clear()
+        for t, wt in kept:
+            times.append(t)
+            weights.append(wt)
+        self.total = sum(weights)
+        refs = list(self.refs)[len(self.refs) - min(len(self.refs), len(kept)):]   # the samples of the kept
+        self.refs.clear()
+        self.refs.extend(refs)
+
     def stale(self, now_ns: int) -> bool:
         return not self.times or self.times[-1] <= now_ns - self.span_ns
 
@@ -110,6 +126,16 @@ class Windows(dict):
         for k in [k for k, w in self.items() if w.stale(now_ns)]:
             del self[k]
 
+    def forgive(self, released_ns: Callable[[object], int]) -> None:
+        """Drop from each window what was sent before ``released_ns(key)`` (0: no release); empty windows go."""
+        for k in list(self):
+            ns = released_ns(k)
+            if ns:
+                w = self[k]
+                w.drop_before(ns)
+                if not w.times:
+                    del self[k]
+
     def seeded(self, key, sources) -> Window:
         """The window of ``key``, made on first use from the entries of ``sources`` (windows of the same span):
         a host's window starts with what its addresses already sent."""
@@ -138,3 +164,8 @@ class Classifier:
 
     def prune(self, now_ns: int) -> None:
         pass
+
+    def forgive(self, releases) -> None:
+        """Forget what released subjects sent before their release (``analyser.flags.Releases``). The built-in
+        classifiers drop it from their windows; a custom classifier's own state is its own (the engine hands it
+        no packet sent before a release it knows)."""

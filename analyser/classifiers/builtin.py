@@ -108,6 +108,24 @@ class XmppAbuse(Classifier):
         for w in (self.conns, self.ips, self.hosts, self.prefixes):
             w.prune(now_ns)
 
+    def forgive(self, releases):
+        """A released address: its connections' and its own windows; a released MAC: its host window and its
+        addresses'; a released prefix: its window and its addresses'. (Not the other way: an address's release
+        leaves the window of its host or prefix, which holds what other addresses sent.)"""
+        nb = self.neighbours
+        by_mac: dict = {}
+        if nb is not None:
+            for mac in releases.macs:
+                for a in nb.addresses(mac):
+                    by_mac[a] = max(releases.macs[mac], by_mac.get(a, 0))
+
+        def address(ip):
+            return max(releases.address_ns(ip), by_mac.get(ip, 0))
+        self.conns.forgive(lambda k: address(k[0]))
+        self.ips.forgive(address)
+        self.hosts.forgive(releases.mac_ns)
+        self.prefixes.forgive(releases.prefix_ns)
+
 
 class BandwidthHog(Classifier):
     """Bytes per second of a client (both directions of its flows) over a window, per protocol and server port."""
@@ -141,6 +159,9 @@ class BandwidthHog(Classifier):
 
     def prune(self, now_ns):
         self.windows.prune(now_ns)
+
+    def forgive(self, releases):
+        self.windows.forgive(lambda k: releases.address_ns(k[0]))
 
 
 class PayloadMatch(Classifier):
@@ -185,3 +206,6 @@ class PayloadMatch(Classifier):
 
     def prune(self, now_ns):
         self.windows.prune(now_ns)
+
+    def forgive(self, releases):
+        self.windows.forgive(lambda k: releases.address_ns(k[0]))
