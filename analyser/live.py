@@ -24,7 +24,7 @@ import pymongo.errors
 
 from appliance import alerts, indexes, service, statusview, store, watch
 from appliance.errors import UsageError
-from appliance.neverban import own_addresses
+from appliance.neverban import OwnAddresses
 
 from . import flags as flags_mod
 from . import policy as policy_mod
@@ -77,8 +77,9 @@ class Analyser:
         self.follower = Follower(db, cfg.snooper.sensor, frames_db=store.frames_reader(db, cfg.mongodb))
         self.flows = FlowTable(SensorFlows(db, cfg.snooper.sensor), cfg.snooper.sensor, self.follower.saved_step,
                                pending=self._pending())
+        self.own = OwnAddresses()                 # read again at each housekeeping: addresses change
         self.book = flags_mod.FlagBook(cfg, flags_mod.MongoFlags(db, cfg.snooper.sensor), cfg.snooper.sensor,
-                                       own_addresses(cfg))
+                                       self.own.current(cfg))
         self.alerts = alerts.Alerter(cfg.alerts, cfg.snooper.sensor)
         self.watch = watch.Watch(cfg.alerts)
         self.engine = engine_class(cfg)(cfg, self.policy, self.flows, self.book, on_flag=self.flagged)
@@ -151,6 +152,7 @@ class Analyser:
             log.info("%d flag(s) expired", len(ended))
         for doc in ended:
             self.alerts.emit("flag_expired", **alerts.flag_fields(doc))
+        self.book.own = self.own.current(self.cfg)
         self.book.refresh()
 
     def look(self, store_up: bool) -> None:

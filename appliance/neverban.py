@@ -18,8 +18,10 @@ that harms no one; ``applies_to(sensor)`` is the store filter. A fleet entry's
 ``_id`` is the network (one per network, as before), a local one's
 ``NETWORK@SENSOR``, so the same network can be local to two sites.
 
-Pure apart from ``own_addresses`` (psutil, imported there): the controller's
-core imports this.
+Pure apart from ``own_addresses`` and ``OwnAddresses`` (psutil, imported
+there): the controller's core imports this. This machine's addresses change
+(DHCP, SLAAC's temporary addresses every day): the analyser and the
+controller read them again at every refresh (``OwnAddresses``).
 """
 
 from __future__ import annotations
@@ -129,18 +131,30 @@ class NeverBan:
 
 
 def own_addresses(cfg) -> list[str]:
-    """This machine's unicast addresses (not loopback, not link-local) and the controller's listen address."""
-    import socket
+    """This machine's unicast addresses (not loopback, not link-local) and the controller's listen address
+    (only that one, with a warning, when the interfaces cannot be read)."""
+    interfaces, failure = _interfaces()
+    if failure is not None:
+        _cannot_read(failure)
+    return _own(cfg, interfaces)
 
+
+def _interfaces() -> tuple[dict, Optional[OSError]]:
     import psutil
-
-    out = set()
     try:
-        interfaces = psutil.net_if_addrs()        # getifaddrs: needs AF_NETLINK (the units allow it)
+        return psutil.net_if_addrs(), None        # getifaddrs: needs AF_NETLINK (the units allow it)
     except OSError as exc:
-        log.warning("cannot read this machine's addresses (%s): never_ban_self covers the controller's listen "
-                    "address only; list the others in enforce.never_ban", exc)
-        interfaces = {}
+        return {}, exc
+
+
+def _cannot_read(exc: OSError) -> None:
+    log.warning("cannot read this machine's addresses (%s): never_ban_self covers the controller's listen "
+                "address only; list the others in enforce.never_ban", exc)
+
+
+def _own(cfg, interfaces: dict) -> list[str]:
+    import socket
+    out = set()
     for addrs in interfaces.values():
         for a in addrs:
             if a.family in (socket.AF_INET, socket.AF_INET6):
@@ -154,3 +168,29 @@ def own_addresses(cfg) -> list[str]:
     if not (host.is_loopback or host.is_unspecified):
         out.add(str(host))
     return sorted(out)
+
+
+class OwnAddresses:
+    """``own_addresses`` read again at each ``current(cfg)`` (a refresh), as a tuple; empty when
+    ``enforce.never_ban_self`` is off. A change is logged (the addresses gained and lost); a failure to read
+    the interfaces is warned once, until they can be read again."""
+
+    def __init__(self):
+        self.last: Optional[tuple] = None
+        self.failing = False
+
+    def current(self, cfg) -> tuple:
+        """Under ``cfg``, the config in force (a reload may turn ``never_ban_self`` off or on)."""
+        if not cfg.enforce.never_ban_self:
+            return ()
+        interfaces, failure = _interfaces()
+        if failure is not None and not self.failing:
+            _cannot_read(failure)
+        self.failing = failure is not None
+        now = tuple(_own(cfg, interfaces))
+        if self.last is not None and now != self.last:
+            gained, lost = sorted(set(now) - set(self.last)), sorted(set(self.last) - set(now))
+            log.info("this machine's addresses changed (never_ban_self): %s", " ".join(
+                [f"+{a}" for a in gained] + [f"-{a}" for a in lost]))
+        self.last = now
+        return now

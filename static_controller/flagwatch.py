@@ -59,7 +59,8 @@ class FlagWatcher(threading.Thread):
         self._next_status = 0.0
         self._never_ban: Optional[list] = None       # the never_ban documents last handed on
         self._handed: dict = {}                       # flag id -> the document handed on, for those inside the overlap
-        self.own = tuple(neverban.own_addresses(cfg)) if cfg.enforce.never_ban_self else ()
+        self.own_reader = neverban.OwnAddresses()        # read again at every poll: addresses change
+        self.own: Optional[tuple] = None                 # this machine's addresses last handed on
         self.sensor = cfg.snooper.sensor    # this appliance: its own flags and the fleet's apply (flagdoc.applies_to)
 
     def request_snapshot(self) -> None:
@@ -110,21 +111,22 @@ class FlagWatcher(threading.Thread):
         now = utcnow()
         mine = flagdoc.applies_to(self.sensor)       # in the query (indexes lead with sensor and scope)
         entries = list(db[store.NEVER_BAN].find(neverban.applies_to(self.sensor)).sort("_id", 1))
-        changed = entries != self._never_ban
-        never = dict(never_ban=tuple(entries), own=self.own) if changed else {}
+        own = self.own_reader.current(self.cfg)
+        changed = entries != self._never_ban or own != self.own
+        never = dict(never_ban=tuple(entries), own=own) if changed else {}
         if self._want_snapshot.is_set():
             self._want_snapshot.clear()
             docs = list(flags.find(flagdoc.within(mine, {STATUS: FLAGGED, EXPIRES_AT: {"$gt": now}})))
             latest = list(flags.find(mine, {UPDATED_AT: 1}).sort(UPDATED_AT, -1).limit(1))
             self.last_seen = latest[0].get(UPDATED_AT) if latest else None
             self._handed = {d.get("_id"): d for d in docs}
-            self.post(Flags(tuple(docs), snapshot=True, now=time.time(), never_ban=tuple(entries), own=self.own))
+            self.post(Flags(tuple(docs), snapshot=True, now=time.time(), never_ban=tuple(entries), own=own))
         else:
             query = flagdoc.within(mine, {UPDATED_AT: {"$gte": self.last_seen - OVERLAP}} if self.last_seen else {})
             docs = self._news(list(flags.find(query).sort(UPDATED_AT, 1)))
             if docs or changed:
                 self.post(Flags(tuple(docs), snapshot=False, now=time.time(), **never))
-        self._never_ban = entries
+        self._never_ban, self.own = entries, own        # handed on: a poll that failed before hands them again
         self.polls += 1
         if time.monotonic() >= self._next_status and self.status_doc:
             self._next_status = time.monotonic() + self.cfg.snooper.status_interval

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
+import secrets
 import socket
 import struct
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -93,3 +96,20 @@ def tcp_segments(frames: list[bytes]) -> list[Segment]:
         out.append(Segment(eth.src.hex(":"), str(ipaddress.ip_address(ip.src)), str(ipaddress.ip_address(ip.dst)),
                            t.sport, t.dport, t.flags, t.seq, bytes(t.data)))
     return out
+
+
+@contextlib.contextmanager
+def address_of_this_machine(addr: str):
+    """``addr`` (/32 or /128: no route beyond itself) on a veth of this test's own in the root namespace, left
+    down, so that this machine has it, as after a DHCP lease or a new temporary address; the pair goes
+    afterwards. A link that is down sends nothing. (Not a dummy link: the kernel here has no dummy module.)"""
+    link = "ps" + secrets.token_hex(2) + "own"
+    bits = 32 if ipaddress.ip_address(addr).version == 4 else 128
+    subprocess.run(["ip", "link", "add", link, "type", "veth", "peer", "name", link + "p"], check=True,
+                   capture_output=True)
+    try:
+        subprocess.run(["ip", "addr", "add", f"{addr}/{bits}", "dev", link] + (["nodad"] if bits == 128 else []),
+                       check=True, capture_output=True)
+        yield link
+    finally:
+        subprocess.run(["ip", "link", "del", link], capture_output=True)

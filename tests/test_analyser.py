@@ -981,6 +981,24 @@ def test_the_status_document_publishes_families_verification_and_exemptions(env)
         ("2001:db8:1::10", "exempt", "2001:db8:1::10 (flags allow: the admin's laptop)")]
 
 
+def test_an_address_this_machine_gains_while_running_is_never_banned(env):
+    """``never_ban_self``: the running analyser reads this machine's addresses again at every refresh, so an
+    address it gains meanwhile (a new lease, a temporary IPv6 address) is recorded exempt, not banned; the
+    client beside it sending as much is flagged."""
+    from tests.netutil import address_of_this_machine
+    make, db = env
+    cfg, _ = make()
+    mine, other = "2001:db8:77::77", "2001:db8:77::78"
+    a = run_once(cfg, db)
+    assert mine not in a.book.own
+    with address_of_this_machine(mine):
+        a.run(once=True)                                     # nothing to read: the refresh
+        store_frames(db, steady(Conn(mine, 40000), T0, 600, 20) + steady(Conn(other, 40001), T0, 600, 20))
+        a.run(once=True)
+    assert [(f["client_ip"], f["status"], f.get("exempt_reason")) for f in flags_of(db)] == [
+        (mine, "exempt", f"{mine} (this appliance)"), (other, "flagged", None)]
+
+
 def test_after_a_restart_a_router_is_still_a_router_and_its_mac_is_never_flagged(env):
     """Eight clients behind one router, each under every line (90/min); together over the per-host line."""
     make, db = env

@@ -64,3 +64,24 @@ def test_a_change_that_kept_its_stamp_is_handed_on_too(store_config):
     db[store.FLAGS].update_one({"_id": f"{watcher.sensor}-10.0.0.9"}, {"$set": {"status": flagdoc.RELEASED}})
     watcher._once(db)
     assert len(posted) == n + 1 and [d["status"] for d in posted[-1].docs] == [flagdoc.RELEASED]
+
+
+def test_an_address_this_machine_gains_or_loses_is_handed_to_the_core_at_the_next_poll(store_config):
+    """The controller's never-ban list holds this machine's addresses as they are now (never_ban_self): a change
+    is handed on with the never-ban entries at the next poll, once; no change, nothing handed on."""
+    from tests.netutil import address_of_this_machine
+    path, db = store_config
+    watcher = flagwatch.FlagWatcher(config.load(path), (posted := []).append, "controller:a")
+    mine = "198.51.100.78"
+    watcher._once(db)
+    assert posted[-1].snapshot and mine not in posted[-1].own
+    watcher._once(db)
+    assert len(posted) == 1
+    with address_of_this_machine(mine):
+        watcher._once(db)
+        assert len(posted) == 2 and not posted[-1].snapshot and posted[-1].never_ban == ()
+        assert set(posted[-1].own) - set(posted[0].own) == {mine}
+        watcher._once(db)
+        assert len(posted) == 2
+    watcher._once(db)
+    assert len(posted) == 3 and posted[-1].own == posted[0].own

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import subprocess
 
 import pytest
 
@@ -66,6 +67,30 @@ def test_own_addresses_go_on_without_getifaddrs(monkeypatch, caplog):
     assert neverban.own_addresses(cfg) == ["192.0.2.10"]
     assert [r.levelname for r in caplog.records if "cannot read this machine's addresses" in r.getMessage()] == \
         ["WARNING"]
+
+
+def test_own_addresses_are_read_again_and_a_change_is_logged(caplog):
+    """An address this machine gains (a DHCP lease, a temporary IPv6 address) is among its own at the next
+    read, and gone once it is lost; each change is logged with what came and went. Off: nothing is read."""
+    import logging
+
+    from tests.netutil import address_of_this_machine
+    caplog.set_level(logging.INFO, logger="pisnoop.neverban")
+    cfg = config.Config()
+    reader = neverban.OwnAddresses()
+    v4, v6 = "198.51.100.77", "2001:db8:77::77"
+    first = reader.current(cfg)
+    assert v4 not in first and v6 not in first and reader.current(cfg) == first
+    assert not [r for r in caplog.records if "addresses changed" in r.getMessage()]
+    with address_of_this_machine(v4) as link:
+        subprocess.run(["ip", "addr", "add", f"{v6}/128", "dev", link, "nodad"], check=True)
+        gained = reader.current(cfg)
+        assert set(gained) - set(first) == {v4, v6}
+    assert reader.current(cfg) == first
+    said = [r.getMessage() for r in caplog.records if "addresses changed" in r.getMessage()]
+    assert said == [f"this machine's addresses changed (never_ban_self): +{v4} +{v6}",
+                    f"this machine's addresses changed (never_ban_self): -{v4} -{v6}"], said
+    assert neverban.OwnAddresses().current(config.from_dict({"enforce": {"never_ban_self": False}})) == ()
 
 
 def test_local_entries_exempt_at_their_sensor_only_and_old_entries_everywhere(embedded_store):
