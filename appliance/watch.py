@@ -2,11 +2,12 @@
 
 Pure: the caller hands in what it saw (the status documents, whether the
 store answered) with the time, and gets the events to alert on
-(``appliance/alerts.py``). The analyser service is the one that calls it:
-it runs all the time, already reads the store every poll, and is the one
-service that sees the store go away first-hand; the status command runs
-only when a person asks. (The analyser cannot report itself down: that is
-systemd's ``Restart=`` and ``pisnoop status``.)
+(``appliance/alerts.py``). The analyser service watches the controller and
+the snooper and the store: it runs all the time, already reads the store
+every poll, and is the one service that sees the store go away first-hand.
+The controller's store thread (``static_controller/flagwatch.py``) watches
+the analyser, which cannot report itself down. The status command runs only
+when a person asks.
 
 * ``service_down`` once a service's status document is older than
   ``alerts.service_down_seconds``; ``service_up`` when it is fresh again.
@@ -26,8 +27,9 @@ LOSS_COUNTERS = ("kernel_dropped", "dropped_parse", "dropped_spool_full", "dropp
 
 
 class Watch:
-    def __init__(self, acfg):
+    def __init__(self, acfg, watched: tuple = WATCHED):
         self.cfg = acfg
+        self.watched = watched
         self.down: dict[str, bool] = {}
         self.store_since: Optional[float] = None      # monotonic time the store first failed, None while it answers
         self.store_alerted = False
@@ -48,9 +50,10 @@ class Watch:
         return []
 
     def documents(self, docs: dict, now: dt.datetime) -> list[tuple[str, dict]]:
-        """The status documents (``{"controller": doc or None, "snooper": ...}``) read at wall time ``now``."""
+        """The status documents of the watched services (``{"controller": doc or None, ...}``) read at wall time
+        ``now``."""
         out = []
-        for name in WATCHED:
+        for name in self.watched:
             doc = docs.get(name)
             if doc is None and name not in self.down:
                 continue                                # never ran against this store: nothing to miss
@@ -63,7 +66,8 @@ class Watch:
             elif not is_down and self.down.get(name):
                 out.append(("service_up", {"service": name}))
             self.down[name] = is_down
-        out += self._drops(docs.get("snooper"))
+        if "snooper" in self.watched:
+            out += self._drops(docs.get("snooper"))
         return out
 
     def _drops(self, doc: Optional[dict]) -> list[tuple[str, dict]]:

@@ -240,8 +240,7 @@ class ControllerApp(RyuApp):
         self.cfg = self.core.cfg = cfg
         for m in self.core.modules:
             m.cfg = cfg
-        self.watcher.cfg = cfg
-        self.watcher._indexed = False          # the retention TTLs: ensured again at the next poll
+        self.watcher.configure(cfg)            # the retention TTLs ensured again, alerts re-aimed: at the next poll
         self.watcher.request_snapshot()
         return ["active flags read again"]
 

@@ -7,7 +7,11 @@ streams: MongoDB 4.4 on a single-node Pi has none) and the small
 ``never_ban`` collection whole (handed on when it changed, and always before
 a snapshot's flags, so an exempt subject is never banned for a moment),
 loads every active flag when asked (each switch connect), and writes the
-controller's status document. pymongo blocks for up to ``mongodb.timeout_ms`` when the store is
+controller's status document. It also watches the analyser (``appliance.watch``,
+``alerts.service_down_seconds`` on the analyser's status document): the
+analyser alerts when this controller or the snooper goes quiet, and this
+thread when the analyser does, so no service is its own only witness.
+pymongo blocks for up to ``mongodb.timeout_ms`` when the store is
 away, so it runs here and hands results to the os-ken event loop through
 ``post`` (a thread-safe queue put). A store outage is logged once, counted,
 and retried every poll interval; the switch keeps its flows meanwhile.
@@ -23,7 +27,7 @@ from typing import Callable, Optional
 
 import pymongo
 
-from appliance import flagdoc, indexes, neverban, service, store
+from appliance import alerts, flagdoc, indexes, neverban, service, statusview, store, watch
 from appliance.flagdoc import EXPIRES_AT, FLAGGED, STATUS, UPDATED_AT
 
 from .messages import Flags
@@ -35,6 +39,7 @@ log = logging.getLogger("pisnoop.controller.store")
 # the clock skew tolerated between them (docs/FLEET.md: run NTP); only documents that changed are handed on (a
 # change that kept its stamp, a writer that did not bump it, is one too).
 OVERLAP = dt.timedelta(seconds=60)
+WATCHED = ("analyser",)             # the services this controller alerts on (the analyser watches the others)
 
 
 def utcnow() -> dt.datetime:
@@ -56,12 +61,21 @@ class FlagWatcher(threading.Thread):
         self.outages = 0
         self.polls = 0
         self._indexed = False
-        self._next_status = 0.0
+        self._next_status = self._next_watch = 0.0
         self._never_ban: Optional[list] = None       # the never_ban documents last handed on
         self._handed: dict = {}                       # flag id -> the document handed on, for those inside the overlap
         self.own_reader = neverban.OwnAddresses()        # read again at every poll: addresses change
         self.own: Optional[tuple] = None                 # this machine's addresses last handed on
         self.sensor = cfg.snooper.sensor    # this appliance: its own flags and the fleet's apply (flagdoc.applies_to)
+        self.alerts = alerts.Alerter(cfg.alerts, self.sensor)
+        self.watch = watch.Watch(cfg.alerts, watched=WATCHED)
+
+    def configure(self, cfg) -> None:
+        """A reloaded config: read from the next poll on (the retention TTLs ensured again, alerts re-aimed)."""
+        self.cfg = cfg
+        self._indexed = False
+        self.alerts.configure(cfg.alerts)
+        self.watch.cfg = cfg.alerts
 
     def request_snapshot(self) -> None:
         self._want_snapshot.set()
@@ -88,6 +102,7 @@ class FlagWatcher(threading.Thread):
                 self.up = False
             self._stop.wait(interval)
         db.client.close()
+        self.alerts.close(wait=self.cfg.alerts.timeout_seconds)
 
     def _news(self, docs: list) -> list:
         """The documents read in the overlap that were not handed on with this stamp; moves ``last_seen`` on."""
@@ -128,10 +143,22 @@ class FlagWatcher(threading.Thread):
                 self.post(Flags(tuple(docs), snapshot=False, now=time.time(), **never))
         self._never_ban, self.own = entries, own        # handed on: a poll that failed before hands them again
         self.polls += 1
+        if time.monotonic() >= self._next_watch:
+            self._next_watch = time.monotonic() + self.cfg.snooper.status_interval
+            self._watch(db)
         if time.monotonic() >= self._next_status and self.status_doc:
             self._next_status = time.monotonic() + self.cfg.snooper.status_interval
             doc = dict(self.status_doc)
             doc["counters"] = {**doc.get("counters", {}), "store_outages": self.outages, "flag_polls": self.polls}
+            doc["alerts"] = {**self.alerts.counters, "pending": self.alerts.pending()}
             # _id in the document too: nx-27017's upsert does not take it from the filter
             doc.update(_id=self.status_id, updated_at=utcnow(), health=service.health())
             db[store.STATUS].replace_one({"_id": self.status_id}, doc, upsert=True)
+
+    def _watch(self, db) -> None:
+        """The analyser's status document, at the status cadence: ``service_down`` once it is stale, then
+        ``service_up``."""
+        sid = statusview.status_ids(self.sensor)["analyser"]
+        docs = {"analyser": db[store.STATUS].find_one({"_id": sid})}
+        for event, fields in self.watch.documents(docs, utcnow()):
+            self.alerts.emit(event, **fields)

@@ -319,6 +319,16 @@ def test_the_analyser_alerts_a_stale_service_and_capture_drops_from_the_status_d
         rx.close()
 
 
+def alert_counts(db, status_id: str, sent: int, timeout: float = 30.0) -> dict:
+    """A service's alert counters from its status document, once they count ``sent`` (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counted = (db[store.STATUS].find_one({"_id": status_id}) or {}).get("alerts") or {}
+        if counted.get("sent") == sent or time.monotonic() > deadline:
+            return counted
+        time.sleep(0.1)
+
+
 def test_the_analyser_service_alerts_its_flags_and_a_stale_service_and_counts_them_in_its_status(env):
     cfg, path, db, port = env
     sensor = cfg.snooper.sensor
@@ -333,13 +343,7 @@ def test_the_analyser_service_alerts_its_flags_and_a_stale_service_and_counts_th
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         got = rx.wait(4, timeout=60)
-        deadline = time.monotonic() + 30
-        counted = {}
-        while time.monotonic() < deadline:
-            counted = (db[store.STATUS].find_one({"_id": f"analyser:{sensor}"}) or {}).get("alerts") or {}
-            if counted.get("sent") == 4:
-                break
-            time.sleep(0.2)
+        counted = alert_counts(db, f"analyser:{sensor}", sent=4)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
@@ -348,3 +352,52 @@ def test_the_analyser_service_alerts_its_flags_and_a_stale_service_and_counts_th
     assert sorted(b["event"] for b in got) == ["flag_raised"] * 3 + ["service_down"], got
     assert counted["sent"] == 4 and counted["dropped_queue_full"] == 0 and counted["pending"] == 0, counted
     assert out.count("pisnoop-alert: flag_raised ") == 3 and out.count("pisnoop-alert: service_down ") == 1, out
+
+
+def test_the_controller_alerts_when_the_analyser_goes_quiet_and_when_it_is_back(env, tmp_path):
+    """The analyser cannot report itself down: the running controller does (its store thread reads the
+    analyser's status document), once, then ``service_up`` once it is fresh again; it counts both in its own
+    status document. The analyser's watch is not doubled: the controller alerts on no other service."""
+    cfg, path, db, port = env
+    sensor = cfg.snooper.sensor
+    data = yaml.safe_load(path.read_text())
+    data["switch"] = {"controller": {"listen_host": "127.0.0.1", "listen_port": free_port()}}
+    data["snooper"]["status_interval"] = 0.2
+    data["alerts"]["service_down_seconds"] = 2
+    path.write_text(yaml.safe_dump(data))
+
+    def analyser_seen(age: float) -> None:
+        db[store.STATUS].replace_one({"_id": f"analyser:{sensor}"}, {
+            "_id": f"analyser:{sensor}", "updated_at": dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=age)},
+            upsert=True)
+    analyser_seen(30)
+    db[store.STATUS].insert_one({"_id": f"snooper:{sensor}", "updated_at": dt.datetime(2026, 1, 1,
+                                                                                      tzinfo=dt.timezone.utc)})
+    rx = Receiver(port)
+    proc = subprocess.Popen([*PISNOOP, "--config", str(path), "controller"], cwd=str(REPO), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        got = rx.wait(1, timeout=60)
+        assert [(b["event"], b["service"]) for b in got] == [("service_down", "analyser")], got
+        assert got[0]["seconds"] >= 30
+        back = threading.Event()
+
+        def analyser_back():                                   # the analyser writing its status again
+            while not back.wait(0.2):
+                analyser_seen(0)
+        writer = threading.Thread(target=analyser_back, daemon=True)
+        writer.start()
+        rx.wait(2, timeout=30)
+        time.sleep(1.0)                                        # nothing more comes: no second alert
+        counted = alert_counts(db, f"controller:{sensor}", sent=2)
+        back.set()
+        writer.join()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        rx.close()
+    assert [(b["event"], b["service"]) for b in rx.wait(2)] == [("service_down", "analyser"),
+                                                                ("service_up", "analyser")]
+    assert counted["sent"] == 2 and counted["pending"] == 0, counted
+    assert proc.returncode == 0, out[-2000:]
+    assert out.count("pisnoop-alert: service_down service=analyser") == 1 and "service=snooper" not in out, out
